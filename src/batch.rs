@@ -1,0 +1,279 @@
+//! Batches of changes on their way to the destination, and the controller that sizes them.
+//!
+//! A [`WriteBatch`] holds whole tuples exactly as the source sent them, back to back, so the
+//! writer can stream any contiguous run of rows into a binary COPY without re-encoding. Each
+//! [`BatchRow`] carries what the snapshot needs once the destination has committed the row.
+//!
+//! [`Sizer`] is the batch-size controller: additive-increase/multiplicative-decrease on observed
+//! commit latency, halving on statement timeouts, or a pinned size when the user asks for one.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::copy::{Block, RowSpan};
+
+/// One row of a [`WriteBatch`].
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRow {
+    pub start: u32,
+    pub key_end: u32,
+    pub end: u32,
+    pub hash: [u8; 16],
+    /// The snapshot slot when the key is already known (a changed row); `None` for a new key.
+    pub slot: Option<u32>,
+}
+
+impl BatchRow {
+    pub fn key<'a>(&self, data: &'a [u8]) -> &'a [u8] {
+        &data[self.start as usize + 2..self.key_end as usize]
+    }
+}
+
+/// Tuples to insert or upsert.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    pub data: Bytes,
+    pub rows: Vec<BatchRow>,
+}
+
+impl WriteBatch {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+    /// The tuples of rows `range`, contiguous in `data`.
+    pub fn tuples(&self, range: std::ops::Range<usize>) -> Bytes {
+        if range.is_empty() {
+            return Bytes::new();
+        }
+        let s = self.rows[range.start].start as usize;
+        let e = self.rows[range.end - 1].end as usize;
+        self.data.slice(s..e)
+    }
+}
+
+/// Collects rows into a [`WriteBatch`].
+#[derive(Default)]
+pub struct BatchBuilder {
+    data: BytesMut,
+    rows: Vec<BatchRow>,
+}
+
+impl BatchBuilder {
+    pub fn push(&mut self, block: &Block, span: &RowSpan, hash: [u8; 16], slot: Option<u32>) {
+        let tuple = span.tuple(&block.data);
+        let start = self.data.len() as u32;
+        self.data.extend_from_slice(tuple);
+        self.rows.push(BatchRow {
+            start,
+            key_end: start + (span.key_end - span.start),
+            end: start + tuple.len() as u32,
+            hash,
+            slot,
+        });
+    }
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    pub fn take(&mut self) -> WriteBatch {
+        WriteBatch {
+            data: std::mem::take(&mut self.data).freeze(),
+            rows: std::mem::take(&mut self.rows),
+        }
+    }
+}
+
+/// Keys to delete (or to forget in the snapshot), as raw key bytes back to back.
+#[derive(Debug, Default, Clone)]
+pub struct KeyBatch {
+    pub data: Vec<u8>,
+    pub ends: Vec<u32>,
+}
+
+impl KeyBatch {
+    pub fn push(&mut self, key: &[u8]) {
+        self.data.extend_from_slice(key);
+        self.ends.push(self.data.len() as u32);
+    }
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+    pub fn key(&self, i: usize) -> &[u8] {
+        let s = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.data[s..self.ends[i] as usize]
+    }
+}
+
+/// Batch settings, as given by the user or defaulted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchSettings {
+    /// Pin the batch size (rows); `None` adapts it.
+    pub fixed_rows: Option<usize>,
+    /// Pause between batches on each writer.
+    pub sleep: Duration,
+    /// The commit latency the adaptive controller aims under.
+    pub target_latency: Duration,
+    /// Lower and upper bounds for the adaptive size.
+    pub min_rows: usize,
+    pub max_rows: usize,
+    /// A batch is cut at this many bytes whatever its row count (memory bound).
+    pub max_bytes: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        BatchSettings {
+            fixed_rows: None,
+            sleep: Duration::ZERO,
+            target_latency: Duration::from_secs(2),
+            min_rows: 1,
+            max_rows: 500_000,
+            max_bytes: 16 << 20,
+        }
+    }
+}
+
+/// The batch-size controller shared by the batch builder (which reads the size) and the
+/// writers (which report latency and timeouts).
+pub struct Sizer {
+    settings: BatchSettings,
+    current: AtomicUsize,
+    stats: Mutex<SizerStats>,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct SizerStats {
+    pub batches: u64,
+    pub min_batch: usize,
+    pub max_batch: usize,
+    pub timeouts: u64,
+}
+
+/// The first adaptive batch: small enough to commit quickly on a slow destination.
+const START_ROWS: usize = 10_000;
+
+impl Sizer {
+    pub fn new(settings: BatchSettings) -> Sizer {
+        let start = settings
+            .fixed_rows
+            .unwrap_or(START_ROWS.clamp(settings.min_rows, settings.max_rows));
+        Sizer {
+            settings,
+            current: AtomicUsize::new(start.max(1)),
+            stats: Mutex::new(SizerStats::default()),
+        }
+    }
+
+    pub fn settings(&self) -> &BatchSettings {
+        &self.settings
+    }
+
+    /// Rows per batch right now.
+    pub fn rows(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    /// A batch of `rows` committed after `latency`: grow while comfortably under the target,
+    /// back off when over it.
+    pub fn committed(&self, rows: usize, latency: Duration) {
+        {
+            let mut s = self.stats.lock().unwrap();
+            s.batches += 1;
+            s.min_batch = if s.batches == 1 {
+                rows
+            } else {
+                s.min_batch.min(rows)
+            };
+            s.max_batch = s.max_batch.max(rows);
+        }
+        if self.settings.fixed_rows.is_some() {
+            return;
+        }
+        let cur = self.rows();
+        // Only a batch that was actually full says anything about the size limit.
+        if rows < cur / 2 {
+            return;
+        }
+        let target = self.settings.target_latency;
+        let next = if latency > target {
+            cur * 3 / 4
+        } else if latency < target / 2 {
+            cur * 2
+        } else {
+            cur + cur / 8
+        };
+        self.set(next);
+    }
+
+    /// A statement timeout on a batch of `rows`: halve below it.
+    pub fn timed_out(&self, rows: usize) {
+        self.stats.lock().unwrap().timeouts += 1;
+        self.set(rows / 2);
+    }
+
+    fn set(&self, rows: usize) {
+        let s = &self.settings;
+        let v = rows.clamp(s.min_rows.max(1), s.max_rows.max(1));
+        self.current.store(v, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> SizerStats {
+        *self.stats.lock().unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_when_fast_and_shrinks_when_slow() {
+        let s = Sizer::new(BatchSettings::default());
+        let start = s.rows();
+        s.committed(start, Duration::from_millis(10));
+        assert_eq!(s.rows(), start * 2);
+        let big = s.rows();
+        s.committed(big, Duration::from_secs(10));
+        assert_eq!(s.rows(), big * 3 / 4);
+        s.timed_out(s.rows());
+        assert_eq!(s.rows(), big * 3 / 8);
+        // A short (last) batch does not move the size.
+        let now = s.rows();
+        s.committed(1, Duration::from_millis(1));
+        assert_eq!(s.rows(), now);
+        assert_eq!(s.stats().batches, 3);
+        assert_eq!(s.stats().timeouts, 1);
+    }
+
+    #[test]
+    fn pinned_size_never_moves() {
+        let s = Sizer::new(BatchSettings {
+            fixed_rows: Some(1000),
+            ..Default::default()
+        });
+        s.committed(1000, Duration::from_millis(1));
+        assert_eq!(s.rows(), 1000);
+    }
+
+    #[test]
+    fn key_batch_indexes() {
+        let mut k = KeyBatch::default();
+        k.push(b"ab");
+        k.push(b"");
+        k.push(b"cde");
+        assert_eq!(k.key(0), b"ab");
+        assert_eq!(k.key(1), b"");
+        assert_eq!(k.key(2), b"cde");
+    }
+}

@@ -1,0 +1,160 @@
+//! Errors: one enum for the library, and the one place that maps SQLSTATE codes to a kind.
+//!
+//! Every message names what failed and what to do next. Connection strings in messages are the
+//! redacted form from [`crate::conn::ConnInfo`]; no message ever carries a password.
+
+use crate::copy::FrameError;
+use crate::snapshot::SnapshotError;
+
+/// What a database error means for the run, decided once from its SQLSTATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PgErrorKind {
+    /// The connection broke or the server is going away: reconnect and retry.
+    Connection,
+    /// Deadlock, serialization failure, lock timeout: retry the same work.
+    Transient,
+    /// `statement_timeout` cancelled the statement: retry with a smaller batch.
+    StatementTimeout,
+    /// Classes 22 (data exception) and 23 (integrity constraint): a row is bad.
+    Data,
+    /// Anything else: permissions, missing objects, syntax. Retrying will not help.
+    Fatal,
+}
+
+/// Classifies a tokio-postgres error.
+pub fn classify(err: &tokio_postgres::Error) -> PgErrorKind {
+    if err.is_closed() {
+        return PgErrorKind::Connection;
+    }
+    let Some(code) = err.code() else {
+        // No SQLSTATE: an I/O error on the socket.
+        return PgErrorKind::Connection;
+    };
+    classify_sqlstate(code.code())
+}
+
+/// Classifies a five-character SQLSTATE.
+pub fn classify_sqlstate(code: &str) -> PgErrorKind {
+    match code {
+        "57014" => PgErrorKind::StatementTimeout,
+        // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections
+        "57P01" | "57P02" | "57P03" | "53300" => PgErrorKind::Connection,
+        // serialization_failure, deadlock_detected, lock_not_available
+        "40001" | "40P01" | "55P03" => PgErrorKind::Transient,
+        c if c.starts_with("08") => PgErrorKind::Connection,
+        c if c.starts_with("22") || c.starts_with("23") => PgErrorKind::Data,
+        _ => PgErrorKind::Fatal,
+    }
+}
+
+/// Renders a tokio-postgres error on one line, with the server's detail and hint when present.
+pub fn pg_message(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(": ");
+                s.push_str(d);
+            }
+            if let Some(h) = db.hint() {
+                s.push_str("; hint: ");
+                s.push_str(h);
+            }
+            s
+        }
+        None => {
+            let mut s = err.to_string();
+            let mut src = std::error::Error::source(err);
+            while let Some(e) = src {
+                s.push_str(": ");
+                s.push_str(&e.to_string());
+                src = e.source();
+            }
+            s
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad flags, bad config file, bad model definition: exit code 2.
+    #[error("{0}")]
+    Config(String),
+
+    #[error("cannot connect to the {role} database {target}: {message}")]
+    Connect {
+        role: &'static str,
+        target: String,
+        message: String,
+    },
+
+    /// The model and the target do not fit together (types, keys, columns): exit code 2.
+    #[error("sync '{sync}': {message}")]
+    Plan { sync: String, message: String },
+
+    #[error("sync '{sync}': reading the source failed: {message}; nothing was deleted, and the next run picks up where this one stopped")]
+    SourceRead { sync: String, message: String },
+
+    #[error("sync '{sync}': the source COPY stream is malformed: {source}")]
+    Frame {
+        sync: String,
+        #[source]
+        source: FrameError,
+    },
+
+    #[error("sync '{sync}': writing to {table} failed: {message}")]
+    Write {
+        sync: String,
+        table: String,
+        message: String,
+        kind: PgErrorKind,
+    },
+
+    #[error("sync '{sync}': {message}")]
+    Model { sync: String, message: String },
+
+    #[error("sync '{sync}': {message}")]
+    DeleteGuard { sync: String, message: String },
+
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+
+    #[error("{0}")]
+    Server(String),
+
+    #[error("sync '{sync}' was interrupted: {message}")]
+    Interrupted { sync: String, message: String },
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The process exit code for this error: 2 for usage and configuration, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) | Error::Plan { .. } => 2,
+            Error::Snapshot(SnapshotError::Locked { .. }) => 1,
+            _ => 1,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstate_classes() {
+        assert_eq!(classify_sqlstate("57014"), PgErrorKind::StatementTimeout);
+        assert_eq!(classify_sqlstate("23505"), PgErrorKind::Data);
+        assert_eq!(classify_sqlstate("22P02"), PgErrorKind::Data);
+        assert_eq!(classify_sqlstate("40P01"), PgErrorKind::Transient);
+        assert_eq!(classify_sqlstate("57P01"), PgErrorKind::Connection);
+        assert_eq!(classify_sqlstate("08006"), PgErrorKind::Connection);
+        assert_eq!(classify_sqlstate("42501"), PgErrorKind::Fatal);
+    }
+}

@@ -1,0 +1,37 @@
+//! pgdelta keeps a PostgreSQL table equal to a query on another PostgreSQL database by writing
+//! only the rows that changed since the last successful run.
+//!
+//! # Layout
+//! The modules follow the data:
+//! - [`conn`]: connection strings (passwords redacted everywhere) and session settings.
+//! - [`model`]: the sync definition and the plan: column mapping, type checks, record matching,
+//!   the generated source query.
+//! - [`copy`]: the binary COPY codec, free of I/O: bytes in, tuples and field spans out.
+//! - [`hash`]: xxh3 over raw field bytes.
+//! - [`diff`]: hash + snapshot lookup + classification into added/changed/unchanged, on rayon.
+//! - [`batch`]: write batches and the adaptive batch-size controller.
+//! - [`writer`]: the destination session: COPY, staged upsert, deletes.
+//! - [`snapshot`]: the redb state file, and the thread that records committed writes.
+//! - [`sync`]: one run end to end, wiring the stages with bounded channels.
+//! - [`config`]: the TOML config file.
+//! - [`pgserver`]: a throwaway local PostgreSQL for `demo`, `bench` and tests.
+//! - [`demo`]: the `pgdelta demo` walkthrough.
+//! - [`error`]: the error type and the SQLSTATE classification.
+//! - [`fuzzing`]: entry points for the fuzz targets.
+
+pub mod batch;
+pub mod config;
+pub mod conn;
+pub mod copy;
+pub mod demo;
+pub mod diff;
+pub mod error;
+pub mod fuzzing;
+pub mod hash;
+pub mod model;
+pub mod pgserver;
+pub mod snapshot;
+pub mod sync;
+pub mod writer;
+
+pub use error::{Error, Result};

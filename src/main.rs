@@ -1,0 +1,569 @@
+//! The `pgdelta` command: thin glue over the library. Exit codes: 0 synced, 1 failed,
+//! 2 usage or configuration error, 3 finished but some rows were rejected.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use pgdelta::config::{default_name, split_list, ConfigFile, DEFAULT_MAX_DELETE_RATIO};
+use pgdelta::conn::ConnInfo;
+use pgdelta::model::{Mode, Model, SyncSpec};
+use pgdelta::snapshot::Snapshot;
+use pgdelta::sync::{RunOptions, Summary};
+use pgdelta::Error;
+
+#[derive(Parser)]
+#[command(
+    name = "pgdelta",
+    version,
+    about = "Keep a PostgreSQL table in step with a query on another PostgreSQL database, writing only what changed."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sync one model (flags) or the syncs of a config file.
+    Sync(SyncArgs),
+    /// Check connections, the model, the target, the key and privileges without writing.
+    Check(SyncArgs),
+    /// Show the history of sync runs recorded in a state file.
+    Log(LogArgs),
+    /// Run the main job on a throwaway local PostgreSQL: seed, sync, churn, re-sync.
+    Demo(pgdelta::demo::DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct SyncArgs {
+    /// TOML config file with [source], [destination], state and [[sync]] entries.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Run only the named sync of the config file.
+    #[arg(long = "sync")]
+    only: Option<String>,
+    /// Source connection string (URL or key=value).
+    #[arg(long, env = "PGDELTA_SOURCE_URL", hide_env_values = true)]
+    source: Option<String>,
+    /// Destination connection string (URL or key=value).
+    #[arg(long, env = "PGDELTA_DESTINATION_URL", hide_env_values = true)]
+    destination: Option<String>,
+    /// Source table (schema.table).
+    #[arg(long, conflicts_with = "query")]
+    table: Option<String>,
+    /// Source query (any SELECT).
+    #[arg(long)]
+    query: Option<String>,
+    /// Destination table (schema.table).
+    #[arg(long)]
+    target: Option<String>,
+    /// Key column(s), comma-separated: a PRIMARY KEY or UNIQUE constraint of the target.
+    #[arg(long)]
+    key: Option<String>,
+    /// upsert (insert and update) or insert (new keys only).
+    #[arg(long)]
+    mode: Option<Mode>,
+    /// Delete destination rows that left the model.
+    #[arg(long)]
+    delete: bool,
+    /// State (snapshot) file.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Sync name inside the state file (default: the target table name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Field mapping, repeatable: TARGET_COLUMN=SOURCE_COLUMN. Without it, columns map by name.
+    #[arg(long = "map", value_name = "TARGET=SOURCE")]
+    map: Vec<String>,
+    /// Pin the batch size in rows (default: adaptive).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Sleep between batches, in milliseconds.
+    #[arg(long)]
+    sleep_ms: Option<u64>,
+    /// Refuse to delete more than this share of the synced rows (0..1, default 0.5).
+    #[arg(long)]
+    max_delete_ratio: Option<f64>,
+    /// statement_timeout for the source read, in milliseconds (default: none).
+    #[arg(long)]
+    read_timeout_ms: Option<u64>,
+    /// Print the plan (rows to add, change, remove) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Rewrite every row, as if the snapshot were empty (removed rows are still detected).
+    #[arg(long)]
+    full_resync: bool,
+    /// JSON Lines on stdout; the last line is {"type":"summary",...}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogArgs {
+    /// State (snapshot) file.
+    #[arg(long, default_value = "pgdelta.redb")]
+    state: PathBuf,
+    /// How many runs to show.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Only runs of this sync.
+    #[arg(long = "sync")]
+    only: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgdelta: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Sync(a) => run_sync(a, false).await,
+            Command::Check(a) => run_sync(a, true).await,
+            Command::Log(a) => run_log(a),
+            Command::Demo(a) => match pgdelta::demo::run(a).await {
+                Ok(()) => 0,
+                Err(e) => report_error(&e, false, None),
+            },
+        }
+    });
+    ExitCode::from(code as u8)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PGDELTA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// Everything a sync invocation needs, resolved from config, flags and environment.
+struct Invocation {
+    source: ConnInfo,
+    destination: ConnInfo,
+    state: PathBuf,
+    specs: Vec<SyncSpec>,
+}
+
+fn resolve(a: &SyncArgs) -> Result<Invocation, Error> {
+    let file = match &a.config {
+        Some(p) => Some((ConfigFile::load(p)?, p.clone())),
+        None => None,
+    };
+    let from_file = |pick: fn(&ConfigFile) -> Option<&pgdelta::config::Endpoint>,
+                     which: &str|
+     -> Result<Option<String>, Error> {
+        match &file {
+            Some((f, _)) => match pick(f) {
+                Some(e) => e.resolve(which),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        }
+    };
+    let source = a
+        .source
+        .clone()
+        .or(from_file(|f| f.source.as_ref(), "source")?)
+        .ok_or_else(|| {
+            Error::Config(
+                "no source: give --source URL, PGDELTA_SOURCE_URL, or [source] in the config"
+                    .into(),
+            )
+        })?;
+    let destination = a
+        .destination
+        .clone()
+        .or(from_file(|f| f.destination.as_ref(), "destination")?)
+        .ok_or_else(|| Error::Config("no destination: give --destination URL, PGDELTA_DESTINATION_URL, or [destination] in the config".into()))?;
+    let state = a
+        .state
+        .clone()
+        .or_else(|| {
+            file.as_ref().and_then(|(f, p)| {
+                f.state
+                    .as_ref()
+                    .map(|s| p.parent().unwrap_or(std::path::Path::new(".")).join(s))
+            })
+        })
+        .unwrap_or_else(pgdelta::sync::default_state_path);
+
+    let model_flags =
+        a.table.is_some() || a.query.is_some() || a.target.is_some() || a.key.is_some();
+    let mut specs = Vec::new();
+    if model_flags || file.is_none() {
+        let model = match (&a.table, &a.query) {
+            (Some(t), None) => Model::Table(t.clone()),
+            (None, Some(q)) => Model::Query(q.clone()),
+            _ => {
+                return Err(Error::Config(
+                    "give the model: --table SCHEMA.TABLE or --query SQL".into(),
+                ))
+            }
+        };
+        let target = a
+            .target
+            .clone()
+            .ok_or_else(|| Error::Config("give --target SCHEMA.TABLE".into()))?;
+        let key = split_list(a.key.as_deref().unwrap_or(""));
+        if key.is_empty() {
+            return Err(Error::Config(
+                "give --key COL[,COL...]: the target's PRIMARY KEY or UNIQUE columns".into(),
+            ));
+        }
+        let mut columns = std::collections::BTreeMap::new();
+        for m in &a.map {
+            let (d, s) = m
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("--map takes TARGET=SOURCE, got '{m}'")))?;
+            columns.insert(d.trim().to_string(), s.trim().to_string());
+        }
+        let ratio = a.max_delete_ratio.unwrap_or(DEFAULT_MAX_DELETE_RATIO);
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(Error::Config(
+                "--max-delete-ratio must be between 0 and 1".into(),
+            ));
+        }
+        if a.batch_size == Some(0) {
+            return Err(Error::Config("--batch-size must be at least 1".into()));
+        }
+        specs.push(SyncSpec {
+            name: a.name.clone().unwrap_or_else(|| default_name(&target)),
+            model,
+            target,
+            key,
+            columns,
+            mode: a.mode.unwrap_or(Mode::Upsert),
+            delete: a.delete,
+            batch: pgdelta::batch::BatchSettings {
+                fixed_rows: a.batch_size,
+                sleep: std::time::Duration::from_millis(a.sleep_ms.unwrap_or(0)),
+                ..Default::default()
+            },
+            max_delete_ratio: ratio,
+            read_timeout: a.read_timeout_ms.map(std::time::Duration::from_millis),
+        });
+    } else if let Some((f, path)) = &file {
+        for entry in &f.syncs {
+            let mut spec = entry.to_spec()?;
+            // Flags override the file for every selected sync.
+            if let Some(m) = a.mode {
+                spec.mode = m;
+            }
+            if a.delete {
+                spec.delete = true;
+            }
+            if let Some(b) = a.batch_size {
+                spec.batch.fixed_rows = Some(b);
+            }
+            if let Some(s) = a.sleep_ms {
+                spec.batch.sleep = std::time::Duration::from_millis(s);
+            }
+            if let Some(r) = a.max_delete_ratio {
+                spec.max_delete_ratio = r;
+            }
+            if let Some(t) = a.read_timeout_ms {
+                spec.read_timeout = Some(std::time::Duration::from_millis(t));
+            }
+            specs.push(spec);
+        }
+        if specs.is_empty() {
+            return Err(Error::Config(format!(
+                "config file {} has no [[sync]] entries",
+                path.display()
+            )));
+        }
+        let mut names = std::collections::HashSet::new();
+        for s in &specs {
+            if !names.insert(s.name.clone()) {
+                return Err(Error::Config(format!(
+                    "two syncs are named '{}'; give each a unique name",
+                    s.name
+                )));
+            }
+        }
+        if let Some(only) = &a.only {
+            specs.retain(|s| &s.name == only);
+            if specs.is_empty() {
+                return Err(Error::Config(format!(
+                    "no sync named '{only}' in {}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(Invocation {
+        source: ConnInfo::parse(&source)?,
+        destination: ConnInfo::parse(&destination)?,
+        state,
+        specs,
+    })
+}
+
+async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
+    let inv = match resolve(&a) {
+        Ok(i) => i,
+        Err(e) => return report_error(&e, a.json, None),
+    };
+    if check_only {
+        return run_check(&inv, a.json).await;
+    }
+    let snapshot = match Snapshot::open(&inv.state, 64 << 20) {
+        Ok(s) => s,
+        Err(e) => return report_error(&e.into(), a.json, None),
+    };
+    let opts = RunOptions {
+        dry_run: a.dry_run,
+        full_resync: a.full_resync,
+        progress: true,
+    };
+    let mut code = 0;
+    for spec in &inv.specs {
+        match pgdelta::sync::run(&inv.source, &inv.destination, spec, &opts, &snapshot).await {
+            Ok(s) => {
+                print_summary(&s, a.json);
+                if s.rejected > 0 {
+                    code = code.max(3);
+                }
+            }
+            Err(e) => code = code.max(report_error(&e, a.json, Some(&spec.name))),
+        }
+    }
+    code
+}
+
+async fn run_check(inv: &Invocation, json: bool) -> i32 {
+    let mut code = 0;
+    let mut line = |ok: bool, what: String, fix: Option<String>| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"type": "check", "data": {"ok": ok, "check": what, "fix": fix}})
+            );
+        } else {
+            eprintln!(
+                "{} {what}{}",
+                if ok { "ok  " } else { "FAIL" },
+                fix.map(|f| format!(": {f}")).unwrap_or_default()
+            );
+        }
+        if !ok {
+            code = 1;
+        }
+    };
+    let src = inv.source.connect("source", &[]).await;
+    let dst = inv.destination.connect("destination", &[]).await;
+    match &src {
+        Ok(_) => line(true, format!("connect to source {}", inv.source), None),
+        Err(e) => line(
+            false,
+            format!("connect to source {}", inv.source),
+            Some(e.to_string()),
+        ),
+    }
+    match &dst {
+        Ok(_) => line(
+            true,
+            format!("connect to destination {}", inv.destination),
+            None,
+        ),
+        Err(e) => line(
+            false,
+            format!("connect to destination {}", inv.destination),
+            Some(e.to_string()),
+        ),
+    }
+    if let (Ok(src), Ok(dst)) = (&src, &dst) {
+        for spec in &inv.specs {
+            match pgdelta::model::plan(src, dst, spec).await {
+                Ok(p) => line(
+                    true,
+                    format!(
+                        "sync '{}': model readable, target {} writable, key ({}) is unique on the target, {} column(s) match{}",
+                        spec.name,
+                        p.target,
+                        spec.key.join(", "),
+                        p.columns.len(),
+                        if p.notes.is_empty() { String::new() } else { format!(" ({})", p.notes.join("; ")) }
+                    ),
+                    None,
+                ),
+                Err(e) => line(false, format!("sync '{}'", spec.name), Some(e.to_string())),
+            }
+        }
+    }
+    match Snapshot::open(&inv.state, 1 << 20) {
+        Ok(_) => line(
+            true,
+            format!("state file {} can be opened", inv.state.display()),
+            None,
+        ),
+        Err(e) => line(
+            false,
+            format!("state file {}", inv.state.display()),
+            Some(e.to_string()),
+        ),
+    }
+    code
+}
+
+fn run_log(a: LogArgs) -> i32 {
+    let run = || -> anyhow::Result<()> {
+        let snap =
+            Snapshot::open(&a.state, 1 << 20).with_context(|| "cannot open the state file")?;
+        let runs = snap.runs(usize::MAX)?;
+        let mut shown: Vec<(u64, serde_json::Value)> = runs
+            .into_iter()
+            .filter_map(|(id, json)| {
+                serde_json::from_str::<serde_json::Value>(&json)
+                    .ok()
+                    .map(|v| (id, v))
+            })
+            .filter(|(_, v)| {
+                a.only
+                    .as_ref()
+                    .is_none_or(|o| v["sync"].as_str() == Some(o))
+            })
+            .collect();
+        let skip = shown.len().saturating_sub(a.limit);
+        shown.drain(..skip);
+        for (id, v) in shown {
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"type": "run", "data": {"id": id, "summary": v}})
+                );
+            } else {
+                let n = |k: &str| v[k].as_u64().unwrap_or(0);
+                println!(
+                    "{} {:<20} read {:>10}  added {:>8}  changed {:>8}  removed {:>8}  deleted {:>8}  written {:>8}  {:>8.1}s",
+                    format_unix(id / 1_000_000),
+                    v["sync"].as_str().unwrap_or("?"),
+                    n("rows_read"),
+                    n("added"),
+                    n("changed"),
+                    n("removed"),
+                    n("deleted"),
+                    n("written"),
+                    v["duration_s"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+        if !a.json {
+            for (name, meta, len) in snap.syncs()? {
+                eprintln!(
+                    "sync '{name}': {len} rows in the snapshot, {}",
+                    if meta.row_fp.is_some() {
+                        "last run complete"
+                    } else {
+                        "no complete run under the current model yet"
+                    }
+                );
+            }
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pgdelta: {e:#}");
+            1
+        }
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) from unix seconds, without a date crate.
+fn format_unix(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn print_summary(s: &Summary, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({"type": "summary", "data": s}));
+    }
+    let verb = if s.dry_run { "would write" } else { "wrote" };
+    eprintln!(
+        "pgdelta: sync '{}' -> {}: read {} rows in {:.2}s ({:.0} rows/s); added {}, changed {}, removed {}{}, unchanged {}; {verb} {} rows in {} batches{}",
+        s.sync,
+        s.target,
+        s.rows_read,
+        s.duration_s,
+        s.rows_per_s,
+        s.added,
+        s.changed,
+        s.removed,
+        if s.deleted > 0 { format!(" (deleted {})", s.deleted) } else { String::new() },
+        s.unchanged,
+        if s.dry_run { s.added + s.changed } else { s.written },
+        s.batches,
+        if s.rejected > 0 { format!("; {} rows rejected", s.rejected) } else { String::new() },
+    );
+    for n in &s.notes {
+        eprintln!("  note: {n}");
+    }
+    if s.dry_run {
+        for (what, keys) in [
+            ("added", &s.sample_added),
+            ("changed", &s.sample_changed),
+            ("removed", &s.sample_removed),
+        ] {
+            if !keys.is_empty() {
+                eprintln!("  sample {what}: {}", keys.join(" | "));
+            }
+        }
+    }
+}
+
+fn report_error(e: &Error, json: bool, sync: Option<&str>) -> i32 {
+    let code = e.exit_code();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"type": "error", "data": {"sync": sync, "message": e.to_string(), "exit_code": code}})
+        );
+    }
+    eprintln!("pgdelta: error: {e}");
+    code
+}

@@ -1,0 +1,635 @@
+//! One sync run, end to end: plan, read, diff, write, record, delete, report.
+//!
+//! ```text
+//! source COPY (tokio task) --blocks--> diff (own thread + rayon) --batches--> writer (tokio task)
+//!        ^ stops reading the socket when the bounded queues are full      |  commit
+//!                                                                         v
+//!                                            recorder (own thread, redb): key -> row hash
+//! ```
+//! Removed rows are derived after the read, and only when the read completed (the COPY trailer
+//! was seen). Duplicate or NULL keys are model errors: those keys are reported, left out of the
+//! snapshot (so they are re-evaluated next run), and the run applies no deletes.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::batch::{KeyBatch, Sizer, WriteBatch};
+use crate::conn::ConnInfo;
+use crate::copy::{Block, Framer};
+use crate::diff::{self, DiffConfig, DiffOutcome};
+use crate::error::{classify, pg_message, Error};
+use crate::hash::key_hash;
+use crate::model::{plan, Mode, Plan, SyncSpec};
+use crate::snapshot::{Reader, Record, Recorder, Snapshot};
+use crate::writer::{Strategy, Writer};
+
+/// Options of one invocation, shared by every sync it runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub dry_run: bool,
+    pub full_resync: bool,
+    /// Print progress lines on stderr while running.
+    pub progress: bool,
+}
+
+/// Tunables of the pipeline itself (not of a sync).
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// Framed blocks are cut at this many bytes.
+    pub block_bytes: usize,
+    /// Blocks queued between reader and diff.
+    pub block_queue: usize,
+    /// Batches queued between diff and writer.
+    pub batch_queue: usize,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        PipelineSettings {
+            block_bytes: 512 << 10,
+            block_queue: 8,
+            batch_queue: 2,
+        }
+    }
+}
+
+/// What a run did: the `--json` summary.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub sync: String,
+    pub target: String,
+    pub mode: String,
+    pub strategy: String,
+    pub dry_run: bool,
+    pub full_resync: bool,
+    pub rows_read: u64,
+    pub bytes_read: u64,
+    pub added: u64,
+    pub changed: u64,
+    pub unchanged: u64,
+    pub removed: u64,
+    /// Removed rows deleted from the destination (0 unless deletes are on).
+    pub deleted: u64,
+    pub rejected: u64,
+    /// Rows inserted or updated in the destination.
+    pub written: u64,
+    pub already_present: u64,
+    pub duplicate_keys: u64,
+    pub null_keys: u64,
+    pub batches: u64,
+    pub min_batch: usize,
+    pub max_batch: usize,
+    pub timeouts: u64,
+    pub retries: u64,
+    pub duration_s: f64,
+    pub rows_per_s: f64,
+    pub peak_rss_bytes: u64,
+    pub notes: Vec<String>,
+    /// Dry run: sample keys of each kind.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sample_added: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sample_changed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sample_removed: Vec<String>,
+}
+
+/// Runs one sync. The caller opens the snapshot (holding its lock for the whole invocation).
+pub async fn run(
+    source: &ConnInfo,
+    dest: &ConnInfo,
+    spec: &SyncSpec,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+) -> Result<Summary, Error> {
+    run_with(
+        source,
+        dest,
+        spec,
+        opts,
+        snapshot,
+        &PipelineSettings::default(),
+    )
+    .await
+}
+
+pub async fn run_with(
+    source: &ConnInfo,
+    dest: &ConnInfo,
+    spec: &SyncSpec,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+    pipe: &PipelineSettings,
+) -> Result<Summary, Error> {
+    let started = Instant::now();
+    let name = spec.name.clone();
+    let read_timeout = match spec.read_timeout {
+        Some(d) => format!("{}ms", d.as_millis().max(1)),
+        None => "0".into(),
+    };
+    let src = source
+        .connect(
+            "source",
+            &[
+                ("statement_timeout", read_timeout),
+                ("idle_in_transaction_session_timeout", "0".into()),
+            ],
+        )
+        .await?;
+    let control = dest
+        .connect("destination", &crate::writer::session_settings())
+        .await?;
+    let plan = Arc::new(plan(&src, &control, spec).await?);
+    drop(control);
+    for n in &plan.notes {
+        tracing::info!("sync '{name}': {n}");
+    }
+
+    let begin = snapshot.begin(&name, &plan.key_fp, &plan.row_fp, opts.full_resync)?;
+    for n in &begin.notes {
+        tracing::warn!("sync '{name}': {n}");
+    }
+    let reader = Arc::new(snapshot.reader(&name)?);
+    let strategy = Strategy::choose(spec.mode, plan.target_empty, reader.is_empty());
+    let sizer = Arc::new(Sizer::new(spec.batch));
+    let recorder = snapshot.recorder(&name, begin.meta.clone())?;
+
+    let mut summary = Summary {
+        sync: name.clone(),
+        target: plan.target.clone(),
+        mode: format!("{:?}", spec.mode).to_lowercase(),
+        strategy: serde_json::to_value(strategy)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        dry_run: opts.dry_run,
+        full_resync: begin.rewrite_all,
+        notes: plan
+            .notes
+            .iter()
+            .chain(begin.notes.iter())
+            .cloned()
+            .collect(),
+        ..Default::default()
+    };
+
+    // --- the pipeline ---
+    let (block_tx, block_rx) = mpsc::channel::<Block>(pipe.block_queue);
+    let (batch_tx, batch_rx) = mpsc::channel::<WriteBatch>(pipe.batch_queue);
+    let rows_read = Arc::new(AtomicU64::new(0));
+
+    let read_task = tokio::spawn(read_source(
+        src,
+        plan.clone(),
+        block_tx,
+        rows_read.clone(),
+        pipe.block_bytes,
+        name.clone(),
+    ));
+
+    let diff_cfg = DiffConfig {
+        mode: spec.mode,
+        rewrite_all: begin.rewrite_all,
+        dry_run: opts.dry_run,
+        seed: random_seed(),
+        samples: if opts.dry_run { 10 } else { 5 },
+        max_batch_age: Duration::from_secs(1),
+    };
+    let diff_task = {
+        let reader = reader.clone();
+        let sizer = sizer.clone();
+        let slots = begin.meta.next_slot;
+        let cfg = diff_cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            diff::run(block_rx, batch_tx, reader, slots, sizer, cfg)
+        })
+    };
+
+    let write_task = {
+        let writer = if opts.dry_run {
+            None
+        } else {
+            Some(Writer::connect(dest, &plan, strategy).await?)
+        };
+        tokio::spawn(write_batches(
+            writer,
+            batch_rx,
+            recorder.sender(),
+            sizer.clone(),
+            spec.batch.sleep,
+            name.clone(),
+            plan.target.clone(),
+        ))
+    };
+
+    let progress = opts.progress.then(|| {
+        let rows_read = rows_read.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let n = rows_read.load(Ordering::Relaxed);
+                eprintln!(
+                    "pgdelta: sync '{name}': {n} rows read ({:.0} rows/s)",
+                    n as f64 / t0.elapsed().as_secs_f64()
+                );
+            }
+        })
+    });
+
+    let read_result = read_task.await.map_err(join_err)?;
+    let diff_result = diff_task.await.map_err(join_err)?;
+    let write_result = write_task.await.map_err(join_err)?;
+    if let Some(p) = progress {
+        p.abort();
+    }
+
+    // Errors, most specific first: a writer failure stops the diff, which stops the reader.
+    let written = write_result?;
+    let mut outcome = diff_result?;
+    let read = read_result?;
+    if outcome.writer_gone {
+        return Err(Error::Internal(
+            "the writer stopped without an error".into(),
+        ));
+    }
+    summary.rows_read = read.rows;
+    summary.bytes_read = read.bytes;
+    summary.written = written.rows;
+    summary.already_present = written.already_present;
+    summary.batches = written.batches;
+    fill_counts(&mut summary, &outcome, &plan);
+
+    // --- model errors: duplicate and NULL keys ---
+    let mut model_errors = Vec::new();
+    let mut forget = KeyBatch::default();
+    for k in &outcome.duplicate_keys {
+        forget.push(k);
+    }
+    let dup_added = diff::duplicate_hashes(&mut outcome.added_hashes);
+    outcome.added_hashes = Vec::new();
+    let mut duplicate_names: Vec<String> = outcome
+        .duplicate_keys
+        .iter()
+        .map(|k| plan.describe_key(k))
+        .collect();
+    if !dup_added.is_empty() {
+        // Both copies of a new duplicate key may have been written; find the key bytes among
+        // the entries this run recorded, so they can be named and forgotten.
+        recorder.flush().await?;
+        let now = snapshot.reader(&name)?;
+        let dups: std::collections::HashSet<u64> = dup_added.iter().copied().collect();
+        now.scan(|key, _| {
+            if dups.contains(&key_hash(key, diff_cfg.seed)) {
+                forget.push(key);
+                duplicate_names.push(plan.describe_key(key));
+            }
+            true
+        })?;
+        summary.duplicate_keys += dup_added.len() as u64;
+    }
+    if summary.duplicate_keys > 0 {
+        duplicate_names.sort();
+        duplicate_names.dedup();
+        model_errors.push(format!(
+            "{} key(s) appear more than once in the source model: {}{}; the key must be unique in the model (fix the query or the key); these keys were left out of the snapshot and are re-checked next run",
+            summary.duplicate_keys,
+            duplicate_names.iter().take(10).cloned().collect::<Vec<_>>().join("; "),
+            if duplicate_names.len() > 10 { "; ..." } else { "" }
+        ));
+    }
+    if outcome.null_keys > 0 {
+        let samples: Vec<String> = outcome
+            .null_key_samples
+            .iter()
+            .map(|k| plan.describe_key(k))
+            .collect();
+        model_errors.push(format!(
+            "{} row(s) have a NULL key ({}); they were not written: filter them out of the model or choose non-null key columns",
+            outcome.null_keys,
+            samples.join("; ")
+        ));
+    }
+    if !forget.is_empty() && !opts.dry_run {
+        let n = forget.len();
+        recorder
+            .send(Record::Removed {
+                keys: Arc::new(forget),
+                rows: 0..n,
+            })
+            .await?;
+    }
+
+    // --- removed rows: snapshot entries not seen in this complete read ---
+    let removed = reader.len().saturating_sub(outcome.seen_entries);
+    summary.removed = removed;
+    if removed > 0 && model_errors.is_empty() {
+        let do_delete = spec.delete && !opts.dry_run;
+        let over_guard = spec.delete
+            && !reader.is_empty()
+            && removed as f64 > spec.max_delete_ratio * reader.len() as f64;
+        if over_guard {
+            drop(recorder);
+            return Err(Error::DeleteGuard {
+                sync: name,
+                message: format!(
+                    "this run would delete {removed} of {} synced rows ({:.1}%), more than the delete guard allows ({:.0}%); nothing was deleted. If the source really lost those rows, run again with --max-delete-ratio {:.2} (or max_delete_ratio in the config)",
+                    reader.len(),
+                    100.0 * removed as f64 / reader.len() as f64,
+                    100.0 * spec.max_delete_ratio,
+                    (removed as f64 / reader.len() as f64 + 0.01).min(1.0)
+                ),
+            });
+        }
+        if do_delete || opts.dry_run {
+            let (deleted, samples) = delete_removed(
+                dest,
+                &plan,
+                &reader,
+                &outcome,
+                &recorder,
+                &sizer,
+                do_delete,
+                if opts.dry_run { 10 } else { 0 },
+                &name,
+            )
+            .await?;
+            summary.deleted = deleted;
+            summary.sample_removed = samples.iter().map(|k| plan.describe_key(k)).collect();
+        } else {
+            summary.notes.push(format!(
+                "{removed} row(s) left the model and were kept in the destination (deletes are off; use --delete to propagate them)"
+            ));
+        }
+    }
+    drop(reader);
+
+    let success = model_errors.is_empty() && !opts.dry_run;
+    let fp = plan.row_fp.clone();
+    let sync_name = name.clone();
+    let snap = snapshot.clone();
+    let rec_stats = tokio::task::spawn_blocking(move || {
+        recorder.finish(&snap, &sync_name, success.then_some(fp.as_str()))
+    })
+    .await
+    .map_err(join_err)??;
+    tracing::debug!(?rec_stats, "snapshot recorded");
+
+    let st = sizer.stats();
+    summary.min_batch = st.min_batch;
+    summary.max_batch = st.max_batch;
+    summary.timeouts = st.timeouts;
+    summary.duration_s = started.elapsed().as_secs_f64();
+    summary.rows_per_s = summary.rows_read as f64 / summary.duration_s.max(1e-9);
+    summary.peak_rss_bytes = peak_rss_bytes();
+    if !opts.dry_run {
+        if let Ok(json) = serde_json::to_string(&summary) {
+            snapshot.log_run(&json)?;
+        }
+    }
+    if !model_errors.is_empty() {
+        return Err(Error::Model {
+            sync: name,
+            message: format!(
+                "{}; no rows were deleted in this run",
+                model_errors.join(". ")
+            ),
+        });
+    }
+    Ok(summary)
+}
+
+fn fill_counts(s: &mut Summary, o: &DiffOutcome, plan: &Plan) {
+    s.added = o.added;
+    s.changed = o.changed;
+    s.unchanged = o.unchanged;
+    s.duplicate_keys = o.duplicates;
+    s.null_keys = o.null_keys;
+    s.sample_added = o
+        .sample_added
+        .iter()
+        .map(|k| plan.describe_key(k))
+        .collect();
+    s.sample_changed = o
+        .sample_changed
+        .iter()
+        .map(|k| plan.describe_key(k))
+        .collect();
+}
+
+struct ReadStats {
+    rows: u64,
+    bytes: u64,
+}
+
+/// Streams the source COPY into framed blocks. Ok only when the stream ended with its trailer.
+async fn read_source(
+    src: tokio_postgres::Client,
+    plan: Arc<Plan>,
+    out: mpsc::Sender<Block>,
+    rows_read: Arc<AtomicU64>,
+    block_bytes: usize,
+    sync: String,
+) -> Result<ReadStats, Error> {
+    let read_err = |e: tokio_postgres::Error| Error::SourceRead {
+        sync: sync.clone(),
+        message: pg_message(&e),
+    };
+    let stream = src.copy_out(&plan.copy_out_sql()).await.map_err(read_err)?;
+    futures_util::pin_mut!(stream);
+    let mut framer = Framer::new(plan.columns.len() as u16, plan.nkey as u16, block_bytes);
+    let frame_err = |e| Error::Frame {
+        sync: sync.clone(),
+        source: e,
+    };
+    let mut stats = ReadStats { rows: 0, bytes: 0 };
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(read_err)?;
+        stats.bytes += chunk.len() as u64;
+        framer.push(&chunk).map_err(frame_err)?;
+        while let Some(block) = framer.take_block() {
+            stats.rows += block.rows.len() as u64;
+            rows_read.store(stats.rows, Ordering::Relaxed);
+            if out.send(block).await.is_err() {
+                // The diff stopped (the writer failed): its error is the one to report.
+                return Ok(stats);
+            }
+        }
+    }
+    let last = framer.finish().map_err(frame_err)?;
+    stats.rows += last.rows.len() as u64;
+    rows_read.store(stats.rows, Ordering::Relaxed);
+    if !last.rows.is_empty() {
+        let _ = out.send(last).await;
+    }
+    Ok(stats)
+}
+
+#[derive(Debug, Default)]
+struct WriteStats {
+    rows: u64,
+    already_present: u64,
+    batches: u64,
+}
+
+async fn write_batches(
+    mut writer: Option<Writer>,
+    mut batches: mpsc::Receiver<WriteBatch>,
+    recorder: mpsc::Sender<Record>,
+    sizer: Arc<Sizer>,
+    sleep: Duration,
+    sync: String,
+    table: String,
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    while let Some(batch) = batches.recv().await {
+        let Some(w) = writer.as_mut() else {
+            continue; // dry run: nothing is written
+        };
+        let n = batch.len();
+        let t0 = Instant::now();
+        let done = w.write(&batch, 0..n).await.map_err(|e| Error::Write {
+            sync: sync.clone(),
+            table: table.clone(),
+            message: pg_message(&e),
+            kind: classify(&e),
+        })?;
+        sizer.committed(n, t0.elapsed());
+        stats.rows += done.rows;
+        stats.already_present += done.already_present;
+        stats.batches += 1;
+        if recorder
+            .send(Record::Upserted {
+                batch: Arc::new(batch),
+                rows: 0..n,
+            })
+            .await
+            .is_err()
+        {
+            return Err(Error::Internal("the snapshot thread stopped".into()));
+        }
+        if !sleep.is_zero() {
+            tokio::time::sleep(sleep).await;
+        }
+    }
+    Ok(stats)
+}
+
+/// Finds the snapshot entries not seen in this read, deletes them from the destination in
+/// batches (when `apply`), and records each committed batch. Returns (deleted, sample keys).
+#[allow(clippy::too_many_arguments)]
+async fn delete_removed(
+    dest: &ConnInfo,
+    plan: &Plan,
+    reader: &Arc<Reader>,
+    outcome: &DiffOutcome,
+    recorder: &Recorder,
+    sizer: &Sizer,
+    apply: bool,
+    samples: usize,
+    sync: &str,
+) -> Result<(u64, Vec<Vec<u8>>), Error> {
+    let per_batch = sizer.rows().clamp(1000, 50_000);
+    let (tx, mut rx) = mpsc::channel::<KeyBatch>(2);
+    let scan = {
+        let reader = reader.clone();
+        let seen = outcome.seen.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cur = KeyBatch::default();
+            let mut res = Ok(());
+            let scan = reader.scan(|key, e| {
+                if !seen.contains(e.slot) {
+                    cur.push(key);
+                    if cur.len() >= per_batch && tx.blocking_send(std::mem::take(&mut cur)).is_err()
+                    {
+                        res = Err(());
+                        return false;
+                    }
+                }
+                true
+            });
+            if !cur.is_empty() {
+                let _ = tx.blocking_send(cur);
+            }
+            scan.map(|_| res)
+        })
+    };
+    let mut writer = if apply {
+        Some(Writer::connect(dest, plan, Strategy::Upsert).await?)
+    } else {
+        None
+    };
+    let mut deleted = 0;
+    let mut sample = Vec::new();
+    while let Some(keys) = rx.recv().await {
+        for i in 0..keys.len().min(samples.saturating_sub(sample.len())) {
+            sample.push(keys.key(i).to_vec());
+        }
+        let Some(w) = writer.as_mut() else {
+            continue;
+        };
+        let n = keys.len();
+        let t0 = Instant::now();
+        deleted += w.delete(&keys, 0..n).await.map_err(|e| Error::Write {
+            sync: sync.to_string(),
+            table: plan.target.clone(),
+            message: pg_message(&e),
+            kind: classify(&e),
+        })?;
+        sizer.committed(n, t0.elapsed());
+        recorder
+            .send(Record::Removed {
+                keys: Arc::new(keys),
+                rows: 0..n,
+            })
+            .await?;
+    }
+    let _ = scan.await.map_err(join_err)??;
+    Ok((deleted, sample))
+}
+
+fn join_err(e: tokio::task::JoinError) -> Error {
+    Error::Internal(format!("a pipeline task failed: {e}"))
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes; 0 when unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Where the state file goes by default.
+pub fn default_state_path() -> PathBuf {
+    PathBuf::from("pgdelta.redb")
+}
+
+impl Mode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Upsert => "upsert",
+            Mode::Insert => "insert",
+        }
+    }
+}

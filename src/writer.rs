@@ -1,0 +1,340 @@
+//! The destination writer: one session that applies batches of changes.
+//!
+//! - First load into an empty target (upsert mode, empty snapshot): binary `COPY target FROM STDIN`.
+//! - Upsert: binary COPY into a temporary staging table, then
+//!   `INSERT INTO target SELECT ... FROM staging ON CONFLICT (key) DO UPDATE`, in one transaction.
+//! - Insert: binary COPY into the target; if a key already exists (an earlier run wrote it but
+//!   crashed before recording it), the batch is re-applied through staging with
+//!   `ON CONFLICT DO NOTHING`, so a re-run converges instead of failing.
+//! - Deletes: `DELETE ... WHERE key = ANY($1)` with the keys as one binary array parameter
+//!   (composite keys: a join against `unnest` of one array per key column).
+//!
+//! Tuples go to COPY exactly as the source sent them. Delivery is at-least-once: a batch whose
+//! commit was not acknowledged may have landed, and re-applying it is harmless (upserts and
+//! deletes are idempotent; inserts fall back to `ON CONFLICT DO NOTHING`).
+//! A COPY abandoned half-way (an error, a dropped future) is aborted by tokio-postgres, never
+//! half-committed.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::SinkExt;
+use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
+use tokio_postgres::{Client, Statement};
+
+use crate::batch::{KeyBatch, WriteBatch};
+use crate::conn::ConnInfo;
+use crate::copy::{fields, HEADER, TRAILER};
+use crate::error::Error;
+use crate::model::{quote_ident, Mode, Plan};
+
+/// How rows reach the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Plain COPY into the target (first load into an empty table).
+    Copy,
+    /// COPY into staging, then INSERT ... ON CONFLICT DO UPDATE.
+    Upsert,
+    /// COPY into the target; ON CONFLICT DO NOTHING through staging when a key already exists.
+    Insert,
+}
+
+impl Strategy {
+    pub fn choose(mode: Mode, target_empty: bool, snapshot_empty: bool) -> Strategy {
+        match mode {
+            Mode::Insert => Strategy::Insert,
+            Mode::Upsert if target_empty && snapshot_empty => Strategy::Copy,
+            Mode::Upsert => Strategy::Upsert,
+        }
+    }
+}
+
+/// Session settings for writer connections.
+pub fn session_settings() -> Vec<(&'static str, String)> {
+    // The planner's JIT costs the staged upsert dearly and never pays off for it.
+    vec![("jit", "off".into())]
+}
+
+/// What one write did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    /// Rows inserted or updated.
+    pub rows: u64,
+    /// Rows that were already present (insert mode after a crash).
+    pub already_present: u64,
+}
+
+pub struct Writer {
+    client: Client,
+    strategy: Strategy,
+    sql: WriterSql,
+    staging_ready: bool,
+    delete_stmt: Option<Statement>,
+}
+
+struct WriterSql {
+    copy_target: String,
+    create_staging: String,
+    copy_staging: String,
+    upsert: String,
+    insert_missing: String,
+    delete: String,
+}
+
+const STAGING: &str = "pgdelta_staging";
+
+impl WriterSql {
+    fn new(plan: &Plan) -> WriterSql {
+        let cols = plan.column_list();
+        let keys = plan
+            .key_columns()
+            .iter()
+            .map(|c| quote_ident(&c.dest))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sets: Vec<String> = plan.columns[plan.nkey..]
+            .iter()
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.dest)))
+            .collect();
+        let on_conflict = if sets.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", sets.join(", "))
+        };
+        let target = &plan.target;
+        let delete = if plan.nkey == 1 {
+            let k = &plan.columns[0];
+            format!(
+                "DELETE FROM {target} WHERE {} = ANY($1::{}[])",
+                quote_ident(&k.dest),
+                k.dest_type
+            )
+        } else {
+            let arrays: Vec<String> = plan
+                .key_columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("${}::{}[]", i + 1, c.dest_type))
+                .collect();
+            let names: Vec<String> = (0..plan.nkey).map(|i| format!("k{i}")).collect();
+            let conds: Vec<String> = plan
+                .key_columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("t.{} = d.k{i}", quote_ident(&c.dest)))
+                .collect();
+            format!(
+                "DELETE FROM {target} AS t USING unnest({}) AS d({}) WHERE {}",
+                arrays.join(", "),
+                names.join(", "),
+                conds.join(" AND ")
+            )
+        };
+        WriterSql {
+            copy_target: format!("COPY {target} ({cols}) FROM STDIN (FORMAT binary)"),
+            create_staging: format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {STAGING} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {target} WITH NO DATA"
+            ),
+            copy_staging: format!("COPY {STAGING} ({cols}) FROM STDIN (FORMAT binary)"),
+            upsert: format!(
+                "INSERT INTO {target} ({cols}) SELECT {cols} FROM {STAGING} ON CONFLICT ({keys}) {on_conflict}"
+            ),
+            insert_missing: format!(
+                "INSERT INTO {target} ({cols}) SELECT {cols} FROM {STAGING} ON CONFLICT ({keys}) DO NOTHING"
+            ),
+            delete,
+        }
+    }
+}
+
+impl Writer {
+    pub async fn connect(
+        dest: &ConnInfo,
+        plan: &Plan,
+        strategy: Strategy,
+    ) -> Result<Writer, Error> {
+        let client = dest.connect("destination", &session_settings()).await?;
+        Ok(Writer {
+            client,
+            strategy,
+            sql: WriterSql::new(plan),
+            staging_ready: false,
+            delete_stmt: None,
+        })
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// Writes rows `rows` of `batch`, committed when this returns Ok.
+    pub async fn write(
+        &mut self,
+        batch: &WriteBatch,
+        rows: Range<usize>,
+    ) -> Result<Written, tokio_postgres::Error> {
+        let n = rows.len() as u64;
+        let tuples = batch.tuples(rows);
+        let unique_violation =
+            |e: &tokio_postgres::Error| e.code().map(|c| c.code()) == Some("23505");
+        match self.strategy {
+            // A key that is already there (written by a run that crashed before recording it,
+            // or a duplicate key in the model) makes COPY fail; redo the batch through staging.
+            Strategy::Copy => match copy(&self.client, &self.sql.copy_target, tuples.clone()).await
+            {
+                Ok(copied) => Ok(Written {
+                    rows: copied,
+                    already_present: 0,
+                }),
+                Err(e) if unique_violation(&e) => {
+                    let sql = self.sql.upsert.clone();
+                    let done = self.staged(&sql, tuples).await?;
+                    Ok(Written {
+                        rows: done,
+                        already_present: 0,
+                    })
+                }
+                Err(e) => Err(e),
+            },
+            Strategy::Upsert => {
+                let sql = self.sql.upsert.clone();
+                let done = self.staged(&sql, tuples).await?;
+                Ok(Written {
+                    rows: done,
+                    already_present: 0,
+                })
+            }
+            Strategy::Insert => {
+                match copy(&self.client, &self.sql.copy_target, tuples.clone()).await {
+                    Ok(copied) => Ok(Written {
+                        rows: copied,
+                        already_present: 0,
+                    }),
+                    Err(e) if unique_violation(&e) => {
+                        let sql = self.sql.insert_missing.clone();
+                        let done = self.staged(&sql, tuples).await?;
+                        Ok(Written {
+                            rows: done,
+                            already_present: n - done,
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// COPY into staging and apply `apply_sql`, in one transaction. Returns rows affected.
+    async fn staged(
+        &mut self,
+        apply_sql: &str,
+        tuples: Bytes,
+    ) -> Result<u64, tokio_postgres::Error> {
+        if !self.staging_ready {
+            self.client.batch_execute(&self.sql.create_staging).await?;
+            self.staging_ready = true;
+        }
+        let tx = self.client.transaction().await?;
+        copy_in(&tx, &self.sql.copy_staging, tuples).await?;
+        let n = tx.execute(apply_sql, &[]).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Deletes keys `rows` of `keys`; returns how many rows the destination deleted.
+    pub async fn delete(
+        &mut self,
+        keys: &KeyBatch,
+        rows: Range<usize>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        if self.delete_stmt.is_none() {
+            self.delete_stmt = Some(self.client.prepare(&self.sql.delete).await?);
+        }
+        let stmt = self.delete_stmt.as_ref().expect("prepared above");
+        let nkey = stmt.params().len();
+        let mut columns: Vec<RawArray> = (0..nkey)
+            .map(|_| RawArray {
+                values: Vec::with_capacity(rows.len()),
+            })
+            .collect();
+        for i in rows {
+            for (col, f) in columns.iter_mut().zip(fields(keys.key(i))) {
+                col.values.push(f.unwrap_or_default());
+            }
+        }
+        let params: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client.execute(stmt, &params).await
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// COPY `tuples` (whole binary tuples) into `sql`'s table; autocommits.
+async fn copy(client: &Client, sql: &str, tuples: Bytes) -> Result<u64, tokio_postgres::Error> {
+    let sink = client.copy_in::<_, Bytes>(sql).await?;
+    send_tuples(sink, tuples).await
+}
+
+async fn copy_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    tuples: Bytes,
+) -> Result<u64, tokio_postgres::Error> {
+    let sink = tx.copy_in::<_, Bytes>(sql).await?;
+    send_tuples(sink, tuples).await
+}
+
+async fn send_tuples(
+    sink: tokio_postgres::CopyInSink<Bytes>,
+    tuples: Bytes,
+) -> Result<u64, tokio_postgres::Error> {
+    futures_util::pin_mut!(sink);
+    sink.feed(Bytes::from_static(HEADER)).await?;
+    sink.feed(tuples).await?;
+    sink.feed(Bytes::from_static(TRAILER)).await?;
+    sink.as_mut().finish().await
+}
+
+/// A one-dimensional array parameter whose elements are raw binary values, sent as they came
+/// from the source; the element type comes from the prepared statement.
+struct RawArray<'a> {
+    values: Vec<&'a [u8]>,
+}
+
+impl std::fmt::Debug for RawArray<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawArray({} values)", self.values.len())
+    }
+}
+
+impl ToSql for RawArray<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let Kind::Array(elem) = ty.kind() else {
+            return Err(format!("parameter type {ty} is not an array").into());
+        };
+        out.put_i32(1); // dimensions
+        out.put_i32(0); // no NULLs
+        out.put_u32(elem.oid());
+        out.put_i32(self.values.len() as i32);
+        out.put_i32(1); // lower bound
+        for v in &self.values {
+            out.put_i32(v.len() as i32);
+            out.put_slice(v);
+        }
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(ty.kind(), Kind::Array(_))
+    }
+
+    to_sql_checked!();
+}

@@ -1,0 +1,236 @@
+use std::process::{Command, Output};
+
+use crate::support::Env;
+
+fn pgdelta(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pgdelta"))
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .expect("run pgdelta")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_flags_json_summary_and_log() {
+    let env = Env::new().await;
+    env.both("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await;
+    env.src
+        .batch_execute("INSERT INTO t SELECT i, 'v' || i FROM generate_series(1, 300) i")
+        .await
+        .unwrap();
+    let state = env.state();
+    let args = [
+        "sync",
+        "--source",
+        &env.src_url,
+        "--destination",
+        &env.dst_url,
+        "--table",
+        "public.t",
+        "--target",
+        "public.t",
+        "--key",
+        "id",
+        "--delete",
+        "--state",
+        state.to_str().unwrap(),
+        "--json",
+    ];
+    let o = pgdelta(&env.dir.0, &args);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "summary");
+    assert_eq!(last["data"]["sync"], "t");
+    assert_eq!(last["data"]["written"], 300);
+    assert_eq!(last["data"]["rows_read"], 300);
+    assert!(err.contains("sync 't' -> public.t"), "{err}");
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+
+    env.src
+        .batch_execute("DELETE FROM t WHERE id = 1")
+        .await
+        .unwrap();
+    let o = pgdelta(&env.dir.0, &args);
+    let last: serde_json::Value = serde_json::from_str(text(&o).0.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (
+            last["data"]["removed"].as_u64(),
+            last["data"]["deleted"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+
+    let o = pgdelta(
+        &env.dir.0,
+        &["log", "--state", state.to_str().unwrap(), "--json"],
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let runs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1]["data"]["summary"]["deleted"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
+    let env = Env::new().await;
+    env.both(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (k text PRIMARY KEY, n int)",
+    )
+    .await;
+    env.src
+        .batch_execute("INSERT INTO a VALUES (1, 'x'), (2, 'y'); INSERT INTO b VALUES ('k1', 1)")
+        .await
+        .unwrap();
+    let cfg = env.dir.0.join("pgdelta.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state = \"state.redb\"\n[source]\nurl_env = \"SRC\"\n[destination]\nurl = \"{}\"\n\n[[sync]]\nname = \"first\"\ntable = \"a\"\ntarget = \"a\"\nkey = \"id\"\n\n[[sync]]\nquery = \"SELECT k, n * 10 AS n FROM b\"\ntarget = \"public.b\"\nkey = [\"k\"]\nbatch_size = 10\nsleep_ms = 5\n",
+            env.dst_url
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_pgdelta"))
+        .args(["sync", "--config", cfg.to_str().unwrap(), "--json"])
+        .current_dir(&env.dir.0)
+        .env("SRC", &env.src_url)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let names: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["data"]["sync"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names, vec!["first", "b"]);
+    assert!(env.dir.0.join("state.redb").exists());
+    assert_eq!(Env::rows(&env.dst, "SELECT n FROM b").await, vec!["(10)"]);
+
+    std::fs::write(
+        &cfg,
+        "[[sync]]\ntarget = \"a\"\nkey = \"id\"\ntable = \"a\"\nbatchsize = 5\n",
+    )
+    .unwrap();
+    let o = pgdelta(&env.dir.0, &["sync", "--config", cfg.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("line 5, column 1") && err.contains("unknown field `batchsize`"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_2_and_secrets_never_show() {
+    let env = Env::new().await;
+    let dir = &env.dir.0;
+    let o = pgdelta(
+        dir,
+        &[
+            "sync",
+            "--source",
+            "postgres://a@h/db",
+            "--destination",
+            "postgres://a@h/db",
+            "--table",
+            "t",
+            "--target",
+            "t",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("--key"));
+
+    // A password in a URL never reaches the output, even when the connection fails.
+    let bad = env
+        .src_url
+        .replace("postgres@", "postgres:Sup3rS3cret@")
+        .replace(
+            &env.src_url[env.src_url.rfind('/').unwrap()..],
+            "/no_such_db",
+        );
+    let o = pgdelta(
+        dir,
+        &[
+            "sync",
+            "--source",
+            &bad,
+            "--destination",
+            &bad,
+            "--table",
+            "t",
+            "--target",
+            "t",
+            "--key",
+            "id",
+            "--json",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot connect to the source database"),
+        "{err}"
+    );
+    assert!(
+        !out.contains("Sup3rS3cret") && !err.contains("Sup3rS3cret"),
+        "{out}{err}"
+    );
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_each_check_and_the_fix() {
+    let env = Env::new().await;
+    env.both("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int, v text)")
+        .await;
+    let state = env.state();
+    let base = [
+        "check",
+        "--source",
+        &env.src_url,
+        "--destination",
+        &env.dst_url,
+        "--state",
+        state.to_str().unwrap(),
+    ];
+    let mut ok = base.to_vec();
+    ok.extend(["--table", "t", "--target", "t", "--key", "id"]);
+    let o = pgdelta(&env.dir.0, &ok);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("ok")).count(),
+        4,
+        "{err}"
+    );
+
+    let mut bad = base.to_vec();
+    bad.extend(["--table", "u", "--target", "u", "--key", "id"]);
+    let o = pgdelta(&env.dir.0, &bad);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("FAIL") && err.contains("ADD UNIQUE"), "{err}");
+}

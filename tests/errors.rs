@@ -1,0 +1,188 @@
+use pgdelta::model::Model;
+use pgdelta::snapshot::{Snapshot, SnapshotError};
+use pgdelta::Error;
+
+use crate::support::Env;
+
+async fn env_with(ddl_src: &str, ddl_dst: &str) -> Env {
+    let env = Env::new().await;
+    env.src.batch_execute(ddl_src).await.unwrap();
+    env.dst.batch_execute(ddl_dst).await.unwrap();
+    env
+}
+
+fn plan_message(r: Result<pgdelta::sync::Summary, Error>) -> String {
+    match r {
+        Err(e @ Error::Plan { .. }) => {
+            assert_eq!(e.exit_code(), 2);
+            e.to_string()
+        }
+        other => panic!("expected a plan error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_that_is_not_unique_on_the_target() {
+    let env = env_with(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a')",
+        "CREATE TABLE t (id int, v text)",
+    )
+    .await;
+    let m = plan_message(env.sync(&env.spec("t", &["id"])).await);
+    assert!(m.contains("sync 't'"), "{m}");
+    assert!(m.contains("not a PRIMARY KEY or UNIQUE"), "{m}");
+    assert!(
+        m.contains("ALTER TABLE public.t ADD UNIQUE (\"id\")"),
+        "{m}"
+    );
+    assert_eq!(Env::count(&env.dst, "t").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn narrowing_type_mismatch_names_column_and_cast() {
+    let env = env_with(
+        "CREATE TABLE t (id int PRIMARY KEY, v bigint)",
+        "CREATE TABLE t (id int PRIMARY KEY, v int)",
+    )
+    .await;
+    let m = plan_message(env.sync(&env.spec("t", &["id"])).await);
+    assert!(
+        m.contains("column \"v\" is int8 in the source but integer in the target"),
+        "{m}"
+    );
+    assert!(m.contains("\"v\"::integer"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_target_and_missing_columns() {
+    let env = env_with(
+        "CREATE TABLE t (id int PRIMARY KEY, extra text)",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+    )
+    .await;
+    let m = plan_message(env.sync(&env.spec("t", &["id"])).await);
+    assert!(m.contains("source column(s) extra have no column"), "{m}");
+    let mut spec = env.spec("t", &["id"]);
+    spec.target = "nope".into();
+    let m = plan_message(env.sync(&spec).await);
+    assert!(m.contains("target table nope does not exist"), "{m}");
+    let mut spec = env.spec("t", &["id"]);
+    spec.model = Model::Query("SELEC oops".into());
+    let m = plan_message(env.sync(&spec).await);
+    assert!(m.contains("source model does not run"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_keys_in_a_query_model_are_named() {
+    let env = env_with(
+        "CREATE TABLE a (id int, v text); INSERT INTO a SELECT i, 'v' || i FROM generate_series(1, 100) i; INSERT INTO a VALUES (7, 'again'), (42, 'again')",
+        "CREATE TABLE a (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    let mut spec = env.spec("a", &["id"]);
+    spec.model = Model::Query("SELECT * FROM a ORDER BY id, v".into());
+    spec.batch.fixed_rows = Some(1000);
+    let e = env.sync(&spec).await.unwrap_err();
+    let m = e.to_string();
+    assert!(matches!(e, Error::Model { .. }), "{m}");
+    assert_eq!(e.exit_code(), 1);
+    assert!(m.contains("id=7") && m.contains("id=42"), "{m}");
+    assert!(m.contains("appear more than once"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_keys_found_against_the_snapshot() {
+    let env = env_with(
+        "CREATE TABLE a (id int, v text); INSERT INTO a SELECT i, 'v' || i FROM generate_series(1, 100) i",
+        "CREATE TABLE a (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    let mut spec = env.spec("a", &["id"]);
+    spec.model = Model::Query("SELECT * FROM a".into());
+    spec.delete = true;
+    env.sync(&spec).await.unwrap();
+    env.src
+        .batch_execute("INSERT INTO a VALUES (9, 'twin'); DELETE FROM a WHERE id = 1")
+        .await
+        .unwrap();
+    let m = env.sync(&spec).await.unwrap_err().to_string();
+    assert!(m.contains("id=9"), "{m}");
+    // No deletes in a run with model errors.
+    assert_eq!(Env::count(&env.dst, "a WHERE id = 1").await, 1);
+    // Once the model is fixed the run is clean and the key converges.
+    env.src
+        .batch_execute("DELETE FROM a WHERE v = 'twin'")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.deleted, 1);
+    env.assert_same("SELECT * FROM a ORDER BY id", "SELECT * FROM a ORDER BY id")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_key_is_a_model_error() {
+    let env = env_with(
+        "CREATE TABLE a (id int, v text); INSERT INTO a VALUES (1, 'x'), (NULL, 'y')",
+        "CREATE TABLE a (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    let mut spec = env.spec("a", &["id"]);
+    spec.model = Model::Query("SELECT * FROM a".into());
+    let m = env.sync(&spec).await.unwrap_err().to_string();
+    assert!(m.contains("NULL key (id=NULL)"), "{m}");
+    assert_eq!(Env::count(&env.dst, "a").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_guard_refuses_to_empty_the_destination() {
+    let env = env_with(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100)",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+    )
+    .await;
+    let mut spec = env.spec("t", &["id"]);
+    spec.delete = true;
+    env.sync(&spec).await.unwrap();
+    env.src
+        .batch_execute("DELETE FROM t WHERE id > 40")
+        .await
+        .unwrap();
+    let e = env.sync(&spec).await.unwrap_err();
+    let m = e.to_string();
+    assert!(matches!(e, Error::DeleteGuard { .. }), "{m}");
+    assert!(
+        m.contains("would delete 60 of 100") && m.contains("--max-delete-ratio"),
+        "{m}"
+    );
+    assert_eq!(Env::count(&env.dst, "t").await, 100);
+    spec.max_delete_ratio = 0.7;
+    assert_eq!(env.sync(&spec).await.unwrap().deleted, 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_run_on_the_same_state_file_is_refused() {
+    let env = env_with(
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+    )
+    .await;
+    let held = Snapshot::open(&env.state(), 1 << 20).unwrap();
+    let e = env.sync(&env.spec("t", &["id"])).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Snapshot(SnapshotError::Locked { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("in use by another pgdelta run"));
+    drop(held);
+    env.sync(&env.spec("t", &["id"])).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enum_arrays_are_refused_with_a_way_out() {
+    let env = Env::new().await;
+    env.both("CREATE TYPE e AS ENUM ('a'); CREATE TABLE t (id int PRIMARY KEY, es e[])")
+        .await;
+    let m = plan_message(env.sync(&env.spec("t", &["id"])).await);
+    assert!(m.contains("embeds type OIDs"), "{m}");
+}

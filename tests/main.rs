@@ -1,0 +1,14 @@
+//! Integration tests against a real PostgreSQL (see `support`): one binary, one cluster.
+
+mod support;
+
+/// The built binary: flags, config files, exit codes, JSON output.
+mod cli;
+/// Errors a user can meet before or during a run, each with its message.
+mod errors;
+/// Random operation sequences on the source, a sync after each, destination == source.
+mod model_prop;
+/// Table and query models, no-change runs, churn, deletes, insert mode, mapping, dry runs.
+mod sync_basic;
+/// Every standard column type round-trips byte-exactly; keys of several types.
+mod types;

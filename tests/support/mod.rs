@@ -1,0 +1,274 @@
+//! Test helpers: one throwaway PostgreSQL cluster per test binary (or the server named by
+//! `PGDELTA_TEST_DATABASE_URL`), a fresh source and destination database per test, a scratch
+//! directory for the state file, and assertions on table contents.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use pgdelta::conn::ConnInfo;
+use pgdelta::model::{Mode, Model, SyncSpec};
+use pgdelta::pgserver::{Durability, TempPostgres};
+use pgdelta::snapshot::Snapshot;
+use pgdelta::sync::{RunOptions, Summary};
+use tokio_postgres::Client;
+
+enum Server {
+    Local(TempPostgres),
+    External(String),
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn server() -> &'static Server {
+    SERVER.get_or_init(|| match std::env::var("PGDELTA_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Server::External(url),
+        _ => Server::Local(
+            TempPostgres::start(Durability::Fast)
+                .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}")),
+        ),
+    })
+}
+
+/// The URL of database `db` on the test server.
+pub fn url_for(db: &str) -> String {
+    match server() {
+        Server::Local(pg) => pg.url(db),
+        Server::External(url) => {
+            let (base, query) = match url.split_once('?') {
+                Some((b, q)) => (b, format!("?{q}")),
+                None => (url.as_str(), String::new()),
+            };
+            let cut = base
+                .rfind('/')
+                .filter(|&i| i > "postgres://".len())
+                .unwrap_or(base.len());
+            format!("{}/{db}{query}", &base[..cut])
+        }
+    }
+}
+
+/// The local cluster, for tests that restart it (None with an external server).
+pub fn local_server() -> Option<&'static TempPostgres> {
+    match server() {
+        Server::Local(pg) => Some(pg),
+        Server::External(_) => None,
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    ConnInfo::parse(url)
+        .unwrap()
+        .connect("test", &[])
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+/// A scratch directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let p = std::env::temp_dir().join(format!(
+            "pgdelta-test-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A source and a destination database of its own for one test.
+pub struct Env {
+    pub src: Client,
+    pub dst: Client,
+    pub src_url: String,
+    pub dst_url: String,
+    pub dir: Scratch,
+    names: (String, String),
+}
+
+impl Env {
+    pub async fn new() -> Env {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let names = (
+            format!("t{}_{n}_src", std::process::id()),
+            format!("t{}_{n}_dst", std::process::id()),
+        );
+        let admin_url = url_for("postgres");
+        let admin = connect(&admin_url).await;
+        for db in [&names.0, &names.1] {
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+                .await
+                .unwrap();
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await
+                .unwrap();
+        }
+        let src_url = url_for(&names.0);
+        let dst_url = url_for(&names.1);
+        Env {
+            src: connect(&src_url).await,
+            dst: connect(&dst_url).await,
+            src_url,
+            dst_url,
+            dir: Scratch::new(),
+            names,
+        }
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.0.join("state.redb")
+    }
+
+    /// Runs SQL on both databases.
+    pub async fn both(&self, sql: &str) {
+        self.src.batch_execute(sql).await.unwrap();
+        self.dst.batch_execute(sql).await.unwrap();
+    }
+
+    /// A table-model spec with sensible defaults.
+    pub fn spec(&self, table: &str, key: &[&str]) -> SyncSpec {
+        SyncSpec {
+            name: table.into(),
+            model: Model::Table(table.into()),
+            target: table.into(),
+            key: key.iter().map(|s| s.to_string()).collect(),
+            columns: Default::default(),
+            mode: Mode::Upsert,
+            delete: false,
+            batch: Default::default(),
+            max_delete_ratio: 0.5,
+            read_timeout: None,
+        }
+    }
+
+    pub async fn sync(&self, spec: &SyncSpec) -> Result<Summary, pgdelta::Error> {
+        self.sync_opts(spec, &RunOptions::default()).await
+    }
+
+    pub async fn sync_opts(
+        &self,
+        spec: &SyncSpec,
+        opts: &RunOptions,
+    ) -> Result<Summary, pgdelta::Error> {
+        let snap = Snapshot::open(&self.state(), 8 << 20)?;
+        pgdelta::sync::run(
+            &ConnInfo::parse(&self.src_url)?,
+            &ConnInfo::parse(&self.dst_url)?,
+            spec,
+            opts,
+            &snap,
+        )
+        .await
+    }
+
+    /// Every row of `sql` as text, in order: the strongest type-agnostic equality check.
+    pub async fn rows(client: &Client, sql: &str) -> Vec<String> {
+        client
+            .query(
+                &format!("SELECT pgdelta_row::text FROM ({sql}) pgdelta_row"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Asserts that `src_sql` on the source returns exactly the rows of `dst_sql` on the
+    /// destination (both should ORDER BY the key).
+    pub async fn assert_same(&self, src_sql: &str, dst_sql: &str) {
+        let a = Self::rows(&self.src, src_sql).await;
+        let b = Self::rows(&self.dst, dst_sql).await;
+        assert_eq!(
+            a.len(),
+            b.len(),
+            "row counts differ: source {} vs destination {}",
+            a.len(),
+            b.len()
+        );
+        for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+            assert_eq!(x, y, "row {i} differs");
+        }
+    }
+
+    pub async fn count(client: &Client, table: &str) -> i64 {
+        client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// (inserted, updated, deleted) tuple counters of a destination table, after the
+    /// statistics of finished sessions have been flushed.
+    pub async fn dst_counters(&self, table: &str) -> (i64, i64, i64) {
+        let row = self
+            .dst
+            .query_one(
+                "SELECT n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables WHERE relname = $1",
+                &[&table],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    }
+
+    /// Polls the counters until `pred` holds (stats are flushed asynchronously), at most 15 s.
+    pub async fn wait_counters(
+        &self,
+        table: &str,
+        pred: impl Fn((i64, i64, i64)) -> bool,
+    ) -> (i64, i64, i64) {
+        let mut last = (0, 0, 0);
+        for _ in 0..150 {
+            last = self.dst_counters(table).await;
+            if pred(last) {
+                return last;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("destination counters of {table} never reached the expected state: {last:?}");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Databases are dropped with the cluster; on an external server drop them now.
+        if let Server::External(_) = server() {
+            let names = self.names.clone();
+            let admin_url = url_for("postgres");
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let admin = connect(&admin_url).await;
+                    for db in [names.0, names.1] {
+                        let _ = admin
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            })
+            .join()
+            .ok();
+        }
+    }
+}

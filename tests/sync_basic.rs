@@ -1,0 +1,281 @@
+use pgdelta::model::{Mode, Model};
+use pgdelta::sync::RunOptions;
+
+use crate::support::Env;
+
+const ITEMS: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text, qty int, price numeric(10,2), tags text[])";
+
+async fn seeded(rows: i64) -> Env {
+    let env = Env::new().await;
+    env.both(ITEMS).await;
+    env.src
+        .batch_execute(&format!(
+            "INSERT INTO items SELECT i, 'item ' || i, i % 7, i * 1.5, ARRAY['a' || i % 3] FROM generate_series(1, {rows}) i"
+        ))
+        .await
+        .unwrap();
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_model_initial_nochange_and_churn() {
+    let env = seeded(20_000).await;
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(
+        (s.rows_read, s.added, s.changed, s.removed),
+        (20_000, 20_000, 0, 0)
+    );
+    assert_eq!(s.written, 20_000);
+    assert_eq!(
+        s.strategy, "copy",
+        "an empty target takes the plain COPY path"
+    );
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+    env.wait_counters("items", |c| c.0 == 20_000).await;
+
+    // No change: nothing is written, and the destination's counters do not move.
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(
+        (s.unchanged, s.added, s.changed, s.removed, s.written),
+        (20_000, 0, 0, 0, 0)
+    );
+    assert_eq!(s.batches, 0);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(env.dst_counters("items").await, (20_000, 0, 0));
+
+    // Churn: updates (one to NULL), inserts, deletes.
+    env.src
+        .batch_execute(
+            "UPDATE items SET qty = qty + 100 WHERE id % 100 = 0;
+             UPDATE items SET name = NULL WHERE id = 5;
+             DELETE FROM items WHERE id % 250 = 1;
+             INSERT INTO items SELECT i, 'new', 1, 1, NULL FROM generate_series(20001, 20100) i;",
+        )
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.changed, 201);
+    assert_eq!(s.added, 100);
+    assert_eq!(s.removed, 80);
+    assert_eq!(s.deleted, 80);
+    assert_eq!(s.written, 301);
+    assert_eq!(s.strategy, "upsert");
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+
+    // And quiet again.
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.written, s.deleted, s.unchanged), (0, 0, 20_020));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_model_deletes_rows_leaving_the_where_clause_only_with_delete() {
+    let env = seeded(1000).await;
+    let mut spec = env.spec("items", &["id"]);
+    spec.model = Model::Query("SELECT * FROM items WHERE qty < 5".into());
+    let s = env.sync(&spec).await.unwrap();
+    let expected = Env::count(&env.src, "items WHERE qty < 5").await;
+    assert_eq!(s.added as i64, expected);
+
+    // Rows leave the model: kept without --delete ...
+    env.src
+        .batch_execute("UPDATE items SET qty = 6 WHERE id <= 100")
+        .await
+        .unwrap();
+    let leaving = Env::count(&env.dst, "items WHERE id <= 100").await;
+    assert!(leaving > 0);
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.removed as i64, leaving);
+    assert_eq!(s.deleted, 0);
+    assert_eq!(Env::count(&env.dst, "items WHERE id <= 100").await, leaving);
+
+    // ... and deleted with it.
+    spec.delete = true;
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.deleted as i64, leaving);
+    env.assert_same(
+        "SELECT * FROM items WHERE qty < 5 ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_pinned_batches_and_sleep() {
+    let env = seeded(2500).await;
+    let mut spec = env.spec("items", &["id"]);
+    spec.batch.fixed_rows = Some(1000);
+    spec.batch.sleep = std::time::Duration::from_millis(10);
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.batches, 3);
+    assert_eq!((s.min_batch, s.max_batch), (500, 1000));
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_mode_sends_only_new_keys() {
+    let env = seeded(500).await;
+    let mut spec = env.spec("items", &["id"]);
+    spec.mode = Mode::Insert;
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.written, 500);
+    env.src
+        .batch_execute(
+            "UPDATE items SET name = 'changed' WHERE id <= 10;
+             INSERT INTO items SELECT i, 'fresh', 0, 0, NULL FROM generate_series(501, 520) i;",
+        )
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.added, s.changed, s.written), (20, 10, 20));
+    assert_eq!(
+        Env::count(&env.dst, "items WHERE name = 'changed'").await,
+        0
+    );
+    assert_eq!(Env::count(&env.dst, "items").await, 520);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_mode_converges_when_rows_already_exist() {
+    // An earlier run wrote rows but its snapshot was lost (a crash before recording).
+    let env = seeded(300).await;
+    env.dst
+        .batch_execute(
+            "INSERT INTO items SELECT i, 'old', 0, 0, NULL FROM generate_series(1, 100) i",
+        )
+        .await
+        .unwrap();
+    let mut spec = env.spec("items", &["id"]);
+    spec.mode = Mode::Insert;
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.written, 200);
+    assert_eq!(s.already_present, 100);
+    assert_eq!(Env::count(&env.dst, "items").await, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_mapping_renames_and_selects_columns() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "CREATE TABLE people (person_id int PRIMARY KEY, full_name text, secret text, age int);
+             INSERT INTO people SELECT i, 'p' || i, 'hidden', i FROM generate_series(1, 50) i;",
+        )
+        .await
+        .unwrap();
+    env.dst
+        .batch_execute("CREATE TABLE contacts (id int PRIMARY KEY, name text, age int, extra text DEFAULT 'x')")
+        .await
+        .unwrap();
+    let mut spec = env.spec("people", &["id"]);
+    spec.target = "contacts".into();
+    spec.columns = [("id", "person_id"), ("name", "full_name"), ("age", "age")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.written, 50);
+    env.assert_same(
+        "SELECT person_id, full_name, age, 'x' FROM people ORDER BY 1",
+        "SELECT id, name, age, extra FROM contacts ORDER BY 1",
+    )
+    .await;
+    // An unmapped source column does not take part in the row hash.
+    env.src
+        .batch_execute("UPDATE people SET secret = 'changed'")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.changed, s.written), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_query_triggers_full_resync_and_says_so() {
+    let env = seeded(200).await;
+    let mut spec = env.spec("items", &["id"]);
+    spec.model = Model::Query("SELECT * FROM items".into());
+    env.sync(&spec).await.unwrap();
+    spec.model = Model::Query("SELECT id, upper(name) AS name, qty, price, tags FROM items".into());
+    let s = env.sync(&spec).await.unwrap();
+    assert!(s.full_resync);
+    assert!(
+        s.notes.iter().any(|n| n.contains("model changed")),
+        "{:?}",
+        s.notes
+    );
+    assert_eq!((s.changed, s.written), (200, 200));
+    env.assert_same(
+        "SELECT id, upper(name), qty, price, tags FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+    // The new model is now trusted.
+    let s = env.sync(&spec).await.unwrap();
+    assert!(!s.full_resync);
+    assert_eq!(s.written, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_reports_the_plan_and_writes_nothing() {
+    let env = seeded(100).await;
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    env.sync(&spec).await.unwrap();
+    env.src
+        .batch_execute("UPDATE items SET qty = -1 WHERE id <= 3; DELETE FROM items WHERE id = 50; INSERT INTO items VALUES (1000, 'n', 1, 1, NULL)")
+        .await
+        .unwrap();
+    let opts = RunOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let s = env.sync_opts(&spec, &opts).await.unwrap();
+    assert_eq!(
+        (s.added, s.changed, s.removed, s.written, s.deleted),
+        (1, 3, 1, 0, 0)
+    );
+    assert_eq!(s.sample_added, vec!["id=1000"]);
+    assert_eq!(s.sample_removed, vec!["id=50"]);
+    assert_eq!(Env::count(&env.dst, "items WHERE qty = -1").await, 0);
+    assert_eq!(Env::count(&env.dst, "items").await, 100);
+    // The real run still sees the same plan.
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.added, s.changed, s.deleted), (1, 3, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_snapshot_costs_a_rewrite_not_wrong_data() {
+    let env = seeded(300).await;
+    let spec = env.spec("items", &["id"]);
+    env.sync(&spec).await.unwrap();
+    std::fs::remove_file(env.state()).unwrap();
+    env.src
+        .batch_execute("UPDATE items SET qty = 99 WHERE id = 7")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(
+        s.strategy, "upsert",
+        "a non-empty target is never blindly COPYed into"
+    );
+    assert_eq!(s.written, 300);
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+}
