@@ -62,11 +62,24 @@ impl WriteBatch {
 pub struct BatchBuilder {
     data: BytesMut,
     rows: Vec<BatchRow>,
+    capacity: usize,
 }
 
 impl BatchBuilder {
+    /// A builder whose buffer is allocated once at `capacity` bytes (pages are only touched as
+    /// rows arrive), instead of growing by doubling and copying.
+    pub fn with_capacity(capacity: usize) -> BatchBuilder {
+        BatchBuilder {
+            capacity,
+            ..Default::default()
+        }
+    }
+
     pub fn push(&mut self, block: &Block, span: &RowSpan, hash: [u8; 16], slot: Option<u32>) {
         let tuple = span.tuple(&block.data);
+        if self.data.capacity() == 0 {
+            self.data.reserve(self.capacity.max(tuple.len()));
+        }
         let start = self.data.len() as u32;
         self.data.extend_from_slice(tuple);
         self.rows.push(BatchRow {
@@ -129,6 +142,8 @@ pub struct BatchSettings {
     pub max_rows: usize,
     /// A batch is cut at this many bytes whatever its row count (memory bound).
     pub max_bytes: usize,
+    /// Destination sessions writing batches concurrently.
+    pub writers: usize,
 }
 
 impl Default for BatchSettings {
@@ -139,7 +154,8 @@ impl Default for BatchSettings {
             target_latency: Duration::from_secs(2),
             min_rows: 1,
             max_rows: 500_000,
-            max_bytes: 16 << 20,
+            max_bytes: 8 << 20,
+            writers: 2,
         }
     }
 }

@@ -92,6 +92,8 @@ pub struct SyncEntry {
     /// The commit latency the adaptive batch size aims under, in milliseconds.
     pub target_latency_ms: Option<u64>,
     pub max_delete_ratio: Option<f64>,
+    /// Destination sessions writing concurrently (default 2).
+    pub writers: Option<usize>,
     /// statement_timeout of the source read in milliseconds (default: none).
     pub read_timeout_ms: Option<u64>,
     /// Field mapping: target column = "source column".
@@ -148,6 +150,14 @@ impl SyncEntry {
             sleep: Duration::from_millis(self.sleep_ms.unwrap_or(0)),
             ..Default::default()
         };
+        if let Some(w) = self.writers {
+            if w == 0 {
+                return Err(Error::Config(format!(
+                    "sync '{name}': writers must be at least 1"
+                )));
+            }
+            batch.writers = w;
+        }
         if let Some(ms) = self.target_latency_ms {
             batch.target_latency = Duration::from_millis(ms.max(1));
         }

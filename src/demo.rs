@@ -47,7 +47,7 @@ pub fn seed_sql(rows: u64) -> String {
     format!(
         "INSERT INTO orders
          SELECT i,
-                (i * 7919) % 100000,
+                ((i * 7919) % 100000)::int,
                 (ARRAY['new','paid','shipped','delivered','returned'])[1 + i % 5],
                 ((i * 31) % 100000) / 100.0,
                 i % 3 = 0,
@@ -56,7 +56,7 @@ pub fn seed_sql(rows: u64) -> String {
                 CASE WHEN i % 4 = 0 THEN NULL ELSE repeat(md5(i::text), 2) END,
                 timestamptz '2024-01-01' + (i % 100000) * interval '1 minute',
                 CASE WHEN i % 2 = 0 THEN timestamptz '2024-06-01' + (i % 5000) * interval '1 second' END
-         FROM generate_series(1, {rows}) AS i"
+         FROM generate_series(1::bigint, {rows}) AS i"
     )
 }
 
@@ -90,17 +90,24 @@ pub async fn table_checksum(client: &Client, table: &str) -> Result<(i64, i64), 
 }
 
 /// Reads a whole query with binary COPY and discards it: the baseline every re-sync is held to.
+/// The stream is consumed on a runtime worker, as the sync's reader is, so both are scheduled
+/// alike.
 pub async fn copy_read(client: &Client, select: &str) -> Result<(u64, Duration), Error> {
     let t0 = Instant::now();
     let stream = client
         .copy_out(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
         .await
         .map_err(|e| Error::Server(pg_message(&e)))?;
-    futures_util::pin_mut!(stream);
-    let mut bytes = 0u64;
-    while let Some(chunk) = stream.next().await {
-        bytes += chunk.map_err(|e| Error::Server(pg_message(&e)))?.len() as u64;
-    }
+    let bytes = tokio::spawn(async move {
+        futures_util::pin_mut!(stream);
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.next().await {
+            bytes += chunk.map_err(|e| Error::Server(pg_message(&e)))?.len() as u64;
+        }
+        Ok::<u64, Error>(bytes)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
     Ok((bytes, t0.elapsed()))
 }
 
@@ -156,7 +163,7 @@ async fn demo(pg: &TempPostgres, args: &DemoArgs) -> Result<(), Error> {
     let dir = std::env::temp_dir().join(format!("pgdelta-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(e.to_string()))?;
-    let snapshot = Snapshot::open(&dir.join("demo.redb"), 64 << 20)?;
+    let snapshot = Snapshot::open(&dir.join("demo.redb"), crate::snapshot::DEFAULT_CACHE_BYTES)?;
     let source = ConnInfo::parse(&src_url)?;
     let destination = ConnInfo::parse(&dst_url)?;
     let spec = SyncSpec {

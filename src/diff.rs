@@ -10,10 +10,12 @@
 //!
 //! Every snapshot entry found marks its slot in a bitset (1 bit per entry); the entries left
 //! unmarked after a complete read are the removed rows. A slot marked twice is a duplicate key in
-//! the model. New keys are remembered only as seeded 64-bit hashes (8 bytes each), to find
-//! duplicates among them after the read.
+//! the model. A new key met twice in one batch is held back as a duplicate (the statement would
+//! fail on it); one met again in a later batch is caught by the snapshot recorder, which finds an
+//! entry for a key the diff classified as new.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,7 +86,8 @@ pub struct DiffOutcome {
     /// Snapshot entries seen (distinct slots marked).
     pub seen_entries: u64,
     pub seen: Bitset,
-    /// Seeded hashes of the keys of added rows.
+    /// Dry run only: seeded hashes of the keys of added rows, to count duplicates among them
+    /// (a real run finds those exactly, when the snapshot records the second copy).
     pub added_hashes: Vec<u64>,
     /// Keys met twice that the snapshot knew (exact).
     pub duplicate_keys: Vec<Vec<u8>>,
@@ -110,14 +113,14 @@ pub fn run(
         seen: Bitset::with_len(slots as usize),
         ..Default::default()
     };
-    let mut builder = BatchBuilder::default();
-    let mut batch_started = Instant::now();
     let max_bytes = sizer.settings().max_bytes;
+    let mut builder = BatchBuilder::with_capacity(max_bytes + (256 << 10));
+    let mut batch_started = Instant::now();
     let snapshot_empty = reader.is_empty();
     let mut looked: Vec<([u8; 16], Option<Entry>)> = Vec::new();
     // Keys of the new rows in the batch being built: a key twice in one batch would make the
     // whole statement fail (COPY: unique violation; upsert: "cannot affect row a second time").
-    let mut batch_keys: HashSet<u64> = HashSet::new();
+    let mut batch_keys: HashSet<u64, BuildHasherDefault<IdentityHasher>> = HashSet::default();
 
     while let Some(block) = blocks.blocking_recv() {
         o.rows += block.rows.len() as u64;
@@ -181,7 +184,9 @@ pub fn run(
                         continue;
                     }
                     o.added += 1;
-                    o.added_hashes.push(h);
+                    if cfg.dry_run {
+                        o.added_hashes.push(h);
+                    }
                     if o.sample_added.len() < cfg.samples {
                         o.sample_added.push(key.to_vec());
                     }
@@ -222,6 +227,24 @@ fn send(out: &Sender<WriteBatch>, builder: &mut BatchBuilder, o: &mut DiffOutcom
         return false;
     }
     true
+}
+
+/// A hasher for keys that are already xxh3 hashes.
+#[derive(Default)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | *b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
 /// Sorts the added-key hashes and returns the values that occur more than once.

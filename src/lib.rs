@@ -35,3 +35,19 @@ pub mod sync;
 pub mod writer;
 
 pub use error::{Error, Result};
+
+/// Tunes glibc's allocator for this workload; call once at program start, before threads exist.
+///
+/// pgdelta frees on one thread what another allocated (blocks, batches), from a handful of
+/// threads (tokio, rayon, the diff and snapshot threads). With glibc's defaults every thread gets
+/// an arena that keeps what it freed, and the mmap threshold rises after the first large free, so
+/// resident memory kept growing through a 10M-row run (162 MiB peak in a 1% churn re-sync,
+/// against 84 MiB with these settings, at the same speed).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}

@@ -35,6 +35,23 @@ enum Command {
     Log(LogArgs),
     /// Run the main job on a throwaway local PostgreSQL: seed, sync, churn, re-sync.
     Demo(pgdelta::demo::DemoArgs),
+    /// Read a table or query with binary COPY and discard it: the baseline a re-sync is held to.
+    Read(ReadArgs),
+}
+
+#[derive(Args)]
+struct ReadArgs {
+    /// Source connection string.
+    #[arg(long, env = "PGDELTA_SOURCE_URL", hide_env_values = true)]
+    source: String,
+    /// Table to read (schema.table).
+    #[arg(long, conflicts_with = "query")]
+    table: Option<String>,
+    /// Query to read.
+    #[arg(long)]
+    query: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -84,6 +101,9 @@ struct SyncArgs {
     /// Sleep between batches, in milliseconds.
     #[arg(long)]
     sleep_ms: Option<u64>,
+    /// Destination sessions writing concurrently (default 2).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    writers: Option<u64>,
     /// Refuse to delete more than this share of the synced rows (0..1, default 0.5).
     #[arg(long)]
     max_delete_ratio: Option<f64>,
@@ -117,6 +137,7 @@ struct LogArgs {
 }
 
 fn main() -> ExitCode {
+    pgdelta::tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -141,6 +162,7 @@ fn main() -> ExitCode {
             Command::Sync(a) => run_sync(a, false).await,
             Command::Check(a) => run_sync(a, true).await,
             Command::Log(a) => run_log(a),
+            Command::Read(a) => run_read(a).await,
             Command::Demo(a) => match pgdelta::demo::run(a).await {
                 Ok(()) => 0,
                 Err(e) => report_error(&e, false, None),
@@ -262,6 +284,7 @@ fn resolve(a: &SyncArgs) -> Result<Invocation, Error> {
             batch: pgdelta::batch::BatchSettings {
                 fixed_rows: a.batch_size,
                 sleep: std::time::Duration::from_millis(a.sleep_ms.unwrap_or(0)),
+                writers: a.writers.unwrap_or(2) as usize,
                 ..Default::default()
             },
             max_delete_ratio: ratio,
@@ -279,6 +302,9 @@ fn resolve(a: &SyncArgs) -> Result<Invocation, Error> {
             }
             if let Some(b) = a.batch_size {
                 spec.batch.fixed_rows = Some(b);
+            }
+            if let Some(w) = a.writers {
+                spec.batch.writers = w as usize;
             }
             if let Some(s) = a.sleep_ms {
                 spec.batch.sleep = std::time::Duration::from_millis(s);
@@ -332,7 +358,7 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
     if check_only {
         return run_check(&inv, a.json).await;
     }
-    let snapshot = match Snapshot::open(&inv.state, 64 << 20) {
+    let snapshot = match Snapshot::open(&inv.state, pgdelta::snapshot::DEFAULT_CACHE_BYTES) {
         Ok(s) => s,
         Err(e) => return report_error(&e.into(), a.json, None),
     };
@@ -429,6 +455,39 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
         ),
     }
     code
+}
+
+async fn run_read(a: ReadArgs) -> i32 {
+    let run = async {
+        let select = match (&a.table, &a.query) {
+            (Some(t), None) => format!("SELECT * FROM {t}"),
+            (None, Some(q)) => q.clone(),
+            _ => return Err(Error::Config("give --table or --query".into())),
+        };
+        let client = ConnInfo::parse(&a.source)?
+            .connect("source", &[("statement_timeout", "0".into())])
+            .await?;
+        pgdelta::demo::copy_read(&client, &select).await
+    };
+    match run.await {
+        Ok((bytes, took)) => {
+            let data = serde_json::json!({
+                "bytes": bytes,
+                "duration_s": took.as_secs_f64(),
+                "peak_rss_bytes": pgdelta::sync::peak_rss_bytes(),
+            });
+            if a.json {
+                println!("{}", serde_json::json!({"type": "read", "data": data}));
+            }
+            eprintln!(
+                "pgdelta: read {} MiB with binary COPY in {:.2}s",
+                bytes >> 20,
+                took.as_secs_f64()
+            );
+            0
+        }
+        Err(e) => report_error(&e, a.json, None),
+    }
 }
 
 fn run_log(a: LogArgs) -> i32 {

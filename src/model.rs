@@ -379,9 +379,11 @@ pub async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<Plan, E
             source_cols.iter().filter(|(n, _)| n == source).collect();
         let (_, sty) = match matches.as_slice() {
             [one] => *one,
-            [] => return Err(fail(format!(
+            [] => {
+                return Err(fail(format!(
                 "the source model has no column \"{source}\" (mapped to target column \"{dest}\")"
-            ))),
+            )))
+            }
             _ => {
                 return Err(fail(format!(
                     "the source model has two columns named \"{source}\"; alias one of them"

@@ -32,6 +32,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{KeyBatch, WriteBatch};
 
+/// redb's page cache: lookups in key order need little; it counts toward peak memory.
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
+
 /// The on-disk format this build reads and writes.
 pub const FORMAT: u32 = 1;
 
@@ -246,8 +249,10 @@ impl Snapshot {
                 Err(e) => return Err(self.err(e)),
             }
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let duplicates = Duplicates::default();
         let state = RecorderState {
+            duplicates: duplicates.clone(),
             db: self.db.clone(),
             path: self.path.clone(),
             sync: sync.to_string(),
@@ -262,6 +267,7 @@ impl Snapshot {
         Ok(Recorder {
             tx: Some(tx),
             handle: Some(handle),
+            duplicates,
         })
     }
 
@@ -387,11 +393,8 @@ impl Reader {
 
 /// A committed change to record.
 pub enum Record {
-    /// The destination committed these rows of the batch (inserted or updated).
-    Upserted {
-        batch: Arc<WriteBatch>,
-        rows: Range<usize>,
-    },
+    /// The destination committed these rows (inserted or updated).
+    Upserted(Committed),
     /// The destination no longer holds these keys (deleted), or they must be re-evaluated next
     /// run (duplicate keys): drop their entries and free their slots.
     Removed {
@@ -400,6 +403,27 @@ pub enum Record {
     },
     /// Commit everything recorded so far, then answer.
     Flush(tokio::sync::oneshot::Sender<Result<(), SnapshotError>>),
+}
+
+/// What the snapshot needs of committed rows: keys, hashes and known slots, without the tuples.
+#[derive(Debug, Default)]
+pub struct Committed {
+    pub keys: KeyBatch,
+    pub entries: Vec<([u8; 16], Option<u32>)>,
+}
+
+impl Committed {
+    pub fn from_batch(batch: &WriteBatch, rows: Range<usize>) -> Committed {
+        let mut c = Committed {
+            keys: KeyBatch::default(),
+            entries: Vec::with_capacity(rows.len()),
+        };
+        for r in &batch.rows[rows] {
+            c.keys.push(r.key(&batch.data));
+            c.entries.push((r.hash, r.slot));
+        }
+        c
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -412,6 +436,7 @@ pub struct RecorderStats {
 /// Handle to the snapshot thread. Dropping it without [`Recorder::finish`] still commits what
 /// was recorded (the entries describe committed rows, so keeping them is always right).
 pub struct Recorder {
+    duplicates: Duplicates,
     tx: Option<tokio::sync::mpsc::Sender<Record>>,
     handle: Option<JoinHandle<Result<(SyncMeta, RecorderStats), SnapshotError>>>,
 }
@@ -428,6 +453,12 @@ impl Recorder {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(Record::Flush(tx)).await?;
         rx.await.map_err(|_| thread_gone())?
+    }
+
+    /// New keys recorded twice in this run (duplicates in the model): the count and up to 1000
+    /// of the keys. Complete once everything was recorded ([`Self::flush`]).
+    pub fn duplicates(&self) -> (u64, Vec<Vec<u8>>) {
+        self.duplicates.lock().expect("not poisoned").clone()
     }
 
     /// A sender for the writer tasks. All of them must be dropped before [`Recorder::finish`].
@@ -480,7 +511,10 @@ impl Drop for Recorder {
     }
 }
 
+type Duplicates = Arc<std::sync::Mutex<(u64, Vec<Vec<u8>>)>>;
+
 struct RecorderState {
+    duplicates: Duplicates,
     db: Arc<Database>,
     path: String,
     sync: String,
@@ -489,10 +523,11 @@ struct RecorderState {
     stats: RecorderStats,
 }
 
-/// Commit at least this often, so a long run keeps its progress and redb's dirty pages stay
-/// bounded in memory.
-const COMMIT_EVERY: Duration = Duration::from_secs(2);
-const COMMIT_OPS: usize = 250_000;
+/// A transaction ends after this many operations, bounding redb's dirty pages in memory (scattered
+/// updates can dirty one 4 KiB page each). Such commits are not fsynced ...
+const COMMIT_OPS: usize = 10_000;
+/// ... but one is made durable at least this often, on a flush, and at the end.
+const DURABLE_EVERY: Duration = Duration::from_secs(2);
 
 impl RecorderState {
     fn err(&self, e: impl std::fmt::Display) -> SnapshotError {
@@ -508,16 +543,16 @@ impl RecorderState {
     ) -> Result<(SyncMeta, RecorderStats), SnapshotError> {
         let rows_n = rows_name(&self.sync);
         let free_n = free_name(&self.sync);
+        let mut last_durable = Instant::now();
+        let mut undurable = false;
         // Wait for work before opening a transaction, so an idle recorder commits nothing.
         while let Some(first) = rx.blocking_recv() {
             let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| self.err(e))?;
             let mut flushes = Vec::new();
+            let mut closed = false;
             {
                 let mut rows = txn.open_table(rows_def(&rows_n)).map_err(|e| self.err(e))?;
                 let mut free = txn.open_table(free_def(&free_n)).map_err(|e| self.err(e))?;
-                let started = Instant::now();
                 let mut ops = 0usize;
                 let mut next = Some(first);
                 while let Some(rec) = next.take() {
@@ -526,12 +561,28 @@ impl RecorderState {
                         break;
                     }
                     ops += self.apply(&mut rows, &mut free, rec)?;
-                    if ops >= COMMIT_OPS || started.elapsed() >= COMMIT_EVERY {
+                    if ops >= COMMIT_OPS {
                         break;
                     }
-                    next = rx.blocking_recv();
+                    // Take what is already queued; commit when the queue runs dry.
+                    match rx.try_recv() {
+                        Ok(r) => next = Some(r),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => closed = true,
+                    }
                 }
             }
+            let durable = !flushes.is_empty() || closed || last_durable.elapsed() >= DURABLE_EVERY;
+            txn.set_durability(if durable {
+                Durability::Immediate
+            } else {
+                Durability::None
+            })
+            .map_err(|e| self.err(e))?;
+            if durable {
+                last_durable = Instant::now();
+            }
+            undurable = !durable;
             {
                 let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
                 let json = serde_json::to_string(&self.meta).map_err(|e| self.err(e))?;
@@ -545,6 +596,14 @@ impl RecorderState {
             }
             res?;
         }
+        if undurable {
+            // Persist the last non-durable commits before the thread ends.
+            let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| self.err(e))?;
+            txn.commit().map_err(|e| self.err(e))?;
+            self.stats.commits += 1;
+        }
         Ok((self.meta, self.stats))
     }
 
@@ -555,23 +614,32 @@ impl RecorderState {
         rec: Record,
     ) -> Result<usize, SnapshotError> {
         match rec {
-            Record::Upserted { batch, rows: range } => {
-                let n = range.len();
-                for r in &batch.rows[range] {
-                    let slot = match r.slot {
+            Record::Upserted(c) => {
+                let n = c.keys.len();
+                for (i, &(hash, slot)) in c.entries.iter().enumerate() {
+                    let slot = match slot {
                         Some(s) => s,
                         None => self.alloc_slot(free)?,
                     };
-                    let entry = Entry { hash: r.hash, slot };
+                    let entry = Entry { hash, slot };
                     let old = rows
-                        .insert(r.key(&batch.data), &entry.encode())
+                        .insert(c.keys.key(i), &entry.encode())
                         .map_err(|e| self.err(e))?;
-                    // A key written twice in one run (a duplicate in the model) must not leak
-                    // the slot of its first entry.
                     if let Some(old) = old {
                         let old = Entry::decode(old.value());
                         if old.slot != slot {
+                            // Keep the slot of the first entry from leaking.
                             self.release_slot(free, old.slot)?;
+                        }
+                        if c.entries[i].1.is_none() {
+                            // The diff saw no entry for this key when the run started, so the
+                            // entry we replaced was written earlier in this same run: the key
+                            // appears twice in the model.
+                            let mut d = self.duplicates.lock().expect("not poisoned");
+                            d.0 += 1;
+                            if d.1.len() < 1000 {
+                                d.1.push(c.keys.key(i).to_vec());
+                            }
                         }
                     }
                 }

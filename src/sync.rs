@@ -24,9 +24,8 @@ use crate::conn::ConnInfo;
 use crate::copy::{Block, Framer};
 use crate::diff::{self, DiffConfig, DiffOutcome};
 use crate::error::{classify, pg_message, Error};
-use crate::hash::key_hash;
 use crate::model::{plan, Mode, Plan, SyncSpec};
-use crate::snapshot::{Reader, Record, Recorder, Snapshot};
+use crate::snapshot::{Committed, Reader, Record, Recorder, Snapshot};
 use crate::writer::{Strategy, Writer};
 
 /// Options of one invocation, shared by every sync it runs.
@@ -90,6 +89,8 @@ pub struct Summary {
     pub duration_s: f64,
     pub rows_per_s: f64,
     pub peak_rss_bytes: u64,
+    /// Seconds from the start at which each phase ended.
+    pub phases: Phases,
     pub notes: Vec<String>,
     /// Dry run: sample keys of each kind.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -98,6 +99,16 @@ pub struct Summary {
     pub sample_changed: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sample_removed: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Phases {
+    /// The source read ended (connections and planning included).
+    pub read_s: f64,
+    /// Every upsert/insert batch was committed.
+    pub writes_done_s: f64,
+    /// Removed rows were found and (with deletes on) deleted.
+    pub deletes_done_s: f64,
 }
 
 /// Runs one sync. The caller opens the snapshot (holding its lock for the whole invocation).
@@ -211,21 +222,33 @@ pub async fn run_with(
         })
     };
 
-    let write_task = {
-        let writer = if opts.dry_run {
-            None
+    let write_tasks = {
+        let batches = Arc::new(tokio::sync::Mutex::new(batch_rx));
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers = if opts.dry_run {
+            1
         } else {
-            Some(Writer::connect(dest, &plan, strategy).await?)
+            spec.batch.writers.max(1)
         };
-        tokio::spawn(write_batches(
-            writer,
-            batch_rx,
-            recorder.sender(),
-            sizer.clone(),
-            spec.batch.sleep,
-            name.clone(),
-            plan.target.clone(),
-        ))
+        let mut tasks = Vec::with_capacity(writers);
+        for _ in 0..writers {
+            let writer = if opts.dry_run {
+                None
+            } else {
+                Some(Writer::connect(dest, &plan, strategy).await?)
+            };
+            tasks.push(tokio::spawn(write_batches(
+                writer,
+                batches.clone(),
+                failed.clone(),
+                recorder.sender(),
+                sizer.clone(),
+                spec.batch.sleep,
+                name.clone(),
+                plan.target.clone(),
+            )));
+        }
+        tasks
     };
 
     let progress = opts.progress.then(|| {
@@ -247,8 +270,16 @@ pub async fn run_with(
     });
 
     let read_result = read_task.await.map_err(join_err)?;
+    summary.phases.read_s = started.elapsed().as_secs_f64();
     let diff_result = diff_task.await.map_err(join_err)?;
-    let write_result = write_task.await.map_err(join_err)?;
+    let mut write_result: Result<WriteStats, Error> = Ok(WriteStats::default());
+    for t in write_tasks {
+        let r = t.await.map_err(join_err)?;
+        write_result = match (write_result, r) {
+            (Ok(a), Ok(b)) => Ok(a.add(b)),
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        };
+    }
     if let Some(p) = progress {
         p.abort();
     }
@@ -275,27 +306,22 @@ pub async fn run_with(
     for k in &outcome.duplicate_keys {
         forget.push(k);
     }
-    let dup_added = diff::duplicate_hashes(&mut outcome.added_hashes);
-    outcome.added_hashes = Vec::new();
     let mut duplicate_names: Vec<String> = outcome
         .duplicate_keys
         .iter()
         .map(|k| plan.describe_key(k))
         .collect();
-    if !dup_added.is_empty() {
-        // Both copies of a new duplicate key may have been written; find the key bytes among
-        // the entries this run recorded, so they can be named and forgotten.
+    if opts.dry_run {
+        summary.duplicate_keys += diff::duplicate_hashes(&mut outcome.added_hashes).len() as u64;
+    } else {
+        // New keys written twice are found by the recorder, once it has recorded everything.
         recorder.flush().await?;
-        let now = snapshot.reader(&name)?;
-        let dups: std::collections::HashSet<u64> = dup_added.iter().copied().collect();
-        now.scan(|key, _| {
-            if dups.contains(&key_hash(key, diff_cfg.seed)) {
-                forget.push(key);
-                duplicate_names.push(plan.describe_key(key));
-            }
-            true
-        })?;
-        summary.duplicate_keys += dup_added.len() as u64;
+        let (count, keys) = recorder.duplicates();
+        summary.duplicate_keys += count;
+        for k in keys {
+            duplicate_names.push(plan.describe_key(&k));
+            forget.push(&k);
+        }
     }
     if summary.duplicate_keys > 0 {
         duplicate_names.sort();
@@ -328,6 +354,8 @@ pub async fn run_with(
             })
             .await?;
     }
+
+    summary.phases.writes_done_s = started.elapsed().as_secs_f64();
 
     // --- removed rows: snapshot entries not seen in this complete read ---
     let removed = reader.len().saturating_sub(outcome.seen_entries);
@@ -373,12 +401,15 @@ pub async fn run_with(
     }
     drop(reader);
 
-    let success = model_errors.is_empty() && !opts.dry_run;
+    summary.phases.deletes_done_s = started.elapsed().as_secs_f64();
+    // The read completed and every write committed: every stored hash is now computed under
+    // this model (keys with model errors were dropped from the snapshot above).
+    let trusted = !opts.dry_run;
     let fp = plan.row_fp.clone();
     let sync_name = name.clone();
     let snap = snapshot.clone();
     let rec_stats = tokio::task::spawn_blocking(move || {
-        recorder.finish(&snap, &sync_name, success.then_some(fp.as_str()))
+        recorder.finish(&snap, &sync_name, trusted.then_some(fp.as_str()))
     })
     .await
     .map_err(join_err)??;
@@ -481,9 +512,23 @@ struct WriteStats {
     batches: u64,
 }
 
+impl WriteStats {
+    fn add(self, o: WriteStats) -> WriteStats {
+        WriteStats {
+            rows: self.rows + o.rows,
+            already_present: self.already_present + o.already_present,
+            batches: self.batches + o.batches,
+        }
+    }
+}
+
+/// One writer: takes batches from the shared queue until it closes, writes each, and hands the
+/// committed rows to the recorder. Stops taking work as soon as any writer failed.
+#[allow(clippy::too_many_arguments)]
 async fn write_batches(
     mut writer: Option<Writer>,
-    mut batches: mpsc::Receiver<WriteBatch>,
+    batches: Arc<tokio::sync::Mutex<mpsc::Receiver<WriteBatch>>>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
     recorder: mpsc::Sender<Record>,
     sizer: Arc<Sizer>,
     sleep: Duration,
@@ -491,37 +536,44 @@ async fn write_batches(
     table: String,
 ) -> Result<WriteStats, Error> {
     let mut stats = WriteStats::default();
-    while let Some(batch) = batches.recv().await {
+    loop {
+        if failed.load(Ordering::Relaxed) {
+            return Ok(stats);
+        }
+        let Some(batch) = batches.lock().await.recv().await else {
+            return Ok(stats);
+        };
         let Some(w) = writer.as_mut() else {
             continue; // dry run: nothing is written
         };
         let n = batch.len();
         let t0 = Instant::now();
-        let done = w.write(&batch, 0..n).await.map_err(|e| Error::Write {
-            sync: sync.clone(),
-            table: table.clone(),
-            message: pg_message(&e),
-            kind: classify(&e),
-        })?;
+        let done = match w.write(&batch, 0..n).await {
+            Ok(d) => d,
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                return Err(Error::Write {
+                    sync: sync.clone(),
+                    table: table.clone(),
+                    message: pg_message(&e),
+                    kind: classify(&e),
+                });
+            }
+        };
         sizer.committed(n, t0.elapsed());
         stats.rows += done.rows;
         stats.already_present += done.already_present;
         stats.batches += 1;
-        if recorder
-            .send(Record::Upserted {
-                batch: Arc::new(batch),
-                rows: 0..n,
-            })
-            .await
-            .is_err()
-        {
+        let committed = Committed::from_batch(&batch, 0..n);
+        drop(batch);
+        if recorder.send(Record::Upserted(committed)).await.is_err() {
+            failed.store(true, Ordering::Relaxed);
             return Err(Error::Internal("the snapshot thread stopped".into()));
         }
         if !sleep.is_zero() {
             tokio::time::sleep(sleep).await;
         }
     }
-    Ok(stats)
 }
 
 /// Finds the snapshot entries not seen in this read, deletes them from the destination in

@@ -186,3 +186,30 @@ async fn enum_arrays_are_refused_with_a_way_out() {
     let m = plan_message(env.sync(&env.spec("t", &["id"])).await);
     assert!(m.contains("embeds type OIDs"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_new_keys_in_different_batches_are_found_by_the_recorder() {
+    let env = env_with(
+        "CREATE TABLE a (id int, v text); INSERT INTO a SELECT i, 'v' || i FROM generate_series(1, 30) i; INSERT INTO a VALUES (7, 'again')",
+        "CREATE TABLE a (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    let mut spec = env.spec("a", &["id"]);
+    spec.model = Model::Query("SELECT * FROM a ORDER BY id, v".into());
+    spec.batch.fixed_rows = Some(1);
+    spec.batch.writers = 2;
+    let m = env.sync(&spec).await.unwrap_err().to_string();
+    assert!(
+        m.contains("1 key(s) appear more than once") && m.contains("id=7"),
+        "{m}"
+    );
+    // The key was left out of the snapshot: once the model is fixed, it is written again.
+    env.src
+        .batch_execute("DELETE FROM a WHERE v = 'again'")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.added, s.unchanged), (1, 29));
+    env.assert_same("SELECT * FROM a ORDER BY id", "SELECT * FROM a ORDER BY id")
+        .await;
+}
