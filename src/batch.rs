@@ -165,6 +165,8 @@ impl Default for BatchSettings {
 pub struct Sizer {
     settings: BatchSettings,
     current: AtomicUsize,
+    /// The destination's effective statement_timeout in ms (0: none).
+    timeout_ms: std::sync::atomic::AtomicU64,
     stats: Mutex<SizerStats>,
 }
 
@@ -187,6 +189,7 @@ impl Sizer {
         Sizer {
             settings,
             current: AtomicUsize::new(start.max(1)),
+            timeout_ms: std::sync::atomic::AtomicU64::new(0),
             stats: Mutex::new(SizerStats::default()),
         }
     }
@@ -221,7 +224,7 @@ impl Sizer {
         if rows < cur / 2 {
             return;
         }
-        let target = self.settings.target_latency;
+        let target = self.target_latency();
         let next = if latency > target {
             cur * 3 / 4
         } else if latency < target / 2 {
@@ -230,6 +233,26 @@ impl Sizer {
             cur + cur / 8
         };
         self.set(next);
+    }
+
+    /// Aims batch latency at no more than half of the destination's `statement_timeout`, so
+    /// the size settles below the timeout instead of oscillating across it.
+    pub fn limit_latency(&self, statement_timeout: Duration) {
+        let ms = statement_timeout.as_millis().max(1) as u64;
+        self.timeout_ms.fetch_min(ms, Ordering::Relaxed);
+        // fetch_min on 0 ("none yet") keeps 0; store explicitly the first time.
+        let _ = self
+            .timeout_ms
+            .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The latency the controller aims under.
+    pub fn target_latency(&self) -> Duration {
+        let t = self.settings.target_latency;
+        match self.timeout_ms.load(Ordering::Relaxed) {
+            0 => t,
+            ms => t.min(Duration::from_millis(ms / 2)),
+        }
     }
 
     /// A statement timeout on a batch of `rows`: halve below it.
@@ -270,6 +293,43 @@ mod tests {
         assert_eq!(s.rows(), now);
         assert_eq!(s.stats().batches, 3);
         assert_eq!(s.stats().timeouts, 1);
+    }
+
+    /// A simulated destination: latency = rows * cost; a batch over `timeout` times out.
+    /// The controller must converge under the timeout, recover after a slow spell, and keep
+    /// the share of timed-out batches small.
+    #[test]
+    fn simulation_converges_and_recovers() {
+        let s = Sizer::new(BatchSettings::default());
+        let timeout = Duration::from_millis(500);
+        s.limit_latency(timeout);
+        let run = |cost_us: u64, steps: usize| -> (usize, u64) {
+            let mut timeouts = 0;
+            for _ in 0..steps {
+                let rows = s.rows();
+                let latency = Duration::from_micros(rows as u64 * cost_us);
+                if latency > timeout {
+                    s.timed_out(rows);
+                    timeouts += 1;
+                } else {
+                    s.committed(rows, latency);
+                }
+            }
+            (s.rows(), timeouts)
+        };
+        // 10 us/row: at most 50k rows fit under 500 ms; the aim is about 250 ms.
+        let (rows, t1) = run(10, 200);
+        assert!((12_000..50_000).contains(&rows), "settled at {rows}");
+        let (_, t_late) = run(10, 100);
+        assert_eq!(t_late, 0, "no timeouts once settled");
+        // The destination slows down 10x: the size drops below the new limit.
+        let (rows, t2) = run(100, 100);
+        assert!(rows < 5_000, "after slowdown {rows}");
+        assert!(t2 <= 5, "{t2} timeouts while adapting");
+        // And recovers when it is fast again.
+        let (rows, _) = run(10, 100);
+        assert!(rows >= 6_000, "recovered to {rows}");
+        assert!(t1 <= 5, "{t1} timeouts while converging");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::batch::BatchSettings;
 use crate::error::Error;
 use crate::model::{Mode, Model, SyncSpec};
+use crate::retry::RetryPolicy;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,6 +95,12 @@ pub struct SyncEntry {
     pub max_delete_ratio: Option<f64>,
     /// Destination sessions writing concurrently (default 2).
     pub writers: Option<usize>,
+    /// Fail the run once more rows than this were rejected (default 100).
+    pub max_rejected: Option<u64>,
+    /// Retries of a failed write on connection loss, deadlocks, lock timeouts (default 9).
+    pub max_retries: Option<u32>,
+    /// Stop retrying a write after this many seconds (default 300).
+    pub retry_timeout_s: Option<u64>,
     /// statement_timeout of the source read in milliseconds (default: none).
     pub read_timeout_ms: Option<u64>,
     /// Field mapping: target column = "source column".
@@ -183,9 +190,24 @@ impl SyncEntry {
             batch,
             max_delete_ratio: ratio,
             read_timeout: self.read_timeout_ms.map(Duration::from_millis),
+            max_rejected: self.max_rejected.unwrap_or(DEFAULT_MAX_REJECTED),
+            retry: RetryPolicy {
+                max_attempts: self
+                    .max_retries
+                    .map(|r| r + 1)
+                    .unwrap_or(RetryPolicy::default().max_attempts),
+                max_elapsed: self
+                    .retry_timeout_s
+                    .map(Duration::from_secs)
+                    .unwrap_or(RetryPolicy::default().max_elapsed),
+                ..RetryPolicy::default()
+            },
         })
     }
 }
+
+/// Rows the destination may reject before a run fails.
+pub const DEFAULT_MAX_REJECTED: u64 = 100;
 
 /// The delete guard's default: refuse to delete more than half of the synced rows.
 pub const DEFAULT_MAX_DELETE_RATIO: f64 = 0.5;

@@ -137,6 +137,24 @@ pub async fn show(client: &Client, name: &str) -> Result<String, tokio_postgres:
     Ok(row.get(0))
 }
 
+/// Parses a duration setting as `SHOW`/`current_setting` renders it (`0`, `250ms`, `30s`, `5min`,
+/// `1h`, `1d`); `None` for zero (disabled) or an unknown form.
+pub fn parse_pg_duration(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "ms" => n,
+        "s" => n * 1000,
+        "min" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => return None,
+    };
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +175,15 @@ mod tests {
         let e = ConnInfo::parse("postgres://u:topsecret@h:notaport/db").unwrap_err();
         assert!(matches!(e, Error::Config(_)));
         assert!(!e.to_string().contains("topsecret"));
+    }
+
+    #[test]
+    fn pg_durations() {
+        assert_eq!(parse_pg_duration("0"), None);
+        assert_eq!(parse_pg_duration("50ms"), Some(Duration::from_millis(50)));
+        assert_eq!(parse_pg_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_pg_duration("5min"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_pg_duration("1h"), Some(Duration::from_secs(3600)));
     }
 
     #[test]

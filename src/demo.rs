@@ -177,6 +177,8 @@ async fn demo(pg: &TempPostgres, args: &DemoArgs) -> Result<(), Error> {
         batch: Default::default(),
         max_delete_ratio: 0.5,
         read_timeout: None,
+        max_rejected: crate::config::DEFAULT_MAX_REJECTED,
+        retry: Default::default(),
     };
     let opts = RunOptions::default();
     let mut lines: Vec<(String, Summary)> = Vec::new();

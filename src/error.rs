@@ -16,6 +16,8 @@ pub enum PgErrorKind {
     Transient,
     /// `statement_timeout` cancelled the statement: retry with a smaller batch.
     StatementTimeout,
+    /// The statement was too big for the server (program limits, out of memory): split it.
+    TooBig,
     /// Classes 22 (data exception) and 23 (integrity constraint): a row is bad.
     Data,
     /// Anything else: permissions, missing objects, syntax. Retrying will not help.
@@ -43,6 +45,8 @@ pub fn classify_sqlstate(code: &str) -> PgErrorKind {
         // serialization_failure, deadlock_detected, lock_not_available
         "40001" | "40P01" | "55P03" => PgErrorKind::Transient,
         c if c.starts_with("08") => PgErrorKind::Connection,
+        "53200" => PgErrorKind::TooBig,
+        c if c.starts_with("54") => PgErrorKind::TooBig,
         c if c.starts_with("22") || c.starts_with("23") => PgErrorKind::Data,
         _ => PgErrorKind::Fatal,
     }
@@ -126,6 +130,14 @@ pub enum Error {
     #[error("sync '{sync}' was interrupted: {message}")]
     Interrupted { sync: String, message: String },
 
+    #[error("sync '{sync}': {rejected} rows were rejected by {table}, more than --max-rejected {max}; the run stopped. Rows written so far are recorded; fix the rows or the target's constraints (the rejected rows are listed above and in the state file: pgdelta log --rejected)")]
+    TooManyRejected {
+        sync: String,
+        table: String,
+        rejected: u64,
+        max: u64,
+    },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -156,5 +168,7 @@ mod tests {
         assert_eq!(classify_sqlstate("57P01"), PgErrorKind::Connection);
         assert_eq!(classify_sqlstate("08006"), PgErrorKind::Connection);
         assert_eq!(classify_sqlstate("42501"), PgErrorKind::Fatal);
+        assert_eq!(classify_sqlstate("54000"), PgErrorKind::TooBig);
+        assert_eq!(classify_sqlstate("23514"), PgErrorKind::Data);
     }
 }

@@ -11,6 +11,9 @@
 //! - [`diff`]: hash + snapshot lookup + classification into added/changed/unchanged, on rayon.
 //! - [`batch`]: write batches and the adaptive batch-size controller.
 //! - [`writer`]: the destination session: COPY, staged upsert, deletes.
+//! - [`apply`]: drives a writer over a batch: retries, reconnects, splits on timeouts, bisects
+//!   bad rows.
+//! - [`retry`]: the retry policy: which failures are retried, backoff, and when to give up.
 //! - [`snapshot`]: the redb state file, and the thread that records committed writes.
 //! - [`sync`]: one run end to end, wiring the stages with bounded channels.
 //! - [`config`]: the TOML config file.
@@ -19,6 +22,7 @@
 //! - [`error`]: the error type and the SQLSTATE classification.
 //! - [`fuzzing`]: entry points for the fuzz targets.
 
+pub mod apply;
 pub mod batch;
 pub mod config;
 pub mod conn;
@@ -30,6 +34,7 @@ pub mod fuzzing;
 pub mod hash;
 pub mod model;
 pub mod pgserver;
+pub mod retry;
 pub mod snapshot;
 pub mod sync;
 pub mod writer;

@@ -110,6 +110,15 @@ struct SyncArgs {
     /// statement_timeout for the source read, in milliseconds (default: none).
     #[arg(long)]
     read_timeout_ms: Option<u64>,
+    /// Fail the run once the destination rejected more rows than this (default 100).
+    #[arg(long)]
+    max_rejected: Option<u64>,
+    /// Retries of a write after connection loss, deadlocks or lock timeouts (default 9).
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// Stop retrying a write after this many seconds (default 300).
+    #[arg(long)]
+    retry_timeout_s: Option<u64>,
     /// Print the plan (rows to add, change, remove) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -132,6 +141,9 @@ struct LogArgs {
     /// Only runs of this sync.
     #[arg(long = "sync")]
     only: Option<String>,
+    /// Show the rows the destination rejected in each sync's last run instead.
+    #[arg(long)]
+    rejected: bool,
     #[arg(long)]
     json: bool,
 }
@@ -289,6 +301,10 @@ fn resolve(a: &SyncArgs) -> Result<Invocation, Error> {
             },
             max_delete_ratio: ratio,
             read_timeout: a.read_timeout_ms.map(std::time::Duration::from_millis),
+            max_rejected: a
+                .max_rejected
+                .unwrap_or(pgdelta::config::DEFAULT_MAX_REJECTED),
+            retry: Default::default(),
         });
     } else if let Some((f, path)) = &file {
         for entry in &f.syncs {
@@ -314,6 +330,9 @@ fn resolve(a: &SyncArgs) -> Result<Invocation, Error> {
             }
             if let Some(t) = a.read_timeout_ms {
                 spec.read_timeout = Some(std::time::Duration::from_millis(t));
+            }
+            if let Some(m) = a.max_rejected {
+                spec.max_rejected = m;
             }
             specs.push(spec);
         }
@@ -342,6 +361,14 @@ fn resolve(a: &SyncArgs) -> Result<Invocation, Error> {
             }
         }
     }
+    for spec in &mut specs {
+        if let Some(r) = a.max_retries {
+            spec.retry.max_attempts = r + 1;
+        }
+        if let Some(t) = a.retry_timeout_s {
+            spec.retry.max_elapsed = std::time::Duration::from_secs(t);
+        }
+    }
     Ok(Invocation {
         source: ConnInfo::parse(&source)?,
         destination: ConnInfo::parse(&destination)?,
@@ -366,9 +393,13 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         dry_run: a.dry_run,
         full_resync: a.full_resync,
         progress: true,
+        shutdown: Some(shutdown_signal()),
     };
     let mut code = 0;
     for spec in &inv.specs {
+        if opts.shutdown.as_ref().is_some_and(|s| *s.borrow()) {
+            break;
+        }
         match pgdelta::sync::run(&inv.source, &inv.destination, spec, &opts, &snapshot).await {
             Ok(s) => {
                 print_summary(&s, a.json);
@@ -380,6 +411,36 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         }
     }
     code
+}
+
+/// A flag that turns true on the first SIGINT or SIGTERM. The run then stops reading, finishes
+/// the batches in flight and records them; a second signal exits at once (still safe: the
+/// snapshot only ever holds committed rows).
+fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        for n in 0.. {
+            tokio::select! {
+                _ = int.recv() => {},
+                _ = term.recv() => {},
+            }
+            if n == 0 {
+                eprintln!("pgdelta: stopping: finishing the batches in flight and recording them (signal again to exit at once)");
+                let _ = tx.send(true);
+            } else {
+                eprintln!("pgdelta: exiting now; the next run resumes from what was recorded");
+                std::process::exit(130);
+            }
+        }
+    });
+    rx
 }
 
 async fn run_check(inv: &Invocation, json: bool) -> i32 {
@@ -601,6 +662,18 @@ fn print_summary(s: &Summary, json: bool) {
     );
     for n in &s.notes {
         eprintln!("  note: {n}");
+    }
+    for r in s.rejected_rows.iter().take(20) {
+        eprintln!(
+            "  rejected {}: {} [{}] {}",
+            r.operation, r.key, r.sqlstate, r.message
+        );
+    }
+    if s.rejected > 20 {
+        eprintln!(
+            "  ... {} rejected rows in all: pgdelta log --rejected lists them",
+            s.rejected
+        );
     }
     if s.dry_run {
         for (what, keys) in [

@@ -66,6 +66,10 @@ pub struct SyncSpec {
     pub max_delete_ratio: f64,
     /// `statement_timeout` for the long source read; `None` disables it for that session.
     pub read_timeout: Option<Duration>,
+    /// Fail the run once more rows than this were rejected by the destination.
+    pub max_rejected: u64,
+    /// Retrying of transient failures.
+    pub retry: crate::retry::RetryPolicy,
 }
 
 /// A synced column, in stream order.

@@ -40,6 +40,7 @@ pub const FORMAT: u32 = 1;
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("pgdelta/meta");
 const RUNS: TableDefinition<u64, &str> = TableDefinition::new("pgdelta/runs");
+const REJECTED: TableDefinition<&str, &str> = TableDefinition::new("pgdelta/rejected");
 
 type RowsDef<'a> = TableDefinition<'a, &'static [u8], &'static [u8; 20]>;
 type FreeDef<'a> = TableDefinition<'a, u32, ()>;
@@ -84,7 +85,9 @@ pub struct SyncMeta {
     pub format: u32,
     /// Fingerprint of the key columns and their types: a change invalidates every stored key.
     pub key_fp: String,
-    /// Fingerprint of the whole model; `None` until a run under the current key succeeded.
+    /// Fingerprint of the model every stored hash was computed under. Set when the first run
+    /// under a key starts; after a model change, updated only once a run under the new model
+    /// completed (until then every row is rewritten).
     pub row_fp: Option<String>,
     /// The next never-used slot.
     pub next_slot: u32,
@@ -164,7 +167,7 @@ impl Snapshot {
                 Some(v) => Some(serde_json::from_str(v.value()).map_err(|e| self.err(e))?),
                 None => None,
             };
-            let meta = match old {
+            let mut meta = match old {
                 Some(m) if m.format == FORMAT && m.key_fp == key_fp => m,
                 old => {
                     if let Some(m) = &old {
@@ -184,6 +187,12 @@ impl Snapshot {
                     }
                 }
             };
+            if meta.row_fp.is_none() {
+                // No entries exist yet under this key: whatever this run records is written
+                // under the current model, so an interrupted first run resumes instead of
+                // rewriting everything.
+                meta.row_fp = Some(row_fp.to_string());
+            }
             let json = serde_json::to_string(&meta).map_err(|e| self.err(e))?;
             table.insert(sync, json.as_str()).map_err(|e| self.err(e))?;
             meta
@@ -195,13 +204,10 @@ impl Snapshot {
         } else {
             match &meta.row_fp {
                 Some(fp) if fp == row_fp => false,
-                Some(_) => {
+                _ => {
                     notes.push("the model changed (query, columns, types or mapping): full re-sync, every row is rewritten".into());
                     true
                 }
-                // First run, or a run under this key that never completed: rows found in the
-                // snapshot were written under an unknown model, so rewrite them.
-                None => true,
             }
         };
         Ok(Begin {
@@ -288,6 +294,32 @@ impl Snapshot {
         }
         txn.commit().map_err(|e| self.err(e))?;
         Ok(id)
+    }
+
+    /// Replaces the sync's list of rows the destination rejected in the last run (JSON).
+    pub fn set_rejected(&self, sync: &str, json: &str) -> Result<(), SnapshotError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = txn.open_table(REJECTED).map_err(|e| self.err(e))?;
+            t.insert(sync, json).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Every sync's rejected rows of its last run, as JSON arrays.
+    pub fn rejected(&self) -> Result<Vec<(String, String)>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = match txn.open_table(REJECTED) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.push((k.value().to_string(), v.value().to_string()));
+        }
+        Ok(out)
     }
 
     /// The newest `limit` run records, oldest first.
@@ -501,6 +533,7 @@ fn thread_gone() -> SnapshotError {
     }
 }
 
+/// Joins the thread, which ends once every sender is gone: drop the writers' senders first.
 impl Drop for Recorder {
     fn drop(&mut self) {
         // Close our sender so the thread commits what it has and ends.

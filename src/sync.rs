@@ -19,13 +19,14 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::apply::{apply, pause, ApplyCtx, RejectedRow, Work, WriteStats};
 use crate::batch::{KeyBatch, Sizer, WriteBatch};
 use crate::conn::ConnInfo;
 use crate::copy::{Block, Framer};
 use crate::diff::{self, DiffConfig, DiffOutcome};
-use crate::error::{classify, pg_message, Error};
+use crate::error::{pg_message, Error};
 use crate::model::{plan, Mode, Plan, SyncSpec};
-use crate::snapshot::{Committed, Reader, Record, Recorder, Snapshot};
+use crate::snapshot::{Reader, Record, Snapshot};
 use crate::writer::{Strategy, Writer};
 
 /// Options of one invocation, shared by every sync it runs.
@@ -35,6 +36,8 @@ pub struct RunOptions {
     pub full_resync: bool,
     /// Print progress lines on stderr while running.
     pub progress: bool,
+    /// Becomes true on SIGINT/SIGTERM: stop reading, finish the queued batches, record them.
+    pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Tunables of the pipeline itself (not of a sync).
@@ -76,6 +79,9 @@ pub struct Summary {
     /// Removed rows deleted from the destination (0 unless deletes are on).
     pub deleted: u64,
     pub rejected: u64,
+    /// The first rejected rows: key, SQLSTATE, message.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rejected_rows: Vec<RejectedRow>,
     /// Rows inserted or updated in the destination.
     pub written: u64,
     pub already_present: u64,
@@ -86,6 +92,11 @@ pub struct Summary {
     pub max_batch: usize,
     pub timeouts: u64,
     pub retries: u64,
+    pub reconnects: u64,
+    /// Effective `statement_timeout` of the writer sessions (None: no limit).
+    pub destination_statement_timeout_ms: Option<u64>,
+    /// Effective `statement_timeout` of the source read session, as the server shows it.
+    pub source_statement_timeout: Option<String>,
     pub duration_s: f64,
     pub rows_per_s: f64,
     pub peak_rss_bytes: u64,
@@ -161,6 +172,7 @@ pub async fn run_with(
     for n in &plan.notes {
         tracing::info!("sync '{name}': {n}");
     }
+    let source_timeout = crate::conn::show(&src, "statement_timeout").await.ok();
 
     let begin = snapshot.begin(&name, &plan.key_fp, &plan.row_fp, opts.full_resync)?;
     for n in &begin.notes {
@@ -174,13 +186,14 @@ pub async fn run_with(
     let mut summary = Summary {
         sync: name.clone(),
         target: plan.target.clone(),
-        mode: format!("{:?}", spec.mode).to_lowercase(),
+        mode: spec.mode.as_str().into(),
         strategy: serde_json::to_value(strategy)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default(),
         dry_run: opts.dry_run,
         full_resync: begin.rewrite_all,
+        source_statement_timeout: source_timeout,
         notes: plan
             .notes
             .iter()
@@ -188,6 +201,35 @@ pub async fn run_with(
             .cloned()
             .collect(),
         ..Default::default()
+    };
+
+    let ctx = Arc::new(ApplyCtx {
+        sync: name.clone(),
+        plan: plan.clone(),
+        recorder: recorder.sender(),
+        sizer: sizer.clone(),
+        policy: spec.retry,
+        max_rejected: spec.max_rejected,
+        rejections: Default::default(),
+        failed: Default::default(),
+        shutdown: opts.shutdown.clone(),
+    });
+
+    // Writers connect first: a destination that refuses sessions fails the run before the
+    // long read starts.
+    let writers = if opts.dry_run {
+        vec![None]
+    } else {
+        let mut v = Vec::new();
+        for _ in 0..spec.batch.writers.max(1) {
+            let w = Writer::connect(dest, &plan, strategy).await?;
+            if let Some(t) = w.statement_timeout() {
+                sizer.limit_latency(t);
+                summary.destination_statement_timeout_ms = Some(t.as_millis() as u64);
+            }
+            v.push(Some(w));
+        }
+        v
     };
 
     // --- the pipeline ---
@@ -202,6 +244,7 @@ pub async fn run_with(
         rows_read.clone(),
         pipe.block_bytes,
         name.clone(),
+        opts.shutdown.clone(),
     ));
 
     let diff_cfg = DiffConfig {
@@ -222,34 +265,19 @@ pub async fn run_with(
         })
     };
 
-    let write_tasks = {
-        let batches = Arc::new(tokio::sync::Mutex::new(batch_rx));
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writers = if opts.dry_run {
-            1
-        } else {
-            spec.batch.writers.max(1)
-        };
-        let mut tasks = Vec::with_capacity(writers);
-        for _ in 0..writers {
-            let writer = if opts.dry_run {
-                None
-            } else {
-                Some(Writer::connect(dest, &plan, strategy).await?)
-            };
-            tasks.push(tokio::spawn(write_batches(
-                writer,
+    let batches = Arc::new(tokio::sync::Mutex::new(batch_rx));
+    let write_tasks: Vec<_> = writers
+        .into_iter()
+        .map(|w| {
+            tokio::spawn(write_batches(
+                w,
                 batches.clone(),
-                failed.clone(),
-                recorder.sender(),
-                sizer.clone(),
+                ctx.clone(),
                 spec.batch.sleep,
-                name.clone(),
-                plan.target.clone(),
-            )));
-        }
-        tasks
-    };
+            ))
+        })
+        .collect();
+    drop(batches);
 
     let progress = opts.progress.then(|| {
         let rows_read = rows_read.clone();
@@ -276,28 +304,50 @@ pub async fn run_with(
     for t in write_tasks {
         let r = t.await.map_err(join_err)?;
         write_result = match (write_result, r) {
-            (Ok(a), Ok(b)) => Ok(a.add(b)),
+            (Ok(a), Ok(b)) => Ok(a.merge(b)),
             (Err(e), _) | (Ok(_), Err(e)) => Err(e),
         };
     }
     if let Some(p) = progress {
         p.abort();
     }
+    summary.phases.writes_done_s = started.elapsed().as_secs_f64();
+    fill_rejections(&mut summary, &ctx);
 
     // Errors, most specific first: a writer failure stops the diff, which stops the reader.
-    let written = write_result?;
+    // Everything committed so far is recorded (the recorder commits what it has on drop).
+    let mut written = match write_result {
+        Ok(w) => w,
+        Err(e) => {
+            save_rejections(snapshot, &name, &summary);
+            return Err(e);
+        }
+    };
     let mut outcome = diff_result?;
     let read = read_result?;
-    if outcome.writer_gone {
-        return Err(Error::Internal(
-            "the writer stopped without an error".into(),
-        ));
+    if ctx.shutting_down() {
+        return Err(Error::Interrupted {
+            sync: name,
+            message: format!(
+                "stopped after reading {} rows; {} rows written and recorded, no deletes applied; the next run resumes",
+                read.rows, written.rows
+            ),
+        });
+    }
+    if !read.complete {
+        return Err(match read.interrupted {
+            true => Error::Interrupted {
+                sync: name,
+                message: format!(
+                    "stopped reading after {} rows; {} rows written and recorded, no deletes applied; the next run resumes",
+                    read.rows, written.rows
+                ),
+            },
+            false => Error::Internal("the source read stopped early without an error".into()),
+        });
     }
     summary.rows_read = read.rows;
     summary.bytes_read = read.bytes;
-    summary.written = written.rows;
-    summary.already_present = written.already_present;
-    summary.batches = written.batches;
     fill_counts(&mut summary, &outcome, &plan);
 
     // --- model errors: duplicate and NULL keys ---
@@ -355,8 +405,6 @@ pub async fn run_with(
             .await?;
     }
 
-    summary.phases.writes_done_s = started.elapsed().as_secs_f64();
-
     // --- removed rows: snapshot entries not seen in this complete read ---
     let removed = reader.len().saturating_sub(outcome.seen_entries);
     summary.removed = removed;
@@ -366,7 +414,6 @@ pub async fn run_with(
             && !reader.is_empty()
             && removed as f64 > spec.max_delete_ratio * reader.len() as f64;
         if over_guard {
-            drop(recorder);
             return Err(Error::DeleteGuard {
                 sync: name,
                 message: format!(
@@ -379,19 +426,24 @@ pub async fn run_with(
             });
         }
         if do_delete || opts.dry_run {
-            let (deleted, samples) = delete_removed(
+            let samples = delete_removed(
                 dest,
-                &plan,
                 &reader,
                 &outcome,
-                &recorder,
-                &sizer,
+                &ctx,
                 do_delete,
                 if opts.dry_run { 10 } else { 0 },
-                &name,
+                &mut written,
             )
-            .await?;
-            summary.deleted = deleted;
+            .await;
+            fill_rejections(&mut summary, &ctx);
+            let samples = match samples {
+                Ok(s) => s,
+                Err(e) => {
+                    save_rejections(snapshot, &name, &summary);
+                    return Err(e);
+                }
+            };
             summary.sample_removed = samples.iter().map(|k| plan.describe_key(k)).collect();
         } else {
             summary.notes.push(format!(
@@ -400,14 +452,22 @@ pub async fn run_with(
         }
     }
     drop(reader);
-
     summary.phases.deletes_done_s = started.elapsed().as_secs_f64();
+    summary.written = written.rows;
+    summary.deleted = written.deleted;
+    summary.already_present = written.already_present;
+    summary.batches = written.batches;
+    summary.retries = written.retries;
+    summary.reconnects = written.reconnects;
+
     // The read completed and every write committed: every stored hash is now computed under
-    // this model (keys with model errors were dropped from the snapshot above).
+    // this model (keys with model errors were dropped from the snapshot above, rejected rows
+    // carry a stale hash).
     let trusted = !opts.dry_run;
     let fp = plan.row_fp.clone();
     let sync_name = name.clone();
     let snap = snapshot.clone();
+    drop(ctx);
     let rec_stats = tokio::task::spawn_blocking(move || {
         recorder.finish(&snap, &sync_name, trusted.then_some(fp.as_str()))
     })
@@ -423,6 +483,7 @@ pub async fn run_with(
     summary.rows_per_s = summary.rows_read as f64 / summary.duration_s.max(1e-9);
     summary.peak_rss_bytes = peak_rss_bytes();
     if !opts.dry_run {
+        save_rejections(snapshot, &name, &summary);
         if let Ok(json) = serde_json::to_string(&summary) {
             snapshot.log_run(&json)?;
         }
@@ -437,6 +498,20 @@ pub async fn run_with(
         });
     }
     Ok(summary)
+}
+
+fn fill_rejections(summary: &mut Summary, ctx: &ApplyCtx) {
+    let rej = ctx.rejections.lock().expect("not poisoned");
+    summary.rejected = rej.count;
+    summary.rejected_rows = rej.rows.clone();
+}
+
+/// Replaces the sync's list of rejected rows in the state file (`pgdelta log --rejected`).
+fn save_rejections(snapshot: &Snapshot, sync: &str, summary: &Summary) {
+    let json = serde_json::to_string(&summary.rejected_rows).unwrap_or_else(|_| "[]".into());
+    if let Err(e) = snapshot.set_rejected(sync, &json) {
+        tracing::warn!("sync '{sync}': cannot save the rejected rows: {e}");
+    }
 }
 
 fn fill_counts(s: &mut Summary, o: &DiffOutcome, plan: &Plan) {
@@ -460,9 +535,13 @@ fn fill_counts(s: &mut Summary, o: &DiffOutcome, plan: &Plan) {
 struct ReadStats {
     rows: u64,
     bytes: u64,
+    /// The trailer was seen: the read is complete and may produce deletes.
+    complete: bool,
+    interrupted: bool,
 }
 
-/// Streams the source COPY into framed blocks. Ok only when the stream ended with its trailer.
+/// Streams the source COPY into framed blocks. `complete` only when the stream ended with its
+/// trailer; on shutdown the query is cancelled on the server.
 async fn read_source(
     src: tokio_postgres::Client,
     plan: Arc<Plan>,
@@ -470,6 +549,7 @@ async fn read_source(
     rows_read: Arc<AtomicU64>,
     block_bytes: usize,
     sync: String,
+    mut shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<ReadStats, Error> {
     let read_err = |e: tokio_postgres::Error| Error::SourceRead {
         sync: sync.clone(),
@@ -482,8 +562,25 @@ async fn read_source(
         sync: sync.clone(),
         source: e,
     };
-    let mut stats = ReadStats { rows: 0, bytes: 0 };
-    while let Some(chunk) = stream.next().await {
+    let mut stats = ReadStats {
+        rows: 0,
+        bytes: 0,
+        complete: false,
+        interrupted: false,
+    };
+    loop {
+        let next = match shutdown.as_mut() {
+            Some(sd) => tokio::select! {
+                n = stream.next() => n,
+                _ = wait_true(sd) => {
+                    let _ = src.cancel_token().cancel_query(tokio_postgres::NoTls).await;
+                    stats.interrupted = true;
+                    return Ok(stats);
+                }
+            },
+            None => stream.next().await,
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(read_err)?;
         stats.bytes += chunk.len() as u64;
         framer.push(&chunk).map_err(frame_err)?;
@@ -491,7 +588,7 @@ async fn read_source(
             stats.rows += block.rows.len() as u64;
             rows_read.store(stats.rows, Ordering::Relaxed);
             if out.send(block).await.is_err() {
-                // The diff stopped (the writer failed): its error is the one to report.
+                // The diff stopped (the writers failed): their error is the one to report.
                 return Ok(stats);
             }
         }
@@ -499,45 +596,33 @@ async fn read_source(
     let last = framer.finish().map_err(frame_err)?;
     stats.rows += last.rows.len() as u64;
     rows_read.store(stats.rows, Ordering::Relaxed);
-    if !last.rows.is_empty() {
-        let _ = out.send(last).await;
+    if !last.rows.is_empty() && out.send(last).await.is_err() {
+        return Ok(stats);
     }
+    stats.complete = true;
     Ok(stats)
 }
 
-#[derive(Debug, Default)]
-struct WriteStats {
-    rows: u64,
-    already_present: u64,
-    batches: u64,
-}
-
-impl WriteStats {
-    fn add(self, o: WriteStats) -> WriteStats {
-        WriteStats {
-            rows: self.rows + o.rows,
-            already_present: self.already_present + o.already_present,
-            batches: self.batches + o.batches,
-        }
+/// Resolves once the watched flag is true (never, if its sender is gone).
+async fn wait_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
-/// One writer: takes batches from the shared queue until it closes, writes each, and hands the
-/// committed rows to the recorder. Stops taking work as soon as any writer failed.
-#[allow(clippy::too_many_arguments)]
+/// One writer: takes batches from the shared queue until it closes, applies each (with
+/// retries, splitting and bad-row isolation), and stops as soon as any writer failed.
 async fn write_batches(
     mut writer: Option<Writer>,
     batches: Arc<tokio::sync::Mutex<mpsc::Receiver<WriteBatch>>>,
-    failed: Arc<std::sync::atomic::AtomicBool>,
-    recorder: mpsc::Sender<Record>,
-    sizer: Arc<Sizer>,
+    ctx: Arc<ApplyCtx>,
     sleep: Duration,
-    sync: String,
-    table: String,
 ) -> Result<WriteStats, Error> {
     let mut stats = WriteStats::default();
     loop {
-        if failed.load(Ordering::Relaxed) {
+        // On failure elsewhere or on shutdown, take no more batches: the queue is dropped, the
+        // diff and the reader stop, and what was committed is recorded.
+        if ctx.failed.load(Ordering::Relaxed) || ctx.shutting_down() {
             return Ok(stats);
         }
         let Some(batch) = batches.lock().await.recv().await else {
@@ -546,64 +631,35 @@ async fn write_batches(
         let Some(w) = writer.as_mut() else {
             continue; // dry run: nothing is written
         };
-        let n = batch.len();
-        let t0 = Instant::now();
-        let done = match w.write(&batch, 0..n).await {
-            Ok(d) => d,
-            Err(e) => {
-                failed.store(true, Ordering::Relaxed);
-                return Err(Error::Write {
-                    sync: sync.clone(),
-                    table: table.clone(),
-                    message: pg_message(&e),
-                    kind: classify(&e),
-                });
-            }
-        };
-        sizer.committed(n, t0.elapsed());
-        stats.rows += done.rows;
-        stats.already_present += done.already_present;
-        stats.batches += 1;
-        let committed = Committed::from_batch(&batch, 0..n);
+        apply(w, Work::Rows(&batch), &ctx, &mut stats).await?;
         drop(batch);
-        if recorder.send(Record::Upserted(committed)).await.is_err() {
-            failed.store(true, Ordering::Relaxed);
-            return Err(Error::Internal("the snapshot thread stopped".into()));
-        }
-        if !sleep.is_zero() {
-            tokio::time::sleep(sleep).await;
-        }
+        pause(sleep).await;
     }
 }
 
-/// Finds the snapshot entries not seen in this read, deletes them from the destination in
-/// batches (when `apply`), and records each committed batch. Returns (deleted, sample keys).
-#[allow(clippy::too_many_arguments)]
+/// Finds the snapshot entries not seen in this read and deletes them from the destination in
+/// batches (when `apply_deletes`), each committed batch recorded. Returns sample keys.
 async fn delete_removed(
     dest: &ConnInfo,
-    plan: &Plan,
     reader: &Arc<Reader>,
     outcome: &DiffOutcome,
-    recorder: &Recorder,
-    sizer: &Sizer,
-    apply: bool,
+    ctx: &ApplyCtx,
+    apply_deletes: bool,
     samples: usize,
-    sync: &str,
-) -> Result<(u64, Vec<Vec<u8>>), Error> {
-    let per_batch = sizer.rows().clamp(1000, 50_000);
+    stats: &mut WriteStats,
+) -> Result<Vec<Vec<u8>>, Error> {
+    let per_batch = ctx.sizer.rows().clamp(1000, 50_000);
     let (tx, mut rx) = mpsc::channel::<KeyBatch>(2);
     let scan = {
         let reader = reader.clone();
         let seen = outcome.seen.clone();
         tokio::task::spawn_blocking(move || {
             let mut cur = KeyBatch::default();
-            let mut res = Ok(());
             let scan = reader.scan(|key, e| {
                 if !seen.contains(e.slot) {
                     cur.push(key);
                     if cur.len() >= per_batch && tx.blocking_send(std::mem::take(&mut cur)).is_err()
                     {
-                        res = Err(());
                         return false;
                     }
                 }
@@ -612,15 +668,14 @@ async fn delete_removed(
             if !cur.is_empty() {
                 let _ = tx.blocking_send(cur);
             }
-            scan.map(|_| res)
+            scan
         })
     };
-    let mut writer = if apply {
-        Some(Writer::connect(dest, plan, Strategy::Upsert).await?)
+    let mut writer = if apply_deletes {
+        Some(Writer::connect(dest, &ctx.plan, Strategy::Upsert).await?)
     } else {
         None
     };
-    let mut deleted = 0;
     let mut sample = Vec::new();
     while let Some(keys) = rx.recv().await {
         for i in 0..keys.len().min(samples.saturating_sub(sample.len())) {
@@ -629,24 +684,16 @@ async fn delete_removed(
         let Some(w) = writer.as_mut() else {
             continue;
         };
-        let n = keys.len();
-        let t0 = Instant::now();
-        deleted += w.delete(&keys, 0..n).await.map_err(|e| Error::Write {
-            sync: sync.to_string(),
-            table: plan.target.clone(),
-            message: pg_message(&e),
-            kind: classify(&e),
-        })?;
-        sizer.committed(n, t0.elapsed());
-        recorder
-            .send(Record::Removed {
-                keys: Arc::new(keys),
-                rows: 0..n,
-            })
-            .await?;
+        if ctx.shutdown.as_ref().is_some_and(|s| *s.borrow()) {
+            return Err(Error::Interrupted {
+                sync: ctx.sync.clone(),
+                message: "stopped while deleting removed rows; deletes committed so far are recorded, the next run deletes the rest".into(),
+            });
+        }
+        apply(w, Work::Deletes(&Arc::new(keys)), ctx, stats).await?;
     }
-    let _ = scan.await.map_err(join_err)??;
-    Ok((deleted, sample))
+    scan.await.map_err(join_err)??;
+    Ok(sample)
 }
 
 fn join_err(e: tokio::task::JoinError) -> Error {

@@ -67,6 +67,8 @@ pub struct Written {
 
 pub struct Writer {
     client: Client,
+    dest: ConnInfo,
+    statement_timeout: Option<std::time::Duration>,
     strategy: Strategy,
     sql: WriterSql,
     staging_ready: bool,
@@ -154,14 +156,32 @@ impl Writer {
         plan: &Plan,
         strategy: Strategy,
     ) -> Result<Writer, Error> {
-        let client = dest.connect("destination", &session_settings()).await?;
+        let (client, statement_timeout) = open_session(dest).await?;
         Ok(Writer {
             client,
+            dest: dest.clone(),
+            statement_timeout,
             strategy,
             sql: WriterSql::new(plan),
             staging_ready: false,
             delete_stmt: None,
         })
+    }
+
+    /// Replaces a broken session with a new one (staging and prepared statements are redone).
+    pub async fn reconnect(&mut self) -> Result<(), Error> {
+        let (client, statement_timeout) = open_session(&self.dest).await?;
+        self.client = client;
+        self.statement_timeout = statement_timeout;
+        self.staging_ready = false;
+        self.delete_stmt = None;
+        Ok(())
+    }
+
+    /// The session's effective `statement_timeout` (a role or database setting may impose one);
+    /// `None` when there is none.
+    pub fn statement_timeout(&self) -> Option<std::time::Duration> {
+        self.statement_timeout
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -181,22 +201,23 @@ impl Writer {
         match self.strategy {
             // A key that is already there (written by a run that crashed before recording it,
             // or a duplicate key in the model) makes COPY fail; redo the batch through staging.
-            Strategy::Copy => match copy(&self.client, &self.sql.copy_target, tuples.clone()).await
-            {
-                Ok(copied) => Ok(Written {
-                    rows: copied,
-                    already_present: 0,
-                }),
-                Err(e) if unique_violation(&e) => {
-                    let sql = self.sql.upsert.clone();
-                    let done = self.staged(&sql, tuples).await?;
-                    Ok(Written {
-                        rows: done,
+            Strategy::Copy => {
+                match copy(&mut self.client, &self.sql.copy_target, tuples.clone()).await {
+                    Ok(copied) => Ok(Written {
+                        rows: copied,
                         already_present: 0,
-                    })
+                    }),
+                    Err(e) if unique_violation(&e) => {
+                        let sql = self.sql.upsert.clone();
+                        let done = self.staged(&sql, tuples).await?;
+                        Ok(Written {
+                            rows: done,
+                            already_present: 0,
+                        })
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             Strategy::Upsert => {
                 let sql = self.sql.upsert.clone();
                 let done = self.staged(&sql, tuples).await?;
@@ -206,7 +227,7 @@ impl Writer {
                 })
             }
             Strategy::Insert => {
-                match copy(&self.client, &self.sql.copy_target, tuples.clone()).await {
+                match copy(&mut self.client, &self.sql.copy_target, tuples.clone()).await {
                     Ok(copied) => Ok(Written {
                         rows: copied,
                         already_present: 0,
@@ -265,7 +286,11 @@ impl Writer {
         }
         let params: Vec<&(dyn ToSql + Sync)> =
             columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        self.client.execute(stmt, &params).await
+        // In an explicit transaction for the reason given at `copy`.
+        let tx = self.client.transaction().await?;
+        let n = tx.execute(stmt, &params).await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     pub fn client(&self) -> &Client {
@@ -273,10 +298,28 @@ impl Writer {
     }
 }
 
+async fn open_session(dest: &ConnInfo) -> Result<(Client, Option<std::time::Duration>), Error> {
+    let client = dest.connect("destination", &session_settings()).await?;
+    let timeout = crate::conn::show(&client, "statement_timeout")
+        .await
+        .ok()
+        .and_then(|v| crate::conn::parse_pg_duration(&v));
+    Ok((client, timeout))
+}
+
 /// COPY `tuples` (whole binary tuples) into `sql`'s table; autocommits.
-async fn copy(client: &Client, sql: &str, tuples: Bytes) -> Result<u64, tokio_postgres::Error> {
-    let sink = client.copy_in::<_, Bytes>(sql).await?;
-    send_tuples(sink, tuples).await
+/// COPY `tuples` into `sql`'s table in a transaction of its own.
+///
+/// Never in autocommit: tokio-postgres runs COPY over the extended protocol and `finish()`
+/// returns at CommandComplete, but an implicit transaction only commits when the server then
+/// processes Sync. A session killed in between rolls the COPY back after we were told it
+/// succeeded (found by the test that kills writer sessions mid-run). The reply to COMMIT, a
+/// simple query, comes only after the commit.
+async fn copy(client: &mut Client, sql: &str, tuples: Bytes) -> Result<u64, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let n = copy_in(&tx, sql, tuples).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 async fn copy_in(

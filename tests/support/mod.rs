@@ -59,12 +59,45 @@ pub fn local_server() -> Option<&'static TempPostgres> {
     }
 }
 
+/// A test session, named `pgdelta-test` so fault injection aimed at pgdelta's own sessions
+/// (`application_name = 'pgdelta'`) leaves it alone.
 pub async fn connect(url: &str) -> Client {
-    ConnInfo::parse(url)
-        .unwrap()
-        .connect("test", &[])
+    let mut config: tokio_postgres::Config = url.parse().unwrap();
+    config.application_name("pgdelta-test");
+    let (client, conn) = config
+        .connect(tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// Compares two row lists and reports the first difference (never the whole lists).
+pub fn assert_rows_equal(a: &[String], b: &[String]) {
+    let first = a.iter().zip(b.iter()).position(|(x, y)| x != y);
+    if let Some(i) = first {
+        panic!(
+            "row {i} differs: source {} vs destination {} ({} vs {} rows)",
+            a[i],
+            b[i],
+            a.len(),
+            b.len()
+        );
+    }
+    if a.len() != b.len() {
+        let (longer, which) = if a.len() > b.len() {
+            (a, "source")
+        } else {
+            (b, "destination")
+        };
+        let extra = &longer[a.len().min(b.len())..];
+        panic!(
+            "row counts differ: source {} vs destination {}; first extra {which} rows: {:?}",
+            a.len(),
+            b.len(),
+            &extra[..extra.len().min(5)]
+        );
+    }
 }
 
 /// A scratch directory, removed on drop.
@@ -153,7 +186,32 @@ impl Env {
             batch: Default::default(),
             max_delete_ratio: 0.5,
             read_timeout: None,
+            max_rejected: 100,
+            retry: pgdelta::retry::RetryPolicy {
+                base: std::time::Duration::from_millis(50),
+                ..Default::default()
+            },
         }
+    }
+
+    /// Runs a sync with small pipeline buffers, so the reader stalls behind slow writers
+    /// instead of buffering a small test table whole.
+    pub async fn sync_small_buffers(&self, spec: &SyncSpec) -> Result<Summary, pgdelta::Error> {
+        let snap = Snapshot::open(&self.state(), 8 << 20)?;
+        let pipe = pgdelta::sync::PipelineSettings {
+            block_bytes: 4096,
+            block_queue: 1,
+            batch_queue: 1,
+        };
+        pgdelta::sync::run_with(
+            &ConnInfo::parse(&self.src_url)?,
+            &ConnInfo::parse(&self.dst_url)?,
+            spec,
+            &RunOptions::default(),
+            &snap,
+            &pipe,
+        )
+        .await
     }
 
     pub async fn sync(&self, spec: &SyncSpec) -> Result<Summary, pgdelta::Error> {

@@ -1,0 +1,374 @@
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pgdelta::model::{Mode, Model};
+use pgdelta::pgserver::{Durability, TempPostgres};
+use pgdelta::Error;
+
+use crate::support::{connect, Env};
+
+const T: &str = "CREATE TABLE t (id int PRIMARY KEY, qty int, note text)";
+
+async fn seeded(rows: i64) -> Env {
+    let env = Env::new().await;
+    env.both(T).await;
+    env.src
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT i, i % 100, 'note ' || i FROM generate_series(1, {rows}) i"
+        ))
+        .await
+        .unwrap();
+    env
+}
+
+fn dbname(url: &str) -> &str {
+    &url[url.rfind('/').unwrap() + 1..]
+}
+
+/// Terminates pgdelta's sessions on `db` (writers or the reader) every `every` until stopped.
+fn terminator(
+    url: String,
+    db: String,
+    filter: &'static str,
+    every: Duration,
+    times: usize,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let admin = connect(&url).await;
+        let mut killed = 0u64;
+        for _ in 0..times {
+            tokio::time::sleep(every).await;
+            let n: i64 = admin
+                .query_one(
+                    &format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1::text AND application_name = 'pgdelta' AND pid <> pg_backend_pid() AND {filter}"),
+                    &[&db],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or_else(|e| panic!("terminator: {e}"));
+            killed += n as u64;
+        }
+        killed
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_timeout_shrinks_batches_and_the_run_finishes() {
+    let env = seeded(3000).await;
+    env.dst
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.0005); RETURN NEW; END $$;
+             CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION slow();",
+        )
+        .await
+        .unwrap();
+    let db = dbname(&env.dst_url).to_string();
+    env.dst
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET statement_timeout = '200ms'"
+        ))
+        .await
+        .unwrap();
+    let s = env.sync(&env.spec("t", &["id"])).await.unwrap();
+    assert!(s.timeouts > 0, "{s:?}");
+    assert_eq!(s.destination_statement_timeout_ms, Some(200));
+    assert_eq!((s.written, s.rejected), (3000, 0));
+    assert!(s.max_batch < 3000 && s.min_batch >= 1, "{s:?}");
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_are_isolated_reported_and_retried_next_run() {
+    let env = seeded(2000).await;
+    env.dst
+        .batch_execute("ALTER TABLE t ADD CONSTRAINT positive CHECK (qty >= 0)")
+        .await
+        .unwrap();
+    env.src
+        .batch_execute("UPDATE t SET qty = -1 WHERE id IN (7, 500, 1999)")
+        .await
+        .unwrap();
+    let spec = env.spec("t", &["id"]);
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.written, s.rejected), (1997, 3));
+    let keys: Vec<&str> = s.rejected_rows.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, vec!["id=7", "id=500", "id=1999"]);
+    assert!(s
+        .rejected_rows
+        .iter()
+        .all(|r| r.sqlstate == "23514" && r.message.contains("positive")));
+    env.assert_same(
+        "SELECT * FROM t WHERE qty >= 0 ORDER BY id",
+        "SELECT * FROM t ORDER BY id",
+    )
+    .await;
+
+    // The state file lists them.
+    let snap = pgdelta::snapshot::Snapshot::open(&env.state(), 1 << 20).unwrap();
+    let listed = snap.rejected().unwrap();
+    assert!(listed[0].1.contains("id=500"), "{listed:?}");
+    drop(snap);
+
+    // A changed row that turns bad is rejected too, and its old version stays.
+    env.src
+        .batch_execute("UPDATE t SET qty = -5 WHERE id = 10")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.added, s.changed, s.rejected, s.written), (3, 1, 4, 0));
+    assert_eq!(
+        Env::rows(&env.dst, "SELECT qty FROM t WHERE id = 10").await,
+        vec!["(10)"]
+    );
+
+    // Once fixed at the source, every rejected row lands.
+    env.src
+        .batch_execute("UPDATE t SET qty = 1 WHERE qty < 0")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.rejected, s.written), (0, 4));
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+    assert_eq!(env.sync(&spec).await.unwrap().written, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_rejections_fail_the_run() {
+    let env = seeded(500).await;
+    env.dst
+        .batch_execute("ALTER TABLE t ADD CONSTRAINT small CHECK (qty < 90)")
+        .await
+        .unwrap();
+    let mut spec = env.spec("t", &["id"]);
+    spec.max_rejected = 2;
+    let e = env.sync(&spec).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::TooManyRejected {
+                rejected: 3,
+                max: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--max-rejected"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_sessions_killed_mid_run_reconnect_and_finish() {
+    let env = seeded(20_000).await;
+    let mut spec = env.spec("t", &["id"]);
+    spec.batch.fixed_rows = Some(400);
+    spec.batch.sleep = Duration::from_millis(15);
+    let killer = terminator(
+        env.dst_url.clone(),
+        dbname(&env.dst_url).into(),
+        "true",
+        Duration::from_millis(150),
+        4,
+    );
+    let s = env.sync_small_buffers(&spec).await.unwrap();
+    let killed = killer.await.unwrap();
+    assert!(killed > 0, "the test killed no session");
+    assert!(s.reconnects > 0 && s.retries > 0, "{s:?}");
+    assert_eq!((s.written, s.rejected), (20_000, 0), "{s:?}");
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+    assert_eq!(env.sync(&spec).await.unwrap().written, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_read_cut_off_never_deletes() {
+    let env = seeded(20_000).await;
+    let mut spec = env.spec("t", &["id"]);
+    spec.delete = true;
+    env.sync(&spec).await.unwrap();
+    // Many large changes (more than socket buffers hold, and throttled writes hold the reader
+    // back) and some deletions.
+    env.src
+        .batch_execute(
+            "UPDATE t SET note = repeat(md5(id::text), 250); DELETE FROM t WHERE id <= 100",
+        )
+        .await
+        .unwrap();
+    spec.batch.fixed_rows = Some(200);
+    spec.batch.sleep = Duration::from_millis(20);
+    let killer = terminator(
+        env.src_url.clone(),
+        dbname(&env.src_url).into(),
+        "query LIKE 'COPY%'",
+        Duration::from_millis(300),
+        1,
+    );
+    let e = env.sync_small_buffers(&spec).await.unwrap_err();
+    assert!(killer.await.unwrap() > 0, "the test killed no reader");
+    assert!(matches!(e, Error::SourceRead { .. }), "{e}");
+    assert!(e.to_string().contains("nothing was deleted"), "{e}");
+    assert_eq!(Env::count(&env.dst, "t WHERE id <= 100").await, 100);
+    // The next run completes, applies the deletes and converges.
+    spec.batch.sleep = Duration::ZERO;
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.deleted, 100);
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_cluster_restart_mid_run() {
+    let env = seeded(20_000).await;
+    let dst_pg = tokio::task::spawn_blocking(|| TempPostgres::start(Durability::Fast))
+        .await
+        .unwrap()
+        .unwrap();
+    let admin = connect(&dst_pg.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE d").await.unwrap();
+    let dst_url = dst_pg.url("d");
+    connect(&dst_url).await.batch_execute(T).await.unwrap();
+    let mut spec = env.spec("t", &["id"]);
+    spec.batch.fixed_rows = Some(500);
+    spec.batch.sleep = Duration::from_millis(20);
+    let snap = pgdelta::snapshot::Snapshot::open(&env.state(), 1 << 20).unwrap();
+    let src = pgdelta::conn::ConnInfo::parse(&env.src_url).unwrap();
+    let dst = pgdelta::conn::ConnInfo::parse(&dst_url).unwrap();
+    let opts = pgdelta::sync::RunOptions::default();
+    let run = pgdelta::sync::run(&src, &dst, &spec, &opts, &snap);
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let pg = &dst_pg;
+        tokio::task::block_in_place(|| pg.restart("fast")).unwrap();
+    };
+    let (s, ()) = tokio::join!(run, restart);
+    let s = s.unwrap();
+    assert!(s.reconnects > 0, "{s:?}");
+    let dst_client = connect(&dst_url).await;
+    let a = Env::rows(&env.src, "SELECT * FROM t ORDER BY id").await;
+    let b = Env::rows(&dst_client, "SELECT * FROM t ORDER BY id").await;
+    crate::support::assert_rows_equal(&a, &b);
+}
+
+fn spawn_sync(env: &Env, extra: &[&str]) -> std::process::Child {
+    let state = env.state();
+    let mut args = vec![
+        "sync",
+        "--source",
+        &env.src_url,
+        "--destination",
+        &env.dst_url,
+        "--table",
+        "t",
+        "--target",
+        "t",
+        "--key",
+        "id",
+        "--delete",
+        "--batch-size",
+        "300",
+        "--state",
+        state.to_str().unwrap(),
+    ];
+    if !extra.contains(&"--sleep-ms") {
+        args.extend(["--sleep-ms", "15"]);
+    }
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_pgdelta"))
+        .args(&args)
+        .current_dir(&env.dir.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_for_rows(env: &Env) {
+    for _ in 0..500 {
+        if Env::count(&env.dst, "t").await > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("pgdelta wrote nothing");
+}
+
+async fn sigkill_then_rerun(mode: &str) {
+    let env = seeded(30_000).await;
+    let mut child = spawn_sync(&env, &["--mode", mode]);
+    wait_for_rows(&env).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let partial = Env::count(&env.dst, "t").await;
+    assert!(
+        partial > 0 && partial < 30_000,
+        "killed too late to test anything: {partial}"
+    );
+    let out = spawn_sync(&env, &["--mode", mode, "--json", "--sleep-ms", "0"])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_then_rerun_converges_upsert() {
+    sigkill_then_rerun("upsert").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_then_rerun_converges_insert() {
+    sigkill_then_rerun("insert").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_the_next_run_resumes() {
+    let env = seeded(30_000).await;
+    let child = spawn_sync(&env, &[]);
+    wait_for_rows(&env).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("the next run resumes"),
+        "{err}"
+    );
+    let partial = Env::count(&env.dst, "t").await;
+    assert!(partial < 30_000, "stopped too late to test anything");
+    // What landed was recorded: the next run does not rewrite it.
+    let out = spawn_sync(&env, &["--json", "--sleep-ms", "0"])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["data"]["unchanged"].as_i64().unwrap(), partial);
+    assert_eq!(last["data"]["written"].as_i64().unwrap(), 30_000 - partial);
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptied_source_does_not_empty_the_destination() {
+    let env = seeded(1000).await;
+    let mut spec = env.spec("t", &["id"]);
+    spec.delete = true;
+    spec.model = Model::Query("SELECT * FROM t WHERE qty >= 0".into());
+    spec.mode = Mode::Upsert;
+    env.sync(&spec).await.unwrap();
+    env.src.batch_execute("TRUNCATE t").await.unwrap();
+    let e = env.sync(&spec).await.unwrap_err();
+    assert!(matches!(e, Error::DeleteGuard { .. }), "{e}");
+    assert!(e.to_string().contains("would delete 1000 of 1000"), "{e}");
+    assert_eq!(Env::count(&env.dst, "t").await, 1000);
+}
