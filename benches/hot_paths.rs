@@ -1,1 +1,178 @@
-fn main() {}
+//! Criterion benches for the hot paths, on fixed-seed synthetic rows shaped like the benchmark
+//! model (bigint key, ints, text, numeric, bool, text[], jsonb, timestamptz; ~200 bytes a row).
+//! Throughput is set per row, so reports read in rows/s (and bytes/s for framing).
+//!
+//!     cargo bench --bench hot_paths
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use pgdelta::batch::BatchBuilder;
+use pgdelta::copy::{encode, frame_all, Framer};
+use pgdelta::hash::row_hash;
+
+const ROWS: usize = 100_000;
+
+/// A deterministic generator (no RNG dependency): a 64-bit LCG.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 11
+    }
+}
+
+/// A binary COPY stream of `n` rows with 10 columns, key first.
+fn stream(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Lcg(seed);
+    let rows: Vec<Vec<Vec<u8>>> = (0..n)
+        .map(|i| {
+            let text_len = 20 + (rng.next() % 60) as usize;
+            vec![
+                (i as i64 + 1).to_be_bytes().to_vec(),
+                (rng.next() as i32).to_be_bytes().to_vec(),
+                b"shipped".to_vec(),
+                vec![0, 2, 0, 0, 0, 0, 0, 2, 0x04, 0xd2, 0x16, 0x2e],
+                vec![(rng.next() % 2) as u8],
+                vec![0u8; 40],
+                format!("{{\"score\": {}, \"source\": \"web\"}}", rng.next() % 100).into_bytes(),
+                (0..text_len)
+                    .map(|j| b'a' + ((j as u64 + rng.next()) % 26) as u8)
+                    .collect(),
+                (rng.next() as i64).to_be_bytes().to_vec(),
+                (rng.next() as i64).to_be_bytes().to_vec(),
+            ]
+        })
+        .collect();
+    encode(
+        rows.iter()
+            .map(|r| r.iter().map(|f| Some(f.as_slice())).collect()),
+    )
+}
+
+fn framing(c: &mut Criterion) {
+    let s = stream(ROWS, 42);
+    let mut g = c.benchmark_group("framing");
+    g.throughput(Throughput::Bytes(s.len() as u64));
+    // As the reader sees it: one chunk per CopyData message (one row each).
+    let block = frame_all(&s, 10, 1).unwrap();
+    let mut chunks = vec![&s[..19]];
+    chunks.extend(
+        block
+            .rows
+            .iter()
+            .map(|r| &s[19 + r.start as usize..19 + r.end as usize]),
+    );
+    chunks.push(&s[s.len() - 2..]);
+    g.bench_function("per_row_chunks_into_512k_blocks", |b| {
+        b.iter(|| {
+            let mut f = Framer::new(10, 1, 512 << 10);
+            let mut n = 0;
+            for ch in &chunks {
+                f.push(ch).unwrap();
+                while let Some(b) = f.take_block() {
+                    n += b.rows.len();
+                }
+            }
+            n += f.finish().unwrap().rows.len();
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
+fn hashing(c: &mut Criterion) {
+    let s = stream(ROWS, 7);
+    let block = frame_all(&s, 10, 1).unwrap();
+    let mut g = c.benchmark_group("hashing");
+    g.throughput(Throughput::Elements(ROWS as u64));
+    g.bench_function("xxh3_128_per_row_one_call", |b| {
+        b.iter(|| {
+            let mut acc = 0u8;
+            for r in &block.rows {
+                acc ^= row_hash(r.value(&block.data))[0];
+            }
+            black_box(acc)
+        })
+    });
+    g.finish();
+}
+
+fn snapshot_diff(c: &mut Criterion) {
+    use pgdelta::snapshot::Snapshot;
+    let s = stream(ROWS, 9);
+    let block = frame_all(&s, 10, 1).unwrap();
+    let dir = std::env::temp_dir().join(format!("pgdelta-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snap = Snapshot::open(&dir.join("b.redb"), 32 << 20).unwrap();
+    // Record every row once, as a first sync would.
+    let begin = snap.begin("b", "k", "r", false).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let rec = snap.recorder("b", begin.meta).unwrap();
+    let mut batch = BatchBuilder::with_capacity(s.len());
+    for r in &block.rows {
+        batch.push(&block, r, row_hash(r.value(&block.data)), None);
+    }
+    let batch = batch.take();
+    rt.block_on(rec.send(pgdelta::snapshot::Record::Upserted(
+        pgdelta::snapshot::Committed::from_batch(&batch, 0..batch.len()),
+    )))
+    .unwrap();
+    rec.finish(&snap, "b", Some("r")).unwrap();
+    let reader = snap.reader("b").unwrap();
+    let mut g = c.benchmark_group("snapshot_diff");
+    g.throughput(Throughput::Elements(ROWS as u64));
+    g.bench_function("hash_and_lookup_in_key_order", |b| {
+        b.iter(|| {
+            let mut unchanged = 0;
+            for r in &block.rows {
+                let h = row_hash(r.value(&block.data));
+                if reader
+                    .get(r.key(&block.data))
+                    .unwrap()
+                    .is_some_and(|e| e.hash == h)
+                {
+                    unchanged += 1;
+                }
+            }
+            assert_eq!(unchanged, ROWS);
+            black_box(unchanged)
+        })
+    });
+    g.finish();
+    drop(reader);
+    drop(snap);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn copy_encoder(c: &mut Criterion) {
+    let s = stream(ROWS, 11);
+    let block = frame_all(&s, 10, 1).unwrap();
+    let mut g = c.benchmark_group("copy_encoder");
+    g.throughput(Throughput::Elements(ROWS as u64));
+    g.bench_function("batch_builder_tuples_as_received", |b| {
+        b.iter_batched(
+            || BatchBuilder::with_capacity(8 << 20),
+            |mut builder| {
+                for r in &block.rows {
+                    builder.push(&block, r, [0; 16], None);
+                }
+                black_box(builder.take())
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = framing, hashing, snapshot_diff, copy_encoder
+}
+criterion_main!(benches);

@@ -164,6 +164,10 @@ impl Default for BatchSettings {
 /// writers (which report latency and timeouts).
 pub struct Sizer {
     settings: BatchSettings,
+    started: std::time::Instant,
+    /// Every committed batch: (seconds since start, rows, latency ms). Bounded by the number of
+    /// batches, which the byte cap keeps to thousands even for very large runs.
+    log: Mutex<Vec<(f32, u32, f32)>>,
     current: AtomicUsize,
     /// The destination's effective statement_timeout in ms (0: none).
     timeout_ms: std::sync::atomic::AtomicU64,
@@ -188,6 +192,8 @@ impl Sizer {
             .unwrap_or(START_ROWS.clamp(settings.min_rows, settings.max_rows));
         Sizer {
             settings,
+            started: std::time::Instant::now(),
+            log: Mutex::new(Vec::new()),
             current: AtomicUsize::new(start.max(1)),
             timeout_ms: std::sync::atomic::AtomicU64::new(0),
             stats: Mutex::new(SizerStats::default()),
@@ -206,6 +212,11 @@ impl Sizer {
     /// A batch of `rows` committed after `latency`: grow while comfortably under the target,
     /// back off when over it.
     pub fn committed(&self, rows: usize, latency: Duration) {
+        self.log.lock().unwrap().push((
+            self.started.elapsed().as_secs_f32(),
+            rows as u32,
+            latency.as_secs_f32() * 1000.0,
+        ));
         {
             let mut s = self.stats.lock().unwrap();
             s.batches += 1;
@@ -269,6 +280,22 @@ impl Sizer {
 
     pub fn stats(&self) -> SizerStats {
         *self.stats.lock().unwrap()
+    }
+
+    /// Every committed batch: (seconds since start, rows, latency in ms).
+    pub fn log(&self) -> Vec<(f32, u32, f32)> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Batch latency percentiles in ms (p50, p95, p99); zeros without batches.
+    pub fn latency_percentiles(&self) -> [f32; 3] {
+        let mut l: Vec<f32> = self.log.lock().unwrap().iter().map(|e| e.2).collect();
+        if l.is_empty() {
+            return [0.0; 3];
+        }
+        l.sort_by(|a, b| a.total_cmp(b));
+        let at = |p: f64| l[((l.len() - 1) as f64 * p).round() as usize];
+        [at(0.50), at(0.95), at(0.99)]
     }
 }
 

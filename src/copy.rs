@@ -369,6 +369,36 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// The fuzz target's checks, on random bytes and on random valid streams cut at random
+        /// points, in every `cargo test` run.
+        #[test]
+        fn framing_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            crate::fuzzing::frame(&bytes);
+        }
+
+        #[test]
+        fn valid_streams_frame_alike_in_any_chunking(
+            rows in proptest::collection::vec(
+                proptest::collection::vec(proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..20)), 3),
+                0..20),
+            step in 1u8..64,
+            cut in proptest::option::of(0usize..400),
+        ) {
+            let rows2: Vec<Vec<Option<&[u8]>>> = rows.iter().map(|r| r.iter().map(|f| f.as_deref()).collect()).collect();
+            let mut stream = vec![2u8, 0, step];
+            stream.extend(encode(rows2));
+            if let Some(c) = cut {
+                stream.truncate(c.min(stream.len()));
+            }
+            crate::fuzzing::frame(&stream);
+            if cut.is_none() {
+                let b = frame_all(&stream[3..], 3, 1).unwrap();
+                proptest::prop_assert_eq!(b.rows.len(), rows.len());
+            }
+        }
+    }
+
     #[test]
     fn wrong_field_count_and_garbage() {
         let s = sample();

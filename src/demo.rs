@@ -60,16 +60,28 @@ pub fn seed_sql(rows: u64) -> String {
     )
 }
 
-/// Updates about `share` of the rows, inserts and deletes a tenth of that each.
+/// Updates about `share` of the rows, and deletes and inserts a tenth of that each. Rows are
+/// picked by a hash of (id, round), so they are scattered over the table and every round picks
+/// afresh (no round undoes another's changes).
 pub fn churn_sql(rows: u64, share: f64, round: u32) -> String {
-    let every = ((1.0 / share.max(1e-9)).round() as u64).max(1);
-    let small = (every * 10).max(1);
+    let buckets = 1u64 << 16;
+    let upd = ((buckets as f64 * share).round() as u64).max(1);
+    let del = (upd / 10).max(1);
     let new_rows = (rows as f64 * share / 10.0).ceil() as u64;
+    let pick = |salt: u64| {
+        format!(
+            "(hashint8(id * 7919 + {}) & {})",
+            round as u64 * 1000 + salt,
+            buckets - 1
+        )
+    };
     format!(
-        "UPDATE orders SET status = 'changed{round}', updated_at = now() WHERE id % {every} = {round} % {every};
-         DELETE FROM orders WHERE id % {small} = ({round} + 3) % {small};
+        "UPDATE orders SET status = 'changed{round}', updated_at = now() WHERE {} < {upd};
+         DELETE FROM orders WHERE {} < {del};
          INSERT INTO orders SELECT i, 1, 'new', 1.00, false, NULL, '{{}}', 'inserted', now(), NULL
            FROM generate_series({start}, {end}) AS i;",
+        pick(1),
+        pick(2),
         start = rows * (round as u64 + 1) + 1,
         end = rows * (round as u64 + 1) + new_rows
     )

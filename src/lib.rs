@@ -19,11 +19,14 @@
 //! - [`config`]: the TOML config file.
 //! - [`pgserver`]: a throwaway local PostgreSQL for `demo`, `bench` and tests.
 //! - [`demo`]: the `pgdelta demo` walkthrough.
+//! - [`bench`]: `pgdelta bench`, end-to-end benchmarks with same-run baselines; [`report`]
+//!   draws its HTML page.
 //! - [`error`]: the error type and the SQLSTATE classification.
 //! - [`fuzzing`]: entry points for the fuzz targets.
 
 pub mod apply;
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod conn;
 pub mod copy;
@@ -34,6 +37,7 @@ pub mod fuzzing;
 pub mod hash;
 pub mod model;
 pub mod pgserver;
+pub mod report;
 pub mod retry;
 pub mod snapshot;
 pub mod sync;

@@ -37,6 +37,8 @@ enum Command {
     Demo(pgdelta::demo::DemoArgs),
     /// Read a table or query with binary COPY and discard it: the baseline a re-sync is held to.
     Read(ReadArgs),
+    /// End-to-end benchmark against same-run baselines, on a throwaway Postgres or staging URLs.
+    Bench(pgdelta::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -128,6 +130,9 @@ struct SyncArgs {
     /// JSON Lines on stdout; the last line is {"type":"summary",...}.
     #[arg(long)]
     json: bool,
+    /// Include batch and read timelines in the JSON summary (used by `pgdelta bench`).
+    #[arg(long, hide = true)]
+    timeline: bool,
 }
 
 #[derive(Args)]
@@ -175,6 +180,10 @@ fn main() -> ExitCode {
             Command::Check(a) => run_sync(a, true).await,
             Command::Log(a) => run_log(a),
             Command::Read(a) => run_read(a).await,
+            Command::Bench(a) => match pgdelta::bench::run(a).await {
+                Ok(code) => code,
+                Err(e) => report_error(&e, false, None),
+            },
             Command::Demo(a) => match pgdelta::demo::run(a).await {
                 Ok(()) => 0,
                 Err(e) => report_error(&e, false, None),
@@ -394,6 +403,7 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         full_resync: a.full_resync,
         progress: true,
         shutdown: Some(shutdown_signal()),
+        timeline: a.timeline,
     };
     let mut code = 0;
     for spec in &inv.specs {

@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Becomes true on SIGINT/SIGTERM: stop reading, finish the queued batches, record them.
     pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Put the batch and read timelines in the summary (benchmarks, reports).
+    pub timeline: bool,
 }
 
 /// Tunables of the pipeline itself (not of a sync).
@@ -100,8 +102,20 @@ pub struct Summary {
     pub duration_s: f64,
     pub rows_per_s: f64,
     pub peak_rss_bytes: u64,
+    /// CPU time of this process so far (user + system), seconds.
+    pub cpu_s: f64,
+    /// Batch commit latency percentiles, ms.
+    pub batch_latency_ms_p50: f32,
+    pub batch_latency_ms_p95: f32,
+    pub batch_latency_ms_p99: f32,
     /// Seconds from the start at which each phase ended.
     pub phases: Phases,
+    /// With `RunOptions::timeline`: every batch as (seconds, rows, latency ms), and rows read
+    /// over time as (seconds, rows).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub batch_timeline: Vec<(f32, u32, f32)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub read_timeline: Vec<(f32, u64)>,
     pub notes: Vec<String>,
     /// Dry run: sample keys of each kind.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -279,20 +293,25 @@ pub async fn run_with(
         .collect();
     drop(batches);
 
-    let progress = opts.progress.then(|| {
+    let read_timeline = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let progress = (opts.progress || opts.timeline).then(|| {
         let rows_read = rows_read.clone();
         let name = name.clone();
+        let timeline = read_timeline.clone();
+        let print = opts.progress;
         tokio::spawn(async move {
-            let t0 = Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            tick.tick().await;
-            loop {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            for i in 1u64.. {
                 tick.tick().await;
                 let n = rows_read.load(Ordering::Relaxed);
-                eprintln!(
-                    "pgdelta: sync '{name}': {n} rows read ({:.0} rows/s)",
-                    n as f64 / t0.elapsed().as_secs_f64()
-                );
+                let t = started.elapsed().as_secs_f64();
+                timeline.lock().expect("not poisoned").push((t as f32, n));
+                if print && i % 10 == 0 {
+                    eprintln!(
+                        "pgdelta: sync '{name}': {n} rows read ({:.0} rows/s)",
+                        n as f64 / t
+                    );
+                }
             }
         })
     });
@@ -482,6 +501,19 @@ pub async fn run_with(
     summary.duration_s = started.elapsed().as_secs_f64();
     summary.rows_per_s = summary.rows_read as f64 / summary.duration_s.max(1e-9);
     summary.peak_rss_bytes = peak_rss_bytes();
+    summary.cpu_s = cpu_seconds();
+    [
+        summary.batch_latency_ms_p50,
+        summary.batch_latency_ms_p95,
+        summary.batch_latency_ms_p99,
+    ] = sizer.latency_percentiles();
+    if opts.timeline {
+        summary.batch_timeline = sizer.log();
+        summary.read_timeline = read_timeline.lock().expect("not poisoned").clone();
+        summary
+            .read_timeline
+            .push((summary.phases.read_s as f32, summary.rows_read));
+    }
     if !opts.dry_run {
         save_rejections(snapshot, &name, &summary);
         if let Ok(json) = serde_json::to_string(&summary) {
@@ -717,6 +749,19 @@ pub fn peak_rss_bytes() -> u64 {
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+/// CPU time (user + system) this process used so far, in seconds.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) != 0 {
+            return 0.0;
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
 }
 
 /// Where the state file goes by default.

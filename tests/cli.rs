@@ -234,3 +234,105 @@ async fn check_reports_each_check_and_the_fix() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("FAIL") && err.contains("ADD UNIQUE"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
+    let env = Env::new().await;
+    // Something of the user's, which the bench must not touch.
+    env.both("CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders VALUES (1)")
+        .await;
+    let json = env.dir.0.join("bench.json");
+    let report = env.dir.0.join("bench.html");
+    let o = pgdelta(
+        &env.dir.0,
+        &[
+            "bench",
+            "--source",
+            &env.src_url,
+            "--destination",
+            &env.dst_url,
+            "--rows",
+            "3000",
+            "--reps",
+            "1",
+            "--scenarios",
+            "initial,nochange,churn",
+            "--json",
+            json.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains("| nochange |"), "{out}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let scenarios = r["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 3);
+    assert!(scenarios.iter().all(|s| s["ratio"].as_f64().unwrap() > 0.0));
+    assert_eq!(scenarios[0]["reps"][0]["written"], 3000);
+    assert!(std::fs::read_to_string(&report).unwrap().contains("<svg"));
+    // Its schema is gone, the user's table untouched.
+    for c in [&env.src, &env.dst] {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgdelta_bench'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+        assert_eq!(Env::count(c, "public.orders").await, 1);
+    }
+
+    // The regression gate: against itself it passes; against a much better baseline it fails.
+    let o = pgdelta(
+        &env.dir.0,
+        &[
+            "bench",
+            "--source",
+            &env.src_url,
+            "--destination",
+            &env.dst_url,
+            "--rows",
+            "3000",
+            "--reps",
+            "1",
+            "--scenarios",
+            "nochange",
+            "--baseline",
+            json.to_str().unwrap(),
+            "--max-regression",
+            "1000",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    let mut better = r.clone();
+    for s in better["scenarios"].as_array_mut().unwrap() {
+        s["ratio"] = serde_json::json!(0.01);
+    }
+    std::fs::write(&json, serde_json::to_string(&better).unwrap()).unwrap();
+    let o = pgdelta(
+        &env.dir.0,
+        &[
+            "bench",
+            "--source",
+            &env.src_url,
+            "--destination",
+            &env.dst_url,
+            "--rows",
+            "3000",
+            "--reps",
+            "1",
+            "--scenarios",
+            "nochange",
+            "--baseline",
+            json.to_str().unwrap(),
+        ],
+    );
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("REGRESSION: nochange"), "{err}");
+}
