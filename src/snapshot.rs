@@ -221,11 +221,7 @@ impl Snapshot {
     pub fn reader(&self, sync: &str) -> Result<Reader, SnapshotError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let name = rows_name(sync);
-        let table = match txn.open_table(rows_def(&name)) {
-            Ok(t) => Some(t),
-            Err(TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(self.err(e)),
-        };
+        let table = open_optional(&txn, rows_def(&name), &self.path)?;
         let len = match &table {
             Some(t) => t.len().map_err(|e| self.err(e))?,
             None => 0,
@@ -242,18 +238,14 @@ impl Snapshot {
         let free = {
             let txn = self.db.begin_read().map_err(|e| self.err(e))?;
             let name = free_name(sync);
-            match txn.open_table(free_def(&name)) {
-                Ok(t) => {
-                    let mut v = Vec::new();
-                    for item in t.iter().map_err(|e| self.err(e))? {
-                        let (k, _) = item.map_err(|e| self.err(e))?;
-                        v.push(k.value());
-                    }
-                    v
+            let mut v = Vec::new();
+            if let Some(t) = open_optional(&txn, free_def(&name), &self.path)? {
+                for item in t.iter().map_err(|e| self.err(e))? {
+                    let (k, _) = item.map_err(|e| self.err(e))?;
+                    v.push(k.value());
                 }
-                Err(TableError::TableDoesNotExist(_)) => Vec::new(),
-                Err(e) => return Err(self.err(e)),
             }
+            v
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let duplicates = Duplicates::default();
@@ -309,10 +301,8 @@ impl Snapshot {
     /// Every sync's rejected rows of its last run, as JSON arrays.
     pub fn rejected(&self) -> Result<Vec<(String, String)>, SnapshotError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = match txn.open_table(REJECTED) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
+        let Some(t) = open_optional(&txn, REJECTED, &self.path)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| self.err(e))? {
@@ -325,10 +315,8 @@ impl Snapshot {
     /// The newest `limit` run records, oldest first.
     pub fn runs(&self, limit: usize) -> Result<Vec<(u64, String)>, SnapshotError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = match txn.open_table(RUNS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
+        let Some(t) = open_optional(&txn, RUNS, &self.path)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| self.err(e))?.rev().take(limit) {
@@ -342,10 +330,8 @@ impl Snapshot {
     /// The metadata of every sync in the file.
     pub fn syncs(&self) -> Result<Vec<(String, SyncMeta, u64)>, SnapshotError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = match txn.open_table(META) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
+        let Some(t) = open_optional(&txn, META, &self.path)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| self.err(e))? {
@@ -356,6 +342,22 @@ impl Snapshot {
             out.push((name, meta, len));
         }
         Ok(out)
+    }
+}
+
+/// Opens `def` in a read transaction; `None` while no run has created the table yet.
+fn open_optional<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+    path: &str,
+) -> Result<Option<ReadOnlyTable<K, V>>, SnapshotError> {
+    match txn.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(SnapshotError::Storage {
+            path: path.to_string(),
+            message: e.to_string(),
+        }),
     }
 }
 

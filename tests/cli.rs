@@ -243,9 +243,8 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
         .await;
     let json = env.dir.0.join("bench.json");
     let report = env.dir.0.join("bench.html");
-    let o = pgdelta(
-        &env.dir.0,
-        &[
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
             "bench",
             "--source",
             &env.src_url,
@@ -255,14 +254,18 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
             "3000",
             "--reps",
             "1",
-            "--scenarios",
-            "initial,nochange,churn",
-            "--json",
-            json.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ],
-    );
+        ];
+        args.extend_from_slice(extra);
+        pgdelta(&env.dir.0, &args)
+    };
+    let o = bench(&[
+        "--scenarios",
+        "initial,nochange,churn",
+        "--json",
+        json.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(out.contains("| nochange |"), "{out}");
@@ -288,50 +291,26 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
     }
 
     // The regression gate: against itself it passes; against a much better baseline it fails.
-    let o = pgdelta(
-        &env.dir.0,
-        &[
-            "bench",
-            "--source",
-            &env.src_url,
-            "--destination",
-            &env.dst_url,
-            "--rows",
-            "3000",
-            "--reps",
-            "1",
-            "--scenarios",
-            "nochange",
-            "--baseline",
-            json.to_str().unwrap(),
-            "--max-regression",
-            "1000",
-        ],
-    );
+    let o = bench(&[
+        "--scenarios",
+        "nochange",
+        "--baseline",
+        json.to_str().unwrap(),
+        "--max-regression",
+        "1000",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
     let mut better = r.clone();
     for s in better["scenarios"].as_array_mut().unwrap() {
         s["ratio"] = serde_json::json!(0.01);
     }
     std::fs::write(&json, serde_json::to_string(&better).unwrap()).unwrap();
-    let o = pgdelta(
-        &env.dir.0,
-        &[
-            "bench",
-            "--source",
-            &env.src_url,
-            "--destination",
-            &env.dst_url,
-            "--rows",
-            "3000",
-            "--reps",
-            "1",
-            "--scenarios",
-            "nochange",
-            "--baseline",
-            json.to_str().unwrap(),
-        ],
-    );
+    let o = bench(&[
+        "--scenarios",
+        "nochange",
+        "--baseline",
+        json.to_str().unwrap(),
+    ]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("REGRESSION: nochange"), "{err}");
