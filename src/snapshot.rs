@@ -742,6 +742,83 @@ mod tests {
         assert_eq!(Entry::decode(&e.encode()), e);
     }
 
+    use crate::batch::KeyBatch;
+    use std::collections::{BTreeMap, HashSet};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Record a committed write of key k with hash h.
+        Write(u8, u8),
+        /// Record a committed delete of key k.
+        Delete(u8),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u8..40, any::<u8>()).prop_map(|(k, h)| Op::Write(k, h)),
+            (0u8..40).prop_map(Op::Delete),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Random runs of writes and deletes through the recorder agree with a BTreeMap, and
+        /// every live entry keeps a slot of its own (removed-row detection depends on it).
+        #[test]
+        fn recorder_agrees_with_a_btreemap(runs in proptest::collection::vec(proptest::collection::vec(op(), 0..30), 1..6)) {
+            let dir = std::env::temp_dir().join(format!("pgdelta-model-{}-{}", std::process::id(), crate::retry::jitter().to_bits()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let snap = Snapshot::open(&dir.join("m.redb"), 1 << 20).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut model: BTreeMap<Vec<u8>, [u8; 16]> = BTreeMap::new();
+            for ops in runs {
+                let begin = snap.begin("m", "k", "r", false).unwrap();
+                let start = snap.reader("m").unwrap();
+                let rec = snap.recorder("m", begin.meta).unwrap();
+                // As in a real run: every write is recorded before any delete (removed rows
+                // are only derived after the read).
+                let mut ops = ops;
+                ops.sort_by_key(|o| matches!(o, Op::Delete(_)));
+                for o in ops {
+                    match o {
+                        Op::Write(k, h) => {
+                            let key = vec![k];
+                            let slot = start.get(&key).unwrap().map(|e| e.slot);
+                            // Within a run a key is written once (the diff sees each key once).
+                            if slot.is_none() && model.contains_key(&key) {
+                                continue;
+                            }
+                            let mut c = Committed::default();
+                            c.keys.push(&key);
+                            c.entries.push(([h; 16], slot));
+                            rt.block_on(rec.send(Record::Upserted(c))).unwrap();
+                            model.insert(key, [h; 16]);
+                        }
+                        Op::Delete(k) => {
+                            let mut keys = KeyBatch::default();
+                            keys.push(&[k]);
+                            rt.block_on(rec.send(Record::Removed { keys: Arc::new(keys), rows: 0..1 })).unwrap();
+                            model.remove(&vec![k]);
+                        }
+                    }
+                }
+                rec.finish(&snap, "m", Some("r")).unwrap();
+                let now = snap.reader("m").unwrap();
+                let mut seen = BTreeMap::new();
+                let mut slots = HashSet::new();
+                now.scan(|k, e| {
+                    seen.insert(k.to_vec(), e.hash);
+                    assert!(slots.insert(e.slot), "slot {} used twice", e.slot);
+                    true
+                }).unwrap();
+                proptest::prop_assert_eq!(&seen, &model);
+                proptest::prop_assert_eq!(now.len(), model.len() as u64);
+            }
+            drop(snap);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     #[test]
     fn second_open_is_locked() {
         let dir = std::env::temp_dir().join(format!("pgdelta-snap-{}", std::process::id()));

@@ -229,7 +229,7 @@ async fn destination_cluster_restart_mid_run() {
     let dst_url = dst_pg.url("d");
     connect(&dst_url).await.batch_execute(T).await.unwrap();
     let mut spec = env.spec("t", &["id"]);
-    spec.batch.fixed_rows = Some(500);
+    spec.batch.fixed_rows = Some(250);
     spec.batch.sleep = Duration::from_millis(20);
     let snap = pgdelta::snapshot::Snapshot::open(&env.state(), 1 << 20).unwrap();
     let src = pgdelta::conn::ConnInfo::parse(&env.src_url).unwrap();
@@ -237,7 +237,21 @@ async fn destination_cluster_restart_mid_run() {
     let opts = pgdelta::sync::RunOptions::default();
     let run = pgdelta::sync::run(&src, &dst, &spec, &opts, &snap);
     let restart = async {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Restart once the first batches landed, with most of the run still ahead.
+        let watch = connect(&dst_url).await;
+        loop {
+            let n: i64 = watch
+                .query_one("SELECT count(*) FROM t", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                assert!(n < 20_000, "the run finished before the restart");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(watch);
         let pg = &dst_pg;
         tokio::task::block_in_place(|| pg.restart("fast")).unwrap();
     };
