@@ -46,6 +46,9 @@ pub struct Rejections {
     pub rows: Vec<RejectedRow>,
 }
 
+/// Rejections logged one by one as they happen; the rest only in the summary and state file.
+const LOG_REJECTED: u64 = 10;
+
 /// At most this many rejected rows are kept for reports.
 const KEEP_REJECTED: usize = 1000;
 
@@ -305,10 +308,6 @@ async fn reject(
         Work::Rows(_) => "write",
         Work::Deletes(_) => "delete",
     };
-    tracing::warn!(
-        "sync '{}': rejected {operation} of row {key}: {message}",
-        ctx.sync
-    );
     if let Work::Rows(b) = work {
         let r = &b.rows[i];
         if let Some(slot) = r.slot {
@@ -328,6 +327,19 @@ async fn reject(
                 message,
                 operation,
             });
+        }
+        match rej.count {
+            ..=LOG_REJECTED => tracing::warn!(
+                "sync '{}': rejected {operation} of row {}: {}",
+                ctx.sync,
+                rej.rows.last().map(|r| r.key.as_str()).unwrap_or(""),
+                rej.rows.last().map(|r| r.message.as_str()).unwrap_or("")
+            ),
+            n if n == LOG_REJECTED + 1 => tracing::warn!(
+                "sync '{}': more rows rejected; the summary and `pgdelta log --rejected` list them",
+                ctx.sync
+            ),
+            _ => {}
         }
         rej.count
     };

@@ -567,17 +567,19 @@ async fn copy_pipe(
 }
 
 fn print_table(r: &BenchReport) {
-    println!(
+    crate::outln!(
         "\npgdelta bench: {} rows ({} MiB of binary COPY), {} reps, medians; {}",
         r.rows,
         r.bytes >> 20,
         r.reps,
         r.machine
     );
-    println!("| scenario | pgdelta | baseline | baseline time | ratio | target | peak RSS | CPU |");
-    println!("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |");
+    crate::outln!(
+        "| scenario | pgdelta | baseline | baseline time | ratio | target | peak RSS | CPU |"
+    );
+    crate::outln!("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |");
     for s in &r.scenarios {
-        println!(
+        crate::outln!(
             "| {} | {:.2}s | {} | {:.2}s | {:.3}x | {} | {} MiB | {:.1}s |",
             s.scenario.name(),
             s.wall_s,

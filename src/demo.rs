@@ -233,16 +233,16 @@ async fn demo(pg: &TempPostgres, args: &DemoArgs) -> Result<(), Error> {
     let b = table_checksum(&dst, "orders").await?;
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!();
-    println!("| step | time | rows read | added | changed | removed | written | vs COPY read | peak RSS |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    println!(
+    crate::outln!();
+    crate::outln!("| step | time | rows read | added | changed | removed | written | vs COPY read | peak RSS |");
+    crate::outln!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    crate::outln!(
         "| plain binary COPY read (baseline) | {:.2}s | {} | | | | | 1.00x | |",
         read_time.as_secs_f64(),
         lines[0].1.rows_read
     );
     for (label, s) in &lines {
-        println!(
+        crate::outln!(
             "| {label} | {:.2}s | {} | {} | {} | {} | {} | {:.2}x | {} MiB |",
             s.duration_s,
             s.rows_read,
@@ -254,9 +254,9 @@ async fn demo(pg: &TempPostgres, args: &DemoArgs) -> Result<(), Error> {
             s.peak_rss_bytes >> 20
         );
     }
-    println!();
+    crate::outln!();
     if a == b {
-        println!("destination equals source: {} rows, checksum {}", a.0, a.1);
+        crate::outln!("destination equals source: {} rows, checksum {}", a.0, a.1);
         Ok(())
     } else {
         Err(Error::Internal(format!(

@@ -45,6 +45,19 @@ pub mod writer;
 
 pub use error::{Error, Result};
 
+/// Prints a line on stdout. When stdout is closed (piped into `head`, say), the reader is gone:
+/// the program ends quietly with success instead of panicking on the broken pipe.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::outln!("") };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 /// Tunes glibc's allocator for this workload; call once at program start, before threads exist.
 ///
 /// pgdelta frees on one thread what another allocated (blocks, batches), from a handful of

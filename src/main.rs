@@ -199,6 +199,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .try_init();
@@ -457,7 +458,7 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
     let mut code = 0;
     let mut line = |ok: bool, what: String, fix: Option<String>| {
         if json {
-            println!(
+            pgdelta::outln!(
                 "{}",
                 serde_json::json!({"type": "check", "data": {"ok": ok, "check": what, "fix": fix}})
             );
@@ -548,7 +549,7 @@ async fn run_read(a: ReadArgs) -> i32 {
                 "peak_rss_bytes": pgdelta::sync::peak_rss_bytes(),
             });
             if a.json {
-                println!("{}", serde_json::json!({"type": "read", "data": data}));
+                pgdelta::outln!("{}", serde_json::json!({"type": "read", "data": data}));
             }
             eprintln!(
                 "pgdelta: read {} MiB with binary COPY in {:.2}s",
@@ -565,6 +566,31 @@ fn run_log(a: LogArgs) -> i32 {
     let run = || -> anyhow::Result<()> {
         let snap =
             Snapshot::open(&a.state, 1 << 20).with_context(|| "cannot open the state file")?;
+        if a.rejected {
+            for (sync, json) in snap.rejected()? {
+                if a.only.as_ref().is_some_and(|o| o != &sync) {
+                    continue;
+                }
+                let rows: Vec<serde_json::Value> = serde_json::from_str(&json)?;
+                for r in rows {
+                    if a.json {
+                        pgdelta::outln!(
+                            "{}",
+                            serde_json::json!({"type": "rejected", "data": {"sync": sync, "row": r}})
+                        );
+                    } else {
+                        pgdelta::outln!(
+                            "{sync}: {} {} [{}] {}",
+                            r["operation"].as_str().unwrap_or(""),
+                            r["key"].as_str().unwrap_or(""),
+                            r["sqlstate"].as_str().unwrap_or(""),
+                            r["message"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            return Ok(());
+        }
         let runs = snap.runs(usize::MAX)?;
         let mut shown: Vec<(u64, serde_json::Value)> = runs
             .into_iter()
@@ -583,36 +609,33 @@ fn run_log(a: LogArgs) -> i32 {
         shown.drain(..skip);
         for (id, v) in shown {
             if a.json {
-                println!(
+                pgdelta::outln!(
                     "{}",
                     serde_json::json!({"type": "run", "data": {"id": id, "summary": v}})
                 );
             } else {
                 let n = |k: &str| v[k].as_u64().unwrap_or(0);
-                println!(
-                    "{} {:<20} read {:>10}  added {:>8}  changed {:>8}  removed {:>8}  deleted {:>8}  written {:>8}  {:>8.1}s",
-                    format_unix(id / 1_000_000),
-                    v["sync"].as_str().unwrap_or("?"),
-                    n("rows_read"),
-                    n("added"),
-                    n("changed"),
-                    n("removed"),
-                    n("deleted"),
-                    n("written"),
-                    v["duration_s"].as_f64().unwrap_or(0.0)
-                );
+                let when = format_unix(id / 1_000_000);
+                let sync = v["sync"].as_str().unwrap_or("?");
+                match v["error"].as_str() {
+                    Some(err) => pgdelta::outln!("{when} {sync:<20} FAILED after {:.1}s: {err}", v["duration_s"].as_f64().unwrap_or(0.0)),
+                    None => pgdelta::outln!(
+                        "{when} {sync:<20} read {:>10}  added {:>8}  changed {:>8}  removed {:>8}  deleted {:>8}  written {:>8}  rejected {:>5}  {:>8.1}s",
+                        n("rows_read"),
+                        n("added"),
+                        n("changed"),
+                        n("removed"),
+                        n("deleted"),
+                        n("written"),
+                        n("rejected"),
+                        v["duration_s"].as_f64().unwrap_or(0.0)
+                    ),
+                }
             }
         }
         if !a.json {
-            for (name, meta, len) in snap.syncs()? {
-                eprintln!(
-                    "sync '{name}': {len} rows in the snapshot, {}",
-                    if meta.row_fp.is_some() {
-                        "last run complete"
-                    } else {
-                        "no complete run under the current model yet"
-                    }
-                );
+            for (name, _meta, len) in snap.syncs()? {
+                eprintln!("sync '{name}': {len} rows in the snapshot");
             }
         }
         Ok(())
@@ -651,11 +674,11 @@ fn format_unix(secs: u64) -> String {
 
 fn print_summary(s: &Summary, json: bool) {
     if json {
-        println!("{}", serde_json::json!({"type": "summary", "data": s}));
+        pgdelta::outln!("{}", serde_json::json!({"type": "summary", "data": s}));
     }
     let verb = if s.dry_run { "would write" } else { "wrote" };
     eprintln!(
-        "pgdelta: sync '{}' -> {}: read {} rows in {:.2}s ({:.0} rows/s); added {}, changed {}, removed {}{}, unchanged {}; {verb} {} rows in {} batches{}",
+        "pgdelta: sync '{}' -> {}: read {} rows in {:.2}s ({:.0} rows/s); added {}, changed {}, removed {}{}, unchanged {}; {verb} {} rows{}{}",
         s.sync,
         s.target,
         s.rows_read,
@@ -667,7 +690,7 @@ fn print_summary(s: &Summary, json: bool) {
         if s.deleted > 0 { format!(" (deleted {})", s.deleted) } else { String::new() },
         s.unchanged,
         if s.dry_run { s.added + s.changed } else { s.written },
-        s.batches,
+        if s.dry_run { String::new() } else { format!(" in {} batches", s.batches) },
         if s.rejected > 0 { format!("; {} rows rejected", s.rejected) } else { String::new() },
     );
     for n in &s.notes {
@@ -701,7 +724,7 @@ fn print_summary(s: &Summary, json: bool) {
 fn report_error(e: &Error, json: bool, sync: Option<&str>) -> i32 {
     let code = e.exit_code();
     if json {
-        println!(
+        pgdelta::outln!(
             "{}",
             serde_json::json!({"type": "error", "data": {"sync": sync, "message": e.to_string(), "exit_code": code}})
         );

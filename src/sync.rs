@@ -144,15 +144,21 @@ pub async fn run(
     opts: &RunOptions,
     snapshot: &Snapshot,
 ) -> Result<Summary, Error> {
-    run_with(
-        source,
-        dest,
-        spec,
-        opts,
-        snapshot,
-        &PipelineSettings::default(),
-    )
-    .await
+    let started = Instant::now();
+    let pipe = PipelineSettings::default();
+    let result = run_with(source, dest, spec, opts, snapshot, &pipe).await;
+    if let Err(e) = &result {
+        // Failed runs belong in the history too (`pgdelta log`).
+        if !opts.dry_run {
+            let record = serde_json::json!({
+                "sync": spec.name,
+                "error": e.to_string(),
+                "duration_s": started.elapsed().as_secs_f64(),
+            });
+            let _ = snapshot.log_run(&record.to_string());
+        }
+    }
+    result
 }
 
 pub async fn run_with(

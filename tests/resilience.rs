@@ -386,3 +386,29 @@ async fn emptied_source_does_not_empty_the_destination() {
     assert!(e.to_string().contains("would delete 1000 of 1000"), "{e}");
     assert_eq!(Env::count(&env.dst, "t").await, 1000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_state_file_is_refused_at_once() {
+    let env = seeded(30_000).await;
+    let first = spawn_sync(&env, &[]);
+    wait_for_rows(&env).await;
+    let t0 = std::time::Instant::now();
+    let out = spawn_sync(&env, &["--json"]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another pgdelta run"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "refused only after {:?}",
+        t0.elapsed()
+    );
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}
