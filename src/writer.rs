@@ -196,54 +196,36 @@ impl Writer {
     ) -> Result<Written, tokio_postgres::Error> {
         let n = rows.len() as u64;
         let tuples = batch.tuples(rows);
-        let unique_violation =
-            |e: &tokio_postgres::Error| e.code().map(|c| c.code()) == Some("23505");
-        match self.strategy {
-            // A key that is already there (written by a run that crashed before recording it,
-            // or a duplicate key in the model) makes COPY fail; redo the batch through staging.
-            Strategy::Copy => {
-                match copy(&mut self.client, &self.sql.copy_target, tuples.clone()).await {
-                    Ok(copied) => Ok(Written {
+        let (copy_first, staged_sql) = match self.strategy {
+            Strategy::Copy => (true, self.sql.upsert.clone()),
+            Strategy::Upsert => (false, self.sql.upsert.clone()),
+            Strategy::Insert => (true, self.sql.insert_missing.clone()),
+        };
+        if copy_first {
+            match copy(&mut self.client, &self.sql.copy_target, tuples.clone()).await {
+                Ok(copied) => {
+                    return Ok(Written {
                         rows: copied,
                         already_present: 0,
-                    }),
-                    Err(e) if unique_violation(&e) => {
-                        let sql = self.sql.upsert.clone();
-                        let done = self.staged(&sql, tuples).await?;
-                        Ok(Written {
-                            rows: done,
-                            already_present: 0,
-                        })
-                    }
-                    Err(e) => Err(e),
+                    })
                 }
-            }
-            Strategy::Upsert => {
-                let sql = self.sql.upsert.clone();
-                let done = self.staged(&sql, tuples).await?;
-                Ok(Written {
-                    rows: done,
-                    already_present: 0,
-                })
-            }
-            Strategy::Insert => {
-                match copy(&mut self.client, &self.sql.copy_target, tuples.clone()).await {
-                    Ok(copied) => Ok(Written {
-                        rows: copied,
-                        already_present: 0,
-                    }),
-                    Err(e) if unique_violation(&e) => {
-                        let sql = self.sql.insert_missing.clone();
-                        let done = self.staged(&sql, tuples).await?;
-                        Ok(Written {
-                            rows: done,
-                            already_present: n - done,
-                        })
-                    }
-                    Err(e) => Err(e),
-                }
+                // A key that is already there (written by a run that crashed before recording
+                // it, or a duplicate key in the model) makes COPY fail: redo the batch through
+                // staging.
+                Err(e) if e.code().map(|c| c.code()) == Some("23505") => {}
+                Err(e) => return Err(e),
             }
         }
+        let done = self.staged(&staged_sql, tuples).await?;
+        Ok(Written {
+            rows: done,
+            // Insert mode's ON CONFLICT DO NOTHING skips the rows that exist already.
+            already_present: if self.strategy == Strategy::Insert {
+                n - done
+            } else {
+                0
+            },
+        })
     }
 
     /// COPY into staging and apply `apply_sql`, in one transaction. Returns rows affected.
