@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{pg_message, Error};
 
@@ -19,6 +20,8 @@ use crate::error::{pg_message, Error};
 #[derive(Clone)]
 pub struct ConnInfo {
     config: Config,
+    /// None: `sslmode=disable`.
+    tls: Option<rustls::ClientConfig>,
     shown: String,
 }
 
@@ -26,7 +29,8 @@ impl ConnInfo {
     /// Parses a URL or `key=value` string. A missing password is taken from `PGPASSWORD`, a
     /// missing user from `PGUSER` or `USER`, a missing host from `PGHOST` (else `localhost`).
     pub fn parse(s: &str) -> Result<Self, Error> {
-        let mut config = Config::from_str(s.trim()).map_err(|e| {
+        let (rest, tls) = crate::tls::split_settings(s)?;
+        let mut config = Config::from_str(&rest).map_err(|e| {
             // tokio-postgres parse errors quote the offending key, never the password value.
             Error::Config(format!(
                 "invalid connection string: {e}; expected postgres://user@host:port/db or 'host=... dbname=...'"
@@ -53,8 +57,13 @@ impl ConnInfo {
         }
         config.connect_timeout(Duration::from_secs(10));
         config.keepalives_idle(Duration::from_secs(30));
+        config.ssl_mode(tls.mode.negotiation());
         let shown = describe(&config);
-        Ok(ConnInfo { config, shown })
+        Ok(ConnInfo {
+            config,
+            tls: crate::tls::client_config(&tls)?,
+            shown,
+        })
     }
 
     /// Opens a session with `settings` applied as startup options, and spawns its connection task.
@@ -70,17 +79,51 @@ impl ConnInfo {
         }
         config.options(options.trim());
         config.application_name("pgdelta");
-        let (client, connection) = config.connect(NoTls).await.map_err(|e| Error::Connect {
+        let connect_err = |e: tokio_postgres::Error| Error::Connect {
             role,
             target: self.shown.clone(),
             message: pg_message(&e),
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("connection closed: {e}");
+        };
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(connect_err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!("connection closed: {e}");
+                    }
+                });
+                client
             }
-        });
+            Some(tls) => {
+                let (client, connection) = config
+                    .connect(MakeRustlsConnect::new(tls.clone()))
+                    .await
+                    .map_err(connect_err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!("connection closed: {e}");
+                    }
+                });
+                client
+            }
+        };
         Ok(client)
+    }
+
+    /// Cancels the statement running on the session `token` belongs to, over the same TLS
+    /// settings the session uses.
+    pub async fn cancel(
+        &self,
+        token: &tokio_postgres::CancelToken,
+    ) -> Result<(), tokio_postgres::Error> {
+        match &self.tls {
+            None => token.cancel_query(NoTls).await,
+            Some(tls) => {
+                token
+                    .cancel_query(MakeRustlsConnect::new(tls.clone()))
+                    .await
+            }
+        }
     }
 
     /// The database name, for messages.

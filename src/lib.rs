@@ -4,6 +4,7 @@
 //! # Layout
 //! The modules follow the data:
 //! - [`conn`]: connection strings (passwords redacted everywhere) and session settings.
+//! - [`tls`]: TLS with libpq's `sslmode` semantics (rustls).
 //! - [`model`]: the sync definition and the plan: column mapping, type checks, record matching,
 //!   the generated source query.
 //! - [`copy`]: the binary COPY codec, free of I/O: bytes in, tuples and field spans out.
@@ -41,6 +42,7 @@ pub mod report;
 pub mod retry;
 pub mod snapshot;
 pub mod sync;
+pub mod tls;
 pub mod writer;
 
 pub use error::{Error, Result};

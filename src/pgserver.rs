@@ -184,6 +184,27 @@ impl TempPostgres {
         )
     }
 
+    /// Turns TLS on with the given PEM certificate and key, then restarts the server. Sessions
+    /// over TCP may then use TLS or not (the default pg_hba.conf allows both).
+    pub fn enable_tls(&self, cert: &Path, key: &Path) -> Result<(), Error> {
+        for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = self.data.join(name);
+            fs::copy(from, &to).map_err(|e| server_err(&to, "write", e))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid))
+                    .map_err(|e| server_err(&to, "chown", e))?;
+            }
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o600))
+                .map_err(|e| server_err(&to, "chmod", e))?;
+        }
+        let conf = self.data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).map_err(|e| server_err(&conf, "read", e))?;
+        text.push_str("ssl = on\n");
+        fs::write(&conf, text).map_err(|e| server_err(&conf, "write", e))?;
+        self.restart("fast")
+    }
+
     fn run(&self, tool: &str, args: &[&str]) -> Result<(), Error> {
         let mut cmd = Command::new(self.bindir.join(tool));
         cmd.args(args)

@@ -257,15 +257,19 @@ pub async fn run_with(
     let (batch_tx, batch_rx) = mpsc::channel::<WriteBatch>(pipe.batch_queue);
     let rows_read = Arc::new(AtomicU64::new(0));
 
-    let read_task = tokio::spawn(read_source(
-        src,
-        plan.clone(),
-        block_tx,
-        rows_read.clone(),
-        pipe.block_bytes,
-        name.clone(),
-        opts.shutdown.clone(),
-    ));
+    let read_task = tokio::spawn(
+        SourceRead {
+            source: source.clone(),
+            client: src,
+            plan: plan.clone(),
+            out: block_tx,
+            rows_read: rows_read.clone(),
+            block_bytes: pipe.block_bytes,
+            sync: name.clone(),
+            shutdown: opts.shutdown.clone(),
+        }
+        .run(),
+    );
 
     let diff_cfg = DiffConfig {
         mode: spec.mode,
@@ -578,67 +582,84 @@ struct ReadStats {
     interrupted: bool,
 }
 
-/// Streams the source COPY into framed blocks. `complete` only when the stream ended with its
-/// trailer; on shutdown the query is cancelled on the server.
-async fn read_source(
-    src: tokio_postgres::Client,
+/// The source read: its session, where blocks go, and when to stop.
+struct SourceRead {
+    source: ConnInfo,
+    client: tokio_postgres::Client,
     plan: Arc<Plan>,
     out: mpsc::Sender<Block>,
     rows_read: Arc<AtomicU64>,
     block_bytes: usize,
     sync: String,
-    mut shutdown: Option<tokio::sync::watch::Receiver<bool>>,
-) -> Result<ReadStats, Error> {
-    let read_err = |e: tokio_postgres::Error| Error::SourceRead {
-        sync: sync.clone(),
-        message: pg_message(&e),
-    };
-    let stream = src.copy_out(&plan.copy_out_sql()).await.map_err(read_err)?;
-    futures_util::pin_mut!(stream);
-    let mut framer = Framer::new(plan.columns.len() as u16, plan.nkey as u16, block_bytes);
-    let frame_err = |e| Error::Frame {
-        sync: sync.clone(),
-        source: e,
-    };
-    let mut stats = ReadStats {
-        rows: 0,
-        bytes: 0,
-        complete: false,
-        interrupted: false,
-    };
-    loop {
-        let next = match shutdown.as_mut() {
-            Some(sd) => tokio::select! {
-                n = stream.next() => n,
-                _ = wait_true(sd) => {
-                    let _ = src.cancel_token().cancel_query(tokio_postgres::NoTls).await;
-                    stats.interrupted = true;
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl SourceRead {
+    /// Streams the source COPY into framed blocks. `complete` only when the stream ended with
+    /// its trailer; on shutdown the query is cancelled on the server.
+    async fn run(self) -> Result<ReadStats, Error> {
+        let SourceRead {
+            source,
+            client: src,
+            plan,
+            out,
+            rows_read,
+            block_bytes,
+            sync,
+            mut shutdown,
+        } = self;
+
+        let read_err = |e: tokio_postgres::Error| Error::SourceRead {
+            sync: sync.clone(),
+            message: pg_message(&e),
+        };
+        let stream = src.copy_out(&plan.copy_out_sql()).await.map_err(read_err)?;
+        futures_util::pin_mut!(stream);
+        let mut framer = Framer::new(plan.columns.len() as u16, plan.nkey as u16, block_bytes);
+        let frame_err = |e| Error::Frame {
+            sync: sync.clone(),
+            source: e,
+        };
+        let mut stats = ReadStats {
+            rows: 0,
+            bytes: 0,
+            complete: false,
+            interrupted: false,
+        };
+        loop {
+            let next = match shutdown.as_mut() {
+                Some(sd) => tokio::select! {
+                    n = stream.next() => n,
+                    _ = wait_true(sd) => {
+                        let _ = source.cancel(&src.cancel_token()).await;
+                        stats.interrupted = true;
+                        return Ok(stats);
+                    }
+                },
+                None => stream.next().await,
+            };
+            let Some(chunk) = next else { break };
+            let chunk = chunk.map_err(read_err)?;
+            stats.bytes += chunk.len() as u64;
+            framer.push(&chunk).map_err(frame_err)?;
+            while let Some(block) = framer.take_block() {
+                stats.rows += block.rows.len() as u64;
+                rows_read.store(stats.rows, Ordering::Relaxed);
+                if out.send(block).await.is_err() {
+                    // The diff stopped (the writers failed): their error is the one to report.
                     return Ok(stats);
                 }
-            },
-            None => stream.next().await,
-        };
-        let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(read_err)?;
-        stats.bytes += chunk.len() as u64;
-        framer.push(&chunk).map_err(frame_err)?;
-        while let Some(block) = framer.take_block() {
-            stats.rows += block.rows.len() as u64;
-            rows_read.store(stats.rows, Ordering::Relaxed);
-            if out.send(block).await.is_err() {
-                // The diff stopped (the writers failed): their error is the one to report.
-                return Ok(stats);
             }
         }
+        let last = framer.finish().map_err(frame_err)?;
+        stats.rows += last.rows.len() as u64;
+        rows_read.store(stats.rows, Ordering::Relaxed);
+        if !last.rows.is_empty() && out.send(last).await.is_err() {
+            return Ok(stats);
+        }
+        stats.complete = true;
+        Ok(stats)
     }
-    let last = framer.finish().map_err(frame_err)?;
-    stats.rows += last.rows.len() as u64;
-    rows_read.store(stats.rows, Ordering::Relaxed);
-    if !last.rows.is_empty() && out.send(last).await.is_err() {
-        return Ok(stats);
-    }
-    stats.complete = true;
-    Ok(stats)
 }
 
 /// Resolves once the watched flag is true (never, if its sender is gone).

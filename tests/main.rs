@@ -12,5 +12,7 @@ mod model_prop;
 mod resilience;
 /// Table and query models, no-change runs, churn, deletes, insert mode, mapping, dry runs.
 mod sync_basic;
+/// TLS with libpq's sslmode semantics, against a server with a test CA.
+mod tls;
 /// Every standard column type round-trips byte-exactly; keys of several types.
 mod types;
