@@ -125,11 +125,6 @@ impl ConnInfo {
             }
         }
     }
-
-    /// The database name, for messages.
-    pub fn dbname(&self) -> &str {
-        self.config.get_dbname().unwrap_or("")
-    }
 }
 
 /// Backslash-escapes spaces and backslashes, as the server's option parser expects.

@@ -142,11 +142,6 @@ impl Framer {
         Ok(self.cut())
     }
 
-    /// True once the trailer has been read.
-    pub fn is_done(&self) -> bool {
-        self.state == State::Done
-    }
-
     fn cut(&mut self) -> Block {
         let data = self.buf.split_to(self.pos).freeze();
         self.pos = 0;

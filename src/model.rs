@@ -28,6 +28,15 @@ pub enum Mode {
     Insert,
 }
 
+impl Mode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Upsert => "upsert",
+            Mode::Insert => "insert",
+        }
+    }
+}
+
 impl std::str::FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -25,7 +25,7 @@ use crate::conn::ConnInfo;
 use crate::copy::{Block, Framer};
 use crate::diff::{self, DiffConfig, DiffOutcome};
 use crate::error::{pg_message, Error};
-use crate::model::{plan, Mode, Plan, SyncSpec};
+use crate::model::{plan, Plan, SyncSpec};
 use crate::snapshot::{Reader, Record, Snapshot};
 use crate::writer::{Strategy, Writer};
 
@@ -794,13 +794,4 @@ pub fn cpu_seconds() -> f64 {
 /// Where the state file goes by default.
 pub fn default_state_path() -> PathBuf {
     PathBuf::from("pgdelta.redb")
-}
-
-impl Mode {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Mode::Upsert => "upsert",
-            Mode::Insert => "insert",
-        }
-    }
 }

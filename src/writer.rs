@@ -184,10 +184,6 @@ impl Writer {
         self.statement_timeout
     }
 
-    pub fn strategy(&self) -> Strategy {
-        self.strategy
-    }
-
     /// Writes rows `rows` of `batch`, committed when this returns Ok.
     pub async fn write(
         &mut self,
