@@ -105,25 +105,18 @@ fn snapshot_diff(c: &mut Criterion) {
     use pgdelta::snapshot::Snapshot;
     let s = stream(ROWS, 9);
     let block = frame_all(&s, 10, 1).unwrap();
-    let dir = std::env::temp_dir().join(format!("pgdelta-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let snap = Snapshot::open(&dir.join("b.redb"), 32 << 20).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let snap = Snapshot::open(&dir.path().join("b.redb"), 32 << 20).unwrap();
     // Record every row once, as a first sync would.
-    let begin = snap.begin("b", "k", "r", false).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let rec = snap.recorder("b", begin.meta).unwrap();
     let mut batch = BatchBuilder::with_capacity(s.len());
     for r in &block.rows {
         batch.push(&block, r, row_hash(r.value(&block.data)), None);
     }
-    let batch = batch.take();
-    rt.block_on(rec.send(pgdelta::snapshot::Record::Upserted(
-        pgdelta::snapshot::Committed::from_batch(&batch, 0..batch.len()),
-    )))
-    .unwrap();
-    rec.finish(&snap, "b", Some("r")).unwrap();
+    rt.block_on(pgdelta::snapshot::seed_for_bench(&snap, "b", &batch.take()))
+        .unwrap();
     let reader = snap.reader("b").unwrap();
     let mut g = c.benchmark_group("snapshot_diff");
     g.throughput(Throughput::Elements(ROWS as u64));
@@ -147,7 +140,6 @@ fn snapshot_diff(c: &mut Criterion) {
     g.finish();
     drop(reader);
     drop(snap);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn copy_encoder(c: &mut Criterion) {

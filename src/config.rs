@@ -1,6 +1,8 @@
-//! The TOML config file: one `[source]`, one `[destination]`, the state path and any number of
-//! `[[sync]]` entries. Unknown keys are errors, reported with line and column. Flags and
-//! environment variables override the file (see `main.rs`).
+//! Configuration, along one path: the TOML file's `[[sync]]` entries, or one entry built from
+//! flags, take the flag overrides ([`Overrides`]), then go through the same validation and
+//! defaults ([`SyncEntry::to_spec`]). The file holds one `[source]`, one `[destination]`, the
+//! state path and any number of `[[sync]]` entries; unknown keys are errors, reported with line
+//! and column.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,10 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::batch::BatchSettings;
+use crate::conn::ConnInfo;
 use crate::error::Error;
-use crate::model::{Mode, Model, SyncSpec};
-use crate::retry::RetryPolicy;
+use crate::spec::{Mode, Model, SyncSpec, DEFAULT_MAX_DELETE_RATIO, DEFAULT_MAX_REJECTED};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,7 +75,7 @@ pub fn split_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct SyncEntry {
     /// Defaults to the target table name.
@@ -135,7 +136,35 @@ impl ConfigFile {
     }
 }
 
+impl Default for OneOrMany {
+    fn default() -> Self {
+        OneOrMany::Many(Vec::new())
+    }
+}
+
 impl SyncEntry {
+    /// Applies the flag overrides to this entry.
+    pub fn apply(&mut self, o: &Overrides) {
+        fn set<T: Clone>(field: &mut Option<T>, flag: &Option<T>) {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        set(&mut self.mode, &o.mode);
+        if o.delete {
+            self.delete = Some(true);
+        }
+        set(&mut self.batch_size, &o.batch_size);
+        set(&mut self.sleep_ms, &o.sleep_ms);
+        set(&mut self.writers, &o.writers);
+        set(&mut self.max_delete_ratio, &o.max_delete_ratio);
+        set(&mut self.read_timeout_ms, &o.read_timeout_ms);
+        set(&mut self.max_rejected, &o.max_rejected);
+        set(&mut self.max_retries, &o.max_retries);
+        set(&mut self.retry_timeout_s, &o.retry_timeout_s);
+    }
+
+    /// Validates the entry and fills in every default.
     pub fn to_spec(&self) -> Result<SyncSpec, Error> {
         let model = match (&self.table, &self.query) {
             (Some(t), None) => Model::Table(t.clone()),
@@ -151,66 +180,233 @@ impl SyncEntry {
             .name
             .clone()
             .unwrap_or_else(|| default_name(&self.target));
+        let bad = |what: &str| Error::Config(format!("sync '{name}': {what}"));
         let key = self.key.clone().into_vec();
-        let mut batch = BatchSettings {
-            fixed_rows: self.batch_size,
-            sleep: Duration::from_millis(self.sleep_ms.unwrap_or(0)),
-            ..Default::default()
-        };
-        if let Some(w) = self.writers {
-            if w == 0 {
-                return Err(Error::Config(format!(
-                    "sync '{name}': writers must be at least 1"
-                )));
-            }
-            batch.writers = w;
+        if key.is_empty() {
+            return Err(bad(
+                "give the key: --key COL[,COL...] or key = [...], the target's PRIMARY KEY or UNIQUE columns",
+            ));
+        }
+        let key: Vec<&str> = key.iter().map(String::as_str).collect();
+        let mut spec = SyncSpec::new(&name, model, &self.target, &key);
+        spec.columns = self.columns.clone();
+        spec.mode = self.mode.unwrap_or(spec.mode);
+        spec.delete = self.delete.unwrap_or(spec.delete);
+        if self.batch_size == Some(0) {
+            return Err(bad("batch_size (--batch-size) must be at least 1"));
+        }
+        spec.batch.fixed_rows = self.batch_size;
+        spec.batch.sleep = Duration::from_millis(self.sleep_ms.unwrap_or(0));
+        match self.writers {
+            Some(0) => return Err(bad("writers (--writers) must be at least 1")),
+            Some(w) => spec.batch.writers = w,
+            None => {}
         }
         if let Some(ms) = self.target_latency_ms {
-            batch.target_latency = Duration::from_millis(ms.max(1));
+            spec.batch.target_latency = Duration::from_millis(ms.max(1));
         }
-        if self.batch_size == Some(0) {
-            return Err(Error::Config(format!(
-                "sync '{name}': batch_size must be at least 1"
-            )));
+        spec.max_delete_ratio = self.max_delete_ratio.unwrap_or(DEFAULT_MAX_DELETE_RATIO);
+        if !(0.0..=1.0).contains(&spec.max_delete_ratio) {
+            return Err(bad(
+                "max_delete_ratio (--max-delete-ratio) must be between 0 and 1",
+            ));
         }
-        let ratio = self.max_delete_ratio.unwrap_or(DEFAULT_MAX_DELETE_RATIO);
-        if !(0.0..=1.0).contains(&ratio) {
-            return Err(Error::Config(format!(
-                "sync '{name}': max_delete_ratio must be between 0 and 1"
-            )));
+        spec.read_timeout = self.read_timeout_ms.map(Duration::from_millis);
+        spec.max_rejected = self.max_rejected.unwrap_or(DEFAULT_MAX_REJECTED);
+        if let Some(r) = self.max_retries {
+            spec.retry.max_attempts = r + 1;
         }
-        Ok(SyncSpec {
-            name,
-            model,
-            target: self.target.clone(),
-            key,
-            columns: self.columns.clone(),
-            mode: self.mode.unwrap_or(Mode::Upsert),
-            delete: self.delete.unwrap_or(false),
-            batch,
-            max_delete_ratio: ratio,
-            read_timeout: self.read_timeout_ms.map(Duration::from_millis),
-            max_rejected: self.max_rejected.unwrap_or(DEFAULT_MAX_REJECTED),
-            retry: RetryPolicy {
-                max_attempts: self
-                    .max_retries
-                    .map(|r| r + 1)
-                    .unwrap_or(RetryPolicy::default().max_attempts),
-                max_elapsed: self
-                    .retry_timeout_s
-                    .map(Duration::from_secs)
-                    .unwrap_or(RetryPolicy::default().max_elapsed),
-                ..RetryPolicy::default()
-            },
+        if let Some(s) = self.retry_timeout_s {
+            spec.retry.max_elapsed = Duration::from_secs(s);
+        }
+        Ok(spec)
+    }
+}
+
+/// A sync described on the command line, without a config file.
+#[derive(Debug, Clone, Default)]
+pub struct FlagModel {
+    pub table: Option<String>,
+    pub query: Option<String>,
+    pub target: Option<String>,
+    /// Comma-separated key columns.
+    pub key: Option<String>,
+    pub name: Option<String>,
+    /// `TARGET=SOURCE` pairs.
+    pub map: Vec<String>,
+}
+
+impl FlagModel {
+    /// Whether any flag describes a model (then the flags define the one sync to run).
+    pub fn given(&self) -> bool {
+        self.table.is_some() || self.query.is_some() || self.target.is_some() || self.key.is_some()
+    }
+
+    /// The config entry these flags describe.
+    fn to_entry(&self) -> Result<SyncEntry, Error> {
+        if self.table.is_none() && self.query.is_none() {
+            return Err(Error::Config(
+                "give the model: --table SCHEMA.TABLE or --query SQL".into(),
+            ));
+        }
+        let target = self
+            .target
+            .clone()
+            .ok_or_else(|| Error::Config("give --target SCHEMA.TABLE".into()))?;
+        let key = split_list(self.key.as_deref().unwrap_or(""));
+        if key.is_empty() {
+            return Err(Error::Config(
+                "give --key COL[,COL...]: the target's PRIMARY KEY or UNIQUE columns".into(),
+            ));
+        }
+        let mut columns = BTreeMap::new();
+        for m in &self.map {
+            let (d, s) = m
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("--map takes TARGET=SOURCE, got '{m}'")))?;
+            columns.insert(d.trim().to_string(), s.trim().to_string());
+        }
+        Ok(SyncEntry {
+            name: self.name.clone(),
+            table: self.table.clone(),
+            query: self.query.clone(),
+            target,
+            key: OneOrMany::Many(key),
+            columns,
+            ..Default::default()
         })
     }
 }
 
-/// Rows the destination may reject before a run fails.
-pub const DEFAULT_MAX_REJECTED: u64 = 100;
+/// Settings given as flags (or their environment variables); they override the config file
+/// in every selected sync.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub mode: Option<Mode>,
+    /// `--delete` turns deletes on; there is no flag to turn them off.
+    pub delete: bool,
+    pub batch_size: Option<usize>,
+    pub sleep_ms: Option<u64>,
+    pub writers: Option<usize>,
+    pub max_delete_ratio: Option<f64>,
+    pub read_timeout_ms: Option<u64>,
+    pub max_rejected: Option<u64>,
+    pub max_retries: Option<u32>,
+    pub retry_timeout_s: Option<u64>,
+}
 
-/// The delete guard's default: refuse to delete more than half of the synced rows.
-pub const DEFAULT_MAX_DELETE_RATIO: f64 = 0.5;
+/// What one invocation asks for, before resolution.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub config: Option<PathBuf>,
+    /// Run only the named sync of the config file.
+    pub only: Option<String>,
+    pub source: Option<String>,
+    pub destination: Option<String>,
+    pub state: Option<PathBuf>,
+    pub model: FlagModel,
+    pub overrides: Overrides,
+}
+
+/// Everything a sync invocation needs, resolved from the config file, flags and environment.
+#[derive(Debug)]
+pub struct Invocation {
+    pub source: ConnInfo,
+    pub destination: ConnInfo,
+    pub state: PathBuf,
+    pub specs: Vec<SyncSpec>,
+}
+
+/// The state file when neither the flags nor the config name one.
+pub const DEFAULT_STATE: &str = "pgdelta.redb";
+
+impl Request {
+    pub fn resolve(&self) -> Result<Invocation, Error> {
+        let file = match &self.config {
+            Some(p) => Some((ConfigFile::load(p)?, p.clone())),
+            None => None,
+        };
+        let endpoint = |flag: &Option<String>, which: &str, env: &str| -> Result<String, Error> {
+            if let Some(u) = flag {
+                return Ok(u.clone());
+            }
+            let from_file = file.as_ref().and_then(|(f, _)| match which {
+                "source" => f.source.as_ref(),
+                _ => f.destination.as_ref(),
+            });
+            match from_file {
+                Some(e) => e.resolve(which)?,
+                None => None,
+            }
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "no {which}: give --{which} URL, {env}, or [{which}] in the config"
+                ))
+            })
+        };
+        let source = endpoint(&self.source, "source", "PGDELTA_SOURCE_URL")?;
+        let destination = endpoint(&self.destination, "destination", "PGDELTA_DESTINATION_URL")?;
+        let state = self
+            .state
+            .clone()
+            .or_else(|| {
+                let (f, p) = file.as_ref()?;
+                let dir = p.parent().unwrap_or(Path::new("."));
+                f.state.as_ref().map(|s| dir.join(s))
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE));
+        let entries = match &file {
+            Some((f, path)) if !self.model.given() => self.file_entries(f, path)?,
+            _ => vec![self.model.to_entry()?],
+        };
+        let specs = entries
+            .into_iter()
+            .map(|mut e| {
+                e.apply(&self.overrides);
+                e.to_spec()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Invocation {
+            source: ConnInfo::parse(&source)?,
+            destination: ConnInfo::parse(&destination)?,
+            state,
+            specs,
+        })
+    }
+
+    /// The file's entries, checked for unique names, narrowed to `--sync` when given.
+    fn file_entries(&self, f: &ConfigFile, path: &Path) -> Result<Vec<SyncEntry>, Error> {
+        if f.syncs.is_empty() {
+            return Err(Error::Config(format!(
+                "config file {} has no [[sync]] entries",
+                path.display()
+            )));
+        }
+        let name = |e: &SyncEntry| e.name.clone().unwrap_or_else(|| default_name(&e.target));
+        let mut names = std::collections::HashSet::new();
+        for e in &f.syncs {
+            if !names.insert(name(e)) {
+                return Err(Error::Config(format!(
+                    "two syncs are named '{}'; give each a unique name",
+                    name(e)
+                )));
+            }
+        }
+        let entries: Vec<SyncEntry> = f
+            .syncs
+            .iter()
+            .filter(|e| self.only.as_ref().is_none_or(|o| *o == name(e)))
+            .cloned()
+            .collect();
+        if let (Some(only), true) = (&self.only, entries.is_empty()) {
+            return Err(Error::Config(format!(
+                "no sync named '{only}' in {}",
+                path.display()
+            )));
+        }
+        Ok(entries)
+    }
+}
 
 /// A sync's default name: the target table without quotes or schema.
 pub fn default_name(target: &str) -> String {
@@ -264,6 +460,76 @@ region = "region_code"
             .to_string();
         assert!(e.contains("line 4, column 1"), "{e}");
         assert!(e.contains("batchsize"), "{e}");
+    }
+
+    /// Flags and the file go through one path: the same overrides, validation and defaults.
+    #[test]
+    fn flags_override_the_file_through_one_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("p.toml");
+        std::fs::write(
+            &cfg,
+            "state = \"s.redb\"\n[source]\nurl = \"postgres://a@h/src\"\n[destination]\nurl = \"postgres://a@h/dst\"\n\
+             [[sync]]\nname = \"a\"\ntable = \"t\"\ntarget = \"t\"\nkey = \"id\"\nbatch_size = 10\n\
+             [[sync]]\nname = \"b\"\ntable = \"u\"\ntarget = \"u\"\nkey = \"id\"\nmax_retries = 2\n",
+        )
+        .unwrap();
+        let mut req = Request {
+            config: Some(cfg.clone()),
+            overrides: Overrides {
+                batch_size: Some(99),
+                delete: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let inv = req.resolve().unwrap();
+        assert_eq!(inv.state, dir.path().join("s.redb"));
+        assert_eq!(inv.specs.len(), 2);
+        assert!(inv
+            .specs
+            .iter()
+            .all(|s| s.batch.fixed_rows == Some(99) && s.delete));
+        assert_eq!(inv.specs[1].retry.max_attempts, 3);
+        req.only = Some("b".into());
+        assert_eq!(req.resolve().unwrap().specs[0].name, "b");
+        req.only = Some("c".into());
+        assert!(req
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("no sync named 'c'"));
+
+        // Flags alone: the same validation and defaults as a file entry.
+        let flags = Request {
+            source: Some("postgres://a@h/src".into()),
+            destination: Some("postgres://a@h/dst".into()),
+            model: FlagModel {
+                table: Some("public.orders".into()),
+                target: Some("public.orders".into()),
+                key: Some("id".into()),
+                ..Default::default()
+            },
+            overrides: Overrides {
+                max_delete_ratio: Some(1.5),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e = flags.resolve().unwrap_err().to_string();
+        assert!(e.contains("sync 'orders': max_delete_ratio"), "{e}");
+        let ok = Request {
+            overrides: Overrides::default(),
+            ..flags
+        };
+        let spec = &ok.resolve().unwrap().specs[0];
+        let defaults = SyncSpec::new(
+            "orders",
+            Model::Table("public.orders".into()),
+            "public.orders",
+            &["id"],
+        );
+        assert_eq!(format!("{spec:?}"), format!("{defaults:?}"));
     }
 
     #[test]

@@ -155,6 +155,11 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A pipeline task that panicked or was cancelled.
+pub(crate) fn join_err(e: tokio::task::JoinError) -> Error {
+    Error::Internal(format!("a pipeline task failed: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

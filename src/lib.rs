@@ -2,50 +2,46 @@
 //! only the rows that changed since the last successful run.
 //!
 //! # Layout
-//! The modules follow the data:
-//! - [`conn`]: connection strings (passwords redacted everywhere) and session settings.
-//! - [`tls`]: TLS with libpq's `sslmode` semantics (rustls).
-//! - [`model`]: the sync definition and the plan: column mapping, type checks, record matching,
-//!   the generated source query.
-//! - [`copy`]: the binary COPY codec, free of I/O: bytes in, tuples and field spans out.
-//! - [`hash`]: xxh3 over raw field bytes.
-//! - [`diff`]: hash + snapshot lookup + classification into added/changed/unchanged, on rayon.
-//! - [`batch`]: write batches and the adaptive batch-size controller.
-//! - [`writer`]: the destination session: COPY, staged upsert, deletes.
-//! - [`apply`]: drives a writer over a batch: retries, reconnects, splits on timeouts, bisects
-//!   bad rows.
-//! - [`retry`]: the retry policy: which failures are retried, backoff, and when to give up.
-//! - [`snapshot`]: the redb state file, and the thread that records committed writes.
-//! - [`sync`]: one run end to end, wiring the stages with bounded channels.
-//! - [`config`]: the TOML config file.
-//! - [`pgserver`]: a throwaway local PostgreSQL for `demo`, `bench` and tests.
-//! - [`demo`]: the `pgdelta demo` walkthrough.
-//! - [`bench`]: `pgdelta bench`, end-to-end benchmarks with same-run baselines; [`report`]
-//!   draws its HTML page.
-//! - [`error`]: the error type and the SQLSTATE classification.
+//! The modules follow the data (docs/architecture.md draws the same picture):
+//! - [`spec`] and [`config`]: what the user asked for; flags and the config file resolve to a
+//!   [`spec::SyncSpec`] along one path.
+//! - [`conn`] (with [`tls`]): connection strings (passwords redacted everywhere) and sessions.
+//! - `plan`: everything decided before a row moves: mapping, types, casts, record matching,
+//!   privileges, the generated source query.
+//! - `source`: the source stage: binary `COPY ... TO STDOUT`, framed into blocks.
+//! - [`copy`] and [`hash`]: the binary COPY codec (no I/O) and xxh3 over raw field bytes.
+//! - `diff`: the diff stage: hash, snapshot lookup and a pure classification, on rayon; cuts
+//!   write batches ([`batch`]).
+//! - `sink`: the writer stage: a `Destination` seam (Postgres; null for dry runs), batches
+//!   applied with retries, timeout splitting and bad-row bisection, the adaptive batch size,
+//!   the delete pass.
+//! - [`snapshot`]: the redb state file; one thread owns every write to it.
+//! - [`sync`]: the orchestrator: prepare, pipeline, settle, remove, finish; one stop token.
+//! - [`error`] and [`retry`]: the error type, the SQLSTATE classification, the retry policy.
+//! - [`tools`]: the throwaway server, the demo and the benchmark, apart from the sync path.
 //! - [`fuzzing`]: entry points for the fuzz targets.
 
-pub mod apply;
 pub mod batch;
-pub mod bench;
 pub mod config;
 pub mod conn;
 pub mod copy;
-pub mod demo;
-pub mod diff;
+mod diff;
 pub mod error;
 pub mod fuzzing;
 pub mod hash;
-pub mod model;
-pub mod pgserver;
-pub mod report;
+mod plan;
 pub mod retry;
+mod sink;
 pub mod snapshot;
+mod source;
+pub mod spec;
 pub mod sync;
 pub mod tls;
-pub mod writer;
+pub mod tools;
 
 pub use error::{Error, Result};
+pub use plan::{check_plan, PlanCheck};
+pub use sink::{BatchSettings, Operation, Rejection};
 
 /// Prints a line on stdout. When stdout is closed (piped into `head`, say), the reader is gone:
 /// the program ends quietly with success instead of panicking on the broken pipe.

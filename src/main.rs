@@ -7,12 +7,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use pgdelta::config::{default_name, split_list, ConfigFile, DEFAULT_MAX_DELETE_RATIO};
+use pgdelta::config::{FlagModel, Invocation, Overrides, Request};
 use pgdelta::conn::ConnInfo;
-use pgdelta::model::{Mode, Model, SyncSpec};
 use pgdelta::snapshot::Snapshot;
-use pgdelta::sync::{RunOptions, Summary};
-use pgdelta::Error;
+use pgdelta::spec::Mode;
+use pgdelta::sync::{RunOptions, RunRecord, Summary};
+use pgdelta::{Error, Rejection};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -34,11 +35,11 @@ enum Command {
     /// Show the history of sync runs recorded in a state file.
     Log(LogArgs),
     /// Run the main job on a throwaway local PostgreSQL: seed, sync, churn, re-sync.
-    Demo(pgdelta::demo::DemoArgs),
+    Demo(pgdelta::tools::demo::DemoArgs),
     /// Read a table or query with binary COPY and discard it: the baseline a re-sync is held to.
     Read(ReadArgs),
     /// End-to-end benchmark against same-run baselines, on a throwaway Postgres or staging URLs.
-    Bench(pgdelta::bench::BenchArgs),
+    Bench(pgdelta::tools::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -180,11 +181,11 @@ fn main() -> ExitCode {
             Command::Check(a) => run_sync(a, true).await,
             Command::Log(a) => run_log(a),
             Command::Read(a) => run_read(a).await,
-            Command::Bench(a) => match pgdelta::bench::run(a).await {
+            Command::Bench(a) => match pgdelta::tools::bench::run(a).await {
                 Ok(code) => code,
                 Err(e) => report_error(&e, false, None),
             },
-            Command::Demo(a) => match pgdelta::demo::run(a).await {
+            Command::Demo(a) => match pgdelta::tools::demo::run(a).await {
                 Ok(()) => 0,
                 Err(e) => report_error(&e, false, None),
             },
@@ -205,190 +206,42 @@ fn init_tracing() {
         .try_init();
 }
 
-/// Everything a sync invocation needs, resolved from config, flags and environment.
-struct Invocation {
-    source: ConnInfo,
-    destination: ConnInfo,
-    state: PathBuf,
-    specs: Vec<SyncSpec>,
-}
-
-fn resolve(a: &SyncArgs) -> Result<Invocation, Error> {
-    let file = match &a.config {
-        Some(p) => Some((ConfigFile::load(p)?, p.clone())),
-        None => None,
-    };
-    let from_file = |pick: fn(&ConfigFile) -> Option<&pgdelta::config::Endpoint>,
-                     which: &str|
-     -> Result<Option<String>, Error> {
-        match &file {
-            Some((f, _)) => match pick(f) {
-                Some(e) => e.resolve(which),
-                None => Ok(None),
+impl SyncArgs {
+    /// The flags as a configuration request: the model flags, and the settings that override
+    /// the config file. Validation and defaults happen in one place, `config`.
+    fn request(&self) -> Request {
+        Request {
+            config: self.config.clone(),
+            only: self.only.clone(),
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            state: self.state.clone(),
+            model: FlagModel {
+                table: self.table.clone(),
+                query: self.query.clone(),
+                target: self.target.clone(),
+                key: self.key.clone(),
+                name: self.name.clone(),
+                map: self.map.clone(),
             },
-            None => Ok(None),
-        }
-    };
-    let source = a
-        .source
-        .clone()
-        .or(from_file(|f| f.source.as_ref(), "source")?)
-        .ok_or_else(|| {
-            Error::Config(
-                "no source: give --source URL, PGDELTA_SOURCE_URL, or [source] in the config"
-                    .into(),
-            )
-        })?;
-    let destination = a
-        .destination
-        .clone()
-        .or(from_file(|f| f.destination.as_ref(), "destination")?)
-        .ok_or_else(|| Error::Config("no destination: give --destination URL, PGDELTA_DESTINATION_URL, or [destination] in the config".into()))?;
-    let state = a
-        .state
-        .clone()
-        .or_else(|| {
-            file.as_ref().and_then(|(f, p)| {
-                f.state
-                    .as_ref()
-                    .map(|s| p.parent().unwrap_or(std::path::Path::new(".")).join(s))
-            })
-        })
-        .unwrap_or_else(pgdelta::sync::default_state_path);
-
-    let model_flags =
-        a.table.is_some() || a.query.is_some() || a.target.is_some() || a.key.is_some();
-    let mut specs = Vec::new();
-    if model_flags || file.is_none() {
-        let model = match (&a.table, &a.query) {
-            (Some(t), None) => Model::Table(t.clone()),
-            (None, Some(q)) => Model::Query(q.clone()),
-            _ => {
-                return Err(Error::Config(
-                    "give the model: --table SCHEMA.TABLE or --query SQL".into(),
-                ))
-            }
-        };
-        let target = a
-            .target
-            .clone()
-            .ok_or_else(|| Error::Config("give --target SCHEMA.TABLE".into()))?;
-        let key = split_list(a.key.as_deref().unwrap_or(""));
-        if key.is_empty() {
-            return Err(Error::Config(
-                "give --key COL[,COL...]: the target's PRIMARY KEY or UNIQUE columns".into(),
-            ));
-        }
-        let mut columns = std::collections::BTreeMap::new();
-        for m in &a.map {
-            let (d, s) = m
-                .split_once('=')
-                .ok_or_else(|| Error::Config(format!("--map takes TARGET=SOURCE, got '{m}'")))?;
-            columns.insert(d.trim().to_string(), s.trim().to_string());
-        }
-        let ratio = a.max_delete_ratio.unwrap_or(DEFAULT_MAX_DELETE_RATIO);
-        if !(0.0..=1.0).contains(&ratio) {
-            return Err(Error::Config(
-                "--max-delete-ratio must be between 0 and 1".into(),
-            ));
-        }
-        if a.batch_size == Some(0) {
-            return Err(Error::Config("--batch-size must be at least 1".into()));
-        }
-        specs.push(SyncSpec {
-            name: a.name.clone().unwrap_or_else(|| default_name(&target)),
-            model,
-            target,
-            key,
-            columns,
-            mode: a.mode.unwrap_or(Mode::Upsert),
-            delete: a.delete,
-            batch: pgdelta::batch::BatchSettings {
-                fixed_rows: a.batch_size,
-                sleep: std::time::Duration::from_millis(a.sleep_ms.unwrap_or(0)),
-                writers: a.writers.unwrap_or(2) as usize,
-                ..Default::default()
+            overrides: Overrides {
+                mode: self.mode,
+                delete: self.delete,
+                batch_size: self.batch_size,
+                sleep_ms: self.sleep_ms,
+                writers: self.writers.map(|w| w as usize),
+                max_delete_ratio: self.max_delete_ratio,
+                read_timeout_ms: self.read_timeout_ms,
+                max_rejected: self.max_rejected,
+                max_retries: self.max_retries,
+                retry_timeout_s: self.retry_timeout_s,
             },
-            max_delete_ratio: ratio,
-            read_timeout: a.read_timeout_ms.map(std::time::Duration::from_millis),
-            max_rejected: a
-                .max_rejected
-                .unwrap_or(pgdelta::config::DEFAULT_MAX_REJECTED),
-            retry: Default::default(),
-        });
-    } else if let Some((f, path)) = &file {
-        for entry in &f.syncs {
-            let mut spec = entry.to_spec()?;
-            // Flags override the file for every selected sync.
-            if let Some(m) = a.mode {
-                spec.mode = m;
-            }
-            if a.delete {
-                spec.delete = true;
-            }
-            if let Some(b) = a.batch_size {
-                spec.batch.fixed_rows = Some(b);
-            }
-            if let Some(w) = a.writers {
-                spec.batch.writers = w as usize;
-            }
-            if let Some(s) = a.sleep_ms {
-                spec.batch.sleep = std::time::Duration::from_millis(s);
-            }
-            if let Some(r) = a.max_delete_ratio {
-                spec.max_delete_ratio = r;
-            }
-            if let Some(t) = a.read_timeout_ms {
-                spec.read_timeout = Some(std::time::Duration::from_millis(t));
-            }
-            if let Some(m) = a.max_rejected {
-                spec.max_rejected = m;
-            }
-            specs.push(spec);
-        }
-        if specs.is_empty() {
-            return Err(Error::Config(format!(
-                "config file {} has no [[sync]] entries",
-                path.display()
-            )));
-        }
-        let mut names = std::collections::HashSet::new();
-        for s in &specs {
-            if !names.insert(s.name.clone()) {
-                return Err(Error::Config(format!(
-                    "two syncs are named '{}'; give each a unique name",
-                    s.name
-                )));
-            }
-        }
-        if let Some(only) = &a.only {
-            specs.retain(|s| &s.name == only);
-            if specs.is_empty() {
-                return Err(Error::Config(format!(
-                    "no sync named '{only}' in {}",
-                    path.display()
-                )));
-            }
         }
     }
-    for spec in &mut specs {
-        if let Some(r) = a.max_retries {
-            spec.retry.max_attempts = r + 1;
-        }
-        if let Some(t) = a.retry_timeout_s {
-            spec.retry.max_elapsed = std::time::Duration::from_secs(t);
-        }
-    }
-    Ok(Invocation {
-        source: ConnInfo::parse(&source)?,
-        destination: ConnInfo::parse(&destination)?,
-        state,
-        specs,
-    })
 }
 
 async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
-    let inv = match resolve(&a) {
+    let inv = match a.request().resolve() {
         Ok(i) => i,
         Err(e) => return report_error(&e, a.json, None),
     };
@@ -403,12 +256,12 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         dry_run: a.dry_run,
         full_resync: a.full_resync,
         progress: true,
-        shutdown: Some(shutdown_signal()),
+        shutdown: shutdown_signal(),
         timeline: a.timeline,
     };
     let mut code = 0;
     for spec in &inv.specs {
-        if opts.shutdown.as_ref().is_some_and(|s| *s.borrow()) {
+        if opts.shutdown.is_cancelled() {
             break;
         }
         match pgdelta::sync::run(&inv.source, &inv.destination, spec, &opts, &snapshot).await {
@@ -424,11 +277,12 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
     code
 }
 
-/// A flag that turns true on the first SIGINT or SIGTERM. The run then stops reading, finishes
-/// the batches in flight and records them; a second signal exits at once (still safe: the
-/// snapshot only ever holds committed rows).
-fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
+/// A token cancelled on the first SIGINT or SIGTERM. The run then stops reading, finishes the
+/// batches in flight and records them; a second signal exits at once (still safe: the snapshot
+/// only ever holds committed rows).
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let tx = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut int), Ok(mut term)) = (
@@ -444,14 +298,14 @@ fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
             }
             if n == 0 {
                 eprintln!("pgdelta: stopping: finishing the batches in flight and recording them (signal again to exit at once)");
-                let _ = tx.send(true);
+                tx.cancel();
             } else {
                 eprintln!("pgdelta: exiting now; the next run resumes from what was recorded");
                 std::process::exit(130);
             }
         }
     });
-    rx
+    token
 }
 
 async fn run_check(inv: &Invocation, json: bool) -> i32 {
@@ -497,7 +351,7 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
     }
     if let (Ok(src), Ok(dst)) = (&src, &dst) {
         for spec in &inv.specs {
-            match pgdelta::model::plan(src, dst, spec).await {
+            match pgdelta::check_plan(src, dst, spec).await {
                 Ok(p) => line(
                     true,
                     format!(
@@ -505,7 +359,7 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
                         spec.name,
                         p.target,
                         spec.key.join(", "),
-                        p.columns.len(),
+                        p.columns,
                         if p.notes.is_empty() { String::new() } else { format!(" ({})", p.notes.join("; ")) }
                     ),
                     None,
@@ -539,7 +393,7 @@ async fn run_read(a: ReadArgs) -> i32 {
         let client = ConnInfo::parse(&a.source)?
             .connect("source", &[("statement_timeout", "0".into())])
             .await?;
-        pgdelta::demo::copy_read(&client, &select).await
+        pgdelta::tools::workload::copy_read(&client, &select).await
     };
     match run.await {
         Ok((bytes, took)) => {
@@ -567,71 +421,21 @@ fn run_log(a: LogArgs) -> i32 {
         let snap =
             Snapshot::open(&a.state, 1 << 20).with_context(|| "cannot open the state file")?;
         if a.rejected {
-            for (sync, json) in snap.rejected()? {
+            for (sync, rows) in snap.rejections::<Rejection>()? {
                 if a.only.as_ref().is_some_and(|o| o != &sync) {
                     continue;
                 }
-                let rows: Vec<serde_json::Value> = serde_json::from_str(&json)?;
                 for r in rows {
-                    if a.json {
-                        pgdelta::outln!(
-                            "{}",
-                            serde_json::json!({"type": "rejected", "data": {"sync": sync, "row": r}})
-                        );
-                    } else {
-                        pgdelta::outln!(
-                            "{sync}: {} {} [{}] {}",
-                            r["operation"].as_str().unwrap_or(""),
-                            r["key"].as_str().unwrap_or(""),
-                            r["sqlstate"].as_str().unwrap_or(""),
-                            r["message"].as_str().unwrap_or("")
-                        );
-                    }
+                    print_rejection(&sync, &r, a.json);
                 }
             }
             return Ok(());
         }
-        let runs = snap.runs(usize::MAX)?;
-        let mut shown: Vec<(u64, serde_json::Value)> = runs
-            .into_iter()
-            .filter_map(|(id, json)| {
-                serde_json::from_str::<serde_json::Value>(&json)
-                    .ok()
-                    .map(|v| (id, v))
-            })
-            .filter(|(_, v)| {
-                a.only
-                    .as_ref()
-                    .is_none_or(|o| v["sync"].as_str() == Some(o))
-            })
-            .collect();
-        let skip = shown.len().saturating_sub(a.limit);
-        shown.drain(..skip);
-        for (id, v) in shown {
-            if a.json {
-                pgdelta::outln!(
-                    "{}",
-                    serde_json::json!({"type": "run", "data": {"id": id, "summary": v}})
-                );
-            } else {
-                let n = |k: &str| v[k].as_u64().unwrap_or(0);
-                let when = format_unix(id / 1_000_000);
-                let sync = v["sync"].as_str().unwrap_or("?");
-                match v["error"].as_str() {
-                    Some(err) => pgdelta::outln!("{when} {sync:<20} FAILED after {:.1}s: {err}", v["duration_s"].as_f64().unwrap_or(0.0)),
-                    None => pgdelta::outln!(
-                        "{when} {sync:<20} read {:>10}  added {:>8}  changed {:>8}  removed {:>8}  deleted {:>8}  written {:>8}  rejected {:>5}  {:>8.1}s",
-                        n("rows_read"),
-                        n("added"),
-                        n("changed"),
-                        n("removed"),
-                        n("deleted"),
-                        n("written"),
-                        n("rejected"),
-                        v["duration_s"].as_f64().unwrap_or(0.0)
-                    ),
-                }
-            }
+        let mut runs: Vec<(u64, RunRecord)> = snap.runs(usize::MAX)?;
+        runs.retain(|(_, r)| a.only.as_ref().is_none_or(|o| r.sync() == o));
+        let skip = runs.len().saturating_sub(a.limit);
+        for (id, r) in runs.into_iter().skip(skip) {
+            print_run(id, &r, a.json);
         }
         if !a.json {
             for (name, _meta, len) in snap.syncs()? {
@@ -649,27 +453,53 @@ fn run_log(a: LogArgs) -> i32 {
     }
 }
 
-/// `YYYY-MM-DD HH:MM:SS` (UTC) from unix seconds, without a date crate.
-fn format_unix(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+fn print_rejection(sync: &str, r: &Rejection, json: bool) {
+    if json {
+        pgdelta::outln!(
+            "{}",
+            serde_json::json!({"type": "rejected", "data": {"sync": sync, "row": r}})
+        );
+        return;
+    }
+    pgdelta::outln!(
+        "{sync}: {} {} [{}] {}",
+        r.operation,
+        r.key,
+        r.sqlstate,
+        r.message
+    );
+}
+
+fn print_run(id: u64, r: &RunRecord, json: bool) {
+    if json {
+        pgdelta::outln!(
+            "{}",
+            serde_json::json!({"type": "run", "data": {"id": id, "summary": r}})
+        );
+        return;
+    }
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_micros(id);
+    let when = humantime::format_rfc3339_seconds(when);
+    match r {
+        RunRecord::Failed(f) => pgdelta::outln!(
+            "{when} {:<20} FAILED after {:.1}s: {}",
+            f.sync,
+            f.duration_s,
+            f.error
+        ),
+        RunRecord::Finished(s) => pgdelta::outln!(
+            "{when} {:<20} read {:>10}  added {:>8}  changed {:>8}  removed {:>8}  deleted {:>8}  written {:>8}  rejected {:>5}  {:>8.1}s",
+            s.sync,
+            s.rows_read,
+            s.added,
+            s.changed,
+            s.removed,
+            s.deleted,
+            s.written,
+            s.rejected,
+            s.duration_s
+        ),
+    }
 }
 
 fn print_summary(s: &Summary, json: bool) {

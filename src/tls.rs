@@ -132,22 +132,11 @@ pub fn split_settings(s: &str) -> Result<(String, TlsSettings), Error> {
     Ok((rest, settings))
 }
 
+/// Decodes `%XX` escapes in a URL query value (libpq does the same).
 fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 3 <= b.len() {
-            if let Ok(x) = u8::from_str_radix(&v[i + 1..i + 3], 16) {
-                out.push(x);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(v)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Splits `key=value key='quoted value'` into (key, unquoted value, raw text).
@@ -237,20 +226,24 @@ pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, Err
 }
 
 fn load_roots(root_cert: Option<&str>) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    if root_cert == Some("system") {
+        // The platform's trust store (SSL_CERT_FILE / SSL_CERT_DIR are honoured).
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let why = found
+                .errors
+                .first()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            return Err(Error::Config(format!(
+                "sslrootcert=system: no system CA certificate found{why} (install ca-certificates)"
+            )));
+        }
+        return Ok(roots);
+    }
     let path: PathBuf = match root_cert {
-        Some("system") => [
-            "/etc/ssl/certs/ca-certificates.crt",
-            "/etc/pki/tls/certs/ca-bundle.crt",
-            "/etc/ssl/cert.pem",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            Error::Config(
-                "sslrootcert=system: no system CA bundle found (install ca-certificates)".into(),
-            )
-        })?,
         Some(p) => PathBuf::from(p),
         None => {
             let home = std::env::var("HOME").unwrap_or_default();
@@ -263,7 +256,6 @@ fn load_roots(root_cert: Option<&str>) -> Result<RootCertStore, Error> {
             p
         }
     };
-    let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(&path)
         .map_err(|e| Error::Config(format!("cannot read sslrootcert {}: {e}", path.display())))?;
     for c in certs {

@@ -46,7 +46,7 @@ async fn sync_flags_json_summary_and_log() {
         state.to_str().unwrap(),
         "--json",
     ];
-    let o = pgdelta(&env.dir.0, &args);
+    let o = pgdelta(&env.dir.path(), &args);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
@@ -62,7 +62,7 @@ async fn sync_flags_json_summary_and_log() {
         .batch_execute("DELETE FROM t WHERE id = 1")
         .await
         .unwrap();
-    let o = pgdelta(&env.dir.0, &args);
+    let o = pgdelta(&env.dir.path(), &args);
     let last: serde_json::Value = serde_json::from_str(text(&o).0.lines().last().unwrap()).unwrap();
     assert_eq!(
         (
@@ -73,7 +73,7 @@ async fn sync_flags_json_summary_and_log() {
     );
 
     let o = pgdelta(
-        &env.dir.0,
+        &env.dir.path(),
         &["log", "--state", state.to_str().unwrap(), "--json"],
     );
     let (out, err) = text(&o);
@@ -97,7 +97,7 @@ async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
         .batch_execute("INSERT INTO a VALUES (1, 'x'), (2, 'y'); INSERT INTO b VALUES ('k1', 1)")
         .await
         .unwrap();
-    let cfg = env.dir.0.join("pgdelta.toml");
+    let cfg = env.dir.path().join("pgdelta.toml");
     std::fs::write(
         &cfg,
         format!(
@@ -108,7 +108,7 @@ async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
     .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_pgdelta"))
         .args(["sync", "--config", cfg.to_str().unwrap(), "--json"])
-        .current_dir(&env.dir.0)
+        .current_dir(&env.dir.path())
         .env("SRC", &env.src_url)
         .output()
         .unwrap();
@@ -124,7 +124,7 @@ async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
         })
         .collect();
     assert_eq!(names, vec!["first", "b"]);
-    assert!(env.dir.0.join("state.redb").exists());
+    assert!(env.dir.path().join("state.redb").exists());
     assert_eq!(Env::rows(&env.dst, "SELECT n FROM b").await, vec!["(10)"]);
 
     std::fs::write(
@@ -132,7 +132,10 @@ async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
         "[[sync]]\ntarget = \"a\"\nkey = \"id\"\ntable = \"a\"\nbatchsize = 5\n",
     )
     .unwrap();
-    let o = pgdelta(&env.dir.0, &["sync", "--config", cfg.to_str().unwrap()]);
+    let o = pgdelta(
+        &env.dir.path(),
+        &["sync", "--config", cfg.to_str().unwrap()],
+    );
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -144,7 +147,7 @@ async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2_and_secrets_never_show() {
     let env = Env::new().await;
-    let dir = &env.dir.0;
+    let dir = &env.dir.path();
     let o = pgdelta(
         dir,
         &[
@@ -218,7 +221,7 @@ async fn check_reports_each_check_and_the_fix() {
     ];
     let mut ok = base.to_vec();
     ok.extend(["--table", "t", "--target", "t", "--key", "id"]);
-    let o = pgdelta(&env.dir.0, &ok);
+    let o = pgdelta(&env.dir.path(), &ok);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert_eq!(
@@ -229,7 +232,7 @@ async fn check_reports_each_check_and_the_fix() {
 
     let mut bad = base.to_vec();
     bad.extend(["--table", "u", "--target", "u", "--key", "id"]);
-    let o = pgdelta(&env.dir.0, &bad);
+    let o = pgdelta(&env.dir.path(), &bad);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("FAIL") && err.contains("ADD UNIQUE"), "{err}");
@@ -241,8 +244,8 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
     // Something of the user's, which the bench must not touch.
     env.both("CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders VALUES (1)")
         .await;
-    let json = env.dir.0.join("bench.json");
-    let report = env.dir.0.join("bench.html");
+    let json = env.dir.path().join("bench.json");
+    let report = env.dir.path().join("bench.html");
     let bench = |extra: &[&str]| {
         let mut args = vec![
             "bench",
@@ -256,7 +259,7 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
             "1",
         ];
         args.extend_from_slice(extra);
-        pgdelta(&env.dir.0, &args)
+        pgdelta(&env.dir.path(), &args)
     };
     let o = bench(&[
         "--scenarios",

@@ -1,5 +1,5 @@
-use pgdelta::model::Model;
 use pgdelta::snapshot::{Snapshot, SnapshotError};
+use pgdelta::spec::Model;
 use pgdelta::Error;
 
 use crate::support::Env;

@@ -73,7 +73,7 @@ proptest! {
             spec.max_delete_ratio = 1.0;
             spec.batch.fixed_rows = batch;
             if insert_mode {
-                spec.mode = pgdelta::model::Mode::Insert;
+                spec.mode = pgdelta::spec::Mode::Insert;
             }
             for ops in &steps {
                 for o in ops {

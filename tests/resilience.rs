@@ -1,8 +1,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use pgdelta::model::{Mode, Model};
-use pgdelta::pgserver::{Durability, TempPostgres};
+use pgdelta::spec::{Mode, Model};
+use pgdelta::tools::pgserver::{Durability, TempPostgres};
 use pgdelta::Error;
 
 use crate::support::{connect, Env};
@@ -106,8 +106,8 @@ async fn bad_rows_are_isolated_reported_and_retried_next_run() {
 
     // The state file lists them.
     let snap = pgdelta::snapshot::Snapshot::open(&env.state(), 1 << 20).unwrap();
-    let listed = snap.rejected().unwrap();
-    assert!(listed[0].1.contains("id=500"), "{listed:?}");
+    let listed = snap.rejections::<pgdelta::Rejection>().unwrap();
+    assert!(listed[0].1.iter().any(|r| r.key == "id=500"), "{listed:?}");
     drop(snap);
 
     // A changed row that turns bad is rejected too, and its old version stays.
@@ -290,7 +290,7 @@ fn spawn_sync(env: &Env, extra: &[&str]) -> std::process::Child {
     args.extend_from_slice(extra);
     Command::new(env!("CARGO_BIN_EXE_pgdelta"))
         .args(&args)
-        .current_dir(&env.dir.0)
+        .current_dir(&env.dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -1,4 +1,4 @@
-use pgdelta::model::{Mode, Model};
+use pgdelta::spec::{Mode, Model};
 use pgdelta::sync::RunOptions;
 
 use crate::support::Env;

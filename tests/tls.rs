@@ -2,9 +2,9 @@ use std::path::Path;
 use std::process::Command;
 
 use pgdelta::conn::ConnInfo;
-use pgdelta::pgserver::{Durability, TempPostgres};
+use pgdelta::tools::pgserver::{Durability, TempPostgres};
 
-use crate::support::{Env, Scratch};
+use crate::support::Env;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -105,17 +105,20 @@ async fn ssl_in_use(url: &str) -> Result<bool, pgdelta::Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmodes_encrypt_and_verify_as_libpq_does() {
-    let dir = Scratch::new();
-    make_certs(&dir.0);
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
     let pg = tokio::task::spawn_blocking(|| TempPostgres::start(Durability::Fast))
         .await
         .unwrap()
         .unwrap();
-    pg.enable_tls(&dir.0.join("server.crt"), &dir.0.join("server.key"))
-        .unwrap();
+    pg.enable_tls(
+        &dir.path().join("server.crt"),
+        &dir.path().join("server.key"),
+    )
+    .unwrap();
     let port = pg.port();
-    let ca = dir.0.join("ca.pem");
-    let other = dir.0.join("other-ca.pem");
+    let ca = dir.path().join("ca.pem");
+    let other = dir.path().join("other-ca.pem");
     let url = |host: &str, db: &str, q: &str| format!("postgres://postgres@{host}:{port}/{db}?{q}");
 
     assert!(
@@ -183,21 +186,11 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
     dst.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let spec = pgdelta::model::SyncSpec {
-        name: "t".into(),
-        model: pgdelta::model::Model::Table("t".into()),
-        target: "t".into(),
-        key: vec!["id".into()],
-        columns: Default::default(),
-        mode: pgdelta::model::Mode::Upsert,
-        delete: true,
-        batch: Default::default(),
-        max_delete_ratio: 0.5,
-        read_timeout: None,
-        max_rejected: 0,
-        retry: Default::default(),
-    };
-    let snap = pgdelta::snapshot::Snapshot::open(&dir.0.join("s.redb"), 1 << 20).unwrap();
+    let mut spec =
+        pgdelta::spec::SyncSpec::new("t", pgdelta::spec::Model::Table("t".into()), "t", &["id"]);
+    spec.delete = true;
+    spec.max_rejected = 0;
+    let snap = pgdelta::snapshot::Snapshot::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
     let s = pgdelta::sync::run(
         &ConnInfo::parse(&src_url).unwrap(),
         &ConnInfo::parse(&dst_url).unwrap(),

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use pgdelta::conn::ConnInfo;
-use pgdelta::model::{Mode, Model, SyncSpec};
-use pgdelta::pgserver::{Durability, TempPostgres};
 use pgdelta::snapshot::Snapshot;
+use pgdelta::spec::{Model, SyncSpec};
 use pgdelta::sync::{RunOptions, Summary};
+use pgdelta::tools::pgserver::{Durability, TempPostgres};
 use tokio_postgres::Client;
 
 enum Server {
@@ -100,35 +100,14 @@ pub fn assert_rows_equal(a: &[String], b: &[String]) {
     }
 }
 
-/// A scratch directory, removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new() -> Scratch {
-        let p = std::env::temp_dir().join(format!(
-            "pgdelta-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A source and a destination database of its own for one test.
 pub struct Env {
     pub src: Client,
     pub dst: Client,
     pub src_url: String,
     pub dst_url: String,
-    pub dir: Scratch,
+    /// Scratch directory (state files, configs), removed on drop.
+    pub dir: tempfile::TempDir,
     names: (String, String),
 }
 
@@ -158,13 +137,13 @@ impl Env {
             dst: connect(&dst_url).await,
             src_url,
             dst_url,
-            dir: Scratch::new(),
+            dir: tempfile::tempdir().unwrap(),
             names,
         }
     }
 
     pub fn state(&self) -> PathBuf {
-        self.dir.0.join("state.redb")
+        self.dir.path().join("state.redb")
     }
 
     /// Runs SQL on both databases.
@@ -175,23 +154,10 @@ impl Env {
 
     /// A table-model spec with sensible defaults.
     pub fn spec(&self, table: &str, key: &[&str]) -> SyncSpec {
-        SyncSpec {
-            name: table.into(),
-            model: Model::Table(table.into()),
-            target: table.into(),
-            key: key.iter().map(|s| s.to_string()).collect(),
-            columns: Default::default(),
-            mode: Mode::Upsert,
-            delete: false,
-            batch: Default::default(),
-            max_delete_ratio: 0.5,
-            read_timeout: None,
-            max_rejected: 100,
-            retry: pgdelta::retry::RetryPolicy {
-                base: std::time::Duration::from_millis(50),
-                ..Default::default()
-            },
-        }
+        let mut spec = SyncSpec::new(table, Model::Table(table.into()), table, key);
+        // Quick retries: the tests provoke failures on purpose.
+        spec.retry.base = std::time::Duration::from_millis(50);
+        spec
     }
 
     /// Runs a sync with small pipeline buffers, so the reader stalls behind slow writers

@@ -3,7 +3,7 @@
 
 use plotters::prelude::*;
 
-use crate::bench::BenchReport;
+use super::bench::BenchReport;
 
 const COLORS: [RGBColor; 5] = [
     RGBColor(31, 119, 180),

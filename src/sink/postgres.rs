@@ -1,4 +1,4 @@
-//! The destination writer: one session that applies batches of changes.
+//! The Postgres destination: one session that applies batches of changes.
 //!
 //! - First load into an empty target (upsert mode, empty snapshot): binary `COPY target FROM STDIN`.
 //! - Upsert: binary COPY into a temporary staging table, then
@@ -26,12 +26,14 @@ use crate::batch::{KeyBatch, WriteBatch};
 use crate::conn::ConnInfo;
 use crate::copy::{fields, HEADER, TRAILER};
 use crate::error::Error;
-use crate::model::{quote_ident, Mode, Plan};
+use crate::plan::{quote_ident, Plan};
+use crate::spec::Mode;
+
+use super::destination::{Destination, WriteFailure, Written};
 
 /// How rows reach the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Strategy {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Strategy {
     /// Plain COPY into the target (first load into an empty table).
     Copy,
     /// COPY into staging, then INSERT ... ON CONFLICT DO UPDATE.
@@ -41,7 +43,15 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub fn choose(mode: Mode, target_empty: bool, snapshot_empty: bool) -> Strategy {
+    pub(crate) fn as_str(&self) -> &'static str {
+        match self {
+            Strategy::Copy => "copy",
+            Strategy::Upsert => "upsert",
+            Strategy::Insert => "insert",
+        }
+    }
+
+    pub(crate) fn choose(mode: Mode, target_empty: bool, snapshot_empty: bool) -> Strategy {
         match mode {
             Mode::Insert => Strategy::Insert,
             Mode::Upsert if target_empty && snapshot_empty => Strategy::Copy,
@@ -51,21 +61,12 @@ impl Strategy {
 }
 
 /// Session settings for writer connections.
-pub fn session_settings() -> Vec<(&'static str, String)> {
+pub(crate) fn session_settings() -> Vec<(&'static str, String)> {
     // The planner's JIT costs the staged upsert dearly and never pays off for it.
     vec![("jit", "off".into())]
 }
 
-/// What one write did.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Written {
-    /// Rows inserted or updated.
-    pub rows: u64,
-    /// Rows that were already present (insert mode after a crash).
-    pub already_present: u64,
-}
-
-pub struct Writer {
+pub(crate) struct PgDestination {
     client: Client,
     dest: ConnInfo,
     statement_timeout: Option<std::time::Duration>,
@@ -150,14 +151,14 @@ impl WriterSql {
     }
 }
 
-impl Writer {
-    pub async fn connect(
+impl PgDestination {
+    pub(crate) async fn connect(
         dest: &ConnInfo,
         plan: &Plan,
         strategy: Strategy,
-    ) -> Result<Writer, Error> {
+    ) -> Result<PgDestination, Error> {
         let (client, statement_timeout) = open_session(dest).await?;
-        Ok(Writer {
+        Ok(PgDestination {
             client,
             dest: dest.clone(),
             statement_timeout,
@@ -169,7 +170,7 @@ impl Writer {
     }
 
     /// Replaces a broken session with a new one (staging and prepared statements are redone).
-    pub async fn reconnect(&mut self) -> Result<(), Error> {
+    async fn reconnect_session(&mut self) -> Result<(), Error> {
         let (client, statement_timeout) = open_session(&self.dest).await?;
         self.client = client;
         self.statement_timeout = statement_timeout;
@@ -178,14 +179,8 @@ impl Writer {
         Ok(())
     }
 
-    /// The session's effective `statement_timeout` (a role or database setting may impose one);
-    /// `None` when there is none.
-    pub fn statement_timeout(&self) -> Option<std::time::Duration> {
-        self.statement_timeout
-    }
-
     /// Writes rows `rows` of `batch`, committed when this returns Ok.
-    pub async fn write(
+    async fn write_rows(
         &mut self,
         batch: &WriteBatch,
         rows: Range<usize>,
@@ -242,7 +237,7 @@ impl Writer {
     }
 
     /// Deletes keys `rows` of `keys`; returns how many rows the destination deleted.
-    pub async fn delete(
+    async fn delete_keys(
         &mut self,
         keys: &KeyBatch,
         rows: Range<usize>,
@@ -270,9 +265,36 @@ impl Writer {
         tx.commit().await?;
         Ok(n)
     }
+}
 
-    pub fn client(&self) -> &Client {
-        &self.client
+impl Destination for PgDestination {
+    async fn write(
+        &mut self,
+        batch: &WriteBatch,
+        rows: Range<usize>,
+    ) -> Result<Written, WriteFailure> {
+        self.write_rows(batch, rows)
+            .await
+            .map_err(|e| WriteFailure::from_pg(&e))
+    }
+
+    async fn delete(&mut self, keys: &KeyBatch, rows: Range<usize>) -> Result<u64, WriteFailure> {
+        self.delete_keys(keys, rows)
+            .await
+            .map_err(|e| WriteFailure::from_pg(&e))
+    }
+
+    async fn reconnect(&mut self) -> Result<(), Error> {
+        self.reconnect_session().await
+    }
+
+    /// The session's effective `statement_timeout` (a role or database setting may impose one).
+    fn statement_timeout(&self) -> Option<std::time::Duration> {
+        self.statement_timeout
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
 }
 
@@ -285,7 +307,6 @@ async fn open_session(dest: &ConnInfo) -> Result<(Client, Option<std::time::Dura
     Ok((client, timeout))
 }
 
-/// COPY `tuples` (whole binary tuples) into `sql`'s table; autocommits.
 /// COPY `tuples` into `sql`'s table in a transaction of its own.
 ///
 /// Never in autocommit: tokio-postgres runs COPY over the extended protocol and `finish()`

@@ -19,9 +19,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use crate::demo::{admin, churn_sql, copy_read, exec, seed_sql, ORDERS_DDL};
+use super::pgserver::{Durability, TempPostgres};
+use super::workload::{admin, churn_sql, copy_read, exec, seed_sql, ORDERS_DDL};
 use crate::error::{pg_message, Error};
-use crate::pgserver::{Durability, TempPostgres};
 
 const SCHEMA: &str = "pgdelta_bench";
 
@@ -159,7 +159,8 @@ struct Setup {
     src: Client,
     dst: Client,
     _server: Option<TempPostgres>,
-    dir: PathBuf,
+    /// Scratch directory for the state file, removed on drop.
+    dir: tempfile::TempDir,
 }
 
 pub async fn run(args: BenchArgs) -> Result<i32, Error> {
@@ -176,7 +177,6 @@ pub async fn run(args: BenchArgs) -> Result<i32, Error> {
         &format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"),
     )
     .await;
-    let _ = std::fs::remove_dir_all(&setup.dir);
     let report = result?;
     print_table(&report);
     if let Some(p) = &args.json {
@@ -186,7 +186,7 @@ pub async fn run(args: BenchArgs) -> Result<i32, Error> {
             .map_err(|e| Error::Config(format!("cannot write {}: {e}", p.display())))?;
     }
     if let Some(p) = &args.report {
-        let html = crate::report::html(&report);
+        let html = super::report::html(&report);
         std::fs::write(p, html)
             .map_err(|e| Error::Config(format!("cannot write {}: {e}", p.display())))?;
         eprintln!("pgdelta bench: report written to {}", p.display());
@@ -277,8 +277,10 @@ async fn setup(args: &BenchArgs) -> Result<Setup, Error> {
         "pgdelta bench: seeded in {:.1}s",
         t0.elapsed().as_secs_f64()
     );
-    let dir = std::env::temp_dir().join(format!("pgdelta-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Internal(e.to_string()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("pgdelta-bench-")
+        .tempdir()
+        .map_err(|e| Error::Internal(format!("cannot create a scratch directory: {e}")))?;
     Ok(Setup {
         src_url,
         dst_url,
@@ -324,7 +326,7 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
     let select = "SELECT * FROM orders";
     eprintln!("pgdelta bench: warm-up read ...");
     let (bytes, _) = copy_read(&s.src, select).await?;
-    let state = s.dir.join("bench.redb");
+    let state = s.dir.path().join("bench.redb");
     let mut synced = false;
     let mut round = 0u32;
     let mut results = Vec::new();

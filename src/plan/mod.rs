@@ -1,0 +1,460 @@
+//! The plan: everything decided from both databases before any row moves.
+//!
+//! [`plan`] describes the source model (prepare, no rows read), reads the target's catalog,
+//! maps columns, checks that every column's type matches (adding a lossless cast such as
+//! `int4 -> int8` to the generated query where it can, and stopping with the cast to write where
+//! it cannot), checks that the key is a PRIMARY KEY or UNIQUE constraint of the target (record
+//! matching), checks write privileges, and generates the source query: key columns first, then
+//! the other mapped columns, so that a tuple's key and hashed part are contiguous byte ranges and
+//! the tuple can be sent to the destination's binary COPY unchanged.
+//!
+//! - [`catalog`]: the catalog queries.
+//! - [`types`]: which types fit, which casts are added, how keys are shown.
+
+mod catalog;
+mod types;
+
+use std::collections::HashSet;
+
+use tokio_postgres::types::Type;
+use tokio_postgres::Client;
+
+use crate::copy::fields;
+use crate::error::{pg_message, Error};
+use crate::hash::fingerprint;
+use crate::spec::{Mode, Model, SyncSpec};
+use catalog::{DestColumn, Relation};
+use types::{binary_compatible, embeds_oids, lossless_cast, FIRST_USER_OID};
+pub(crate) use types::{quote_ident, render_value};
+
+/// A synced column, in stream order.
+#[derive(Debug, Clone)]
+pub(crate) struct Column {
+    pub(crate) dest: String,
+    pub(crate) source: String,
+    /// The target column's type as `format_type` renders it (e.g. `character varying(20)`).
+    pub(crate) dest_type: String,
+    pub(crate) dest_oid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// The generated SELECT (key columns first).
+    pub(crate) select: String,
+    pub(crate) columns: Vec<Column>,
+    pub(crate) nkey: usize,
+    /// The target as a quoted, schema-qualified name.
+    pub(crate) target: String,
+    /// The target is empty right now (first-load fast path).
+    pub(crate) target_empty: bool,
+    pub(crate) key_fp: String,
+    pub(crate) row_fp: String,
+    /// What the planner did that the user should know (casts added).
+    pub(crate) notes: Vec<String>,
+}
+
+impl Plan {
+    pub(crate) fn copy_out_sql(&self) -> String {
+        format!("COPY ({}) TO STDOUT (FORMAT binary)", self.select)
+    }
+
+    pub(crate) fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| quote_ident(&c.dest))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub(crate) fn key_columns(&self) -> &[Column] {
+        &self.columns[..self.nkey]
+    }
+
+    /// Renders raw key bytes for messages: `id=42`, `code='ab', day=\x0000...`.
+    pub(crate) fn describe_key(&self, key: &[u8]) -> String {
+        self.key_columns()
+            .iter()
+            .zip(fields(key))
+            .map(|(c, f)| format!("{}={}", c.dest, render_value(c.dest_oid, f)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// A plan over `t` with columns given as `name:type` (bigint, int, text), the first `nkey`
+    /// of them the key: for unit tests of the stages.
+    #[cfg(test)]
+    pub(crate) fn for_tests(columns: &[&str], nkey: usize) -> Plan {
+        let columns = columns
+            .iter()
+            .map(|c| {
+                let (name, ty) = c.split_once(':').expect("name:type");
+                let oid = match ty {
+                    "bigint" => 20,
+                    "int" => 23,
+                    _ => 25,
+                };
+                Column {
+                    dest: name.into(),
+                    source: name.into(),
+                    dest_type: ty.into(),
+                    dest_oid: oid,
+                }
+            })
+            .collect();
+        Plan {
+            select: "SELECT * FROM t".into(),
+            columns,
+            nkey,
+            target: "\"public\".\"t\"".into(),
+            target_empty: false,
+            key_fp: String::new(),
+            row_fp: String::new(),
+            notes: Vec::new(),
+        }
+    }
+}
+
+/// The sync's name on every planning error.
+struct Fail<'a>(&'a str);
+
+impl Fail<'_> {
+    fn msg(&self, message: String) -> Error {
+        Error::Plan {
+            sync: self.0.to_string(),
+            message,
+        }
+    }
+    fn pg(&self, what: &str, e: tokio_postgres::Error) -> Error {
+        self.msg(format!("{what}: {}", pg_message(&e)))
+    }
+}
+
+/// Builds the plan, checking everything that can be checked before reading a row.
+pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<Plan, Error> {
+    let fail = Fail(&spec.name);
+    if spec.key.is_empty() {
+        return Err(fail.msg(
+            "no key columns: give --key (the target's PRIMARY KEY or UNIQUE columns)".into(),
+        ));
+    }
+    let target = target(dst, spec, &fail).await?;
+    let dest_cols = catalog::columns(dst, target.oid)
+        .await
+        .map_err(|e| fail.pg("cannot read the target's columns", e))?;
+    let model_sql = model_sql(src, &spec.model, &fail).await?;
+    let described = src
+        .prepare(&format!("SELECT * FROM {model_sql} AS src"))
+        .await
+        .map_err(|e| fail.pg("the source model does not run", e))?;
+    let source_cols: Vec<(String, Type)> = described
+        .columns()
+        .iter()
+        .map(|c| (c.name().to_string(), c.type_().clone()))
+        .collect();
+    let mapping = mapping(spec, &source_cols, &dest_cols, &target, &fail)?;
+    let (columns, exprs, notes) =
+        typed_columns(&mapping, &source_cols, &dest_cols, &target, &fail)?;
+    let select = format!("SELECT {} FROM {model_sql} AS src", exprs.join(", "));
+    // The generated query must run as written (a cast can fail to resolve on odd types).
+    src.prepare(&select)
+        .await
+        .map_err(|e| fail.pg("the generated source query does not run", e))?;
+    check_target(dst, spec, &target, &dest_cols, &fail).await?;
+    let target_empty = catalog::is_empty(dst, &target.quoted)
+        .await
+        .map_err(|e| fail.pg("cannot read the target", e))?;
+    let nkey = spec.key.len();
+    let (key_fp, row_fp) = fingerprints(&select, &columns, nkey);
+    Ok(Plan {
+        select,
+        columns,
+        nkey,
+        target: target.quoted,
+        target_empty,
+        key_fp,
+        row_fp,
+        notes,
+    })
+}
+
+/// The target table, which must exist and be a table.
+async fn target(dst: &Client, spec: &SyncSpec, fail: &Fail<'_>) -> Result<Relation, Error> {
+    let target = catalog::relation(dst, &spec.target)
+        .await
+        .map_err(|e| fail.pg("cannot look up the target", e))?
+        .ok_or_else(|| {
+            fail.msg(format!(
+                "the target table {} does not exist in the destination database; create it first (pgdelta does not create tables)",
+                spec.target
+            ))
+        })?;
+    if target.kind != "r" && target.kind != "p" {
+        return Err(fail.msg(format!("the target {} is not a table", target.quoted)));
+    }
+    Ok(target)
+}
+
+/// The model as a FROM item: the resolved table, or the query in parentheses.
+async fn model_sql(src: &Client, model: &Model, fail: &Fail<'_>) -> Result<String, Error> {
+    match model {
+        Model::Table(t) => {
+            let rel = catalog::relation(src, t)
+                .await
+                .map_err(|e| fail.pg("cannot look up the source table", e))?
+                .ok_or_else(|| {
+                    fail.msg(format!(
+                        "the source table {t} does not exist in the source database"
+                    ))
+                })?;
+            Ok(rel.quoted)
+        }
+        Model::Query(q) => {
+            let q = q.trim().trim_end_matches(';').trim();
+            if q.is_empty() {
+                return Err(fail.msg("the source query is empty".into()));
+            }
+            Ok(format!("({q})"))
+        }
+    }
+}
+
+/// Target column -> source column, key columns first (in key order), then the rest in
+/// mapping order. Without an explicit mapping, every source column maps by name.
+fn mapping(
+    spec: &SyncSpec,
+    source_cols: &[(String, Type)],
+    dest_cols: &[DestColumn],
+    target: &Relation,
+    fail: &Fail<'_>,
+) -> Result<Vec<(String, String)>, Error> {
+    let mapping: Vec<(String, String)> = if spec.columns.is_empty() {
+        let mut seen = HashSet::new();
+        if let Some((n, _)) = source_cols.iter().find(|(n, _)| !seen.insert(n)) {
+            return Err(fail.msg(format!(
+                "the source model has two columns named \"{n}\"; alias one of them in the query"
+            )));
+        }
+        let missing: Vec<&str> = source_cols
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !dest_cols.iter().any(|d| d.name == *n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(fail.msg(format!(
+                "source column(s) {} have no column of the same name in {}; add them to the target, leave them out of the query, or map columns explicitly ([sync.columns] target = \"source\")",
+                missing.join(", "),
+                target.quoted
+            )));
+        }
+        source_cols
+            .iter()
+            .map(|(n, _)| (n.clone(), n.clone()))
+            .collect()
+    } else {
+        spec.columns
+            .iter()
+            .map(|(d, s)| (d.clone(), s.clone()))
+            .collect()
+    };
+    let mut ordered = Vec::with_capacity(mapping.len());
+    for k in &spec.key {
+        let m = mapping.iter().find(|(d, _)| d == k).ok_or_else(|| {
+            fail.msg(format!(
+                "key column \"{k}\" is not among the synced columns; map it or fix --key"
+            ))
+        })?;
+        ordered.push(m.clone());
+    }
+    ordered.extend(mapping.into_iter().filter(|(d, _)| !spec.key.contains(d)));
+    Ok(ordered)
+}
+
+/// Checks each mapped column's type against the target's, and returns the columns, their
+/// SELECT expressions (with the casts pgdelta adds) and notes about those casts.
+fn typed_columns(
+    mapping: &[(String, String)],
+    source_cols: &[(String, Type)],
+    dest_cols: &[DestColumn],
+    target: &Relation,
+    fail: &Fail<'_>,
+) -> Result<(Vec<Column>, Vec<String>, Vec<String>), Error> {
+    let mut columns = Vec::new();
+    let mut exprs = Vec::new();
+    let mut notes = Vec::new();
+    for (dest, source) in mapping {
+        let d = dest_cols.iter().find(|c| &c.name == dest).ok_or_else(|| {
+            fail.msg(format!(
+                "the target {} has no column \"{dest}\"",
+                target.quoted
+            ))
+        })?;
+        if d.generated {
+            return Err(fail.msg(format!(
+                "target column \"{dest}\" is a generated column and cannot be written; leave it out of the mapping"
+            )));
+        }
+        let matches: Vec<&Type> = source_cols
+            .iter()
+            .filter(|(n, _)| n == source)
+            .map(|(_, t)| t)
+            .collect();
+        let sty = match matches.as_slice() {
+            [one] => *one,
+            [] => return Err(fail.msg(format!(
+                "the source model has no column \"{source}\" (mapped to target column \"{dest}\")"
+            ))),
+            _ => {
+                return Err(fail.msg(format!(
+                    "the source model has two columns named \"{source}\"; alias one of them"
+                )))
+            }
+        };
+        let src_expr = format!("src.{}", quote_ident(source));
+        if needs_cast(dest, source, sty, d, target).map_err(|m| fail.msg(m))? {
+            notes.push(format!(
+                "column \"{dest}\": casting source {} to target {} in the generated query",
+                sty.name(),
+                d.format
+            ));
+            exprs.push(format!("{src_expr}::{}", d.format));
+        } else {
+            exprs.push(src_expr);
+        }
+        columns.push(Column {
+            dest: dest.clone(),
+            source: source.clone(),
+            dest_type: d.format.clone(),
+            dest_oid: d.oid,
+        });
+    }
+    Ok((columns, exprs, notes))
+}
+
+/// Whether source type `sty` needs a cast to reach target column `d` over binary COPY; an
+/// error names the cast the user must write when pgdelta cannot add one safely.
+fn needs_cast(
+    dest: &str,
+    source: &str,
+    sty: &Type,
+    d: &DestColumn,
+    target: &Relation,
+) -> Result<bool, String> {
+    let same_user_type = sty.oid() >= FIRST_USER_OID
+        && d.oid >= FIRST_USER_OID
+        && sty.name() == d.typname
+        && sty.schema() == d.typschema;
+    if sty.oid() == d.oid || binary_compatible(sty.oid(), d.oid) {
+        Ok(false)
+    } else if same_user_type {
+        if embeds_oids(sty) {
+            return Err(format!(
+                "column \"{dest}\": type {}.{} is an array or composite of user-defined types; binary COPY embeds type OIDs, which differ between the two databases. Sync it as text: cast it in a query ({source}::text) into a text column",
+                d.typschema, d.typname
+            ));
+        }
+        Ok(false)
+    } else if lossless_cast(sty.oid(), d.oid) {
+        Ok(true)
+    } else {
+        Err(format!(
+            "column \"{dest}\" is {} in the source but {} in the target {}: binary COPY needs equal types. Cast it in a source query (e.g. --query 'SELECT ..., {}::{} AS {} FROM ...') or change the target column type",
+            sty.name(),
+            d.format,
+            target.quoted,
+            quote_ident(source),
+            d.format,
+            quote_ident(source)
+        ))
+    }
+}
+
+/// Record matching (the key is a PRIMARY KEY or UNIQUE constraint of the target) and the
+/// privileges the run needs.
+async fn check_target(
+    dst: &Client,
+    spec: &SyncSpec,
+    target: &Relation,
+    dest_cols: &[DestColumn],
+    fail: &Fail<'_>,
+) -> Result<(), Error> {
+    let key_attnums: Vec<i16> = spec
+        .key
+        .iter()
+        .map(|k| {
+            dest_cols
+                .iter()
+                .find(|c| &c.name == k)
+                .map_or(0, |c| c.attnum)
+        })
+        .collect();
+    let unique = catalog::is_unique(dst, target.oid, &key_attnums)
+        .await
+        .map_err(|e| fail.pg("cannot read the target's indexes", e))?;
+    if !unique {
+        return Err(fail.msg(format!(
+            "the key ({}) is not a PRIMARY KEY or UNIQUE constraint of {}: pgdelta matches records on it. Add one: ALTER TABLE {} ADD UNIQUE ({})",
+            spec.key.join(", "),
+            target.quoted,
+            target.quoted,
+            spec.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let mut privs = vec!["INSERT"];
+    if spec.mode == Mode::Upsert {
+        privs.push("UPDATE");
+    }
+    if spec.delete {
+        privs.push("DELETE");
+    }
+    for p in privs {
+        let ok = catalog::has_privilege(dst, target.oid, p)
+            .await
+            .map_err(|e| fail.pg("cannot check privileges", e))?;
+        if !ok {
+            return Err(fail.msg(format!(
+                "the destination user may not {p} on {}: GRANT {p} ON {} TO <user>",
+                target.quoted, target.quoted
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The key fingerprint (key columns and types: a change invalidates stored keys) and the model
+/// fingerprint (generated query, columns, types, mapping: a change rewrites every row).
+fn fingerprints(select: &str, columns: &[Column], nkey: usize) -> (String, String) {
+    let key_desc: Vec<String> = columns[..nkey]
+        .iter()
+        .map(|c| format!("{}:{}", c.dest, c.dest_type))
+        .collect();
+    let key_fp = fingerprint(&key_desc.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut row_parts: Vec<String> = vec![select.to_string()];
+    row_parts.extend(
+        columns
+            .iter()
+            .map(|c| format!("{}<-{}:{}", c.dest, c.source, c.dest_type)),
+    );
+    let row_fp = fingerprint(&row_parts.iter().map(String::as_str).collect::<Vec<_>>());
+    (key_fp, row_fp)
+}
+
+/// What `pgdelta check` reports of a sync's plan.
+#[derive(Debug, Clone)]
+pub struct PlanCheck {
+    /// The target, quoted and schema-qualified.
+    pub target: String,
+    /// Columns synced.
+    pub columns: usize,
+    /// What the planner did that the user should know (casts added).
+    pub notes: Vec<String>,
+}
+
+/// Plans `spec` against both databases without reading a row or writing anything.
+pub async fn check_plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<PlanCheck, Error> {
+    let p = plan(src, dst, spec).await?;
+    Ok(PlanCheck {
+        target: p.target,
+        columns: p.columns.len(),
+        notes: p.notes,
+    })
+}

@@ -1,0 +1,140 @@
+//! The sink stage: destination sessions that apply batches, and the delete pass.
+//!
+//! - [`destination`]: the seam ([`Destination`]): Postgres, or null in dry runs.
+//! - [`postgres`]: the Postgres destination: COPY, staged upsert, deletes.
+//! - [`apply`]: one batch through a destination, with retries, reconnects, timeout splitting and
+//!   bad-row bisection; committed ranges go to the snapshot recorder.
+//! - [`sizer`]: the adaptive batch size.
+//!
+//! Writers share one bounded queue of batches; each takes the next batch when it is free, so a
+//! slow destination leaves batches queued, which stalls the diff, which stalls the reader.
+
+mod apply;
+mod destination;
+mod postgres;
+mod sizer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Mutex};
+
+use crate::batch::{KeyBatch, WriteBatch};
+use crate::conn::ConnInfo;
+use crate::diff::Bitset;
+use crate::error::Error;
+use crate::plan::Plan;
+use crate::snapshot::Reader;
+pub(crate) use apply::{ApplyCtx, Rejections, WriteStats};
+pub use apply::{Operation, Rejection};
+pub(crate) use destination::{AnyDestination, Destination, NullDestination};
+pub(crate) use postgres::{session_settings, PgDestination, Strategy};
+pub use sizer::BatchSettings;
+pub(crate) use sizer::{Sizer, SizerStats};
+
+use apply::{apply, pause, Work};
+
+/// Opens the run's writer sessions: `n` Postgres sessions, or one null destination in a dry
+/// run. Writers connect before the read starts, so a destination that refuses sessions fails
+/// the run before the long read.
+pub(crate) async fn open_writers(
+    dest: &ConnInfo,
+    plan: &Plan,
+    strategy: Strategy,
+    n: usize,
+    dry_run: bool,
+) -> Result<Vec<AnyDestination>, Error> {
+    if dry_run {
+        return Ok(vec![AnyDestination::Null(NullDestination)]);
+    }
+    let mut writers = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let d = PgDestination::connect(dest, plan, strategy).await?;
+        writers.push(AnyDestination::Postgres(d));
+    }
+    Ok(writers)
+}
+
+/// One writer: takes batches from the shared queue until it closes or the run stops, and
+/// applies each. A writer that fails stops the run (through the stop token), so the others
+/// take no more batches, the diff and the reader stop, and what was committed is recorded.
+pub(crate) async fn write_batches(
+    mut dest: AnyDestination,
+    batches: Arc<Mutex<mpsc::Receiver<WriteBatch>>>,
+    ctx: Arc<ApplyCtx>,
+    sleep: Duration,
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    loop {
+        if ctx.stop.is_stopped() {
+            return Ok(stats);
+        }
+        let Some(batch) = batches.lock().await.recv().await else {
+            return Ok(stats);
+        };
+        apply(&mut dest, Work::Rows(&batch), &ctx, &mut stats).await?;
+        drop(batch);
+        pause(sleep).await;
+    }
+}
+
+/// What the delete pass did.
+pub(crate) struct Deleted {
+    pub(crate) stats: WriteStats,
+    /// The first removed keys (dry-run plan).
+    pub(crate) samples: Vec<Vec<u8>>,
+}
+
+/// Deletes the removed rows, the snapshot entries whose slot is not in `seen`, in batches
+/// through `dest`, each committed batch recorded. The scan runs on a blocking thread and feeds
+/// the deletes through a bounded channel.
+pub(crate) async fn delete_removed(
+    mut dest: AnyDestination,
+    reader: Arc<Reader>,
+    seen: Bitset,
+    ctx: &ApplyCtx,
+    samples: usize,
+) -> Result<Deleted, Error> {
+    let per_batch = ctx.sizer.rows().clamp(1000, 50_000);
+    let (tx, mut rx) = mpsc::channel::<KeyBatch>(2);
+    let scan = tokio::task::spawn_blocking(move || {
+        let mut cur = KeyBatch::default();
+        let scan = reader.scan(|key, e| {
+            if !seen.contains(e.slot) {
+                cur.push(key);
+                if cur.len() >= per_batch && tx.blocking_send(std::mem::take(&mut cur)).is_err() {
+                    return false;
+                }
+            }
+            true
+        });
+        if !cur.is_empty() {
+            let _ = tx.blocking_send(cur);
+        }
+        scan
+    });
+    let mut out = Deleted {
+        stats: WriteStats::default(),
+        samples: Vec::new(),
+    };
+    while let Some(keys) = rx.recv().await {
+        for i in 0..keys.len().min(samples.saturating_sub(out.samples.len())) {
+            out.samples.push(keys.key(i).to_vec());
+        }
+        if ctx.stop.is_stopped() {
+            return Err(Error::Interrupted {
+                sync: ctx.sync.clone(),
+                message: "stopped while deleting removed rows; deletes committed so far are recorded, the next run deletes the rest".into(),
+            });
+        }
+        apply(
+            &mut dest,
+            Work::Deletes(&Arc::new(keys)),
+            ctx,
+            &mut out.stats,
+        )
+        .await?;
+    }
+    scan.await.map_err(crate::error::join_err)??;
+    Ok(out)
+}

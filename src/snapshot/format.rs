@@ -1,0 +1,109 @@
+//! The state file's on-disk format: the one place it is written down.
+//!
+//! One redb file per state path, format [`FORMAT`]. Tables:
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `pgdelta/meta` | sync name | JSON [`SyncMeta`]: format, key fingerprint, model fingerprint, next slot |
+//! | `rows/<sync>` | raw key bytes | 20 bytes: 16-byte row hash, then the entry's `u32` slot (little-endian) |
+//! | `free/<sync>` | slot (`u32`) | `()`: slots of removed entries, reused before new ones are minted |
+//! | `pgdelta/runs` | run id (unix µs, bumped on collision) | JSON run record (`pgdelta log`) |
+//! | `pgdelta/rejected` | sync name | JSON list of the rows the destination rejected in the sync's last run |
+//!
+//! Keys are the raw key fields of the binary COPY tuple, 4-byte length prefixes included, so a
+//! composite key is unambiguous, and an integer key keeps its big-endian, order-preserving form:
+//! lookups in stream order (usually key order) touch redb pages in order.
+//!
+//! Every entry carries a dense *slot*: a run marks the slot of each entry it meets in a bitset
+//! (1 bit per entry), and the entries whose bit stayed clear after a complete read are the
+//! removed rows.
+//!
+//! **Stale entries.** A row hash of all zeros ([`STALE_HASH`]) marks an entry whose row the
+//! destination rejected on its last write: no real row hashes to it, so the next run sees the row
+//! as changed and writes it again, while the entry keeps its slot (and with it removed-row
+//! detection). A new row that was rejected gets no entry at all.
+//!
+//! Invariants: an entry describes a row the destination committed (written only after the
+//! destination acknowledged the commit); the state file is a cache of the destination, so
+//! losing it costs a full re-sync, never wrong data.
+
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+
+/// The on-disk format this build reads and writes.
+pub(crate) const FORMAT: u32 = 1;
+
+pub(super) const META: TableDefinition<&str, &str> = TableDefinition::new("pgdelta/meta");
+pub(super) const RUNS: TableDefinition<u64, &str> = TableDefinition::new("pgdelta/runs");
+pub(super) const REJECTED: TableDefinition<&str, &str> = TableDefinition::new("pgdelta/rejected");
+
+pub(super) type RowsDef<'a> = TableDefinition<'a, &'static [u8], &'static [u8; 20]>;
+pub(super) type FreeDef<'a> = TableDefinition<'a, u32, ()>;
+
+/// The hash of a stale entry (see the module doc).
+pub(crate) const STALE_HASH: [u8; 16] = [0; 16];
+
+pub(super) fn rows_name(sync: &str) -> String {
+    format!("rows/{sync}")
+}
+pub(super) fn free_name(sync: &str) -> String {
+    format!("free/{sync}")
+}
+pub(super) fn rows_def(name: &str) -> RowsDef<'_> {
+    TableDefinition::new(name)
+}
+pub(super) fn free_def(name: &str) -> FreeDef<'_> {
+    TableDefinition::new(name)
+}
+
+/// One snapshot entry: the row hash and the entry's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub hash: [u8; 16],
+    pub slot: u32,
+}
+
+impl Entry {
+    pub(super) fn encode(&self) -> [u8; 20] {
+        let mut v = [0u8; 20];
+        v[..16].copy_from_slice(&self.hash);
+        v[16..].copy_from_slice(&self.slot.to_le_bytes());
+        v
+    }
+    pub(super) fn decode(v: &[u8; 20]) -> Entry {
+        let mut hash = [0u8; 16];
+        hash.copy_from_slice(&v[..16]);
+        Entry {
+            hash,
+            slot: u32::from_le_bytes([v[16], v[17], v[18], v[19]]),
+        }
+    }
+}
+
+/// Per-sync metadata (`pgdelta/meta`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SyncMeta {
+    pub format: u32,
+    /// Fingerprint of the key columns and their types: a change invalidates every stored key.
+    pub key_fp: String,
+    /// Fingerprint of the model every stored hash was computed under. Set when the first run
+    /// under a key starts; after a model change, updated only once a run under the new model
+    /// completed (until then every row is rewritten).
+    pub row_fp: Option<String>,
+    /// The next never-used slot.
+    pub next_slot: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_roundtrip() {
+        let e = Entry {
+            hash: [7; 16],
+            slot: 0xdead_beef,
+        };
+        assert_eq!(Entry::decode(&e.encode()), e);
+    }
+}

@@ -1,0 +1,593 @@
+//! The snapshot thread: the only writer of the state file.
+//!
+//! Every change to the file arrives here as a typed [`Command`] over a bounded channel, from the
+//! orchestrator (begin a run, settle it, finish it, log it) and from the writers (rows the
+//! destination committed, keys it deleted, rows it rejected). redb writes are synchronous and
+//! serial, so they run on this one thread and never on a tokio worker.
+//!
+//! Row records are grouped into transactions of at most [`COMMIT_OPS`] operations that are not
+//! fsynced, with a durable commit at least every [`DURABLE_EVERY`], on every control command, and
+//! when the thread ends. Losing a non-durable commit in a crash only loses entries, which costs
+//! a harmless re-write next run; an entry is never written before the destination committed its
+//! row, because the writers send records only after the destination acknowledged the commit.
+//!
+//! A storage error while recording a run's rows fails that run (its [`Recorder`] refuses further
+//! records and reports the error) without taking down the thread.
+//!
+//! [`Recorder`]: super::Recorder
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, oneshot};
+
+use super::format::{
+    free_def, free_name, rows_def, rows_name, Entry, SyncMeta, FORMAT, META, REJECTED, RUNS,
+    STALE_HASH,
+};
+use super::{Begin, Committed, RecorderStats, Settled, SnapshotError};
+use crate::batch::KeyBatch;
+
+/// A transaction ends after this many operations, bounding redb's dirty pages in memory
+/// (scattered updates can dirty one 4 KiB page each). Such commits are not fsynced ...
+const COMMIT_OPS: usize = 10_000;
+/// ... but one is made durable at least this often, on every control command, and at the end.
+const DURABLE_EVERY: Duration = Duration::from_secs(2);
+
+/// Keys kept for reports of duplicate keys (all of them are counted).
+const KEEP_DUPLICATES: usize = 1000;
+
+type Reply<T> = oneshot::Sender<Result<T, SnapshotError>>;
+
+/// What the snapshot thread can be asked to do.
+pub(super) enum Command {
+    /// Start a run of `sync`: check the fingerprints, decide whether every row is rewritten.
+    Begin {
+        sync: Arc<str>,
+        key_fp: String,
+        row_fp: String,
+        full_resync: bool,
+        failed: Arc<OnceLock<String>>,
+        reply: Reply<Begin>,
+    },
+    /// The destination committed these rows (inserted or updated).
+    Record { sync: Arc<str>, rows: Committed },
+    /// The destination no longer holds these keys: drop their entries, free their slots.
+    Remove {
+        sync: Arc<str>,
+        keys: Arc<KeyBatch>,
+        rows: Range<usize>,
+    },
+    /// The destination rejected a changed row: keep the entry's slot, make the next run rewrite it.
+    MarkStale {
+        sync: Arc<str>,
+        key: Vec<u8>,
+        slot: u32,
+    },
+    /// Every record of the run is in: forget the duplicate keys (`forget`, found by the diff,
+    /// and new keys recorded twice, found here), commit durably, report what was found here.
+    Settle {
+        sync: Arc<str>,
+        forget: Vec<Vec<u8>>,
+        reply: Reply<Settled>,
+    },
+    /// The run ends: with `row_fp`, every stored hash is now computed under that model.
+    Finish {
+        sync: Arc<str>,
+        row_fp: Option<String>,
+        reply: Reply<RecorderStats>,
+    },
+    /// Append a run record (JSON).
+    LogRun { json: String, reply: Reply<u64> },
+    /// Replace a sync's list of rejected rows (JSON).
+    SetRejections {
+        sync: String,
+        json: String,
+        reply: Reply<()>,
+    },
+}
+
+impl Command {
+    fn is_row_record(&self) -> bool {
+        matches!(
+            self,
+            Command::Record { .. } | Command::Remove { .. } | Command::MarkStale { .. }
+        )
+    }
+}
+
+/// What the thread keeps for a run between `Begin` and `Finish`.
+struct RunState {
+    meta: SyncMeta,
+    /// Free slots, reused before new ones are minted.
+    free: Vec<u32>,
+    /// New keys recorded twice in this run: the count and the first keys.
+    duplicates: (u64, Vec<Vec<u8>>),
+    stats: RecorderStats,
+    /// Set when recording failed; the run's `Recorder` then refuses further records.
+    failed: Arc<OnceLock<String>>,
+}
+
+pub(super) struct Owner {
+    pub(super) db: Arc<Database>,
+    pub(super) path: String,
+    runs: HashMap<Arc<str>, RunState>,
+    last_durable: Instant,
+    /// A commit since the last durable one was not fsynced.
+    undurable: bool,
+}
+
+impl Owner {
+    pub(super) fn new(db: Arc<Database>, path: String) -> Owner {
+        Owner {
+            db,
+            path,
+            runs: HashMap::new(),
+            last_durable: Instant::now(),
+            undurable: false,
+        }
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> SnapshotError {
+        SnapshotError::Storage {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Serves commands until every sender is gone, then makes the last commits durable.
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut next: Option<Command> = None;
+        loop {
+            let cmd = match next.take() {
+                Some(c) => c,
+                None => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            next = if cmd.is_row_record() {
+                self.record(cmd, &mut rx)
+            } else {
+                self.control(cmd);
+                None
+            };
+        }
+        if self.undurable {
+            if let Err(e) = self.durable_commit(|_| Ok(())) {
+                tracing::warn!("state file {}: final commit failed: {e}", self.path);
+            }
+        }
+    }
+
+    /// Writes `first` and the row records already queued behind it in one transaction.
+    /// Returns a control command met in the queue, to be served next.
+    fn record(&mut self, first: Command, rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        let mut txn = match self.db.begin_write() {
+            Ok(t) => t,
+            Err(e) => {
+                self.fail_runs(&[first], &self.err(e));
+                return None;
+            }
+        };
+        let mut touched: Vec<Arc<str>> = Vec::new();
+        let mut ops = 0usize;
+        let mut closed = false;
+        let mut control = None;
+        let mut cmd = Some(first);
+        let mut result = Ok(());
+        while let Some(c) = cmd.take() {
+            let sync = match &c {
+                Command::Record { sync, .. }
+                | Command::Remove { sync, .. }
+                | Command::MarkStale { sync, .. } => sync.clone(),
+                _ => unreachable!("only row records are grouped"),
+            };
+            if !touched.contains(&sync) {
+                touched.push(sync.clone());
+            }
+            match self.apply(&txn, c) {
+                Ok(n) => ops += n,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if ops >= COMMIT_OPS {
+                break;
+            }
+            // Take what is already queued; commit when the queue runs dry.
+            match rx.try_recv() {
+                Ok(c) if c.is_row_record() => cmd = Some(c),
+                Ok(c) => control = Some(c),
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => closed = true,
+            }
+        }
+        let durable = control.is_some() || closed || self.last_durable.elapsed() >= DURABLE_EVERY;
+        let committed = result.and_then(|()| {
+            self.write_meta(&txn, &touched)?;
+            self.commit(&mut txn, durable)?;
+            txn.commit().map_err(|e| self.err(e))
+        });
+        match committed {
+            Ok(()) => {
+                self.undurable = !durable;
+                if durable {
+                    self.last_durable = Instant::now();
+                }
+                for s in &touched {
+                    if let Some(run) = self.runs.get_mut(s) {
+                        run.stats.commits += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                for s in &touched {
+                    if let Some(run) = self.runs.get(s) {
+                        let _ = run.failed.set(e.to_string());
+                    }
+                }
+            }
+        }
+        control
+    }
+
+    fn fail_runs(&self, cmds: &[Command], e: &SnapshotError) {
+        for c in cmds {
+            if let Command::Record { sync, .. }
+            | Command::Remove { sync, .. }
+            | Command::MarkStale { sync, .. } = c
+            {
+                if let Some(run) = self.runs.get(sync) {
+                    let _ = run.failed.set(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn commit(&self, txn: &mut WriteTransaction, durable: bool) -> Result<(), SnapshotError> {
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| self.err(e))
+    }
+
+    fn write_meta(&self, txn: &WriteTransaction, syncs: &[Arc<str>]) -> Result<(), SnapshotError> {
+        let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        for s in syncs {
+            if let Some(run) = self.runs.get(s) {
+                let json = serde_json::to_string(&run.meta).map_err(|e| self.err(e))?;
+                meta.insert(&**s, json.as_str()).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one row record; returns the operations it made.
+    fn apply(&mut self, txn: &WriteTransaction, cmd: Command) -> Result<usize, SnapshotError> {
+        let path = self.path.clone();
+        let err = |e: &dyn std::fmt::Display| SnapshotError::Storage {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let (sync, cmd) = match cmd {
+            Command::Record { ref sync, .. }
+            | Command::Remove { ref sync, .. }
+            | Command::MarkStale { ref sync, .. } => (sync.clone(), cmd),
+            _ => unreachable!("only row records are applied"),
+        };
+        let Some(run) = self.runs.get_mut(&sync) else {
+            return Err(err(&format!("no run of sync '{sync}' was begun")));
+        };
+        let rows_n = rows_name(&sync);
+        let free_n = free_name(&sync);
+        let mut rows = txn.open_table(rows_def(&rows_n)).map_err(|e| err(&e))?;
+        let mut free = txn.open_table(free_def(&free_n)).map_err(|e| err(&e))?;
+        let mut slots = Slots {
+            run,
+            free: &mut free,
+            err: &err,
+        };
+        match cmd {
+            Command::Record { rows: c, .. } => {
+                for (i, &(hash, slot)) in c.entries.iter().enumerate() {
+                    let key = c.keys.key(i);
+                    let slot = match slot {
+                        Some(s) => s,
+                        None => slots.alloc()?,
+                    };
+                    let old = rows
+                        .insert(key, &Entry { hash, slot }.encode())
+                        .map_err(|e| err(&e))?
+                        .map(|v| Entry::decode(v.value()));
+                    if let Some(old) = old {
+                        if old.slot != slot {
+                            // Keep the slot of the replaced entry from leaking.
+                            slots.release(old.slot)?;
+                        }
+                        if c.entries[i].1.is_none() {
+                            // The diff saw no entry for this key when the run started, so the
+                            // entry replaced here was written earlier in this same run: the key
+                            // appears twice in the model.
+                            let d = &mut slots.run.duplicates;
+                            d.0 += 1;
+                            if d.1.len() < KEEP_DUPLICATES {
+                                d.1.push(key.to_vec());
+                            }
+                        }
+                    }
+                }
+                slots.run.stats.upserted += c.keys.len() as u64;
+                Ok(c.keys.len())
+            }
+            Command::Remove { keys, rows: r, .. } => {
+                let n = r.len();
+                for i in r {
+                    if let Some(old) = rows.remove(keys.key(i)).map_err(|e| err(&e))? {
+                        slots.release(Entry::decode(old.value()).slot)?;
+                        slots.run.stats.removed += 1;
+                    }
+                }
+                Ok(n)
+            }
+            Command::MarkStale { key, slot, .. } => {
+                let stale = Entry {
+                    hash: STALE_HASH,
+                    slot,
+                };
+                rows.insert(key.as_slice(), &stale.encode())
+                    .map_err(|e| err(&e))?;
+                Ok(1)
+            }
+            _ => unreachable!("only row records are applied"),
+        }
+    }
+
+    /// Serves a control command; each makes everything before it durable.
+    fn control(&mut self, cmd: Command) {
+        match cmd {
+            Command::Begin {
+                sync,
+                key_fp,
+                row_fp,
+                full_resync,
+                failed,
+                reply,
+            } => {
+                let r = self.begin(&sync, &key_fp, &row_fp, full_resync, failed);
+                let _ = reply.send(r);
+            }
+            Command::Settle {
+                sync,
+                forget,
+                reply,
+            } => {
+                let _ = reply.send(self.settle(&sync, forget));
+            }
+            Command::Finish {
+                sync,
+                row_fp,
+                reply,
+            } => {
+                let _ = reply.send(self.finish(&sync, row_fp));
+            }
+            Command::LogRun { json, reply } => {
+                let _ = reply.send(self.log_run(&json));
+            }
+            Command::SetRejections { sync, json, reply } => {
+                let r = self.durable_commit(|txn| {
+                    let mut t = txn.open_table(REJECTED)?;
+                    t.insert(sync.as_str(), json.as_str())?;
+                    Ok(())
+                });
+                let _ = reply.send(r);
+            }
+            _ => unreachable!("row records are grouped by `record`"),
+        }
+    }
+
+    /// Runs `f` in a write transaction committed durably.
+    fn durable_commit<T>(
+        &mut self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, SnapshotError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        self.commit(&mut txn, true)?;
+        let v = f(&txn).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        self.undurable = false;
+        self.last_durable = Instant::now();
+        Ok(v)
+    }
+
+    /// Reads the sync's metadata and decides how the run treats the stored entries: a new key
+    /// definition (or format) clears them, a new model (or `full_resync`) rewrites every row.
+    fn begin(
+        &mut self,
+        sync: &Arc<str>,
+        key_fp: &str,
+        row_fp: &str,
+        full_resync: bool,
+        failed: Arc<OnceLock<String>>,
+    ) -> Result<Begin, SnapshotError> {
+        let mut notes = Vec::new();
+        let (meta, free) = self.durable_commit(|txn| {
+            let mut table = txn.open_table(META)?;
+            let old: Option<SyncMeta> = match table.get(&**sync)? {
+                Some(v) => Some(serde_json::from_str(v.value()).map_err(storage)?),
+                None => None,
+            };
+            let mut meta = match old {
+                Some(m) if m.format == FORMAT && m.key_fp == key_fp => m,
+                old => {
+                    if let Some(m) = &old {
+                        notes.push(if m.format != FORMAT {
+                            format!("state file format {} is not {FORMAT}: starting this sync's snapshot afresh (full re-sync)", m.format)
+                        } else {
+                            "the key columns or their types changed: the snapshot is cleared and every row is re-synced; rows that left the model earlier cannot be matched any more, so they are not deleted".into()
+                        });
+                    }
+                    let _ = txn.delete_table(rows_def(&rows_name(sync)));
+                    let _ = txn.delete_table(free_def(&free_name(sync)));
+                    SyncMeta {
+                        format: FORMAT,
+                        key_fp: key_fp.into(),
+                        row_fp: None,
+                        next_slot: 0,
+                    }
+                }
+            };
+            if meta.row_fp.is_none() {
+                // No entries exist yet under this key: whatever this run records is written under
+                // the current model, so an interrupted first run resumes instead of rewriting.
+                meta.row_fp = Some(row_fp.to_string());
+            }
+            let json = serde_json::to_string(&meta).map_err(storage)?;
+            table.insert(&**sync, json.as_str())?;
+            let mut free = Vec::new();
+            let free_n = free_name(sync);
+            for item in txn.open_table(free_def(&free_n))?.iter()? {
+                free.push(item?.0.value());
+            }
+            Ok((meta, free))
+        })?;
+        let rewrite_all = if full_resync {
+            notes.push("--full-resync: every row is rewritten".into());
+            true
+        } else if meta.row_fp.as_deref() != Some(row_fp) {
+            notes.push("the model changed (query, columns, types or mapping): full re-sync, every row is rewritten".into());
+            true
+        } else {
+            false
+        };
+        self.runs.insert(
+            sync.clone(),
+            RunState {
+                meta: meta.clone(),
+                free,
+                duplicates: (0, Vec::new()),
+                stats: RecorderStats::default(),
+                failed,
+            },
+        );
+        Ok(Begin {
+            next_slot: meta.next_slot,
+            rewrite_all,
+            notes,
+        })
+    }
+
+    fn run_failed(&self, sync: &str) -> Result<(), SnapshotError> {
+        match self.runs.get(sync).and_then(|r| r.failed.get()) {
+            Some(m) => Err(self.err(m)),
+            None => Ok(()),
+        }
+    }
+
+    fn settle(&mut self, sync: &Arc<str>, forget: Vec<Vec<u8>>) -> Result<Settled, SnapshotError> {
+        self.run_failed(sync)?;
+        let (count, found) = match self.runs.get_mut(sync) {
+            Some(run) => std::mem::take(&mut run.duplicates),
+            None => return Err(self.err(format!("no run of sync '{sync}' was begun"))),
+        };
+        let mut keys = KeyBatch::default();
+        for k in forget.iter().chain(found.iter()) {
+            keys.push(k);
+        }
+        if !keys.is_empty() {
+            let n = keys.len();
+            let cmd = Command::Remove {
+                sync: sync.clone(),
+                keys: Arc::new(keys),
+                rows: 0..n,
+            };
+            let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+            self.apply(&txn, cmd)?;
+            self.write_meta(&txn, std::slice::from_ref(sync))?;
+            txn.commit().map_err(|e| self.err(e))?;
+        }
+        self.durable_commit(|_| Ok(()))?;
+        Ok(Settled {
+            duplicates: count,
+            duplicate_keys: found,
+        })
+    }
+
+    fn finish(
+        &mut self,
+        sync: &Arc<str>,
+        row_fp: Option<String>,
+    ) -> Result<RecorderStats, SnapshotError> {
+        self.run_failed(sync)?;
+        let Some(mut run) = self.runs.remove(sync) else {
+            return Err(self.err(format!("no run of sync '{sync}' was begun")));
+        };
+        if row_fp.is_some() {
+            run.meta.row_fp = row_fp;
+        }
+        let json = serde_json::to_string(&run.meta).map_err(|e| self.err(e))?;
+        self.durable_commit(|txn| {
+            txn.open_table(META)?.insert(&**sync, json.as_str())?;
+            Ok(())
+        })?;
+        run.stats.commits += 1;
+        Ok(run.stats)
+    }
+
+    fn log_run(&mut self, json: &str) -> Result<u64, SnapshotError> {
+        let id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        self.durable_commit(|txn| {
+            let mut t = txn.open_table(RUNS)?;
+            let mut id = id;
+            while t.get(id)?.is_some() {
+                id += 1;
+            }
+            t.insert(id, json)?;
+            Ok(id)
+        })
+    }
+}
+
+/// Slot allocation for one run, inside one transaction.
+struct Slots<'a, 't, E: Fn(&dyn std::fmt::Display) -> SnapshotError> {
+    run: &'a mut RunState,
+    free: &'a mut redb::Table<'t, u32, ()>,
+    err: &'a E,
+}
+
+impl<E: Fn(&dyn std::fmt::Display) -> SnapshotError> Slots<'_, '_, E> {
+    fn alloc(&mut self) -> Result<u32, SnapshotError> {
+        if let Some(s) = self.run.free.pop() {
+            self.free.remove(s).map_err(|e| (self.err)(&e))?;
+            return Ok(s);
+        }
+        let s = self.run.meta.next_slot;
+        self.run.meta.next_slot = s.checked_add(1).ok_or_else(|| {
+            (self.err)(
+                &"more than 4 billion snapshot slots: move the state file aside to start afresh",
+            )
+        })?;
+        Ok(s)
+    }
+
+    fn release(&mut self, slot: u32) -> Result<(), SnapshotError> {
+        self.free.insert(slot, ()).map_err(|e| (self.err)(&e))?;
+        self.run.free.push(slot);
+        Ok(())
+    }
+}
+
+/// Wraps a non-redb failure (JSON) inside a closure that returns redb errors.
+fn storage(e: impl std::fmt::Display) -> redb::Error {
+    redb::Error::Corrupted(e.to_string())
+}

@@ -1,0 +1,128 @@
+//! The source stage: one session streams the generated query with binary
+//! `COPY (...) TO STDOUT`, framed into blocks of whole tuples (never decoded) and sent to the
+//! diff over a bounded channel. A full channel stops this task, which stops reading the
+//! socket: the source server then waits on TCP (backpressure).
+//!
+//! Guarantee: a read is [`ReadEnd::Complete`] only when the stream ended with its trailer, and
+//! only a complete read may produce deletes. On a stop the query is cancelled on the server.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::conn::ConnInfo;
+use crate::copy::{Block, Framer};
+use crate::error::{pg_message, Error};
+use crate::plan::Plan;
+use crate::sync::stop::Stop;
+
+/// Session settings of the source read: its own `statement_timeout` (a short role-level one
+/// must not kill a long read), and no idle-in-transaction limit.
+pub(crate) fn session_settings(
+    read_timeout: Option<std::time::Duration>,
+) -> Vec<(&'static str, String)> {
+    let timeout = match read_timeout {
+        Some(d) => format!("{}ms", d.as_millis().max(1)),
+        None => "0".into(),
+    };
+    vec![
+        ("statement_timeout", timeout),
+        ("idle_in_transaction_session_timeout", "0".into()),
+    ]
+}
+
+/// How a read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadEnd {
+    /// The trailer was seen: every row of the model was read.
+    Complete,
+    /// The run was stopped (signal or a failed writer); the query was cancelled.
+    Stopped,
+    /// The diff stopped taking blocks (it failed, or the writers did).
+    DiffGone,
+}
+
+/// What the read did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadStats {
+    pub(crate) rows: u64,
+    pub(crate) bytes: u64,
+    pub(crate) end: ReadEnd,
+}
+
+/// The source read: its session, where blocks go, and when to stop.
+pub(crate) struct SourceRead {
+    pub(crate) source: ConnInfo,
+    pub(crate) client: tokio_postgres::Client,
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) out: mpsc::Sender<Block>,
+    /// Rows read so far, for progress lines.
+    pub(crate) rows_read: Arc<AtomicU64>,
+    pub(crate) block_bytes: usize,
+    pub(crate) sync: String,
+    pub(crate) stop: Stop,
+}
+
+impl SourceRead {
+    /// Streams the source COPY into framed blocks until the trailer, a stop, or an error.
+    pub(crate) async fn run(self) -> Result<ReadStats, Error> {
+        let read_err = |e: tokio_postgres::Error| Error::SourceRead {
+            sync: self.sync.clone(),
+            message: pg_message(&e),
+        };
+        let frame_err = |e| Error::Frame {
+            sync: self.sync.clone(),
+            source: e,
+        };
+        let stream = self
+            .client
+            .copy_out(&self.plan.copy_out_sql())
+            .await
+            .map_err(read_err)?;
+        futures_util::pin_mut!(stream);
+        let ncols = self.plan.columns.len() as u16;
+        let mut framer = Framer::new(ncols, self.plan.nkey as u16, self.block_bytes);
+        let mut stats = ReadStats {
+            rows: 0,
+            bytes: 0,
+            end: ReadEnd::Complete,
+        };
+        loop {
+            let next = tokio::select! {
+                n = stream.next() => n,
+                _ = self.stop.stopped() => {
+                    let _ = self.source.cancel(&self.client.cancel_token()).await;
+                    stats.end = ReadEnd::Stopped;
+                    return Ok(stats);
+                }
+            };
+            let Some(chunk) = next else { break };
+            let chunk = chunk.map_err(read_err)?;
+            stats.bytes += chunk.len() as u64;
+            framer.push(&chunk).map_err(frame_err)?;
+            while let Some(block) = framer.take_block() {
+                if !self.send(block, &mut stats).await {
+                    return Ok(stats);
+                }
+            }
+        }
+        let last = framer.finish().map_err(frame_err)?;
+        if !last.rows.is_empty() && !self.send(last, &mut stats).await {
+            return Ok(stats);
+        }
+        Ok(stats)
+    }
+
+    /// Sends a block to the diff; false (and `DiffGone`) when the diff is gone.
+    async fn send(&self, block: Block, stats: &mut ReadStats) -> bool {
+        stats.rows += block.rows.len() as u64;
+        self.rows_read.store(stats.rows, Ordering::Relaxed);
+        if self.out.send(block).await.is_err() {
+            stats.end = ReadEnd::DiffGone;
+            return false;
+        }
+        true
+    }
+}

@@ -1,0 +1,602 @@
+//! One sync run, end to end. It reads like the architecture:
+//!
+//! ```text
+//! prepare   connect, plan, begin the snapshot run, open the writers
+//! pipeline  source COPY (tokio) --blocks--> diff (thread + rayon) --batches--> writers (tokio)
+//!                                                                   | each commit -> recorder
+//! settle    the read completed: forget duplicate keys, collect model errors
+//! remove    snapshot entries not seen -> delete guard -> deletes (when asked)
+//! finish    trust the stored hashes under this model; summary; run log
+//! ```
+//! Each step is a function returning a typed value. One [`Stop`] token carries every reason to
+//! stop early (a signal, a writer that failed); what was committed is recorded either way, and
+//! removed rows are only derived from a read that completed.
+
+pub(crate) mod stop;
+mod summary;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::WriteBatch;
+use crate::conn::ConnInfo;
+use crate::copy::Block;
+use crate::diff::{self, DiffConfig, DiffOutcome};
+use crate::error::{join_err, Error};
+use crate::plan::{plan, Plan};
+use crate::sink::{
+    self, AnyDestination, ApplyCtx, Destination, NullDestination, PgDestination, Sizer, Strategy,
+    WriteStats,
+};
+use crate::snapshot::{Begin, Reader, Recorder, Snapshot};
+use crate::source::{ReadEnd, ReadStats, SourceRead};
+use crate::spec::SyncSpec;
+use stop::{Stop, StopReason};
+use summary::Parts;
+pub use summary::{cpu_seconds, peak_rss_bytes, FailedRun, Phases, RunRecord, Summary};
+
+/// Options of one invocation, shared by every sync it runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub dry_run: bool,
+    pub full_resync: bool,
+    /// Print progress lines on stderr while running.
+    pub progress: bool,
+    /// Cancelled on SIGINT/SIGTERM: stop reading, finish the queued batches, record them.
+    pub shutdown: CancellationToken,
+    /// Put the batch and read timelines in the summary (benchmarks, reports).
+    pub timeline: bool,
+}
+
+/// Tunables of the pipeline itself (not of a sync).
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// Framed blocks are cut at this many bytes.
+    pub block_bytes: usize,
+    /// Blocks queued between reader and diff.
+    pub block_queue: usize,
+    /// Batches queued between diff and writer.
+    pub batch_queue: usize,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        PipelineSettings {
+            block_bytes: 512 << 10,
+            block_queue: 8,
+            batch_queue: 2,
+        }
+    }
+}
+
+/// Runs one sync; a failed run is recorded in the run log too. The caller opens the snapshot
+/// (holding its lock for the whole invocation).
+pub async fn run(
+    source: &ConnInfo,
+    dest: &ConnInfo,
+    spec: &SyncSpec,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+) -> Result<Summary, Error> {
+    let started = Instant::now();
+    let result = run_with(
+        source,
+        dest,
+        spec,
+        opts,
+        snapshot,
+        &PipelineSettings::default(),
+    )
+    .await;
+    if let (Err(e), false) = (&result, opts.dry_run) {
+        let record = RunRecord::Failed(FailedRun {
+            sync: spec.name.clone(),
+            error: e.to_string(),
+            duration_s: started.elapsed().as_secs_f64(),
+        });
+        if let Err(e) = snapshot.log_run(&record).await {
+            tracing::warn!("sync '{}': cannot log the failed run: {e}", spec.name);
+        }
+    }
+    result
+}
+
+/// [`run`] with explicit pipeline settings, and without logging a failed run.
+pub async fn run_with(
+    source: &ConnInfo,
+    dest: &ConnInfo,
+    spec: &SyncSpec,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+    pipe: &PipelineSettings,
+) -> Result<Summary, Error> {
+    let env = RunEnv {
+        source,
+        dest,
+        spec,
+        opts,
+        pipe,
+        started: Instant::now(),
+    };
+    let p = prepare(&env, snapshot).await?;
+    let ctx = Arc::new(ApplyCtx {
+        sync: spec.name.clone(),
+        plan: p.info.plan.clone(),
+        recorder: (!opts.dry_run).then(|| p.recorder.clone()),
+        sizer: p.info.sizer.clone(),
+        policy: spec.retry,
+        max_rejected: spec.max_rejected,
+        rejections: Default::default(),
+        stop: Stop::child_of(&opts.shutdown),
+    });
+    let result = stages(&env, p, &ctx).await;
+    let rejections = ctx.rejections();
+    if !opts.dry_run && (result.is_ok() || rejections.count > 0) {
+        // The rows rejected in this run replace the last run's list (`pgdelta log --rejected`).
+        if let Err(e) = snapshot.set_rejections(&spec.name, &rejections.rows).await {
+            tracing::warn!("sync '{}': cannot save the rejected rows: {e}", spec.name);
+        }
+    }
+    let (summary, model_errors) = result?;
+    if !opts.dry_run {
+        let record = RunRecord::Finished(Box::new(summary.clone()));
+        snapshot.log_run(&record).await?;
+    }
+    if !model_errors.is_empty() {
+        return Err(Error::Model {
+            sync: spec.name.clone(),
+            message: format!(
+                "{}; no rows were deleted in this run",
+                model_errors.join(". ")
+            ),
+        });
+    }
+    Ok(summary)
+}
+
+/// What every step of a run reads.
+struct RunEnv<'a> {
+    source: &'a ConnInfo,
+    dest: &'a ConnInfo,
+    spec: &'a SyncSpec,
+    opts: &'a RunOptions,
+    pipe: &'a PipelineSettings,
+    started: Instant,
+}
+
+/// The stages after `prepare`, in order. Returns the summary and the model errors found.
+async fn stages(
+    env: &RunEnv<'_>,
+    p: Prepared,
+    ctx: &Arc<ApplyCtx>,
+) -> Result<(Summary, Vec<String>), Error> {
+    let Prepared {
+        info,
+        src,
+        recorder,
+        reader,
+        writers,
+    } = p;
+    let dry_run = env.opts.dry_run;
+    let diff_cfg = DiffConfig {
+        mode: env.spec.mode,
+        rewrite_all: info.begin.rewrite_all,
+        dry_run,
+        slots: info.begin.next_slot,
+        seed: random_seed(),
+        samples: if dry_run { 10 } else { 5 },
+        max_batch_age: Duration::from_secs(1),
+    };
+    let piped = pipeline(env, src, writers, &reader, diff_cfg, ctx).await?;
+    completed(&ctx.stop, &piped, &env.spec.name)?;
+    let mut diffed = piped.diff;
+    let (duplicates, model_errors) = settle(&recorder, &mut diffed, &info.plan, dry_run).await?;
+    let removal = remove(env, &reader, &diffed, ctx, model_errors.is_empty()).await?;
+    let deletes_done_s = env.started.elapsed().as_secs_f64();
+    drop(reader);
+    // The read completed and every write committed: every stored hash is now computed under
+    // this model (keys with model errors were forgotten above, rejected rows are stale).
+    let trusted = (!dry_run).then(|| info.plan.row_fp.clone());
+    let rec = recorder.finish(trusted).await?;
+    tracing::debug!(?rec, "snapshot recorded");
+    let outcome = Outcome {
+        piped: Piped {
+            diff: diffed,
+            ..piped
+        },
+        duplicates,
+        removal,
+        deletes_done_s,
+    };
+    Ok((summarize(env, &info, outcome, ctx), model_errors))
+}
+
+/// What a run found and did, stage by stage.
+struct Outcome {
+    piped: Piped,
+    duplicates: u64,
+    removal: Removal,
+    deletes_done_s: f64,
+}
+
+fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Summary {
+    let plan = &info.plan;
+    let describe = |keys: &[Vec<u8>]| keys.iter().map(|k| plan.describe_key(k)).collect();
+    let mut notes: Vec<String> = plan
+        .notes
+        .iter()
+        .chain(&info.begin.notes)
+        .cloned()
+        .collect();
+    notes.extend(o.removal.note.clone());
+    let written = match env.opts.dry_run {
+        true => WriteStats::default(),
+        false => o.piped.written + o.removal.stats,
+    };
+    let sizer = &info.sizer;
+    let timelines = env.opts.timeline.then(|| {
+        let mut read = o.piped.read_timeline.clone();
+        read.push((o.piped.read_s as f32, o.piped.read.rows));
+        (sizer.log(), read)
+    });
+    Summary::build(Parts {
+        sync: &env.spec.name,
+        plan,
+        mode: env.spec.mode.as_str(),
+        strategy: info.strategy.as_str(),
+        dry_run: env.opts.dry_run,
+        rewrite_all: info.begin.rewrite_all,
+        read: o.piped.read,
+        counts: o.piped.diff.counts,
+        duplicates: o.duplicates,
+        removed: o.removal.removed,
+        written,
+        rejections: ctx.rejections(),
+        batches: sizer.stats(),
+        latency_ms: sizer.latency_percentiles(),
+        timeouts: info.timeouts.clone(),
+        phases: Phases {
+            read_s: o.piped.read_s,
+            writes_done_s: o.piped.writes_done_s,
+            deletes_done_s: o.deletes_done_s,
+        },
+        timelines,
+        notes,
+        samples: [
+            describe(&o.piped.diff.sample_added),
+            describe(&o.piped.diff.sample_changed),
+            describe(&o.removal.samples),
+        ],
+    })
+}
+
+/// What a run decided before the first row moved.
+struct RunInfo {
+    plan: Arc<Plan>,
+    begin: Begin,
+    strategy: Strategy,
+    sizer: Arc<Sizer>,
+    /// Effective statement timeouts: the source read's (as shown), the writers' (ms).
+    timeouts: (Option<String>, Option<u64>),
+}
+
+/// Everything a run sets up before the first row moves.
+struct Prepared {
+    info: RunInfo,
+    /// The source session the read runs on.
+    src: tokio_postgres::Client,
+    recorder: Recorder,
+    /// The snapshot as it was when the run began.
+    reader: Arc<Reader>,
+    writers: Vec<AnyDestination>,
+}
+
+/// Connects, plans, begins the snapshot run and opens the writers. Writers connect before the
+/// read starts, so a destination that refuses sessions fails the run before the long read.
+async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Error> {
+    let (spec, name) = (env.spec, &env.spec.name);
+    let read_settings = crate::source::session_settings(spec.read_timeout);
+    let src = env.source.connect("source", &read_settings).await?;
+    let control = env
+        .dest
+        .connect("destination", &sink::session_settings())
+        .await?;
+    let plan = Arc::new(plan(&src, &control, spec).await?);
+    drop(control);
+    for n in &plan.notes {
+        tracing::info!("sync '{name}': {n}");
+    }
+    let source_timeout = crate::conn::show(&src, "statement_timeout").await.ok();
+    let (begin, recorder) = snapshot
+        .begin(name, &plan.key_fp, &plan.row_fp, env.opts.full_resync)
+        .await?;
+    for n in &begin.notes {
+        tracing::warn!("sync '{name}': {n}");
+    }
+    let reader = Arc::new(snapshot.reader(name)?);
+    let strategy = Strategy::choose(spec.mode, plan.target_empty, reader.is_empty());
+    let sizer = Arc::new(Sizer::new(spec.batch));
+    let n = spec.batch.writers;
+    let writers = sink::open_writers(env.dest, &plan, strategy, n, env.opts.dry_run).await?;
+    let dest_timeout = writers.iter().filter_map(|w| w.statement_timeout()).min();
+    if let Some(t) = dest_timeout {
+        sizer.limit_latency(t);
+    }
+    let timeouts = (source_timeout, dest_timeout.map(|t| t.as_millis() as u64));
+    Ok(Prepared {
+        info: RunInfo {
+            plan,
+            begin,
+            strategy,
+            sizer,
+            timeouts,
+        },
+        src,
+        recorder,
+        reader,
+        writers,
+    })
+}
+
+/// What the pipeline did.
+struct Piped {
+    read: ReadStats,
+    diff: DiffOutcome,
+    written: WriteStats,
+    read_s: f64,
+    writes_done_s: f64,
+    read_timeline: Vec<(f32, u64)>,
+}
+
+/// Runs the source read, the diff and the writers, connected by bounded channels, until the
+/// read ends and every batch is applied (or the run stops). Errors, most specific first: a
+/// writer's failure stops the diff, which stops the reader, so the writer's error is the one.
+async fn pipeline(
+    env: &RunEnv<'_>,
+    src: tokio_postgres::Client,
+    writers: Vec<AnyDestination>,
+    reader: &Arc<Reader>,
+    cfg: DiffConfig,
+    ctx: &Arc<ApplyCtx>,
+) -> Result<Piped, Error> {
+    let (spec, opts, pipe) = (env.spec, env.opts, env.pipe);
+    let (block_tx, block_rx) = mpsc::channel::<Block>(pipe.block_queue);
+    let (batch_tx, batch_rx) = mpsc::channel::<WriteBatch>(pipe.batch_queue);
+    let rows_read = Arc::new(AtomicU64::new(0));
+    let read_task = tokio::spawn(
+        SourceRead {
+            source: env.source.clone(),
+            client: src,
+            plan: ctx.plan.clone(),
+            out: block_tx,
+            rows_read: rows_read.clone(),
+            block_bytes: pipe.block_bytes,
+            sync: spec.name.clone(),
+            stop: ctx.stop.clone(),
+        }
+        .run(),
+    );
+    let diff_task = {
+        let (reader, sizer) = (reader.clone(), ctx.sizer.clone());
+        tokio::task::spawn_blocking(move || diff::run(block_rx, batch_tx, reader, sizer, cfg))
+    };
+    let batches = Arc::new(tokio::sync::Mutex::new(batch_rx));
+    let write_tasks: Vec<_> = writers
+        .into_iter()
+        .map(|w| {
+            let write = sink::write_batches(w, batches.clone(), ctx.clone(), spec.batch.sleep);
+            tokio::spawn(write)
+        })
+        .collect();
+    drop(batches);
+    let timeline = Arc::new(Mutex::new(Vec::new()));
+    let progress = (opts.progress || opts.timeline).then(|| {
+        let name = spec.name.clone();
+        let task = progress(
+            rows_read,
+            name,
+            timeline.clone(),
+            opts.progress,
+            env.started,
+        );
+        tokio::spawn(task)
+    });
+
+    let read_result = read_task.await.map_err(join_err)?;
+    let read_s = env.started.elapsed().as_secs_f64();
+    let diff_result = diff_task.await.map_err(join_err)?;
+    let mut written = Ok(WriteStats::default());
+    for t in write_tasks {
+        let r = t.await.map_err(join_err)?;
+        written = match (written, r) {
+            (Ok(a), Ok(b)) => Ok(a + b),
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        };
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let writes_done_s = env.started.elapsed().as_secs_f64();
+    let written = written?;
+    let diff = diff_result?;
+    let read = read_result?;
+    let read_timeline = std::mem::take(&mut *timeline.lock().expect("not poisoned"));
+    Ok(Piped {
+        read,
+        diff,
+        written,
+        read_s,
+        writes_done_s,
+        read_timeline,
+    })
+}
+
+/// Samples rows read every 500 ms (the read timeline); prints a line every 5 s when asked.
+async fn progress(
+    rows_read: Arc<AtomicU64>,
+    name: String,
+    timeline: Arc<Mutex<Vec<(f32, u64)>>>,
+    print: bool,
+    started: Instant,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    for i in 1u64.. {
+        tick.tick().await;
+        let n = rows_read.load(Ordering::Relaxed);
+        let t = started.elapsed().as_secs_f64();
+        timeline.lock().expect("not poisoned").push((t as f32, n));
+        if print && i % 10 == 0 {
+            eprintln!(
+                "pgdelta: sync '{name}': {n} rows read ({:.0} rows/s)",
+                n as f64 / t
+            );
+        }
+    }
+}
+
+/// The read must have completed for the run to go on to settle and remove.
+fn completed(stop: &Stop, piped: &Piped, sync: &str) -> Result<(), Error> {
+    let interrupted = |what: &str| {
+        Error::Interrupted {
+        sync: sync.into(),
+        message: format!(
+            "{what} {} rows; {} rows written and recorded, no deletes applied; the next run resumes",
+            piped.read.rows, piped.written.rows
+        ),
+    }
+    };
+    match (stop.reason(), piped.read.end) {
+        (Some(StopReason::Interrupted), ReadEnd::Complete) => {
+            Err(interrupted("stopped after reading"))
+        }
+        (Some(StopReason::Interrupted), _) => Err(interrupted("stopped reading after")),
+        (Some(StopReason::WriterFailed), _) => Err(Error::Internal(
+            "a writer failed without reporting its error".into(),
+        )),
+        (None, ReadEnd::Complete) => Ok(()),
+        (None, _) => Err(Error::Internal(
+            "the source read stopped early without an error".into(),
+        )),
+    }
+}
+
+/// Duplicate keys (found by the diff, and new keys the snapshot recorded twice) are forgotten
+/// by the snapshot, so the next run re-checks them; with NULL keys they are model errors.
+/// Returns the number of duplicate keys and the model errors.
+async fn settle(
+    recorder: &Recorder,
+    diffed: &mut DiffOutcome,
+    plan: &Plan,
+    dry_run: bool,
+) -> Result<(u64, Vec<String>), Error> {
+    let mut duplicates = diffed.counts.duplicates;
+    let mut names: Vec<String> = diffed
+        .duplicate_keys
+        .iter()
+        .map(|k| plan.describe_key(k))
+        .collect();
+    if dry_run {
+        // Nothing was recorded: count duplicates among the new keys by their hashes.
+        duplicates += diff::duplicate_hashes(&mut diffed.added_hashes).len() as u64;
+    } else {
+        let settled = recorder
+            .settle(std::mem::take(&mut diffed.duplicate_keys))
+            .await?;
+        duplicates += settled.duplicates;
+        names.extend(settled.duplicate_keys.iter().map(|k| plan.describe_key(k)));
+    }
+    let mut errors = Vec::new();
+    if duplicates > 0 {
+        names.sort();
+        names.dedup();
+        errors.push(format!(
+            "{duplicates} key(s) appear more than once in the source model: {}{}; the key must be unique in the model (fix the query or the key); these keys were left out of the snapshot and are re-checked next run",
+            names.iter().take(10).cloned().collect::<Vec<_>>().join("; "),
+            if names.len() > 10 { "; ..." } else { "" }
+        ));
+    }
+    if diffed.counts.null_keys > 0 {
+        let samples: Vec<String> = diffed
+            .null_key_samples
+            .iter()
+            .map(|k| plan.describe_key(k))
+            .collect();
+        errors.push(format!(
+            "{} row(s) have a NULL key ({}); they were not written: filter them out of the model or choose non-null key columns",
+            diffed.counts.null_keys,
+            samples.join("; ")
+        ));
+    }
+    Ok((duplicates, errors))
+}
+
+/// What happened to the rows that left the model.
+#[derive(Default)]
+struct Removal {
+    removed: u64,
+    stats: WriteStats,
+    samples: Vec<Vec<u8>>,
+    note: Option<String>,
+}
+
+/// Removed rows are the snapshot entries this complete read did not see. They are deleted
+/// (deletes on, under the delete guard), sampled (dry run), or kept with a note; never when
+/// the model had errors.
+async fn remove(
+    env: &RunEnv<'_>,
+    reader: &Arc<Reader>,
+    diffed: &DiffOutcome,
+    ctx: &ApplyCtx,
+    model_ok: bool,
+) -> Result<Removal, Error> {
+    let (spec, opts) = (env.spec, env.opts);
+    let synced = reader.len();
+    let removed = synced.saturating_sub(diffed.seen_entries);
+    let mut out = Removal {
+        removed,
+        ..Default::default()
+    };
+    if removed == 0 || !model_ok {
+        return Ok(out);
+    }
+    if spec.delete && removed as f64 > spec.max_delete_ratio * synced as f64 {
+        let share = removed as f64 / synced as f64;
+        return Err(Error::DeleteGuard {
+            sync: spec.name.clone(),
+            message: format!(
+                "this run would delete {removed} of {synced} synced rows ({:.1}%), more than the delete guard allows ({:.0}%); nothing was deleted. If the source really lost those rows, run again with --max-delete-ratio {:.2} (or max_delete_ratio in the config)",
+                100.0 * share,
+                100.0 * spec.max_delete_ratio,
+                (share + 0.01).min(1.0)
+            ),
+        });
+    }
+    let dest = match (opts.dry_run, spec.delete) {
+        (true, _) => AnyDestination::Null(NullDestination),
+        (false, true) => {
+            let pg = PgDestination::connect(env.dest, &ctx.plan, Strategy::Upsert).await?;
+            AnyDestination::Postgres(pg)
+        }
+        (false, false) => {
+            out.note = Some(format!(
+                "{removed} row(s) left the model and were kept in the destination (deletes are off; use --delete to propagate them)"
+            ));
+            return Ok(out);
+        }
+    };
+    let samples = if opts.dry_run { 10 } else { 0 };
+    let deleted =
+        sink::delete_removed(dest, reader.clone(), diffed.seen.clone(), ctx, samples).await?;
+    out.stats = deleted.stats;
+    out.samples = deleted.samples;
+    Ok(out)
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}

@@ -1,0 +1,233 @@
+//! What a run did, built once from the typed results of its stages: the `--json` summary and
+//! the run records of `pgdelta log`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::diff::DiffCounts;
+use crate::plan::Plan;
+use crate::sink::{Rejection, Rejections, SizerStats, WriteStats};
+use crate::source::ReadStats;
+
+/// What a run did: the `--json` summary, and the run record of a finished run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Summary {
+    pub sync: String,
+    pub target: String,
+    pub mode: String,
+    pub strategy: String,
+    pub dry_run: bool,
+    pub full_resync: bool,
+    pub rows_read: u64,
+    pub bytes_read: u64,
+    pub added: u64,
+    pub changed: u64,
+    pub unchanged: u64,
+    pub removed: u64,
+    /// Removed rows deleted from the destination (0 unless deletes are on).
+    pub deleted: u64,
+    pub rejected: u64,
+    /// The first rejected rows: key, SQLSTATE, message.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rejected_rows: Vec<Rejection>,
+    /// Rows inserted or updated in the destination.
+    pub written: u64,
+    pub already_present: u64,
+    pub duplicate_keys: u64,
+    pub null_keys: u64,
+    pub batches: u64,
+    pub min_batch: usize,
+    pub max_batch: usize,
+    pub timeouts: u64,
+    pub retries: u64,
+    pub reconnects: u64,
+    /// Effective `statement_timeout` of the writer sessions (None: no limit).
+    pub destination_statement_timeout_ms: Option<u64>,
+    /// Effective `statement_timeout` of the source read session, as the server shows it.
+    pub source_statement_timeout: Option<String>,
+    pub duration_s: f64,
+    pub rows_per_s: f64,
+    pub peak_rss_bytes: u64,
+    /// CPU time of this process so far (user + system), seconds.
+    pub cpu_s: f64,
+    /// Batch commit latency percentiles, ms.
+    pub batch_latency_ms_p50: f32,
+    pub batch_latency_ms_p95: f32,
+    pub batch_latency_ms_p99: f32,
+    /// Seconds from the start at which each phase ended.
+    pub phases: Phases,
+    /// With `RunOptions::timeline`: every batch as (seconds, rows, latency ms), and rows read
+    /// over time as (seconds, rows).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub batch_timeline: Vec<(f32, u32, f32)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub read_timeline: Vec<(f32, u64)>,
+    pub notes: Vec<String>,
+    /// Dry run: sample keys of each kind.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sample_added: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sample_changed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sample_removed: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Phases {
+    /// The source read ended (connections and planning included).
+    pub read_s: f64,
+    /// Every upsert/insert batch was committed.
+    pub writes_done_s: f64,
+    /// Removed rows were found and (with deletes on) deleted.
+    pub deletes_done_s: f64,
+}
+
+/// A run record in the state file (`pgdelta log`): a finished run's summary, or a failed run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RunRecord {
+    Failed(FailedRun),
+    Finished(Box<Summary>),
+}
+
+impl RunRecord {
+    pub fn sync(&self) -> &str {
+        match self {
+            RunRecord::Failed(f) => &f.sync,
+            RunRecord::Finished(s) => &s.sync,
+        }
+    }
+}
+
+/// A run that ended with an error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailedRun {
+    pub sync: String,
+    pub error: String,
+    pub duration_s: f64,
+}
+
+/// The typed results a summary is built from.
+pub(crate) struct Parts<'a> {
+    pub(crate) sync: &'a str,
+    pub(crate) plan: &'a Plan,
+    pub(crate) mode: &'a str,
+    pub(crate) strategy: &'a str,
+    pub(crate) dry_run: bool,
+    pub(crate) rewrite_all: bool,
+    pub(crate) read: ReadStats,
+    pub(crate) counts: DiffCounts,
+    /// Duplicate keys in all (found by the diff and by the snapshot).
+    pub(crate) duplicates: u64,
+    pub(crate) removed: u64,
+    pub(crate) written: WriteStats,
+    pub(crate) rejections: Rejections,
+    pub(crate) batches: SizerStats,
+    pub(crate) latency_ms: [f32; 3],
+    pub(crate) timeouts: (Option<String>, Option<u64>),
+    pub(crate) phases: Phases,
+    pub(crate) timelines: Option<(Vec<(f32, u32, f32)>, Vec<(f32, u64)>)>,
+    pub(crate) notes: Vec<String>,
+    /// Sample keys added, changed, removed.
+    pub(crate) samples: [Vec<String>; 3],
+}
+
+impl Summary {
+    pub(crate) fn build(p: Parts<'_>) -> Summary {
+        let duration_s = p.phases.deletes_done_s;
+        let [sample_added, sample_changed, sample_removed] = p.samples;
+        let (batch_timeline, read_timeline) = p.timelines.unwrap_or_default();
+        Summary {
+            sync: p.sync.into(),
+            target: p.plan.target.clone(),
+            mode: p.mode.into(),
+            strategy: p.strategy.into(),
+            dry_run: p.dry_run,
+            full_resync: p.rewrite_all,
+            rows_read: p.read.rows,
+            bytes_read: p.read.bytes,
+            added: p.counts.added,
+            changed: p.counts.changed,
+            unchanged: p.counts.unchanged,
+            removed: p.removed,
+            deleted: p.written.deleted,
+            rejected: p.rejections.count,
+            rejected_rows: p.rejections.rows,
+            written: p.written.rows,
+            already_present: p.written.already_present,
+            duplicate_keys: p.duplicates,
+            null_keys: p.counts.null_keys,
+            batches: p.written.batches,
+            min_batch: p.batches.min_batch,
+            max_batch: p.batches.max_batch,
+            timeouts: p.batches.timeouts,
+            retries: p.written.retries,
+            reconnects: p.written.reconnects,
+            destination_statement_timeout_ms: p.timeouts.1,
+            source_statement_timeout: p.timeouts.0,
+            duration_s,
+            rows_per_s: p.read.rows as f64 / duration_s.max(1e-9),
+            peak_rss_bytes: peak_rss_bytes(),
+            cpu_s: cpu_seconds(),
+            batch_latency_ms_p50: p.latency_ms[0],
+            batch_latency_ms_p95: p.latency_ms[1],
+            batch_latency_ms_p99: p.latency_ms[2],
+            phases: p.phases,
+            batch_timeline,
+            read_timeline,
+            notes: p.notes,
+            sample_added,
+            sample_changed,
+            sample_removed,
+        }
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes; 0 when unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) this process used so far, in seconds.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) != 0 {
+            return 0.0;
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both kinds of run record read back as their kind, old records included.
+    #[test]
+    fn run_records_round_trip() {
+        let failed = r#"{"sync":"a","error":"boom","duration_s":1.5}"#;
+        let finished = r#"{"sync":"b","rows_read":7,"added":3,"duration_s":2.0}"#;
+        match serde_json::from_str::<RunRecord>(failed).unwrap() {
+            RunRecord::Failed(f) => assert_eq!((f.sync.as_str(), f.error.as_str()), ("a", "boom")),
+            other => panic!("{other:?}"),
+        }
+        match serde_json::from_str::<RunRecord>(finished).unwrap() {
+            RunRecord::Finished(s) => {
+                assert_eq!((s.sync.as_str(), s.rows_read, s.added), ("b", 7, 3))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
