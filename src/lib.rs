@@ -36,7 +36,7 @@ pub mod snapshot;
 mod source;
 pub mod spec;
 pub mod sync;
-pub mod tls;
+pub(crate) mod tls;
 pub mod tools;
 
 pub use error::{Error, Result};

@@ -31,7 +31,7 @@ use crate::error::Error;
 
 /// libpq's sslmode values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     Disable,
     Allow,
     Prefer,
@@ -41,7 +41,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn parse(v: &str) -> Result<SslMode, Error> {
+    pub(crate) fn parse(v: &str) -> Result<SslMode, Error> {
         Ok(match v {
             "disable" => SslMode::Disable,
             "allow" => SslMode::Allow,
@@ -58,7 +58,7 @@ impl SslMode {
     }
 
     /// The mode tokio-postgres negotiates with.
-    pub fn negotiation(self) -> tokio_postgres::config::SslMode {
+    pub(crate) fn negotiation(self) -> tokio_postgres::config::SslMode {
         use tokio_postgres::config::SslMode as T;
         match self {
             SslMode::Disable => T::Disable,
@@ -70,7 +70,7 @@ impl SslMode {
 
 /// The TLS settings taken out of a connection string.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsSettings {
+pub(crate) struct TlsSettings {
     pub mode: SslMode,
     pub root_cert: Option<String>,
 }
@@ -86,7 +86,7 @@ impl Default for TlsSettings {
 
 /// Removes `sslmode` and `sslrootcert` from a URL or key=value connection string (tokio-postgres
 /// would reject `verify-full`) and returns them. Client certificates are not supported.
-pub fn split_settings(s: &str) -> Result<(String, TlsSettings), Error> {
+pub(crate) fn split_settings(s: &str) -> Result<(String, TlsSettings), Error> {
     let mut settings = TlsSettings::default();
     let mut take = |key: &str, value: String| -> Result<bool, Error> {
         match key {
@@ -192,7 +192,7 @@ fn key_values(s: &str) -> Vec<(String, String, String)> {
 }
 
 /// The rustls configuration for `settings`, or `None` for `sslmode=disable`.
-pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, Error> {
+pub(crate) fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

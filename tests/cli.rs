@@ -46,7 +46,7 @@ async fn sync_flags_json_summary_and_log() {
         state.to_str().unwrap(),
         "--json",
     ];
-    let o = pgdelta(&env.dir.path(), &args);
+    let o = pgdelta(env.dir.path(), &args);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
@@ -62,7 +62,7 @@ async fn sync_flags_json_summary_and_log() {
         .batch_execute("DELETE FROM t WHERE id = 1")
         .await
         .unwrap();
-    let o = pgdelta(&env.dir.path(), &args);
+    let o = pgdelta(env.dir.path(), &args);
     let last: serde_json::Value = serde_json::from_str(text(&o).0.lines().last().unwrap()).unwrap();
     assert_eq!(
         (
@@ -73,7 +73,7 @@ async fn sync_flags_json_summary_and_log() {
     );
 
     let o = pgdelta(
-        &env.dir.path(),
+        env.dir.path(),
         &["log", "--state", state.to_str().unwrap(), "--json"],
     );
     let (out, err) = text(&o);
@@ -108,7 +108,7 @@ async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
     .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_pgdelta"))
         .args(["sync", "--config", cfg.to_str().unwrap(), "--json"])
-        .current_dir(&env.dir.path())
+        .current_dir(env.dir.path())
         .env("SRC", &env.src_url)
         .output()
         .unwrap();
@@ -132,10 +132,7 @@ async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
         "[[sync]]\ntarget = \"a\"\nkey = \"id\"\ntable = \"a\"\nbatchsize = 5\n",
     )
     .unwrap();
-    let o = pgdelta(
-        &env.dir.path(),
-        &["sync", "--config", cfg.to_str().unwrap()],
-    );
+    let o = pgdelta(env.dir.path(), &["sync", "--config", cfg.to_str().unwrap()]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -147,7 +144,7 @@ async fn config_file_runs_named_syncs_and_rejects_unknown_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2_and_secrets_never_show() {
     let env = Env::new().await;
-    let dir = &env.dir.path();
+    let dir = env.dir.path();
     let o = pgdelta(
         dir,
         &[
@@ -221,7 +218,7 @@ async fn check_reports_each_check_and_the_fix() {
     ];
     let mut ok = base.to_vec();
     ok.extend(["--table", "t", "--target", "t", "--key", "id"]);
-    let o = pgdelta(&env.dir.path(), &ok);
+    let o = pgdelta(env.dir.path(), &ok);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert_eq!(
@@ -232,7 +229,7 @@ async fn check_reports_each_check_and_the_fix() {
 
     let mut bad = base.to_vec();
     bad.extend(["--table", "u", "--target", "u", "--key", "id"]);
-    let o = pgdelta(&env.dir.path(), &bad);
+    let o = pgdelta(env.dir.path(), &bad);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("FAIL") && err.contains("ADD UNIQUE"), "{err}");
@@ -259,7 +256,7 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
             "1",
         ];
         args.extend_from_slice(extra);
-        pgdelta(&env.dir.path(), &args)
+        pgdelta(env.dir.path(), &args)
     };
     let o = bench(&[
         "--scenarios",

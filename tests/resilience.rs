@@ -290,7 +290,7 @@ fn spawn_sync(env: &Env, extra: &[&str]) -> std::process::Child {
     args.extend_from_slice(extra);
     Command::new(env!("CARGO_BIN_EXE_pgdelta"))
         .args(&args)
-        .current_dir(&env.dir.path())
+        .current_dir(env.dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc::{Receiver, Sender};
 
 use crate::batch::{cut, BatchBuilder, CutLimits, WriteBatch};
-use crate::copy::Block;
+use crate::copy::{Block, RowSpan};
 use crate::hash::row_hash;
 use crate::sink::Sizer;
 use crate::snapshot::{Entry, Reader, SnapshotError};
@@ -83,85 +83,100 @@ pub(crate) fn run(
     sizer: Arc<Sizer>,
     cfg: DiffConfig,
 ) -> Result<DiffOutcome, SnapshotError> {
-    let mut o = DiffOutcome::default();
-    let mut classifier = Classifier::new(cfg.slots, cfg.rewrite_all, cfg.seed, !cfg.dry_run);
     let max_bytes = sizer.settings().max_bytes;
-    let mut builder = BatchBuilder::with_capacity(max_bytes + (256 << 10));
+    let mut d = Diff {
+        o: DiffOutcome::default(),
+        classifier: Classifier::new(cfg.slots, cfg.rewrite_all, cfg.seed, !cfg.dry_run),
+        builder: BatchBuilder::with_capacity(max_bytes + (256 << 10)),
+        write_changed: cfg.mode == Mode::Upsert && !cfg.dry_run,
+        cfg,
+    };
     let mut batch_started = Instant::now();
     let mut looked = Vec::new();
-    let write_changed = cfg.mode == Mode::Upsert && !cfg.dry_run;
-
     while let Some(block) = blocks.blocking_recv() {
         lookup(&block, &reader, &mut looked)?;
-        let data = &block.data[..];
         let mut limits = CutLimits {
             rows: sizer.rows(),
             bytes: max_bytes,
-            age: cfg.max_batch_age,
+            age: d.cfg.max_batch_age,
         };
         for (span, (hash, found)) in block.rows.iter().zip(looked.iter()) {
-            let key = span.key(data);
-            match classifier.classify(key, hash, *found) {
-                Class::Unchanged => o.counts.unchanged += 1,
-                Class::Changed { slot } => {
-                    o.counts.changed += 1;
-                    sample(&mut o.sample_changed, key, cfg.samples);
-                    if write_changed {
-                        builder.push(&block, span, *hash, Some(slot));
-                    }
-                }
-                Class::Added => {
-                    o.counts.added += 1;
-                    sample(&mut o.sample_added, key, cfg.samples);
-                    if cfg.dry_run {
-                        o.added_hashes.push(classifier.key_hash(key));
-                    } else {
-                        builder.push(&block, span, *hash, None);
-                    }
-                }
-                Class::Duplicate => {
-                    o.counts.duplicates += 1;
-                    sample(&mut o.duplicate_keys, key, KEEP_DUPLICATES);
-                }
-                Class::NullKey => {
-                    o.counts.null_keys += 1;
-                    sample(&mut o.null_key_samples, key, cfg.samples);
-                }
-            }
+            d.row(&block, span, hash, *found);
             // Age is only looked at between blocks: a clock read per row costs.
-            if cut(
-                builder.rows(),
-                builder.bytes(),
-                Duration::ZERO,
-                false,
-                &limits,
-            )
-            .is_some()
-            {
-                classifier.batch_sent();
-                if out.blocking_send(builder.take()).is_err() {
-                    return Ok(o);
+            let (rows, bytes) = (d.builder.rows(), d.builder.bytes());
+            if cut(rows, bytes, Duration::ZERO, false, &limits).is_some() {
+                if !d.send(&out) {
+                    return Ok(d.o);
                 }
                 batch_started = Instant::now();
                 limits.rows = sizer.rows();
             }
         }
-        let age = batch_started.elapsed();
-        if cut(builder.rows(), builder.bytes(), age, true, &limits).is_some() {
-            classifier.batch_sent();
-            if out.blocking_send(builder.take()).is_err() {
-                return Ok(o);
-            }
+        let (rows, bytes) = (d.builder.rows(), d.builder.bytes());
+        if cut(rows, bytes, batch_started.elapsed(), true, &limits).is_some() && !d.send(&out) {
+            return Ok(d.o);
         }
-        if builder.rows() == 0 {
+        if d.builder.rows() == 0 {
             batch_started = Instant::now();
         }
     }
-    if builder.rows() > 0 {
-        let _ = out.blocking_send(builder.take());
+    if d.builder.rows() > 0 {
+        d.send(&out);
     }
-    (o.seen, o.seen_entries) = classifier.into_seen();
-    Ok(o)
+    (d.o.seen, d.o.seen_entries) = d.classifier.into_seen();
+    Ok(d.o)
+}
+
+/// The diff's state between rows.
+struct Diff {
+    o: DiffOutcome,
+    classifier: Classifier,
+    builder: BatchBuilder,
+    /// Upsert mode writes changed rows; insert mode only new keys.
+    write_changed: bool,
+    cfg: DiffConfig,
+}
+
+impl Diff {
+    /// Classifies one row, counts it, samples its key, and queues it for writing if it goes.
+    #[inline]
+    fn row(&mut self, block: &Block, span: &RowSpan, hash: &[u8; 16], found: Option<Entry>) {
+        let (o, samples) = (&mut self.o, self.cfg.samples);
+        let key = span.key(&block.data);
+        match self.classifier.classify(key, hash, found) {
+            Class::Unchanged => o.counts.unchanged += 1,
+            Class::Changed { slot } => {
+                o.counts.changed += 1;
+                sample(&mut o.sample_changed, key, samples);
+                if self.write_changed {
+                    self.builder.push(block, span, *hash, Some(slot));
+                }
+            }
+            Class::Added => {
+                o.counts.added += 1;
+                sample(&mut o.sample_added, key, samples);
+                if self.cfg.dry_run {
+                    o.added_hashes.push(self.classifier.key_hash(key));
+                } else {
+                    self.builder.push(block, span, *hash, None);
+                }
+            }
+            Class::Duplicate => {
+                o.counts.duplicates += 1;
+                sample(&mut o.duplicate_keys, key, KEEP_DUPLICATES);
+            }
+            Class::NullKey => {
+                o.counts.null_keys += 1;
+                sample(&mut o.null_key_samples, key, samples);
+            }
+        }
+    }
+
+    /// Sends the batch being built; false when the writers are gone.
+    fn send(&mut self, out: &Sender<WriteBatch>) -> bool {
+        self.classifier.batch_sent();
+        out.blocking_send(self.builder.take()).is_ok()
+    }
 }
 
 /// Hashes every row of `block` and looks its key up in the snapshot, in parallel; `looked`

@@ -152,8 +152,11 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         .map(|c| (c.name().to_string(), c.type_().clone()))
         .collect();
     let mapping = mapping(spec, &source_cols, &dest_cols, &target, &fail)?;
-    let (columns, exprs, notes) =
-        typed_columns(&mapping, &source_cols, &dest_cols, &target, &fail)?;
+    let TypedColumns {
+        columns,
+        exprs,
+        notes,
+    } = typed_columns(&mapping, &source_cols, &dest_cols, &target, &fail)?;
     let select = format!("SELECT {} FROM {model_sql} AS src", exprs.join(", "));
     // The generated query must run as written (a cast can fail to resolve on odd types).
     src.prepare(&select)
@@ -269,15 +272,22 @@ fn mapping(
     Ok(ordered)
 }
 
-/// Checks each mapped column's type against the target's, and returns the columns, their
-/// SELECT expressions (with the casts pgdelta adds) and notes about those casts.
+/// The synced columns, their SELECT expressions (with the casts pgdelta adds) and notes about
+/// those casts.
+struct TypedColumns {
+    columns: Vec<Column>,
+    exprs: Vec<String>,
+    notes: Vec<String>,
+}
+
+/// Checks each mapped column's type against the target's.
 fn typed_columns(
     mapping: &[(String, String)],
     source_cols: &[(String, Type)],
     dest_cols: &[DestColumn],
     target: &Relation,
     fail: &Fail<'_>,
-) -> Result<(Vec<Column>, Vec<String>, Vec<String>), Error> {
+) -> Result<TypedColumns, Error> {
     let mut columns = Vec::new();
     let mut exprs = Vec::new();
     let mut notes = Vec::new();
@@ -300,9 +310,11 @@ fn typed_columns(
             .collect();
         let sty = match matches.as_slice() {
             [one] => *one,
-            [] => return Err(fail.msg(format!(
+            [] => {
+                return Err(fail.msg(format!(
                 "the source model has no column \"{source}\" (mapped to target column \"{dest}\")"
-            ))),
+            )))
+            }
             _ => {
                 return Err(fail.msg(format!(
                     "the source model has two columns named \"{source}\"; alias one of them"
@@ -327,7 +339,11 @@ fn typed_columns(
             dest_oid: d.oid,
         });
     }
-    Ok((columns, exprs, notes))
+    Ok(TypedColumns {
+        columns,
+        exprs,
+        notes,
+    })
 }
 
 /// Whether source type `sty` needs a cast to reach target column `d` over binary COPY; an

@@ -572,6 +572,10 @@ mod tests {
         assert_eq!((stats.retries, stats.reconnects, d.reconnects), (2, 1, 1));
     }
 
+    fn write_fails(d: &mut Scripted, b: &WriteBatch, c: &ApplyCtx) -> Error {
+        run(apply(d, Work::Rows(b), c, &mut WriteStats::default())).unwrap_err()
+    }
+
     /// A fatal error stops the run (and every other writer, through the stop token); so does
     /// a retry budget spent, and one rejection too many.
     #[test]
@@ -582,13 +586,7 @@ mod tests {
             faults: [failure(PgErrorKind::Fatal, "42501")].into(),
             ..Default::default()
         };
-        let e = run(apply(
-            &mut d,
-            Work::Rows(&b),
-            &c,
-            &mut WriteStats::default(),
-        ))
-        .unwrap_err();
+        let e = write_fails(&mut d, &b, &c);
         assert!(e.to_string().contains("42501"), "{e}");
         assert_eq!(c.stop.reason(), Some(StopReason::WriterFailed));
 
@@ -597,13 +595,7 @@ mod tests {
             faults: std::iter::repeat_n(failure(PgErrorKind::Transient, "40001"), 20).collect(),
             ..Default::default()
         };
-        let e = run(apply(
-            &mut d,
-            Work::Rows(&b),
-            &c,
-            &mut WriteStats::default(),
-        ))
-        .unwrap_err();
+        let e = write_fails(&mut d, &b, &c);
         assert!(e.to_string().contains("gave up after 10 attempts"), "{e}");
         assert!(d.committed.is_empty());
 
@@ -612,13 +604,7 @@ mod tests {
             bad: [0, 2].into(),
             ..Default::default()
         };
-        let e = run(apply(
-            &mut d,
-            Work::Rows(&b),
-            &c,
-            &mut WriteStats::default(),
-        ))
-        .unwrap_err();
+        let e = write_fails(&mut d, &b, &c);
         assert!(
             matches!(e, Error::TooManyRejected { rejected: 2, .. }),
             "{e}"

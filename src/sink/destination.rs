@@ -106,7 +106,7 @@ impl Destination for NullDestination {
 
 /// The destinations a run can have, without boxing futures.
 pub(crate) enum AnyDestination {
-    Postgres(PgDestination),
+    Postgres(Box<PgDestination>),
     Null(NullDestination),
 }
 

@@ -50,7 +50,7 @@ pub(crate) async fn open_writers(
     let mut writers = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         let d = PgDestination::connect(dest, plan, strategy).await?;
-        writers.push(AnyDestination::Postgres(d));
+        writers.push(AnyDestination::Postgres(Box::new(d)));
     }
     Ok(writers)
 }

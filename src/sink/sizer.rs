@@ -41,7 +41,7 @@ impl Default for BatchSettings {
 
 /// The batch-size controller shared by the batch builder (which reads the size) and the
 /// writers (which report latency and timeouts).
-pub struct Sizer {
+pub(crate) struct Sizer {
     settings: BatchSettings,
     started: std::time::Instant,
     /// Every committed batch: (seconds since start, rows, latency ms). Bounded by the number of
@@ -54,7 +54,7 @@ pub struct Sizer {
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct SizerStats {
+pub(crate) struct SizerStats {
     pub batches: u64,
     pub min_batch: usize,
     pub max_batch: usize,
@@ -65,7 +65,7 @@ pub struct SizerStats {
 const START_ROWS: usize = 10_000;
 
 impl Sizer {
-    pub fn new(settings: BatchSettings) -> Sizer {
+    pub(crate) fn new(settings: BatchSettings) -> Sizer {
         let start = settings
             .fixed_rows
             .unwrap_or(START_ROWS.clamp(settings.min_rows, settings.max_rows));
@@ -79,18 +79,18 @@ impl Sizer {
         }
     }
 
-    pub fn settings(&self) -> &BatchSettings {
+    pub(crate) fn settings(&self) -> &BatchSettings {
         &self.settings
     }
 
     /// Rows per batch right now.
-    pub fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.current.load(Ordering::Relaxed)
     }
 
     /// A batch of `rows` committed after `latency`: grow while comfortably under the target,
     /// back off when over it.
-    pub fn committed(&self, rows: usize, latency: Duration) {
+    pub(crate) fn committed(&self, rows: usize, latency: Duration) {
         self.log.lock().unwrap().push((
             self.started.elapsed().as_secs_f32(),
             rows as u32,
@@ -127,7 +127,7 @@ impl Sizer {
 
     /// Aims batch latency at no more than half of the destination's `statement_timeout`, so
     /// the size settles below the timeout instead of oscillating across it.
-    pub fn limit_latency(&self, statement_timeout: Duration) {
+    pub(crate) fn limit_latency(&self, statement_timeout: Duration) {
         let ms = statement_timeout.as_millis().max(1) as u64;
         self.timeout_ms.fetch_min(ms, Ordering::Relaxed);
         // fetch_min on 0 ("none yet") keeps 0; store explicitly the first time.
@@ -137,7 +137,7 @@ impl Sizer {
     }
 
     /// The latency the controller aims under.
-    pub fn target_latency(&self) -> Duration {
+    pub(crate) fn target_latency(&self) -> Duration {
         let t = self.settings.target_latency;
         match self.timeout_ms.load(Ordering::Relaxed) {
             0 => t,
@@ -146,7 +146,7 @@ impl Sizer {
     }
 
     /// A statement timeout on a batch of `rows`: halve below it.
-    pub fn timed_out(&self, rows: usize) {
+    pub(crate) fn timed_out(&self, rows: usize) {
         self.stats.lock().unwrap().timeouts += 1;
         self.set(rows / 2);
     }
@@ -157,17 +157,17 @@ impl Sizer {
         self.current.store(v, Ordering::Relaxed);
     }
 
-    pub fn stats(&self) -> SizerStats {
+    pub(crate) fn stats(&self) -> SizerStats {
         *self.stats.lock().unwrap()
     }
 
     /// Every committed batch: (seconds since start, rows, latency in ms).
-    pub fn log(&self) -> Vec<(f32, u32, f32)> {
+    pub(crate) fn log(&self) -> Vec<(f32, u32, f32)> {
         self.log.lock().unwrap().clone()
     }
 
     /// Batch latency percentiles in ms (p50, p95, p99); zeros without batches.
-    pub fn latency_percentiles(&self) -> [f32; 3] {
+    pub(crate) fn latency_percentiles(&self) -> [f32; 3] {
         let mut l: Vec<f32> = self.log.lock().unwrap().iter().map(|e| e.2).collect();
         if l.is_empty() {
             return [0.0; 3];

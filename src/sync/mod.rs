@@ -37,7 +37,9 @@ use crate::source::{ReadEnd, ReadStats, SourceRead};
 use crate::spec::SyncSpec;
 use stop::{Stop, StopReason};
 use summary::Parts;
-pub use summary::{cpu_seconds, peak_rss_bytes, FailedRun, Phases, RunRecord, Summary};
+pub use summary::{
+    cpu_seconds, peak_rss_bytes, BatchTimeline, FailedRun, Phases, ReadTimeline, RunRecord, Summary,
+};
 
 /// Options of one invocation, shared by every sync it runs.
 #[derive(Debug, Clone, Default)]
@@ -579,7 +581,7 @@ async fn remove(
         (true, _) => AnyDestination::Null(NullDestination),
         (false, true) => {
             let pg = PgDestination::connect(env.dest, &ctx.plan, Strategy::Upsert).await?;
-            AnyDestination::Postgres(pg)
+            AnyDestination::Postgres(Box::new(pg))
         }
         (false, false) => {
             out.note = Some(format!(

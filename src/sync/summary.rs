@@ -8,6 +8,11 @@ use crate::plan::Plan;
 use crate::sink::{Rejection, Rejections, SizerStats, WriteStats};
 use crate::source::ReadStats;
 
+/// Every committed batch: (seconds since the start, rows, commit latency in ms).
+pub type BatchTimeline = Vec<(f32, u32, f32)>;
+/// Rows read over time: (seconds since the start, rows).
+pub type ReadTimeline = Vec<(f32, u64)>;
+
 /// What a run did: the `--json` summary, and the run record of a finished run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -59,9 +64,9 @@ pub struct Summary {
     /// With `RunOptions::timeline`: every batch as (seconds, rows, latency ms), and rows read
     /// over time as (seconds, rows).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub batch_timeline: Vec<(f32, u32, f32)>,
+    pub batch_timeline: BatchTimeline,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub read_timeline: Vec<(f32, u64)>,
+    pub read_timeline: ReadTimeline,
     pub notes: Vec<String>,
     /// Dry run: sample keys of each kind.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -126,7 +131,7 @@ pub(crate) struct Parts<'a> {
     pub(crate) latency_ms: [f32; 3],
     pub(crate) timeouts: (Option<String>, Option<u64>),
     pub(crate) phases: Phases,
-    pub(crate) timelines: Option<(Vec<(f32, u32, f32)>, Vec<(f32, u64)>)>,
+    pub(crate) timelines: Option<(BatchTimeline, ReadTimeline)>,
     pub(crate) notes: Vec<String>,
     /// Sample keys added, changed, removed.
     pub(crate) samples: [Vec<String>; 3],

@@ -160,7 +160,7 @@ fn escape(s: &str) -> String {
 }
 
 /// The whole report page.
-pub fn html(report: &BenchReport) -> String {
+pub(super) fn html(report: &BenchReport) -> String {
     let mut rows = String::new();
     for s in &report.scenarios {
         rows.push_str(&format!(

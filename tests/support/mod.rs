@@ -2,8 +2,6 @@
 //! `PGDELTA_TEST_DATABASE_URL`), a fresh source and destination database per test, a scratch
 //! directory for the state file, and assertions on table contents.
 
-#![allow(dead_code)]
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
@@ -34,7 +32,7 @@ fn server() -> &'static Server {
 }
 
 /// The URL of database `db` on the test server.
-pub fn url_for(db: &str) -> String {
+pub(crate) fn url_for(db: &str) -> String {
     match server() {
         Server::Local(pg) => pg.url(db),
         Server::External(url) => {
@@ -51,17 +49,9 @@ pub fn url_for(db: &str) -> String {
     }
 }
 
-/// The local cluster, for tests that restart it (None with an external server).
-pub fn local_server() -> Option<&'static TempPostgres> {
-    match server() {
-        Server::Local(pg) => Some(pg),
-        Server::External(_) => None,
-    }
-}
-
 /// A test session, named `pgdelta-test` so fault injection aimed at pgdelta's own sessions
 /// (`application_name = 'pgdelta'`) leaves it alone.
-pub async fn connect(url: &str) -> Client {
+pub(crate) async fn connect(url: &str) -> Client {
     let mut config: tokio_postgres::Config = url.parse().unwrap();
     config.application_name("pgdelta-test");
     let (client, conn) = config
@@ -73,7 +63,7 @@ pub async fn connect(url: &str) -> Client {
 }
 
 /// Compares two row lists and reports the first difference (never the whole lists).
-pub fn assert_rows_equal(a: &[String], b: &[String]) {
+pub(crate) fn assert_rows_equal(a: &[String], b: &[String]) {
     let first = a.iter().zip(b.iter()).position(|(x, y)| x != y);
     if let Some(i) = first {
         panic!(
@@ -101,7 +91,7 @@ pub fn assert_rows_equal(a: &[String], b: &[String]) {
 }
 
 /// A source and a destination database of its own for one test.
-pub struct Env {
+pub(crate) struct Env {
     pub src: Client,
     pub dst: Client,
     pub src_url: String,
@@ -112,7 +102,7 @@ pub struct Env {
 }
 
 impl Env {
-    pub async fn new() -> Env {
+    pub(crate) async fn new() -> Env {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let names = (
             format!("t{}_{n}_src", std::process::id()),
@@ -142,18 +132,18 @@ impl Env {
         }
     }
 
-    pub fn state(&self) -> PathBuf {
+    pub(crate) fn state(&self) -> PathBuf {
         self.dir.path().join("state.redb")
     }
 
     /// Runs SQL on both databases.
-    pub async fn both(&self, sql: &str) {
+    pub(crate) async fn both(&self, sql: &str) {
         self.src.batch_execute(sql).await.unwrap();
         self.dst.batch_execute(sql).await.unwrap();
     }
 
     /// A table-model spec with sensible defaults.
-    pub fn spec(&self, table: &str, key: &[&str]) -> SyncSpec {
+    pub(crate) fn spec(&self, table: &str, key: &[&str]) -> SyncSpec {
         let mut spec = SyncSpec::new(table, Model::Table(table.into()), table, key);
         // Quick retries: the tests provoke failures on purpose.
         spec.retry.base = std::time::Duration::from_millis(50);
@@ -162,7 +152,10 @@ impl Env {
 
     /// Runs a sync with small pipeline buffers, so the reader stalls behind slow writers
     /// instead of buffering a small test table whole.
-    pub async fn sync_small_buffers(&self, spec: &SyncSpec) -> Result<Summary, pgdelta::Error> {
+    pub(crate) async fn sync_small_buffers(
+        &self,
+        spec: &SyncSpec,
+    ) -> Result<Summary, pgdelta::Error> {
         let snap = Snapshot::open(&self.state(), 8 << 20)?;
         let pipe = pgdelta::sync::PipelineSettings {
             block_bytes: 4096,
@@ -180,11 +173,11 @@ impl Env {
         .await
     }
 
-    pub async fn sync(&self, spec: &SyncSpec) -> Result<Summary, pgdelta::Error> {
+    pub(crate) async fn sync(&self, spec: &SyncSpec) -> Result<Summary, pgdelta::Error> {
         self.sync_opts(spec, &RunOptions::default()).await
     }
 
-    pub async fn sync_opts(
+    pub(crate) async fn sync_opts(
         &self,
         spec: &SyncSpec,
         opts: &RunOptions,
@@ -201,7 +194,7 @@ impl Env {
     }
 
     /// Every row of `sql` as text, in order: the strongest type-agnostic equality check.
-    pub async fn rows(client: &Client, sql: &str) -> Vec<String> {
+    pub(crate) async fn rows(client: &Client, sql: &str) -> Vec<String> {
         client
             .query(
                 &format!("SELECT pgdelta_row::text FROM ({sql}) pgdelta_row"),
@@ -216,7 +209,7 @@ impl Env {
 
     /// Asserts that `src_sql` on the source returns exactly the rows of `dst_sql` on the
     /// destination (both should ORDER BY the key).
-    pub async fn assert_same(&self, src_sql: &str, dst_sql: &str) {
+    pub(crate) async fn assert_same(&self, src_sql: &str, dst_sql: &str) {
         let a = Self::rows(&self.src, src_sql).await;
         let b = Self::rows(&self.dst, dst_sql).await;
         assert_eq!(
@@ -231,7 +224,7 @@ impl Env {
         }
     }
 
-    pub async fn count(client: &Client, table: &str) -> i64 {
+    pub(crate) async fn count(client: &Client, table: &str) -> i64 {
         client
             .query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await
@@ -241,7 +234,7 @@ impl Env {
 
     /// (inserted, updated, deleted) tuple counters of a destination table, after the
     /// statistics of finished sessions have been flushed.
-    pub async fn dst_counters(&self, table: &str) -> (i64, i64, i64) {
+    pub(crate) async fn dst_counters(&self, table: &str) -> (i64, i64, i64) {
         let row = self
             .dst
             .query_one(
@@ -254,7 +247,7 @@ impl Env {
     }
 
     /// Polls the counters until `pred` holds (stats are flushed asynchronously), at most 15 s.
-    pub async fn wait_counters(
+    pub(crate) async fn wait_counters(
         &self,
         table: &str,
         pred: impl Fn((i64, i64, i64)) -> bool,
