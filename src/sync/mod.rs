@@ -193,11 +193,11 @@ async fn stages(
         samples: if dry_run { 10 } else { 5 },
         max_batch_age: Duration::from_secs(1),
     };
-    let piped = pipeline(env, src, writers, &reader, diff_cfg, ctx).await?;
+    let mut piped = pipeline(env, src, writers, &reader, diff_cfg, ctx).await?;
     completed(&ctx.stop, &piped, &env.spec.name)?;
-    let mut diffed = piped.diff;
-    let (duplicates, model_errors) = settle(&recorder, &mut diffed, &info.plan, dry_run).await?;
-    let removal = remove(env, &reader, &diffed, ctx, model_errors.is_empty()).await?;
+    let (duplicates, model_errors) =
+        settle(&recorder, &mut piped.diff, &info.plan, dry_run).await?;
+    let removal = remove(env, &reader, &piped.diff, ctx, model_errors.is_empty()).await?;
     let deletes_done_s = env.started.elapsed().as_secs_f64();
     drop(reader);
     // The read completed and every write committed: every stored hash is now computed under
@@ -206,10 +206,7 @@ async fn stages(
     let rec = recorder.finish(trusted).await?;
     tracing::debug!(?rec, "snapshot recorded");
     let outcome = Outcome {
-        piped: Piped {
-            diff: diffed,
-            ..piped
-        },
+        piped,
         duplicates,
         removal,
         deletes_done_s,

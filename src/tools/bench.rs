@@ -9,7 +9,9 @@
 //! Scenarios: `initial` (empty destination; baseline: a raw `COPY TO | COPY FROM` pipe into an
 //! empty copy of the target), `nochange`, `churn` (1% updates, 0.1% inserts and deletes),
 //! `churn10` (10%), `timeouts` (1% churn under a destination statement_timeout low enough to
-//! force the batch size down); the last four against a plain binary COPY read.
+//! force the batch size down); the last four against a plain binary COPY read. `nowrite`
+//! (opt-in) is the 1% churn re-sync through the null destination (`--dry-run`): read, hash and
+//! diff without writing, the cost of everything but the destination.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -81,6 +83,7 @@ pub enum Scenario {
     Churn,
     Churn10,
     Timeouts,
+    Nowrite,
 }
 
 impl Scenario {
@@ -91,6 +94,7 @@ impl Scenario {
             Scenario::Churn => "churn",
             Scenario::Churn10 => "churn10",
             Scenario::Timeouts => "timeouts",
+            Scenario::Nowrite => "nowrite",
         }
     }
     /// The baseline this scenario is held to, and the design's target ratio (if any).
@@ -99,7 +103,9 @@ impl Scenario {
             Scenario::Initial => ("raw COPY TO | COPY FROM pipe", Some(1.15)),
             Scenario::Nochange => ("plain binary COPY read", Some(1.15)),
             Scenario::Churn => ("plain binary COPY read", Some(1.4)),
-            Scenario::Churn10 | Scenario::Timeouts => ("plain binary COPY read", None),
+            Scenario::Churn10 | Scenario::Timeouts | Scenario::Nowrite => {
+                ("plain binary COPY read", None)
+            }
         }
     }
 }
@@ -355,6 +361,12 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                     t
                 }
                 Scenario::Nochange => copy_read(&s.src, select).await?.1,
+                Scenario::Nowrite => {
+                    round += 1;
+                    exec(&s.src, &churn_sql(args.rows, 0.01, round)).await?;
+                    extra.push("--dry-run");
+                    copy_read(&s.src, select).await?.1
+                }
                 Scenario::Churn | Scenario::Churn10 | Scenario::Timeouts => {
                     round += 1;
                     let share = if *sc == Scenario::Churn10 { 0.10 } else { 0.01 };
@@ -369,6 +381,10 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                 }
             };
             let (wall, summary) = child_sync(s, &state, args, &extra, timeout).await?;
+            if *sc == Scenario::Nowrite {
+                // Untimed: write the churn the dry run left, so later scenarios start in step.
+                child_sync(s, &state, args, &["--delete"], None).await?;
+            }
             synced = true;
             let get = |k: &str| summary[k].as_f64().unwrap_or(0.0);
             let r = Rep {
