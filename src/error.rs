@@ -100,6 +100,13 @@ pub enum Error {
     #[error("sync '{sync}': reading the source failed: {message}; nothing was deleted, and the next run picks up where this one stopped")]
     SourceRead { sync: String, message: String },
 
+    #[error("sync '{sync}': rebuilding the snapshot from the target {table} failed: {message}; nothing was written, and the next run tries again")]
+    Rebuild {
+        sync: String,
+        table: String,
+        message: String,
+    },
+
     #[error("sync '{sync}': the source COPY stream is malformed: {source}")]
     Frame {
         sync: String,

@@ -128,6 +128,10 @@ struct SyncArgs {
     /// Rewrite every row, as if the snapshot were empty (removed rows are still detected).
     #[arg(long)]
     full_resync: bool,
+    /// Rebuild the snapshot from the target before the run (it is a cache of the target):
+    /// costs one read of the target, and the run then writes only rows that differ.
+    #[arg(long, conflicts_with = "full_resync")]
+    rebuild_state: bool,
     /// JSON Lines on stdout; the last line is {"type":"summary",...}.
     #[arg(long)]
     json: bool,
@@ -255,6 +259,7 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
     let opts = RunOptions {
         dry_run: a.dry_run,
         full_resync: a.full_resync,
+        rebuild_state: a.rebuild_state,
         progress: true,
         shutdown: shutdown_signal(),
         timeline: a.timeline,

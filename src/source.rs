@@ -1,6 +1,7 @@
 //! The source stage: one session streams the generated query with binary
 //! `COPY (...) TO STDOUT`, framed into blocks of whole tuples (never decoded) and sent to the
-//! diff over a bounded channel. A full channel stops this task, which stops reading the
+//! diff over a bounded channel. The same stage reads the target's synced columns when the
+//! snapshot is rebuilt from the destination ([`ReadOf::Target`]). A full channel stops this task, which stops reading the
 //! socket: the source server then waits on TCP (backpressure).
 //!
 //! Guarantee: a read is [`ReadEnd::Complete`] only when the stream ended with its trailer, and
@@ -52,10 +53,28 @@ pub(crate) struct ReadStats {
     pub(crate) end: ReadEnd,
 }
 
-/// The source read: its session, where blocks go, and when to stop.
-pub(crate) struct SourceRead {
-    pub(crate) source: ConnInfo,
+/// Which database a read streams from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadOf {
+    /// The model on the source: the sync's read.
+    Source,
+    /// The target's synced columns: rebuilding the snapshot from the destination.
+    Target,
+}
+
+/// What to read: the session, the COPY statement, and which side it reads.
+pub(crate) struct Read {
+    /// The session's connection (to cancel the query on a stop).
+    pub(crate) conn: ConnInfo,
     pub(crate) client: tokio_postgres::Client,
+    /// `COPY (...) TO STDOUT (FORMAT binary)`, columns in the plan's order.
+    pub(crate) sql: String,
+    pub(crate) of: ReadOf,
+}
+
+/// The read: its session, where blocks go, and when to stop.
+pub(crate) struct SourceRead {
+    pub(crate) read: Read,
     pub(crate) plan: Arc<Plan>,
     pub(crate) out: mpsc::Sender<Block>,
     /// Rows read so far, for progress lines.
@@ -68,17 +87,25 @@ pub(crate) struct SourceRead {
 impl SourceRead {
     /// Streams the source COPY into framed blocks until the trailer, a stop, or an error.
     pub(crate) async fn run(self) -> Result<ReadStats, Error> {
-        let read_err = |e: tokio_postgres::Error| Error::SourceRead {
-            sync: self.sync.clone(),
-            message: pg_message(&e),
+        let read_err = |e: tokio_postgres::Error| match self.read.of {
+            ReadOf::Source => Error::SourceRead {
+                sync: self.sync.clone(),
+                message: pg_message(&e),
+            },
+            ReadOf::Target => Error::Rebuild {
+                sync: self.sync.clone(),
+                table: self.plan.target.clone(),
+                message: pg_message(&e),
+            },
         };
         let frame_err = |e| Error::Frame {
             sync: self.sync.clone(),
             source: e,
         };
         let stream = self
+            .read
             .client
-            .copy_out(&self.plan.copy_out_sql())
+            .copy_out(&self.read.sql)
             .await
             .map_err(read_err)?;
         futures_util::pin_mut!(stream);
@@ -93,7 +120,8 @@ impl SourceRead {
             let next = tokio::select! {
                 n = stream.next() => n,
                 _ = self.stop.stopped() => {
-                    let _ = self.source.cancel(&self.client.cancel_token()).await;
+                    let token = self.read.client.cancel_token();
+                    let _ = self.read.conn.cancel(&token).await;
                     stats.end = ReadEnd::Stopped;
                     return Ok(stats);
                 }

@@ -8,6 +8,8 @@ mod cli;
 mod errors;
 /// Random operation sequences on the source, a sync after each, destination == source.
 mod model_prop;
+/// The snapshot rebuilt from the target: lost state files, adopted targets, --rebuild-state.
+mod rebuild;
 /// Real faults: statement timeouts, bad rows, killed sessions, restarts, signals.
 mod resilience;
 /// Table and query models, no-change runs, churn, deletes, insert mode, mapping, dry runs.

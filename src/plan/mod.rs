@@ -58,6 +58,16 @@ impl Plan {
         format!("COPY ({}) TO STDOUT (FORMAT binary)", self.select)
     }
 
+    /// Reads the target's synced columns in the order, and with the types, of the generated
+    /// source query: equal values give equal bytes, so equal rows hash alike.
+    pub(crate) fn target_copy_sql(&self) -> String {
+        format!(
+            "COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)",
+            self.column_list(),
+            self.target
+        )
+    }
+
     pub(crate) fn column_list(&self) -> String {
         self.columns
             .iter()

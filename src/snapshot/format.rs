@@ -18,6 +18,11 @@
 //! (1 bit per entry), and the entries whose bit stayed clear after a complete read are the
 //! removed rows.
 //!
+//! **Rebuilt entries.** When a sync has no entries and its target has rows, the entries are
+//! rebuilt from the target (the rows it holds, hashed as source rows are). `rebuild_pending` in
+//! the sync's metadata is set when that starts and cleared by the first run that completes, so
+//! a rebuild that broke off is thrown away and started over, never taken for a whole one.
+//!
 //! **Stale entries.** A row hash of all zeros ([`STALE_HASH`]) marks an entry whose row the
 //! destination rejected on its last write: no real row hashes to it, so the next run sees the row
 //! as changed and writes it again, while the entry keeps its slot (and with it removed-row
@@ -92,6 +97,10 @@ pub struct SyncMeta {
     pub row_fp: Option<String>,
     /// The next never-used slot.
     pub next_slot: u32,
+    /// A rebuild of the entries from the target began and no run completed since: the next run
+    /// clears the entries and rebuilds them again. (Absent in files written before it existed.)
+    #[serde(default)]
+    pub rebuild_pending: bool,
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ const COMMAND_QUEUE: usize = 4;
 pub enum SnapshotError {
     #[error("the state file {path} is in use by another pgdelta run; wait for it to finish (only one run may use a state file at a time)")]
     Locked { path: String },
-    #[error("cannot open the state file {path}: {message}; if it is damaged, move it aside: the next run re-syncs every row (no data is lost)")]
+    #[error("cannot open the state file {path}: {message}; if it is damaged, move it aside: the next run rebuilds it from the target (no data is lost)")]
     Open { path: String, message: String },
     #[error("state file {path}: {message}")]
     Storage { path: String, message: String },
@@ -55,8 +55,22 @@ pub(crate) struct Begin {
     pub(crate) next_slot: u32,
     /// Every row found in the snapshot is treated as changed (model changed, or `--full-resync`).
     pub(crate) rewrite_all: bool,
+    /// Rebuild the (now empty) entries from the target before the read.
+    pub(crate) rebuild: bool,
     /// Human-readable reasons, printed before the run.
     pub(crate) notes: Vec<String>,
+}
+
+/// How a run treats the stored entries.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BeginOptions {
+    /// Treat every stored row as changed (`--full-resync`).
+    pub(crate) full_resync: bool,
+    /// Clear the entries (`--rebuild-state`): the run rebuilds them from the target.
+    pub(crate) clear: bool,
+    /// The target holds rows: with no entries (or a rebuild that never completed), the entries
+    /// are rebuilt from it.
+    pub(crate) target_has_rows: bool,
 }
 
 /// What settling a run found: new keys the run recorded twice (duplicates in the model).
@@ -189,7 +203,7 @@ impl Snapshot {
         sync: &str,
         key_fp: &str,
         row_fp: &str,
-        full_resync: bool,
+        how: BeginOptions,
     ) -> Result<(Begin, Recorder), SnapshotError> {
         let sync: Arc<str> = Arc::from(sync);
         let failed = Arc::new(OnceLock::new());
@@ -198,7 +212,7 @@ impl Snapshot {
                 sync: sync.clone(),
                 key_fp: key_fp.into(),
                 row_fp: row_fp.into(),
-                full_resync,
+                how,
                 failed: failed.clone(),
                 reply,
             })
@@ -411,7 +425,9 @@ pub async fn seed_for_bench(
     sync: &str,
     batch: &WriteBatch,
 ) -> Result<(), SnapshotError> {
-    let (_, rec) = snapshot.begin(sync, "bench", "bench", false).await?;
+    let (_, rec) = snapshot
+        .begin(sync, "bench", "bench", BeginOptions::default())
+        .await?;
     rec.record(Committed::from_batch(batch, 0..batch.len()))
         .await?;
     rec.finish(Some("bench".into())).await?;
@@ -527,7 +543,7 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let mut model: BTreeMap<Vec<u8>, [u8; 16]> = BTreeMap::new();
             for ops in runs {
-                let (_, rec) = rt.block_on(snap.begin("m", "k", "r", false)).unwrap();
+                let (_, rec) = rt.block_on(snap.begin("m", "k", "r", BeginOptions::default())).unwrap();
                 let start = snap.reader("m").unwrap();
                 // As in a real run: every write is recorded before any delete (removed rows
                 // are only derived after the read).
@@ -591,7 +607,9 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let (_, rec) = rt.block_on(snap.begin("d", "k", "r", false)).unwrap();
+        let (_, rec) = rt
+            .block_on(snap.begin("d", "k", "r", BeginOptions::default()))
+            .unwrap();
         for key in [b"a", b"b", b"a", b"c"] {
             let mut c = Committed::default();
             c.keys.push(key);
@@ -605,6 +623,50 @@ mod tests {
         let r = snap.reader("d").unwrap();
         assert_eq!(r.len(), 1);
         assert!(r.get(b"b").unwrap().is_some());
+    }
+
+    /// A rebuild that began is redone by every run until one completes; a completed one is not.
+    #[test]
+    fn an_unfinished_rebuild_is_started_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = Snapshot::open(&dir.path().join("r.redb"), 1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let how = BeginOptions {
+            target_has_rows: true,
+            ..Default::default()
+        };
+        let record = |rec: &Recorder, key: &[u8]| {
+            let mut c = Committed::default();
+            c.keys.push(key);
+            c.entries.push(([1; 16], None));
+            rt.block_on(rec.record(c)).unwrap();
+        };
+        let (b, rec) = rt.block_on(snap.begin("r", "k", "r", how)).unwrap();
+        assert!(b.rebuild);
+        record(&rec, b"a");
+        rt.block_on(rec.finish(None)).unwrap(); // broke off
+        let (b, rec) = rt.block_on(snap.begin("r", "k", "r", how)).unwrap();
+        assert!(b.rebuild, "a partial rebuild is not trusted");
+        assert!(
+            b.notes.iter().any(|n| n.contains("did not complete")),
+            "{:?}",
+            b.notes
+        );
+        assert!(snap.reader("r").unwrap().is_empty(), "and is thrown away");
+        record(&rec, b"a");
+        record(&rec, b"b");
+        rt.block_on(rec.finish(Some("r".into()))).unwrap();
+        let (b, rec) = rt.block_on(snap.begin("r", "k", "r", how)).unwrap();
+        assert!(!b.rebuild);
+        assert_eq!(snap.reader("r").unwrap().len(), 2);
+        rt.block_on(rec.finish(Some("r".into()))).unwrap();
+        // Without rows in the target there is nothing to rebuild from.
+        let (b, _) = rt
+            .block_on(snap.begin("s", "k", "r", BeginOptions::default()))
+            .unwrap();
+        assert!(!b.rebuild);
     }
 
     #[test]

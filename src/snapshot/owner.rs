@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
@@ -29,7 +29,7 @@ use super::format::{
     free_def, free_name, rows_def, rows_name, Entry, SyncMeta, FORMAT, META, REJECTED, RUNS,
     STALE_HASH,
 };
-use super::{Begin, Committed, RecorderStats, Settled, SnapshotError};
+use super::{Begin, BeginOptions, Committed, RecorderStats, Settled, SnapshotError};
 use crate::batch::KeyBatch;
 
 /// A transaction ends after this many operations, bounding redb's dirty pages in memory
@@ -50,7 +50,7 @@ pub(super) enum Command {
         sync: Arc<str>,
         key_fp: String,
         row_fp: String,
-        full_resync: bool,
+        how: BeginOptions,
         failed: Arc<OnceLock<String>>,
         reply: Reply<Begin>,
     },
@@ -357,11 +357,11 @@ impl Owner {
                 sync,
                 key_fp,
                 row_fp,
-                full_resync,
+                how,
                 failed,
                 reply,
             } => {
-                let r = self.begin(&sync, &key_fp, &row_fp, full_resync, failed);
+                let r = self.begin(&sync, &key_fp, &row_fp, how, failed);
                 let _ = reply.send(r);
             }
             Command::Settle {
@@ -408,13 +408,14 @@ impl Owner {
     }
 
     /// Reads the sync's metadata and decides how the run treats the stored entries: a new key
-    /// definition (or format) clears them, a new model (or `full_resync`) rewrites every row.
+    /// definition (or format, or `how.clear`) clears them, a new model (or `how.full_resync`)
+    /// rewrites every row.
     fn begin(
         &mut self,
         sync: &Arc<str>,
         key_fp: &str,
         row_fp: &str,
-        full_resync: bool,
+        how: BeginOptions,
         failed: Arc<OnceLock<String>>,
     ) -> Result<Begin, SnapshotError> {
         let mut notes = Vec::new();
@@ -425,25 +426,37 @@ impl Owner {
                 None => None,
             };
             let mut meta = match old {
-                Some(m) if m.format == FORMAT && m.key_fp == key_fp => m,
+                Some(m) if m.format == FORMAT && m.key_fp == key_fp && !how.clear => m,
                 old => {
                     if let Some(m) = &old {
-                        notes.push(if m.format != FORMAT {
-                            format!("state file format {} is not {FORMAT}: starting this sync's snapshot afresh (full re-sync)", m.format)
+                        notes.push(if how.clear {
+                            "--rebuild-state: the snapshot's entries were cleared, to be rebuilt from the target".into()
+                        } else if m.format != FORMAT {
+                            format!("state file format {} is not {FORMAT}: starting this sync's snapshot afresh", m.format)
                         } else {
-                            "the key columns or their types changed: the snapshot is cleared and every row is re-synced; rows that left the model earlier cannot be matched any more, so they are not deleted".into()
+                            "the key columns or their types changed: the snapshot's entries were cleared (they are rebuilt from the target when it has rows)".into()
                         });
                     }
-                    let _ = txn.delete_table(rows_def(&rows_name(sync)));
-                    let _ = txn.delete_table(free_def(&free_name(sync)));
+                    clear_entries(txn, sync);
                     SyncMeta {
                         format: FORMAT,
                         key_fp: key_fp.into(),
-                        row_fp: None,
-                        next_slot: 0,
+                        ..SyncMeta::default()
                     }
                 }
             };
+            // The entries are rebuilt from the target when there are none, or when the last
+            // rebuild did not complete (a partial one is thrown away and started over); not for
+            // a full re-sync, which rewrites every row anyway.
+            let entries = txn.open_table(rows_def(&rows_name(sync)))?.len()?;
+            if how.target_has_rows && !how.full_resync && (entries == 0 || meta.rebuild_pending) {
+                if entries > 0 {
+                    notes.push("the last rebuild of the snapshot from the target did not complete: rebuilding it again".into());
+                    clear_entries(txn, sync);
+                    meta.next_slot = 0;
+                }
+                meta.rebuild_pending = true;
+            }
             if meta.row_fp.is_none() {
                 // No entries exist yet under this key: whatever this run records is written under
                 // the current model, so an interrupted first run resumes instead of rewriting.
@@ -458,7 +471,7 @@ impl Owner {
             }
             Ok((meta, free))
         })?;
-        let rewrite_all = if full_resync {
+        let rewrite_all = if how.full_resync {
             notes.push("--full-resync: every row is rewritten".into());
             true
         } else if meta.row_fp.as_deref() != Some(row_fp) {
@@ -480,6 +493,7 @@ impl Owner {
         Ok(Begin {
             next_slot: meta.next_slot,
             rewrite_all,
+            rebuild: meta.rebuild_pending && how.target_has_rows && !how.full_resync,
             notes,
         })
     }
@@ -530,7 +544,9 @@ impl Owner {
             return Err(self.err(format!("no run of sync '{sync}' was begun")));
         };
         if row_fp.is_some() {
+            // A completed run: a rebuild it began is complete too.
             run.meta.row_fp = row_fp;
+            run.meta.rebuild_pending = false;
         }
         let json = serde_json::to_string(&run.meta).map_err(|e| self.err(e))?;
         self.durable_commit(|txn| {
@@ -556,6 +572,12 @@ impl Owner {
             Ok(id)
         })
     }
+}
+
+/// Drops a sync's entries and free slots.
+fn clear_entries(txn: &WriteTransaction, sync: &str) {
+    let _ = txn.delete_table(rows_def(&rows_name(sync)));
+    let _ = txn.delete_table(free_def(&free_name(sync)));
 }
 
 /// Slot allocation for one run, inside one transaction.

@@ -28,13 +28,14 @@ use crate::copy::Block;
 use crate::diff::{self, DiffConfig, DiffOutcome};
 use crate::error::{join_err, Error};
 use crate::plan::{plan, Plan};
+use crate::sink::BatchSettings;
 use crate::sink::{
     self, AnyDestination, ApplyCtx, Destination, NullDestination, PgDestination, Sizer, Strategy,
     WriteStats,
 };
-use crate::snapshot::{Begin, Reader, Recorder, Snapshot};
-use crate::source::{ReadEnd, ReadStats, SourceRead};
-use crate::spec::SyncSpec;
+use crate::snapshot::{Begin, BeginOptions, Reader, Recorder, Snapshot};
+use crate::source::{Read, ReadEnd, ReadOf, ReadStats, SourceRead};
+use crate::spec::{Mode, SyncSpec};
 use stop::{Stop, StopReason};
 use summary::Parts;
 pub use summary::{
@@ -52,6 +53,8 @@ pub struct RunOptions {
     pub shutdown: CancellationToken,
     /// Put the batch and read timelines in the summary (benchmarks, reports).
     pub timeline: bool,
+    /// Clear the snapshot and rebuild it from the target (`--rebuild-state`).
+    pub rebuild_state: bool,
 }
 
 /// Tunables of the pipeline itself (not of a sync).
@@ -135,7 +138,7 @@ pub async fn run_with(
         rejections: Default::default(),
         stop: Stop::child_of(&opts.shutdown),
     });
-    let result = stages(&env, p, &ctx).await;
+    let result = stages(&env, snapshot, p, &ctx).await;
     let rejections = ctx.rejections();
     if !opts.dry_run && (result.is_ok() || rejections.count > 0) {
         // The rows rejected in this run replace the last run's list (`pgdelta log --rejected`).
@@ -161,6 +164,7 @@ pub async fn run_with(
 }
 
 /// What every step of a run reads.
+#[derive(Clone, Copy)]
 struct RunEnv<'a> {
     source: &'a ConnInfo,
     dest: &'a ConnInfo,
@@ -173,6 +177,7 @@ struct RunEnv<'a> {
 /// The stages after `prepare`, in order. Returns the summary and the model errors found.
 async fn stages(
     env: &RunEnv<'_>,
+    snapshot: &Snapshot,
     p: Prepared,
     ctx: &Arc<ApplyCtx>,
 ) -> Result<(Summary, Vec<String>), Error> {
@@ -182,18 +187,29 @@ async fn stages(
         recorder,
         reader,
         writers,
+        rebuild,
     } = p;
     let dry_run = env.opts.dry_run;
+    let (reader, rebuilt) = match rebuild {
+        true => rebuild_from_target(env, snapshot, &info, &recorder, ctx, reader).await?,
+        false => (reader, None),
+    };
     let diff_cfg = DiffConfig {
         mode: env.spec.mode,
         rewrite_all: info.begin.rewrite_all,
         dry_run,
-        slots: info.begin.next_slot,
+        slots: info.begin.next_slot.max(reader.len() as u32),
         seed: random_seed(),
         samples: if dry_run { 10 } else { 5 },
         max_batch_age: Duration::from_secs(1),
     };
-    let mut piped = pipeline(env, src, writers, &reader, diff_cfg, ctx).await?;
+    let read = Read {
+        conn: env.source.clone(),
+        client: src,
+        sql: info.plan.copy_out_sql(),
+        of: ReadOf::Source,
+    };
+    let mut piped = pipeline(env, read, writers, &reader, diff_cfg, ctx).await?;
     completed(&ctx.stop, &piped, &env.spec.name)?;
     let (duplicates, model_errors) =
         settle(&recorder, &mut piped.diff, &info.plan, dry_run).await?;
@@ -209,6 +225,7 @@ async fn stages(
         piped,
         duplicates,
         removal,
+        rebuilt,
         deletes_done_s,
     };
     Ok((summarize(env, &info, outcome, ctx), model_errors))
@@ -219,7 +236,73 @@ struct Outcome {
     piped: Piped,
     duplicates: u64,
     removal: Removal,
+    /// Rows of the target recorded into an empty snapshot before the read.
+    rebuilt: Option<u64>,
     deletes_done_s: f64,
+}
+
+/// The snapshot has no entries but the target has rows (a new or lost state file, a target
+/// filled by another tool or restored from a dump, `--rebuild-state`): the snapshot is a cache
+/// of what the destination holds, so it is rebuilt from the destination. The same stages run
+/// with the target as the read (its synced columns, in the order and with the types of the
+/// generated source query, so equal rows hash alike) and the null destination as the sink,
+/// recording every row as committed, which it is. The run then writes only the rows that differ.
+/// Returns the rebuilt view of the snapshot and how many rows it holds.
+async fn rebuild_from_target(
+    env: &RunEnv<'_>,
+    snapshot: &Snapshot,
+    info: &RunInfo,
+    recorder: &Recorder,
+    ctx: &Arc<ApplyCtx>,
+    empty: Arc<Reader>,
+) -> Result<(Arc<Reader>, Option<u64>), Error> {
+    let name = &env.spec.name;
+    tracing::info!(
+        "sync '{name}': the snapshot has no entries and {} is not empty: rebuilding the snapshot from the target",
+        info.plan.target
+    );
+    let settings = crate::source::session_settings(env.spec.read_timeout);
+    let read = Read {
+        conn: env.dest.clone(),
+        client: env.dest.connect("destination", &settings).await?,
+        sql: info.plan.target_copy_sql(),
+        of: ReadOf::Target,
+    };
+    // No pause between batches and no user batch size: nothing is written.
+    let mut spec = env.spec.clone();
+    spec.batch = BatchSettings::default();
+    let env = RunEnv {
+        spec: &spec,
+        ..*env
+    };
+    let rctx = Arc::new(ApplyCtx {
+        sync: name.clone(),
+        plan: info.plan.clone(),
+        recorder: Some(recorder.clone()),
+        sizer: Arc::new(Sizer::new(spec.batch)),
+        policy: spec.retry,
+        max_rejected: 0,
+        rejections: Default::default(),
+        stop: ctx.stop.clone(),
+    });
+    let cfg = DiffConfig {
+        mode: Mode::Upsert,
+        rewrite_all: false,
+        dry_run: false,
+        slots: 0,
+        seed: random_seed(),
+        samples: 0,
+        max_batch_age: Duration::from_secs(1),
+    };
+    let null = vec![AnyDestination::Null(NullDestination)];
+    let piped = pipeline(&env, read, null, &empty, cfg, &rctx).await?;
+    completed(&ctx.stop, &piped, name)?;
+    // Commit what was recorded durably before reading it back.
+    recorder.settle(Vec::new()).await?;
+    Ok((
+        Arc::new(snapshot.reader(name)?),
+        Some(piped.diff.counts.added),
+    ))
 }
 
 fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Summary {
@@ -231,6 +314,12 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         .chain(&info.begin.notes)
         .cloned()
         .collect();
+    if let Some(n) = o.rebuilt {
+        notes.push(format!(
+            "the state file held no entries for this sync and {} was not empty: the snapshot was rebuilt from the target ({n} rows), so only rows that differ were written",
+            plan.target
+        ));
+    }
     notes.extend(o.removal.note.clone());
     let written = match env.opts.dry_run {
         true => WriteStats::default(),
@@ -253,6 +342,7 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         counts: o.piped.diff.counts,
         duplicates: o.duplicates,
         removed: o.removal.removed,
+        rebuilt: o.rebuilt.unwrap_or(0),
         written,
         rejections: ctx.rejections(),
         batches: sizer.stats(),
@@ -292,6 +382,8 @@ struct Prepared {
     /// The snapshot as it was when the run began.
     reader: Arc<Reader>,
     writers: Vec<AnyDestination>,
+    /// The snapshot has no entries and the target has rows: rebuild it from the target first.
+    rebuild: bool,
 }
 
 /// Connects, plans, begins the snapshot run and opens the writers. Writers connect before the
@@ -310,13 +402,19 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         tracing::info!("sync '{name}': {n}");
     }
     let source_timeout = crate::conn::show(&src, "statement_timeout").await.ok();
+    let how = BeginOptions {
+        full_resync: env.opts.full_resync,
+        clear: env.opts.rebuild_state,
+        target_has_rows: !plan.target_empty,
+    };
     let (begin, recorder) = snapshot
-        .begin(name, &plan.key_fp, &plan.row_fp, env.opts.full_resync)
+        .begin(name, &plan.key_fp, &plan.row_fp, how)
         .await?;
     for n in &begin.notes {
         tracing::warn!("sync '{name}': {n}");
     }
     let reader = Arc::new(snapshot.reader(name)?);
+    let rebuild = begin.rebuild;
     let strategy = Strategy::choose(spec.mode, plan.target_empty, reader.is_empty());
     let sizer = Arc::new(Sizer::new(spec.batch));
     let n = spec.batch.writers;
@@ -338,6 +436,7 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         recorder,
         reader,
         writers,
+        rebuild,
     })
 }
 
@@ -356,7 +455,7 @@ struct Piped {
 /// writer's failure stops the diff, which stops the reader, so the writer's error is the one.
 async fn pipeline(
     env: &RunEnv<'_>,
-    src: tokio_postgres::Client,
+    read: Read,
     writers: Vec<AnyDestination>,
     reader: &Arc<Reader>,
     cfg: DiffConfig,
@@ -368,8 +467,7 @@ async fn pipeline(
     let rows_read = Arc::new(AtomicU64::new(0));
     let read_task = tokio::spawn(
         SourceRead {
-            source: env.source.clone(),
-            client: src,
+            read,
             plan: ctx.plan.clone(),
             out: block_tx,
             rows_read: rows_read.clone(),

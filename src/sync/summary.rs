@@ -29,6 +29,9 @@ pub struct Summary {
     pub changed: u64,
     pub unchanged: u64,
     pub removed: u64,
+    /// Rows of the target recorded into an empty snapshot before the read (a new or lost state
+    /// file over a filled target, or `--rebuild-state`); 0 when the snapshot was used as it was.
+    pub rebuilt_from_target: u64,
     /// Removed rows deleted from the destination (0 unless deletes are on).
     pub deleted: u64,
     pub rejected: u64,
@@ -125,6 +128,7 @@ pub(crate) struct Parts<'a> {
     /// Duplicate keys in all (found by the diff and by the snapshot).
     pub(crate) duplicates: u64,
     pub(crate) removed: u64,
+    pub(crate) rebuilt: u64,
     pub(crate) written: WriteStats,
     pub(crate) rejections: Rejections,
     pub(crate) batches: SizerStats,
@@ -155,6 +159,7 @@ impl Summary {
             changed: p.counts.changed,
             unchanged: p.counts.unchanged,
             removed: p.removed,
+            rebuilt_from_target: p.rebuilt,
             deleted: p.written.deleted,
             rejected: p.rejections.count,
             rejected_rows: p.rejections.rows,
