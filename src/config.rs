@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::audit::{AuditSettings, Changes};
 use crate::conn::ConnInfo;
 use crate::error::Error;
 use crate::spec::{Mode, Model, SyncSpec, DEFAULT_MAX_DELETE_RATIO, DEFAULT_MAX_REJECTED};
@@ -23,6 +24,8 @@ pub struct ConfigFile {
     pub destination: Option<Endpoint>,
     #[serde(default, rename = "sync")]
     pub syncs: Vec<SyncEntry>,
+    /// Sync logs as tables in the destination.
+    pub audit: Option<AuditSettings>,
 }
 
 /// A database: a connection string inline, or the name of an environment variable holding one
@@ -306,6 +309,10 @@ pub struct Request {
     pub state: Option<PathBuf>,
     pub model: FlagModel,
     pub overrides: Overrides,
+    /// `--audit-schema`: overrides `[audit] schema`.
+    pub audit_schema: Option<String>,
+    /// `--audit-changes`: overrides `[audit] changes`.
+    pub audit_changes: Option<Changes>,
 }
 
 /// Everything a sync invocation needs, resolved from the config file, flags and environment.
@@ -315,6 +322,8 @@ pub struct Invocation {
     pub destination: ConnInfo,
     pub state: PathBuf,
     pub specs: Vec<SyncSpec>,
+    /// Where sync logs go as tables, if anywhere.
+    pub audit: Option<AuditSettings>,
 }
 
 /// The state file when neither the flags nor the config name one.
@@ -366,11 +375,32 @@ impl Request {
                 e.to_spec()
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut audit = file.as_ref().and_then(|(f, _)| f.audit.clone());
+        if let Some(schema) = &self.audit_schema {
+            let changes = audit.as_ref().map(|a| a.changes).unwrap_or_default();
+            audit = Some(AuditSettings {
+                schema: schema.clone(),
+                changes,
+            });
+        }
+        match (&mut audit, self.audit_changes) {
+            (Some(a), Some(c)) => a.changes = c,
+            (None, Some(_)) => {
+                return Err(Error::Config(
+                    "--audit-changes needs an audit schema: give --audit-schema NAME or [audit] schema in the config".into(),
+                ))
+            }
+            _ => {}
+        }
+        if audit.as_ref().is_some_and(|a| a.schema.trim().is_empty()) {
+            return Err(Error::Config("the audit schema name is empty".into()));
+        }
         Ok(Invocation {
             source: ConnInfo::parse(&source)?,
             destination: ConnInfo::parse(&destination)?,
             state,
             specs,
+            audit,
         })
     }
 

@@ -150,6 +150,35 @@ pub enum Error {
 }
 
 impl Error {
+    /// A stable name for the kind of failure, for logs a program reads (the audit table's
+    /// `error_kind`): a scheduler can tell a timeout from a bad config without parsing text.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Connect { .. } => "connect",
+            Error::Plan { .. } => "plan",
+            Error::SourceRead { .. } => "source_read",
+            Error::Rebuild { .. } => "rebuild",
+            Error::Frame { .. } => "frame",
+            Error::Write { kind, .. } => match kind {
+                PgErrorKind::Connection => "write_connection",
+                PgErrorKind::Transient => "write_transient",
+                PgErrorKind::StatementTimeout => "write_timeout",
+                PgErrorKind::TooBig => "write_too_big",
+                PgErrorKind::Data => "write_data",
+                PgErrorKind::Fatal => "write",
+            },
+            Error::Model { .. } => "model",
+            Error::DeleteGuard { .. } => "delete_guard",
+            Error::Snapshot(SnapshotError::Locked { .. }) => "state_locked",
+            Error::Snapshot(_) => "state",
+            Error::Server(_) => "server",
+            Error::Interrupted { .. } => "interrupted",
+            Error::TooManyRejected { .. } => "too_many_rejected",
+            Error::Internal(_) => "internal",
+        }
+    }
+
     /// The process exit code for this error: 2 for usage and configuration, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {

@@ -18,9 +18,13 @@
 //! - [`snapshot`]: the redb state file; one thread owns every write to it.
 //! - [`sync`]: the orchestrator: prepare, pipeline, settle, remove, finish; one stop token.
 //! - [`error`] and [`retry`]: the error type, the SQLSTATE classification, the retry policy.
+//! - [`verify`]: `pgdelta verify`: drift between model and target, the snapshot against the
+//!   target, and `--repair`, all through the same stages.
+//! - [`audit`]: sync logs as tables in the destination (`--audit-schema`).
 //! - [`tools`]: the throwaway server, the demo and the benchmark, apart from the sync path.
 //! - [`fuzzing`]: entry points for the fuzz targets.
 
+pub mod audit;
 pub mod batch;
 pub mod config;
 pub mod conn;
@@ -38,6 +42,7 @@ pub mod spec;
 pub mod sync;
 pub(crate) mod tls;
 pub mod tools;
+pub mod verify;
 
 pub use error::{Error, Result};
 pub use plan::{check_plan, PlanCheck};

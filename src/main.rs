@@ -1,5 +1,6 @@
 //! The `pgdelta` command: thin glue over the library. Exit codes: 0 synced, 1 failed,
-//! 2 usage or configuration error, 3 finished but some rows were rejected.
+//! 2 usage or configuration error, 3 finished but some rows were rejected, 4 `verify` found
+//! drift.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     Sync(SyncArgs),
     /// Check connections, the model, the target, the key and privileges without writing.
     Check(SyncArgs),
+    /// Compare the target with the model and the snapshot with the target; --repair fixes drift.
+    Verify(VerifyArgs),
     /// Show the history of sync runs recorded in a state file.
     Log(LogArgs),
     /// Run the main job on a throwaway local PostgreSQL: seed, sync, churn, re-sync.
@@ -122,6 +125,13 @@ struct SyncArgs {
     /// Stop retrying a write after this many seconds (default 300).
     #[arg(long)]
     retry_timeout_s: Option<u64>,
+    /// Write sync logs as tables (sync_runs, sync_rejections, sync_changes) in this schema of
+    /// the destination, created on first use.
+    #[arg(long, env = "PGDELTA_AUDIT_SCHEMA")]
+    audit_schema: Option<String>,
+    /// none (default) or all: also log every row written, deleted or rejected in sync_changes.
+    #[arg(long)]
+    audit_changes: Option<pgdelta::audit::Changes>,
     /// Print the plan (rows to add, change, remove) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -138,6 +148,16 @@ struct SyncArgs {
     /// Include batch and read timelines in the JSON summary (used by `pgdelta bench`).
     #[arg(long, hide = true)]
     timeline: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    sync: SyncArgs,
+    /// Write the fixes: missing and different rows upserted, extra rows deleted (under the
+    /// delete guard), and the snapshot rebuilt from the target.
+    #[arg(long)]
+    repair: bool,
 }
 
 #[derive(Args)]
@@ -183,6 +203,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Sync(a) => run_sync(a, false).await,
             Command::Check(a) => run_sync(a, true).await,
+            Command::Verify(a) => run_verify(a).await,
             Command::Log(a) => run_log(a),
             Command::Read(a) => run_read(a).await,
             Command::Bench(a) => match pgdelta::tools::bench::run(a).await {
@@ -220,6 +241,8 @@ impl SyncArgs {
             source: self.source.clone(),
             destination: self.destination.clone(),
             state: self.state.clone(),
+            audit_schema: self.audit_schema.clone(),
+            audit_changes: self.audit_changes,
             model: FlagModel {
                 table: self.table.clone(),
                 query: self.query.clone(),
@@ -260,6 +283,7 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         dry_run: a.dry_run,
         full_resync: a.full_resync,
         rebuild_state: a.rebuild_state,
+        audit: inv.audit.clone(),
         progress: true,
         shutdown: shutdown_signal(),
         timeline: a.timeline,
@@ -280,6 +304,86 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         }
     }
     code
+}
+
+/// Exit code of `verify` when the target or the snapshot drifted (and `--repair` was not given).
+const EXIT_DRIFT: i32 = 4;
+
+async fn run_verify(a: VerifyArgs) -> i32 {
+    let json = a.sync.json;
+    let inv = match a.sync.request().resolve() {
+        Ok(i) => i,
+        Err(e) => return report_error(&e, json, None),
+    };
+    let snapshot = match Snapshot::open(&inv.state, pgdelta::snapshot::DEFAULT_CACHE_BYTES) {
+        Ok(s) => s,
+        Err(e) => return report_error(&e.into(), json, None),
+    };
+    let opts = RunOptions {
+        progress: true,
+        shutdown: shutdown_signal(),
+        audit: inv.audit.clone(),
+        ..Default::default()
+    };
+    let mut code = 0;
+    for spec in &inv.specs {
+        let r = pgdelta::verify::verify(
+            &inv.source,
+            &inv.destination,
+            spec,
+            &opts,
+            &snapshot,
+            a.repair,
+        )
+        .await;
+        match r {
+            Ok(r) => {
+                print_verify(&r, json);
+                let c = match (&r.repair, r.equal) {
+                    (_, true) => 0,
+                    (None, false) => EXIT_DRIFT,
+                    (Some(s), false) if s.rejected > 0 => 3,
+                    (Some(_), false) => 0,
+                };
+                code = code.max(c);
+            }
+            Err(e) => code = code.max(report_error(&e, json, Some(&spec.name))),
+        }
+    }
+    code
+}
+
+fn print_verify(r: &pgdelta::verify::VerifyReport, json: bool) {
+    if json {
+        pgdelta::outln!("{}", serde_json::json!({"type": "verify", "data": r}));
+    }
+    let s = &r.snapshot;
+    eprintln!(
+        "pgdelta: verify '{}' -> {}: {} source rows, {} target rows: {} missing, {} different, {} extra; snapshot: {} entries, {} match, {} differ, {} gone from the target, {} target rows unknown to it, {} stale (rejected, to retry) ({:.2}s)",
+        r.sync, r.target, r.source_rows, r.target_rows, r.missing, r.different, r.extra,
+        s.entries, s.matching, s.differing, s.gone_from_target, s.unknown_to_snapshot, s.stale,
+        r.duration_s
+    );
+    for (what, keys) in [
+        ("missing", &r.sample_missing),
+        ("different", &r.sample_different),
+        ("extra", &r.sample_extra),
+        ("snapshot differs", &s.sample_differing),
+        ("gone from the target", &s.sample_gone),
+        ("unknown to the snapshot", &s.sample_unknown),
+    ] {
+        if !keys.is_empty() {
+            eprintln!("  sample {what}: {}", keys.join(" | "));
+        }
+    }
+    match (&r.repair, r.equal) {
+        (_, true) => eprintln!("  the target equals the model, and the snapshot describes it"),
+        (None, false) => eprintln!("  drift found: run again with --repair to write the fixes"),
+        (Some(fix), false) => eprintln!(
+            "  repaired: wrote {} rows, deleted {}, {} rejected; the snapshot was rebuilt from the target",
+            fix.written, fix.deleted, fix.rejected
+        ),
+    }
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM. The run then stops reading, finishes the
@@ -370,6 +474,12 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
                     None,
                 ),
                 Err(e) => line(false, format!("sync '{}'", spec.name), Some(e.to_string())),
+            }
+        }
+        if let Some(audit) = &inv.audit {
+            match pgdelta::audit::check_privileges(dst, audit).await {
+                Ok(what) => line(true, what, None),
+                Err(fix) => line(false, format!("audit schema {}", audit.schema), Some(fix)),
             }
         }
     }

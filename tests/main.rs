@@ -2,6 +2,8 @@
 
 mod support;
 
+/// Sync logs as tables in the destination (--audit-schema).
+mod audit;
 /// The built binary: flags, config files, exit codes, JSON output.
 mod cli;
 /// Errors a user can meet before or during a run, each with its message.
@@ -18,3 +20,5 @@ mod sync_basic;
 mod tls;
 /// Every standard column type round-trips byte-exactly; keys of several types.
 mod types;
+/// pgdelta verify: drift found, the snapshot checked against the target, --repair.
+mod verify;

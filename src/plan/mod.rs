@@ -24,6 +24,7 @@ use crate::error::{pg_message, Error};
 use crate::hash::fingerprint;
 use crate::spec::{Mode, Model, SyncSpec};
 use catalog::{DestColumn, Relation};
+use types::json_value;
 use types::{binary_compatible, embeds_oids, lossless_cast, FIRST_USER_OID};
 pub(crate) use types::{quote_ident, render_value};
 
@@ -88,6 +89,17 @@ impl Plan {
             .map(|(c, f)| format!("{}={}", c.dest, render_value(c.dest_oid, f)))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Raw key bytes as a JSON object: `{"id": 42}`, `{"code": "ab", "day": "\\x0000..."}`.
+    pub(crate) fn key_json(&self, key: &[u8]) -> serde_json::Value {
+        let map = self
+            .key_columns()
+            .iter()
+            .zip(fields(key))
+            .map(|(c, f)| (c.dest.clone(), json_value(c.dest_oid, f)))
+            .collect();
+        serde_json::Value::Object(map)
     }
 
     /// A plan over `t` with columns given as `name:type` (bigint, int, text), the first `nkey`

@@ -69,6 +69,28 @@ pub(crate) fn render_value(oid: u32, v: Option<&[u8]>) -> String {
     .unwrap_or_else(|| format!("\\x{}", hex(b)))
 }
 
+/// A raw binary value of a common type as JSON: numbers, strings, booleans, null; hex text
+/// (`\\x...`) for the rest.
+pub(crate) fn json_value(oid: u32, v: Option<&[u8]>) -> serde_json::Value {
+    use serde_json::Value;
+    let Some(b) = v else {
+        return Value::Null;
+    };
+    let rendered = render_value(oid, Some(b));
+    match oid {
+        20 | 21 | 23 => rendered
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or(Value::String(rendered)),
+        16 => Value::Bool(b.first().is_some_and(|x| *x != 0)),
+        25 | 1043 | 1042 | 19 => match std::str::from_utf8(b) {
+            Ok(s) => Value::String(s.to_string()),
+            Err(_) => Value::String(rendered),
+        },
+        _ => Value::String(rendered),
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -91,6 +113,21 @@ mod tests {
         assert_eq!(
             render_value(2950, Some(&[0x12; 16])),
             "12121212-1212-1212-1212-121212121212"
+        );
+    }
+
+    #[test]
+    fn keys_as_json() {
+        assert_eq!(
+            json_value(20, Some(&42i64.to_be_bytes())),
+            serde_json::json!(42)
+        );
+        assert_eq!(json_value(25, Some(b"it's")), serde_json::json!("it's"));
+        assert_eq!(json_value(16, Some(&[1])), serde_json::json!(true));
+        assert_eq!(json_value(25, None), serde_json::Value::Null);
+        assert_eq!(
+            json_value(1700, Some(&[1, 2])),
+            serde_json::json!("\\x0102")
         );
     }
 

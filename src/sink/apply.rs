@@ -50,6 +50,12 @@ impl std::fmt::Display for Operation {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Rejection {
     pub key: String,
+    /// The key as a JSON object (`{"id": 42}`), for programs and the audit tables.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub key_json: serde_json::Value,
+    /// What the row was to the diff: `added` (a new key), `changed`, or `removed` (a delete).
+    #[serde(default)]
+    pub class: String,
     pub sqlstate: String,
     pub message: String,
     pub operation: Operation,
@@ -59,6 +65,10 @@ pub struct Rejection {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Rejections {
     pub(crate) count: u64,
+    /// Of those: new rows, changed rows, deletes.
+    pub(crate) added: u64,
+    pub(crate) changed: u64,
+    pub(crate) removed: u64,
     /// The first rejections, for reports (all of them are counted).
     pub(crate) rows: Vec<Rejection>,
 }
@@ -80,6 +90,8 @@ pub(crate) struct ApplyCtx {
     pub(crate) max_rejected: u64,
     pub(crate) rejections: Mutex<Rejections>,
     pub(crate) stop: Stop,
+    /// The audit's change log (`changes = "all"`): every row written, deleted or rejected.
+    pub(crate) changes: Option<crate::audit::ChangeLog>,
 }
 
 impl ApplyCtx {
@@ -266,6 +278,9 @@ async fn attempt<D: Destination>(
             stats.batches += 1;
             stats.rows += done.rows;
             stats.already_present += done.already_present;
+            if let Some(log) = &ctx.changes {
+                log.written(&ctx.plan, b, range.clone()).await;
+            }
             if let Some(r) = &ctx.recorder {
                 let rec = r.record(Committed::from_batch(b, range));
                 ctx.record(rec).await.map_err(Attempt::Fatal)?;
@@ -278,6 +293,9 @@ async fn attempt<D: Destination>(
                 .map_err(Attempt::Failed)?;
             stats.batches += 1;
             stats.deleted += done;
+            if let Some(log) = &ctx.changes {
+                log.deleted(&ctx.plan, k, range.clone()).await;
+            }
             if let Some(r) = &ctx.recorder {
                 let rec = r.remove(k.clone(), range);
                 ctx.record(rec).await.map_err(Attempt::Fatal)?;
@@ -320,6 +338,15 @@ async fn reconnect<D: Destination>(
 /// the next run retries it. Fails the run past `max_rejected`.
 async fn reject(ctx: &ApplyCtx, work: Work<'_>, i: usize, f: &WriteFailure) -> Result<(), Error> {
     let key = ctx.plan.describe_key(work.key(i));
+    let key_json = ctx.plan.key_json(work.key(i));
+    let class = match work {
+        Work::Rows(b) if b.rows[i].slot.is_some() => "changed",
+        Work::Rows(_) => "added",
+        Work::Deletes(_) => "removed",
+    };
+    if let Some(log) = &ctx.changes {
+        log.rejected(key_json.clone(), class).await;
+    }
     let operation = match work {
         Work::Rows(_) => Operation::Write,
         Work::Deletes(_) => Operation::Delete,
@@ -333,6 +360,11 @@ async fn reject(ctx: &ApplyCtx, work: Work<'_>, i: usize, f: &WriteFailure) -> R
     let count = {
         let mut rej = ctx.rejections.lock().expect("not poisoned");
         rej.count += 1;
+        match class {
+            "added" => rej.added += 1,
+            "changed" => rej.changed += 1,
+            _ => rej.removed += 1,
+        }
         match rej.count {
             ..=LOG_REJECTED => tracing::warn!(
                 "sync '{}': rejected {operation} of row {key}: {}",
@@ -348,6 +380,8 @@ async fn reject(ctx: &ApplyCtx, work: Work<'_>, i: usize, f: &WriteFailure) -> R
         if rej.rows.len() < KEEP_REJECTED {
             rej.rows.push(Rejection {
                 key,
+                key_json,
+                class: class.into(),
                 sqlstate: f.sqlstate.clone().unwrap_or_default(),
                 message: f.message.clone(),
                 operation,
@@ -494,6 +528,7 @@ mod tests {
             max_rejected,
             rejections: Default::default(),
             stop: Stop::default(),
+            changes: None,
         }
     }
 

@@ -26,8 +26,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::{KeyBatch, WriteBatch};
-#[cfg(test)]
-use format::STALE_HASH;
+pub(crate) use format::STALE_HASH;
 use format::{rows_def, rows_name, META, REJECTED, RUNS};
 pub use format::{Entry, SyncMeta};
 use owner::{Command, Owner};
@@ -450,6 +449,20 @@ fn open_optional<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
+type Rows<'a> = redb::Range<'a, &'static [u8], &'static [u8; 20]>;
+type Row<'a> = (
+    redb::AccessGuard<'a, &'static [u8]>,
+    redb::AccessGuard<'a, &'static [u8; 20]>,
+);
+
+fn rows(r: &Reader) -> Result<Option<Rows<'_>>, redb::StorageError> {
+    r.table.as_ref().map(|t| t.iter()).transpose()
+}
+
+fn step<'a>(it: &mut Option<Rows<'a>>) -> Result<Option<Row<'a>>, redb::StorageError> {
+    it.as_mut().and_then(|r| r.next()).transpose()
+}
+
 /// A read-only view of one sync's entries, shareable across threads.
 pub struct Reader {
     table: Option<ReadOnlyTable<&'static [u8], &'static [u8; 20]>>,
@@ -480,6 +493,57 @@ impl Reader {
                 message: e.to_string(),
             }),
         }
+    }
+
+    /// Walks this view and `other` together in key order (both are sorted by key bytes), calling
+    /// `f(key, entry here, entry there)` once per key found in either; stops early when `f`
+    /// returns false. Two sequential scans, no point lookups.
+    pub(crate) fn merge_with(
+        &self,
+        other: &Reader,
+        mut f: impl FnMut(&[u8], Option<Entry>, Option<Entry>) -> bool,
+    ) -> Result<(), SnapshotError> {
+        let err = |e: redb::StorageError| SnapshotError::Storage {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        let (mut a, mut b) = (rows(self).map_err(err)?, rows(other).map_err(err)?);
+        let (mut x, mut y) = (step(&mut a).map_err(err)?, step(&mut b).map_err(err)?);
+        loop {
+            let go_on = match (&x, &y) {
+                (None, None) => break,
+                (Some((k, v)), None) => f(k.value(), Some(Entry::decode(v.value())), None),
+                (None, Some((k, v))) => f(k.value(), None, Some(Entry::decode(v.value()))),
+                (Some((ka, va)), Some((kb, vb))) => match ka.value().cmp(kb.value()) {
+                    std::cmp::Ordering::Less => {
+                        f(ka.value(), Some(Entry::decode(va.value())), None)
+                    }
+                    std::cmp::Ordering::Greater => {
+                        f(kb.value(), None, Some(Entry::decode(vb.value())))
+                    }
+                    std::cmp::Ordering::Equal => f(
+                        ka.value(),
+                        Some(Entry::decode(va.value())),
+                        Some(Entry::decode(vb.value())),
+                    ),
+                },
+            };
+            if !go_on {
+                break;
+            }
+            let order = match (&x, &y) {
+                (Some((ka, _)), Some((kb, _))) => ka.value().cmp(kb.value()),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            if order != std::cmp::Ordering::Greater {
+                x = step(&mut a).map_err(err)?;
+            }
+            if order != std::cmp::Ordering::Less {
+                y = step(&mut b).map_err(err)?;
+            }
+        }
+        Ok(())
     }
 
     /// Calls `f` for every entry in key order; stops early when `f` returns false.
@@ -667,6 +731,50 @@ mod tests {
             .block_on(snap.begin("s", "k", "r", BeginOptions::default()))
             .unwrap();
         assert!(!b.rebuild);
+    }
+
+    /// The merge walk meets every key of either view once, in key order, with both entries.
+    #[test]
+    fn merge_walks_two_views_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = Snapshot::open(&dir.path().join("w.redb"), 1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for (sync, keys) in [
+            ("a", [1u8, 3, 4, 9].as_slice()),
+            ("b", [2u8, 3, 9, 10].as_slice()),
+        ] {
+            let (_, rec) = rt
+                .block_on(snap.begin(sync, "k", "r", BeginOptions::default()))
+                .unwrap();
+            let mut c = Committed::default();
+            for &k in keys {
+                c.keys.push(&[k]);
+                c.entries.push(([k; 16], None));
+            }
+            rt.block_on(rec.record(c)).unwrap();
+            rt.block_on(rec.finish(Some("r".into()))).unwrap();
+        }
+        let mut seen = Vec::new();
+        snap.reader("a")
+            .unwrap()
+            .merge_with(&snap.reader("b").unwrap(), |k, x, y| {
+                seen.push((k[0], x.is_some(), y.is_some()));
+                true
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (1, true, false),
+                (2, false, true),
+                (3, true, true),
+                (4, true, false),
+                (9, true, true),
+                (10, false, true)
+            ]
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Audit, AuditSettings, ChangeLog};
 use crate::batch::WriteBatch;
 use crate::conn::ConnInfo;
 use crate::copy::Block;
@@ -55,6 +56,8 @@ pub struct RunOptions {
     pub timeline: bool,
     /// Clear the snapshot and rebuild it from the target (`--rebuild-state`).
     pub rebuild_state: bool,
+    /// Write sync logs as tables in this schema of the destination (`--audit-schema`).
+    pub audit: Option<AuditSettings>,
 }
 
 /// Tunables of the pipeline itself (not of a sync).
@@ -88,15 +91,22 @@ pub async fn run(
     snapshot: &Snapshot,
 ) -> Result<Summary, Error> {
     let started = Instant::now();
-    let result = run_with(
-        source,
-        dest,
-        spec,
-        opts,
-        snapshot,
-        &PipelineSettings::default(),
-    )
-    .await;
+    let audit = match (&opts.audit, opts.dry_run) {
+        (Some(a), false) => match Audit::start(dest, a, spec).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!("sync '{}': {e}; the run goes on without the audit log (the state file records it)", spec.name);
+                None
+            }
+        },
+        _ => None,
+    };
+    let changes = audit.as_ref().and_then(Audit::change_log);
+    let pipe = PipelineSettings::default();
+    let result = run_inner(source, dest, spec, opts, snapshot, &pipe, changes).await;
+    if let Some(a) = audit {
+        a.finish(&result).await;
+    }
     if let (Err(e), false) = (&result, opts.dry_run) {
         let record = RunRecord::Failed(FailedRun {
             sync: spec.name.clone(),
@@ -110,7 +120,7 @@ pub async fn run(
     result
 }
 
-/// [`run`] with explicit pipeline settings, and without logging a failed run.
+/// [`run`] with explicit pipeline settings, without logging a failed run or the audit log.
 pub async fn run_with(
     source: &ConnInfo,
     dest: &ConnInfo,
@@ -118,6 +128,18 @@ pub async fn run_with(
     opts: &RunOptions,
     snapshot: &Snapshot,
     pipe: &PipelineSettings,
+) -> Result<Summary, Error> {
+    run_inner(source, dest, spec, opts, snapshot, pipe, None).await
+}
+
+async fn run_inner(
+    source: &ConnInfo,
+    dest: &ConnInfo,
+    spec: &SyncSpec,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+    pipe: &PipelineSettings,
+    changes: Option<ChangeLog>,
 ) -> Result<Summary, Error> {
     let env = RunEnv {
         source,
@@ -137,6 +159,7 @@ pub async fn run_with(
         max_rejected: spec.max_rejected,
         rejections: Default::default(),
         stop: Stop::child_of(&opts.shutdown),
+        changes,
     });
     let result = stages(&env, snapshot, p, &ctx).await;
     let rejections = ctx.rejections();
@@ -284,6 +307,7 @@ async fn rebuild_from_target(
         max_rejected: 0,
         rejections: Default::default(),
         stop: ctx.stop.clone(),
+        changes: None,
     });
     let cfg = DiffConfig {
         mode: Mode::Upsert,

@@ -35,6 +35,10 @@ pub struct Summary {
     /// Removed rows deleted from the destination (0 unless deletes are on).
     pub deleted: u64,
     pub rejected: u64,
+    /// Of the rejected rows: new rows, changed rows, deletes.
+    pub rejected_added: u64,
+    pub rejected_changed: u64,
+    pub rejected_removed: u64,
     /// The first rejected rows: key, SQLSTATE, message.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rejected_rows: Vec<Rejection>,
@@ -162,6 +166,9 @@ impl Summary {
             rebuilt_from_target: p.rebuilt,
             deleted: p.written.deleted,
             rejected: p.rejections.count,
+            rejected_added: p.rejections.added,
+            rejected_changed: p.rejections.changed,
+            rejected_removed: p.rejections.removed,
             rejected_rows: p.rejections.rows,
             written: p.written.rows,
             already_present: p.written.already_present,

@@ -11,7 +11,10 @@
 //! `churn10` (10%), `timeouts` (1% churn under a destination statement_timeout low enough to
 //! force the batch size down); the last four against a plain binary COPY read. `nowrite`
 //! (opt-in) is the 1% churn re-sync through the null destination (`--dry-run`): read, hash and
-//! diff without writing, the cost of everything but the destination.
+//! diff without writing, the cost of everything but the destination. `verify` (opt-in) runs
+//! `pgdelta verify` on a synced table against reading both tables with binary COPY; `rebuild`
+//! (opt-in) re-syncs an unchanged table after its state file was lost, against the same two
+//! reads (the snapshot is rebuilt from the target, and nothing is written).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -84,6 +87,8 @@ pub enum Scenario {
     Churn10,
     Timeouts,
     Nowrite,
+    Verify,
+    Rebuild,
 }
 
 impl Scenario {
@@ -95,6 +100,8 @@ impl Scenario {
             Scenario::Churn10 => "churn10",
             Scenario::Timeouts => "timeouts",
             Scenario::Nowrite => "nowrite",
+            Scenario::Verify => "verify",
+            Scenario::Rebuild => "rebuild",
         }
     }
     /// The baseline this scenario is held to, and the design's target ratio (if any).
@@ -106,6 +113,8 @@ impl Scenario {
             Scenario::Churn10 | Scenario::Timeouts | Scenario::Nowrite => {
                 ("plain binary COPY read", None)
             }
+            Scenario::Verify => ("binary COPY reads of the source and the target", Some(1.2)),
+            Scenario::Rebuild => ("binary COPY reads of the source and the target", None),
         }
     }
 }
@@ -361,6 +370,14 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                     t
                 }
                 Scenario::Nochange => copy_read(&s.src, select).await?.1,
+                Scenario::Verify => {
+                    extra.push("verify");
+                    copy_read(&s.src, select).await?.1 + copy_read(&s.dst, select).await?.1
+                }
+                Scenario::Rebuild => {
+                    let _ = std::fs::remove_file(&state);
+                    copy_read(&s.src, select).await?.1 + copy_read(&s.dst, select).await?.1
+                }
                 Scenario::Nowrite => {
                     round += 1;
                     exec(&s.src, &churn_sql(args.rows, 0.01, round)).await?;
@@ -488,7 +505,8 @@ fn machine() -> String {
     format!("{cores} cores, {} GiB", mem >> 20)
 }
 
-/// Runs `pgdelta sync` on the bench table as a child process; returns its wall time and summary.
+/// Runs `pgdelta sync` (or `verify`) on the bench table as a child process; returns its wall
+/// time and its last JSON record's data.
 async fn child_sync(
     s: &Setup,
     state: &Path,
@@ -501,9 +519,15 @@ async fn child_sync(
         Some(ms) => with_option(&s.dst_url, &format!("-c statement_timeout={ms}")),
         None => s.dst_url.clone(),
     };
+    // `verify` in `extra` runs `pgdelta verify` instead of `pgdelta sync`.
+    let verify = extra.first() == Some(&"verify");
+    let (command, extra, want) = match verify {
+        true => ("verify", &extra[1..], "verify"),
+        false => ("sync", extra, "summary"),
+    };
     let mut cmd = tokio::process::Command::new(exe);
     cmd.args([
-        "sync",
+        command,
         "--table",
         "pgdelta_bench.orders",
         "--target",
@@ -530,7 +554,7 @@ async fn child_sync(
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or("");
     let v: serde_json::Value = serde_json::from_str(last).unwrap_or_default();
-    if !out.status.success() || v["type"] != "summary" {
+    if !out.status.success() || v["type"] != want {
         return Err(Error::Internal(format!(
             "the benchmarked sync failed ({}): {}",
             out.status,

@@ -1,0 +1,169 @@
+//! `pgdelta verify`: drift between the model and the target, the snapshot against the target,
+//! and `--repair`, on a real server, drift made by hand.
+
+use std::process::Command;
+
+use pgdelta::snapshot::Snapshot;
+use pgdelta::sync::RunOptions;
+use pgdelta::verify::{verify, VerifyReport};
+
+use crate::support::Env;
+
+const ITEMS: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text, qty int, tags text[])";
+
+async fn synced(rows: i64) -> (Env, pgdelta::spec::SyncSpec) {
+    let env = Env::new().await;
+    env.both(ITEMS).await;
+    env.src
+        .batch_execute(&format!(
+            "INSERT INTO items SELECT i, 'item ' || i, i % 7, ARRAY['a' || i % 3] FROM generate_series(1, {rows}) i"
+        ))
+        .await
+        .unwrap();
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    env.sync(&spec).await.unwrap();
+    (env, spec)
+}
+
+async fn run_verify(env: &Env, spec: &pgdelta::spec::SyncSpec, repair: bool) -> VerifyReport {
+    let snap = Snapshot::open(&env.state(), 8 << 20).unwrap();
+    let src = pgdelta::conn::ConnInfo::parse(&env.src_url).unwrap();
+    let dst = pgdelta::conn::ConnInfo::parse(&env.dst_url).unwrap();
+    verify(&src, &dst, spec, &RunOptions::default(), &snap, repair)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_made_by_hand_is_found_and_repaired() {
+    let (env, spec) = synced(2000).await;
+    let r = run_verify(&env, &spec, false).await;
+    assert!(r.equal, "{r:?}");
+    assert_eq!((r.source_rows, r.target_rows), (2000, 2000));
+    assert_eq!((r.snapshot.entries, r.snapshot.matching), (2000, 2000));
+
+    // Someone writes in the target.
+    env.dst
+        .batch_execute(
+            "UPDATE items SET qty = -1 WHERE id IN (10, 20, 30);
+             DELETE FROM items WHERE id IN (40, 50);
+             INSERT INTO items VALUES (9999, 'extra', 0, NULL);",
+        )
+        .await
+        .unwrap();
+    let r = run_verify(&env, &spec, false).await;
+    assert!(!r.equal);
+    assert_eq!((r.missing, r.different, r.extra), (2, 3, 1), "{r:?}");
+    assert_eq!(r.sample_missing, ["id=40", "id=50"]);
+    assert_eq!(r.sample_different, ["id=10", "id=20", "id=30"]);
+    assert_eq!(r.sample_extra, ["id=9999"]);
+    let s = &r.snapshot;
+    assert_eq!(
+        (
+            s.matching,
+            s.differing,
+            s.gone_from_target,
+            s.unknown_to_snapshot
+        ),
+        (1995, 3, 2, 1)
+    );
+    assert_eq!(s.sample_unknown, ["id=9999"]);
+    assert_eq!(
+        Env::count(&env.dst, "items").await,
+        1999,
+        "verify writes nothing"
+    );
+    // A normal sync cannot see what was written in the target.
+    assert_eq!(env.sync(&spec).await.unwrap().written, 0);
+
+    let r = run_verify(&env, &spec, true).await;
+    let fix = r.repair.as_ref().expect("repaired");
+    assert_eq!((fix.written, fix.deleted, fix.rejected), (5, 1, 0));
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+    let r = run_verify(&env, &spec, false).await;
+    assert!(r.equal, "after the repair: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsynced_source_changes_are_drift_but_the_snapshot_agrees() {
+    let (env, spec) = synced(500).await;
+    env.src
+        .batch_execute(
+            "UPDATE items SET name = 'renamed' WHERE id = 7; DELETE FROM items WHERE id = 8",
+        )
+        .await
+        .unwrap();
+    let r = run_verify(&env, &spec, false).await;
+    assert_eq!((r.missing, r.different, r.extra), (0, 1, 1));
+    assert!(r.snapshot.agrees(), "{:?}", r.snapshot);
+    assert!(!r.equal);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_cli_exit_codes_and_json() {
+    let (env, _) = synced(300).await;
+    let state = env.state();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "verify",
+            "--source",
+            &env.src_url,
+            "--destination",
+            &env.dst_url,
+            "--table",
+            "public.items",
+            "--target",
+            "public.items",
+            "--key",
+            "id",
+            "--state",
+            state.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_pgdelta"))
+            .args(&args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .unwrap()
+    };
+    let last = |o: &std::process::Output| -> serde_json::Value {
+        let out = String::from_utf8_lossy(&o.stdout);
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    };
+    let o = run(&[]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(last(&o)["type"], "verify");
+    assert_eq!(last(&o)["data"]["equal"], true);
+
+    env.dst
+        .batch_execute("DELETE FROM items WHERE id = 5")
+        .await
+        .unwrap();
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(4), "drift exits 4");
+    assert_eq!(last(&o)["data"]["missing"], 1);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--repair"), "{err}");
+
+    let o = run(&["--repair"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(last(&o)["data"]["repair"]["written"], 1);
+    assert_eq!(run(&[]).status.code(), Some(0));
+}
