@@ -27,7 +27,7 @@ use crate::copy::encode;
 use crate::error::{pg_message, Error};
 use crate::plan::{quote_ident, Plan};
 use crate::spec::SyncSpec;
-use crate::sync::Summary;
+use crate::sync::{Progress, Summary};
 
 /// Where the log goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +83,9 @@ fn ddl(schema: &str) -> String {
              planned_removed bigint,
              written bigint,
              deleted bigint,
+             succeeded_added bigint,
+             succeeded_changed bigint,
+             succeeded_removed bigint,
              failed_added bigint,
              failed_changed bigint,
              failed_removed bigint,
@@ -179,14 +182,18 @@ impl Audit {
     }
 
     /// Records how the run ended. Never fails: problems are warnings.
-    pub(crate) async fn finish(self, result: &Result<Summary, Error>) {
+    pub(crate) async fn finish(self, result: &Result<Summary, Error>, progress: &Progress) {
         let sync = self.sync.clone();
-        if let Err(e) = self.finish_inner(result).await {
+        if let Err(e) = self.finish_inner(result, progress).await {
             tracing::warn!("sync '{sync}': the audit log was not fully written ({e}); the run itself is unaffected and is recorded in the state file");
         }
     }
 
-    async fn finish_inner(mut self, result: &Result<Summary, Error>) -> Result<(), Error> {
+    async fn finish_inner(
+        mut self,
+        result: &Result<Summary, Error>,
+        progress: &Progress,
+    ) -> Result<(), Error> {
         if let Some((log, task)) = self.changes.take() {
             drop(log);
             let _ = task.await;
@@ -199,6 +206,16 @@ impl Audit {
                 } else {
                     "succeeded"
                 };
+                // Insert mode never writes changed rows: none of them succeeded.
+                let changed_ok = match sum.mode.as_str() {
+                    "insert" => 0,
+                    _ => sum.changed.saturating_sub(sum.rejected_changed),
+                };
+                let succeeded = [
+                    sum.added.saturating_sub(sum.rejected_added) as i64,
+                    changed_ok as i64,
+                    sum.deleted as i64,
+                ];
                 let n = |v: u64| v as i64;
                 self.client
                     .execute(
@@ -206,7 +223,8 @@ impl Audit {
                             "UPDATE {s}.sync_runs SET finished_at = now(), status = $2, rows_read = $3, bytes_read = $4, \
                              planned_added = $5, planned_changed = $6, planned_removed = $7, written = $8, deleted = $9, \
                              failed_added = $10, failed_changed = $11, failed_removed = $12, batches = $13, timeouts = $14, \
-                             retries = $15, peak_rss_bytes = $16, duration_s = $17 WHERE run_id = $1"
+                             retries = $15, peak_rss_bytes = $16, duration_s = $17, succeeded_added = $18, \
+                             succeeded_changed = $19, succeeded_removed = $20 WHERE run_id = $1"
                         ),
                         &[
                             &self.run_id, &status, &n(sum.rows_read), &n(sum.bytes_read),
@@ -214,6 +232,7 @@ impl Audit {
                             &n(sum.deleted), &n(sum.rejected_added), &n(sum.rejected_changed),
                             &n(sum.rejected_removed), &n(sum.batches), &n(sum.timeouts),
                             &n(sum.retries), &n(sum.peak_rss_bytes), &sum.duration_s,
+                            &succeeded[0], &succeeded[1], &succeeded[2],
                         ],
                     )
                     .await
@@ -221,13 +240,22 @@ impl Audit {
                 self.rejections(sum).await?;
             }
             Err(e) => {
+                // How far it got: the plan's counts are unknown, what was done is not.
+                let g = |v: &std::sync::atomic::AtomicU64| Progress::get(v) as i64;
                 self.client
                     .execute(
                         &format!(
                             "UPDATE {s}.sync_runs SET finished_at = now(), status = 'failed', error_kind = $2, \
-                             error_message = $3, duration_s = extract(epoch FROM now() - started_at) WHERE run_id = $1"
+                             error_message = $3, duration_s = extract(epoch FROM now() - started_at), \
+                             rows_read = $4, written = $5, deleted = $6, failed_added = $7, failed_changed = $8, \
+                             failed_removed = $9, peak_rss_bytes = $10 WHERE run_id = $1"
                         ),
-                        &[&self.run_id, &e.kind(), &e.to_string()],
+                        &[
+                            &self.run_id, &e.kind(), &e.to_string(), &g(&progress.rows_read),
+                            &g(&progress.written), &g(&progress.deleted),
+                            &g(&progress.rejected_added), &g(&progress.rejected_changed),
+                            &g(&progress.rejected_removed), &(crate::sync::peak_rss_bytes() as i64),
+                        ],
                     )
                     .await
                     .map_err(|e| audit_err("recording the failure", &e))?;

@@ -7,7 +7,7 @@
 //! Guarantee: a read is [`ReadEnd::Complete`] only when the stream ended with its trailer, and
 //! only a complete read may produce deletes. On a stop the query is cancelled on the server.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -18,6 +18,7 @@ use crate::copy::{Block, Framer};
 use crate::error::{pg_message, Error};
 use crate::plan::Plan;
 use crate::sync::stop::Stop;
+use crate::sync::Progress;
 
 /// Session settings of the source read: its own `statement_timeout` (a short role-level one
 /// must not kill a long read), and no idle-in-transaction limit.
@@ -77,8 +78,8 @@ pub(crate) struct SourceRead {
     pub(crate) read: Read,
     pub(crate) plan: Arc<Plan>,
     pub(crate) out: mpsc::Sender<Block>,
-    /// Rows read so far, for progress lines.
-    pub(crate) rows_read: Arc<AtomicU64>,
+    /// Rows read so far: progress lines, and what a failed run reports.
+    pub(crate) progress: Arc<Progress>,
     pub(crate) block_bytes: usize,
     pub(crate) sync: String,
     pub(crate) stop: Stop,
@@ -133,7 +134,8 @@ impl SourceRead {
                 n = stream.next() => n,
                 _ = &mut stopped => None,
             };
-            if self.stop.is_stopped() && (stop_now || next.is_none()) {
+            // Cheap test first: `is_stopped` takes the token's mutex.
+            if (stop_now || next.is_none()) && self.stop.is_stopped() {
                 let token = self.read.client.cancel_token();
                 let _ = self.read.conn.cancel(&token).await;
                 stats.end = ReadEnd::Stopped;
@@ -159,7 +161,7 @@ impl SourceRead {
     /// Sends a block to the diff; false (and `DiffGone`) when the diff is gone.
     async fn send(&self, block: Block, stats: &mut ReadStats) -> bool {
         stats.rows += block.rows.len() as u64;
-        self.rows_read.store(stats.rows, Ordering::Relaxed);
+        self.progress.rows_read.store(stats.rows, Ordering::Relaxed);
         if self.out.send(block).await.is_err() {
             stats.end = ReadEnd::DiffGone;
             return false;

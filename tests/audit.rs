@@ -164,6 +164,35 @@ async fn runs_rejections_and_changes_are_logged_in_the_destination() {
         .unwrap()
         .get(0);
     assert!(message.contains("extra"), "{message}");
+
+    // 5. Failed part way: the first rejection is one too many. The counts say how far it got.
+    env.src
+        .batch_execute("ALTER TABLE t DROP COLUMN extra")
+        .await
+        .unwrap();
+    let mut strict = spec.clone();
+    strict.max_rejected = 0;
+    let e = env
+        .sync_opts(&strict, &opts(Changes::None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, pgdelta::Error::TooManyRejected { .. }), "{e}");
+    let row = env
+        .dst
+        .query_one(
+            "SELECT status, error_kind, rows_read, failed_changed, planned_changed \
+             FROM pgdelta_audit.sync_runs ORDER BY run_id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (status, kind, read, failed, planned): (String, String, i64, i64, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(
+        (status.as_str(), kind.as_str()),
+        ("failed", "too_many_rejected")
+    );
+    assert_eq!((read, failed, planned), (99, 1, None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@
 //! snapshot only ever describes committed rows. Delivery is at-least-once: a commit whose
 //! acknowledgement was lost is retried, which every [`Destination`] tolerates.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use crate::plan::Plan;
 use crate::retry::{action, hint, jitter, Action, RetryPolicy};
 use crate::snapshot::{Committed, Recorder};
 use crate::sync::stop::{Stop, StopReason};
+use crate::sync::Progress;
 
 use super::destination::{Destination, WriteFailure};
 use super::sizer::Sizer;
@@ -92,6 +94,8 @@ pub(crate) struct ApplyCtx {
     pub(crate) stop: Stop,
     /// The audit's change log (`changes = "all"`): every row written, deleted or rejected.
     pub(crate) changes: Option<crate::audit::ChangeLog>,
+    /// How far the run got (shared with the source read and the caller).
+    pub(crate) progress: Arc<Progress>,
 }
 
 impl ApplyCtx {
@@ -278,6 +282,7 @@ async fn attempt<D: Destination>(
             stats.batches += 1;
             stats.rows += done.rows;
             stats.already_present += done.already_present;
+            ctx.progress.written.fetch_add(done.rows, Ordering::Relaxed);
             if let Some(log) = &ctx.changes {
                 log.written(&ctx.plan, b, range.clone()).await;
             }
@@ -293,6 +298,7 @@ async fn attempt<D: Destination>(
                 .map_err(Attempt::Failed)?;
             stats.batches += 1;
             stats.deleted += done;
+            ctx.progress.deleted.fetch_add(done, Ordering::Relaxed);
             if let Some(log) = &ctx.changes {
                 log.deleted(&ctx.plan, k, range.clone()).await;
             }
@@ -360,11 +366,13 @@ async fn reject(ctx: &ApplyCtx, work: Work<'_>, i: usize, f: &WriteFailure) -> R
     let count = {
         let mut rej = ctx.rejections.lock().expect("not poisoned");
         rej.count += 1;
-        match class {
-            "added" => rej.added += 1,
-            "changed" => rej.changed += 1,
-            _ => rej.removed += 1,
-        }
+        let (mine, shared) = match class {
+            "added" => (&mut rej.added, &ctx.progress.rejected_added),
+            "changed" => (&mut rej.changed, &ctx.progress.rejected_changed),
+            _ => (&mut rej.removed, &ctx.progress.rejected_removed),
+        };
+        *mine += 1;
+        shared.fetch_add(1, Ordering::Relaxed);
         match rej.count {
             ..=LOG_REJECTED => tracing::warn!(
                 "sync '{}': rejected {operation} of row {key}: {}",
@@ -529,6 +537,7 @@ mod tests {
             rejections: Default::default(),
             stop: Stop::default(),
             changes: None,
+            progress: Default::default(),
         }
     }
 

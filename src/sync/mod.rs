@@ -15,7 +15,6 @@
 pub(crate) mod stop;
 mod summary;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,7 +39,8 @@ use crate::spec::{Mode, SyncSpec};
 use stop::{Stop, StopReason};
 use summary::Parts;
 pub use summary::{
-    cpu_seconds, peak_rss_bytes, BatchTimeline, FailedRun, Phases, ReadTimeline, RunRecord, Summary,
+    cpu_seconds, peak_rss_bytes, BatchTimeline, FailedRun, Phases, Progress, ReadTimeline,
+    RunRecord, Summary,
 };
 
 /// Options of one invocation, shared by every sync it runs.
@@ -103,9 +103,13 @@ pub async fn run(
     };
     let changes = audit.as_ref().and_then(Audit::change_log);
     let pipe = PipelineSettings::default();
-    let result = run_inner(source, dest, spec, opts, snapshot, &pipe, changes).await;
+    let progress = Arc::new(Progress::default());
+    let result = run_inner(
+        source, dest, spec, opts, snapshot, &pipe, changes, &progress,
+    )
+    .await;
     if let Some(a) = audit {
-        a.finish(&result).await;
+        a.finish(&result, &progress).await;
     }
     if let (Err(e), false) = (&result, opts.dry_run) {
         let record = RunRecord::Failed(FailedRun {
@@ -129,7 +133,17 @@ pub async fn run_with(
     snapshot: &Snapshot,
     pipe: &PipelineSettings,
 ) -> Result<Summary, Error> {
-    run_inner(source, dest, spec, opts, snapshot, pipe, None).await
+    run_inner(
+        source,
+        dest,
+        spec,
+        opts,
+        snapshot,
+        pipe,
+        None,
+        &Default::default(),
+    )
+    .await
 }
 
 async fn run_inner(
@@ -140,6 +154,7 @@ async fn run_inner(
     snapshot: &Snapshot,
     pipe: &PipelineSettings,
     changes: Option<ChangeLog>,
+    progress: &Arc<Progress>,
 ) -> Result<Summary, Error> {
     let env = RunEnv {
         source,
@@ -160,6 +175,7 @@ async fn run_inner(
         rejections: Default::default(),
         stop: Stop::child_of(&opts.shutdown),
         changes,
+        progress: progress.clone(),
     });
     let result = stages(&env, snapshot, p, &ctx).await;
     let rejections = ctx.rejections();
@@ -308,6 +324,8 @@ async fn rebuild_from_target(
         rejections: Default::default(),
         stop: ctx.stop.clone(),
         changes: None,
+        // The target's rows are not the run's reads or writes.
+        progress: Default::default(),
     });
     let cfg = DiffConfig {
         mode: Mode::Upsert,
@@ -488,13 +506,12 @@ async fn pipeline(
     let (spec, opts, pipe) = (env.spec, env.opts, env.pipe);
     let (block_tx, block_rx) = mpsc::channel::<Block>(pipe.block_queue);
     let (batch_tx, batch_rx) = mpsc::channel::<WriteBatch>(pipe.batch_queue);
-    let rows_read = Arc::new(AtomicU64::new(0));
     let read_task = tokio::spawn(
         SourceRead {
             read,
             plan: ctx.plan.clone(),
             out: block_tx,
-            rows_read: rows_read.clone(),
+            progress: ctx.progress.clone(),
             block_bytes: pipe.block_bytes,
             sync: spec.name.clone(),
             stop: ctx.stop.clone(),
@@ -518,7 +535,7 @@ async fn pipeline(
     let progress = (opts.progress || opts.timeline).then(|| {
         let name = spec.name.clone();
         let task = progress(
-            rows_read,
+            ctx.progress.clone(),
             name,
             timeline.clone(),
             opts.progress,
@@ -558,7 +575,7 @@ async fn pipeline(
 
 /// Samples rows read every 500 ms (the read timeline); prints a line every 5 s when asked.
 async fn progress(
-    rows_read: Arc<AtomicU64>,
+    rows_read: Arc<Progress>,
     name: String,
     timeline: Arc<Mutex<Vec<(f32, u64)>>>,
     print: bool,
@@ -567,7 +584,7 @@ async fn progress(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     for i in 1u64.. {
         tick.tick().await;
-        let n = rows_read.load(Ordering::Relaxed);
+        let n = Progress::get(&rows_read.rows_read);
         let t = started.elapsed().as_secs_f64();
         timeline.lock().expect("not poisoned").push((t as f32, n));
         if print && i % 10 == 0 {

@@ -1,6 +1,8 @@
 //! What a run did, built once from the typed results of its stages: the `--json` summary and
 //! the run records of `pgdelta log`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use crate::diff::DiffCounts;
@@ -92,6 +94,27 @@ pub struct Phases {
     pub writes_done_s: f64,
     /// Removed rows were found and (with deletes on) deleted.
     pub deletes_done_s: f64,
+}
+
+/// How far a run got, updated by its stages as they go: what a failed run can still report
+/// (the audit log's counts of a failed run).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Rows read from the source so far.
+    pub rows_read: AtomicU64,
+    /// Rows the destination committed (inserted or updated), and deleted.
+    pub written: AtomicU64,
+    pub deleted: AtomicU64,
+    /// Rows rejected: new rows, changed rows, deletes.
+    pub rejected_added: AtomicU64,
+    pub rejected_changed: AtomicU64,
+    pub rejected_removed: AtomicU64,
+}
+
+impl Progress {
+    pub fn get(v: &AtomicU64) -> u64 {
+        v.load(Ordering::Relaxed)
+    }
 }
 
 /// A run record in the state file (`pgdelta log`): a finished run's summary, or a failed run.
