@@ -99,7 +99,10 @@ pub async fn verify(
         .prefix("pgdelta-verify-")
         .tempdir()
         .map_err(|e| Error::Internal(format!("cannot create a scratch directory: {e}")))?;
-    let scratch = Snapshot::open(&scratch_dir.path().join("target.redb"), 8 << 20)?;
+    // The same page cache as a sync's snapshot: the rebuild inserts, and the diff looks up,
+    // every row here, as a sync does in its own.
+    let cache = crate::snapshot::DEFAULT_CACHE_BYTES;
+    let scratch = Snapshot::open(&scratch_dir.path().join("target.redb"), cache)?;
     // A dry run against a snapshot rebuilt from the target: the drift, nothing written. The
     // delete guard is for writes; here removed rows are only counted.
     let mut probe = spec.clone();
