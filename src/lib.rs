@@ -49,17 +49,25 @@ pub use plan::{check_plan, PlanCheck};
 pub use sink::{BatchSettings, Operation, Rejection};
 
 /// Prints a line on stdout. When stdout is closed (piped into `head`, say), the reader is gone:
-/// the program ends quietly with success instead of panicking on the broken pipe.
+/// the line is dropped, and so is every later one, without a panic on the broken pipe. The
+/// program goes on and ends with the exit code of what it did: a failure never exits 0 because
+/// nobody was reading.
 #[macro_export]
 macro_rules! outln {
     () => { $crate::outln!("") };
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
-            std::process::exit(0);
+        if !$crate::STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed)
+            && writeln!(std::io::stdout().lock(), $($arg)*).is_err()
+        {
+            $crate::STDOUT_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }};
 }
+
+/// Set once a write to stdout failed (the reader went away); later lines are not attempted.
+#[doc(hidden)]
+pub static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Tunes glibc's allocator for this workload; call once at program start, before threads exist.
 ///

@@ -315,3 +315,40 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("REGRESSION: nochange"), "{err}");
 }
+
+/// Regression: a failed sync whose stdout is a closed pipe (piped into `head`) exited 0, because
+/// printing its JSON error line hit the broken pipe and the program exited quietly with success.
+#[test]
+fn a_failure_never_exits_0_when_stdout_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgdelta"))
+        .args([
+            "sync",
+            "--source",
+            "postgres://nobody@127.0.0.1:1/x?sslmode=disable",
+            "--destination",
+            "postgres://nobody@127.0.0.1:1/y?sslmode=disable",
+            "--table",
+            "t",
+            "--target",
+            "t",
+            "--key",
+            "id",
+            "--json",
+        ])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The reader goes away before pgdelta writes anything.
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "cannot connect: exit 1, reader or not"
+    );
+}
