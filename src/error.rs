@@ -18,7 +18,8 @@ pub enum PgErrorKind {
     StatementTimeout,
     /// The statement was too big for the server (program limits, out of memory): split it.
     TooBig,
-    /// Classes 22 (data exception) and 23 (integrity constraint): a row is bad.
+    /// Classes 22 (data exception), 23 (integrity constraint) and P0 (an exception raised by a
+    /// PL/pgSQL trigger on the target, e.g. `RAISE EXCEPTION`): a row is bad.
     Data,
     /// Anything else: permissions, missing objects, syntax. Retrying will not help.
     Fatal,
@@ -47,7 +48,7 @@ pub fn classify_sqlstate(code: &str) -> PgErrorKind {
         c if c.starts_with("08") => PgErrorKind::Connection,
         "53200" => PgErrorKind::TooBig,
         c if c.starts_with("54") => PgErrorKind::TooBig,
-        c if c.starts_with("22") || c.starts_with("23") => PgErrorKind::Data,
+        c if c.starts_with("22") || c.starts_with("23") || c.starts_with("P0") => PgErrorKind::Data,
         _ => PgErrorKind::Fatal,
     }
 }
@@ -211,5 +212,8 @@ mod tests {
         assert_eq!(classify_sqlstate("42501"), PgErrorKind::Fatal);
         assert_eq!(classify_sqlstate("54000"), PgErrorKind::TooBig);
         assert_eq!(classify_sqlstate("23514"), PgErrorKind::Data);
+        // A trigger's RAISE EXCEPTION, and its ASSERT: row errors too.
+        assert_eq!(classify_sqlstate("P0001"), PgErrorKind::Data);
+        assert_eq!(classify_sqlstate("P0004"), PgErrorKind::Data);
     }
 }

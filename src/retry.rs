@@ -41,7 +41,7 @@ pub fn hint(kind: PgErrorKind) -> &'static str {
         PgErrorKind::Transient => "lock conflicts persisted past the retry budget; find the competing sessions (pg_stat_activity, pg_locks) or run at a quieter time",
         PgErrorKind::StatementTimeout => "a single row exceeded statement_timeout; raise statement_timeout for pgdelta's role, or look for slow triggers on the target",
         PgErrorKind::TooBig => "a single row is too large for the server",
-        PgErrorKind::Data => "fix the row in the source or the target's constraint",
+        PgErrorKind::Data => "fix the row in the source, or the target's constraint or trigger",
         PgErrorKind::Fatal => "this error does not go away by retrying; see the message",
     }
 }

@@ -412,3 +412,40 @@ async fn a_second_process_on_the_same_state_file_is_refused_at_once() {
     env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
         .await;
 }
+
+/// An exception raised by a trigger on the target (SQLSTATE class P0) is a row error, like a
+/// constraint violation: the batch is bisected, the good rows land, the bad ones are rejected.
+/// It used to fail the whole run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_exceptions_on_the_target_reject_rows_not_the_run() {
+    let env = seeded(1000).await;
+    env.dst
+        .batch_execute(
+            "CREATE FUNCTION refuse_odd() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.note = 'forbidden' THEN RAISE EXCEPTION 'note % is forbidden', NEW.id; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION refuse_odd();",
+        )
+        .await
+        .unwrap();
+    env.src
+        .batch_execute("UPDATE t SET note = 'forbidden' WHERE id IN (10, 600)")
+        .await
+        .unwrap();
+    let spec = env.spec("t", &["id"]);
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.written, s.rejected), (998, 2));
+    assert!(s
+        .rejected_rows
+        .iter()
+        .all(|r| r.sqlstate == "P0001" && r.message.contains("is forbidden")));
+    let keys: Vec<&str> = s.rejected_rows.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys, ["id=10", "id=600"]);
+    env.assert_same(
+        "SELECT * FROM t WHERE note <> 'forbidden' ORDER BY id",
+        "SELECT * FROM t ORDER BY id",
+    )
+    .await;
+}
