@@ -26,6 +26,7 @@ use crate::conn::ConnInfo;
 use crate::copy::encode;
 use crate::error::{pg_message, Error};
 use crate::plan::{quote_ident, Plan};
+use crate::sink::RowClass;
 use crate::spec::SyncSpec;
 use crate::sync::{Progress, Summary};
 
@@ -413,12 +414,12 @@ impl ChangeLog {
         self.send(rows).await;
     }
 
-    /// A row of class `added`, `changed` or `removed` was rejected.
-    pub(crate) async fn rejected(&self, key: serde_json::Value, class: &str) {
+    /// A row was rejected.
+    pub(crate) async fn rejected(&self, key: serde_json::Value, class: RowClass) {
         let op = match class {
-            "added" => "insert",
-            "changed" => "update",
-            _ => "delete",
+            RowClass::Added => "insert",
+            RowClass::Changed => "update",
+            RowClass::Removed => "delete",
         };
         self.send(vec![(key, op, "rejected")]).await;
     }

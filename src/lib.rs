@@ -46,7 +46,7 @@ pub mod verify;
 
 pub use error::{Error, Result};
 pub use plan::{check_plan, PlanCheck};
-pub use sink::{BatchSettings, Operation, Rejection};
+pub use sink::{BatchSettings, Operation, Rejection, RowClass};
 
 /// Prints a line on stdout. When stdout is closed (piped into `head`, say), the reader is gone:
 /// the line is dropped, and so is every later one, without a panic on the broken pipe. The

@@ -127,15 +127,17 @@ impl SourceRead {
         let mut messages = 0u64;
         loop {
             messages += 1;
-            let stop_now = messages % 4096 == 0 && self.stop.is_stopped();
-            let next = tokio::select! {
-                biased;
-                _ = std::future::ready(()), if stop_now => None,
-                n = stream.next() => n,
-                _ = &mut stopped => None,
-            };
             // Cheap test first: `is_stopped` takes the token's mutex.
-            if (stop_now || next.is_none()) && self.stop.is_stopped() {
+            let stop_now = messages % 4096 == 0 && self.stop.is_stopped();
+            let next = match stop_now {
+                true => None,
+                false => tokio::select! {
+                    biased;
+                    n = stream.next() => n,
+                    _ = &mut stopped => None,
+                },
+            };
+            if stop_now || (next.is_none() && self.stop.is_stopped()) {
                 let token = self.read.client.cancel_token();
                 let _ = self.read.conn.cancel(&token).await;
                 stats.end = ReadEnd::Stopped;

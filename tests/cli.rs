@@ -1,15 +1,9 @@
 use std::process::{Command, Output};
 
-use crate::support::Env;
+use crate::support::{pgdelta_command, Env};
 
 fn pgdelta(dir: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pgdelta"))
-        .args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .output()
-        .expect("run pgdelta")
+    pgdelta_command(dir, args).output().expect("run pgdelta")
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -321,24 +315,21 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
 #[test]
 fn a_failure_never_exits_0_when_stdout_is_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgdelta"))
-        .args([
-            "sync",
-            "--source",
-            "postgres://nobody@127.0.0.1:1/x?sslmode=disable",
-            "--destination",
-            "postgres://nobody@127.0.0.1:1/y?sslmode=disable",
-            "--table",
-            "t",
-            "--target",
-            "t",
-            "--key",
-            "id",
-            "--json",
-        ])
-        .current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+    let args = [
+        "sync",
+        "--source",
+        "postgres://nobody@127.0.0.1:1/x?sslmode=disable",
+        "--destination",
+        "postgres://nobody@127.0.0.1:1/y?sslmode=disable",
+        "--table",
+        "t",
+        "--target",
+        "t",
+        "--key",
+        "id",
+        "--json",
+    ];
+    let mut child = pgdelta_command(dir.path(), &args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -1,13 +1,11 @@
 //! `pgdelta verify`: drift between the model and the target, the snapshot against the target,
 //! and `--repair`, on a real server, drift made by hand.
 
-use std::process::Command;
-
 use pgdelta::snapshot::Snapshot;
 use pgdelta::sync::RunOptions;
 use pgdelta::verify::{verify, VerifyReport};
 
-use crate::support::Env;
+use crate::support::{pgdelta_command, Env};
 
 const ITEMS: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text, qty int, tags text[])";
 
@@ -126,12 +124,7 @@ async fn verify_cli_exit_codes_and_json() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        Command::new(env!("CARGO_BIN_EXE_pgdelta"))
-            .args(&args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .output()
-            .unwrap()
+        pgdelta_command(env.dir.path(), &args).output().unwrap()
     };
     let last = |o: &std::process::Output| -> serde_json::Value {
         let out = String::from_utf8_lossy(&o.stdout);

@@ -48,6 +48,18 @@ impl std::fmt::Display for Operation {
     }
 }
 
+/// What a rejected row was to the diff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowClass {
+    /// A key the snapshot did not know.
+    Added,
+    /// A known key with new content.
+    Changed,
+    /// A row that left the model (a delete).
+    Removed,
+}
+
 /// A row the destination refused.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Rejection {
@@ -55,9 +67,9 @@ pub struct Rejection {
     /// The key as a JSON object (`{"id": 42}`), for programs and the audit tables.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub key_json: serde_json::Value,
-    /// What the row was to the diff: `added` (a new key), `changed`, or `removed` (a delete).
-    #[serde(default)]
-    pub class: String,
+    /// What the row was to the diff (absent in records written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<RowClass>,
     pub sqlstate: String,
     pub message: String,
     pub operation: Operation,
@@ -346,9 +358,9 @@ async fn reject(ctx: &ApplyCtx, work: Work<'_>, i: usize, f: &WriteFailure) -> R
     let key = ctx.plan.describe_key(work.key(i));
     let key_json = ctx.plan.key_json(work.key(i));
     let class = match work {
-        Work::Rows(b) if b.rows[i].slot.is_some() => "changed",
-        Work::Rows(_) => "added",
-        Work::Deletes(_) => "removed",
+        Work::Rows(b) if b.rows[i].slot.is_some() => RowClass::Changed,
+        Work::Rows(_) => RowClass::Added,
+        Work::Deletes(_) => RowClass::Removed,
     };
     if let Some(log) = &ctx.changes {
         log.rejected(key_json.clone(), class).await;
@@ -367,9 +379,9 @@ async fn reject(ctx: &ApplyCtx, work: Work<'_>, i: usize, f: &WriteFailure) -> R
         let mut rej = ctx.rejections.lock().expect("not poisoned");
         rej.count += 1;
         let (mine, shared) = match class {
-            "added" => (&mut rej.added, &ctx.progress.rejected_added),
-            "changed" => (&mut rej.changed, &ctx.progress.rejected_changed),
-            _ => (&mut rej.removed, &ctx.progress.rejected_removed),
+            RowClass::Added => (&mut rej.added, &ctx.progress.rejected_added),
+            RowClass::Changed => (&mut rej.changed, &ctx.progress.rejected_changed),
+            RowClass::Removed => (&mut rej.removed, &ctx.progress.rejected_removed),
         };
         *mine += 1;
         shared.fetch_add(1, Ordering::Relaxed);
@@ -389,7 +401,7 @@ async fn reject(ctx: &ApplyCtx, work: Work<'_>, i: usize, f: &WriteFailure) -> R
             rej.rows.push(Rejection {
                 key,
                 key_json,
-                class: class.into(),
+                class: Some(class),
                 sqlstate: f.sqlstate.clone().unwrap_or_default(),
                 message: f.message.clone(),
                 operation,

@@ -26,7 +26,7 @@ use crate::error::Error;
 use crate::plan::Plan;
 use crate::snapshot::Reader;
 pub(crate) use apply::{ApplyCtx, Rejections, WriteStats};
-pub use apply::{Operation, Rejection};
+pub use apply::{Operation, Rejection, RowClass};
 pub(crate) use destination::{AnyDestination, Destination, NullDestination};
 pub(crate) use postgres::{session_settings, PgDestination, Strategy};
 pub use sizer::BatchSettings;

@@ -62,6 +62,17 @@ pub(crate) async fn connect(url: &str) -> Client {
     client
 }
 
+/// The built binary with `args`, run in `dir` with a clean environment (PATH only), so no
+/// PG* or PGDELTA_* variable of the developer's shell leaks into a CLI test.
+pub(crate) fn pgdelta_command(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgdelta"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd
+}
+
 /// Compares two row lists and reports the first difference (never the whole lists).
 pub(crate) fn assert_rows_equal(a: &[String], b: &[String]) {
     let first = a.iter().zip(b.iter()).position(|(x, y)| x != y);
