@@ -110,6 +110,14 @@ pub struct SyncEntry {
     /// Field mapping: target column = "source column".
     #[serde(default)]
     pub columns: BTreeMap<String, String>,
+    /// Table models: only rows matching this SQL condition (`where = "tenant_id = 7"`).
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
+    /// Table models: how often to read in full rather than only the changed rows: a duration
+    /// (`"7d"`), a run count (`"24 runs"`), `"always"` or `"never"`. Default `"7d"`.
+    pub full_read_every: Option<String>,
+    /// Table models: read in full when more than this share of the rows changed (default 0.5).
+    pub delta_max_share: Option<f64>,
 }
 
 impl ConfigFile {
@@ -165,6 +173,8 @@ impl SyncEntry {
         set(&mut self.max_rejected, &o.max_rejected);
         set(&mut self.max_retries, &o.max_retries);
         set(&mut self.retry_timeout_s, &o.retry_timeout_s);
+        set(&mut self.filter, &o.filter);
+        set(&mut self.full_read_every, &o.full_read_every);
     }
 
     /// Validates the entry and fills in every default.
@@ -221,6 +231,28 @@ impl SyncEntry {
         }
         if let Some(s) = self.retry_timeout_s {
             spec.retry.max_elapsed = Duration::from_secs(s);
+        }
+        if let Some(f) = &self.filter {
+            if self.query.is_some() {
+                return Err(bad(
+                    "where (--where) filters a table model; with a query, put the condition in the query",
+                ));
+            }
+            if f.trim().is_empty() {
+                return Err(bad("where (--where) is empty"));
+            }
+            spec.filter = Some(f.trim().to_string());
+        }
+        if let Some(e) = &self.full_read_every {
+            spec.full_read_every = e
+                .parse()
+                .map_err(|m| bad(&format!("full_read_every (--full-read-every) {m}")))?;
+        }
+        if let Some(s) = self.delta_max_share {
+            if !(0.0..=1.0).contains(&s) {
+                return Err(bad("delta_max_share must be between 0 and 1"));
+            }
+            spec.delta_max_share = s;
         }
         Ok(spec)
     }
@@ -296,6 +328,10 @@ pub struct Overrides {
     pub max_rejected: Option<u64>,
     pub max_retries: Option<u32>,
     pub retry_timeout_s: Option<u64>,
+    /// `--where`: the table model's filter.
+    pub filter: Option<String>,
+    /// `--full-read-every`.
+    pub full_read_every: Option<String>,
 }
 
 /// What one invocation asks for, before resolution.

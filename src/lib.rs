@@ -29,6 +29,7 @@ pub mod batch;
 pub mod config;
 pub mod conn;
 pub mod copy;
+mod delta;
 mod diff;
 pub mod error;
 pub mod fuzzing;

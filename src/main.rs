@@ -138,6 +138,15 @@ struct SyncArgs {
     /// Rewrite every row, as if the snapshot were empty (removed rows are still detected).
     #[arg(long)]
     full_resync: bool,
+    /// Table models: only rows matching this SQL condition on the table's columns.
+    #[arg(long = "where", value_name = "CONDITION")]
+    filter: Option<String>,
+    /// Read the whole model this run, even where only the changed rows would do.
+    #[arg(long)]
+    full_read: bool,
+    /// Table models: read in full this often: 7d, 12h, "24 runs", always, never (default 7d).
+    #[arg(long, value_name = "WHEN")]
+    full_read_every: Option<String>,
     /// Rebuild the snapshot from the target before the run (it is a cache of the target):
     /// costs one read of the target, and the run then writes only rows that differ.
     #[arg(long, conflicts_with = "full_resync")]
@@ -262,6 +271,8 @@ impl SyncArgs {
                 max_rejected: self.max_rejected,
                 max_retries: self.max_retries,
                 retry_timeout_s: self.retry_timeout_s,
+                filter: self.filter.clone(),
+                full_read_every: self.full_read_every.clone(),
             },
         }
     }
@@ -282,6 +293,7 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
     let opts = RunOptions {
         dry_run: a.dry_run,
         full_resync: a.full_resync,
+        full_read: a.full_read,
         rebuild_state: a.rebuild_state,
         audit: inv.audit.clone(),
         progress: true,

@@ -67,7 +67,10 @@ pub(crate) enum ReadOf {
 pub(crate) struct Read {
     /// The session's connection (to cancel the query on a stop).
     pub(crate) conn: ConnInfo,
-    pub(crate) client: tokio_postgres::Client,
+    /// Shared: a source read's transaction goes on after the COPY (a count, a key read).
+    pub(crate) client: Arc<tokio_postgres::Client>,
+    /// Rows read before the COPY (rejected rows re-read by key), sent first.
+    pub(crate) prelude: Vec<Block>,
     /// `COPY (...) TO STDOUT (FORMAT binary)`, columns in the plan's order.
     pub(crate) sql: String,
     pub(crate) of: ReadOf,
@@ -87,7 +90,7 @@ pub(crate) struct SourceRead {
 
 impl SourceRead {
     /// Streams the source COPY into framed blocks until the trailer, a stop, or an error.
-    pub(crate) async fn run(self) -> Result<ReadStats, Error> {
+    pub(crate) async fn run(mut self) -> Result<ReadStats, Error> {
         let read_err = |e: tokio_postgres::Error| match self.read.of {
             ReadOf::Source => Error::SourceRead {
                 sync: self.sync.clone(),
@@ -117,6 +120,11 @@ impl SourceRead {
             bytes: 0,
             end: ReadEnd::Complete,
         };
+        for block in std::mem::take(&mut self.read.prelude) {
+            if !block.rows.is_empty() && !self.send(block, &mut stats).await {
+                return Ok(stats);
+            }
+        }
         // One stop future for the whole read, polled only while the stream waits: the stream
         // branch comes first (`biased`), and a CopyData message (one per row) is usually ready.
         // Polling a cancellation future takes a mutex; doing it for every row cost CPU the

@@ -42,6 +42,53 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// How often a table model that could be read as a delta is read in full anyway: the full
+/// read verifies what the delta reads inferred, and repairs what they could not see (rows
+/// written to the target by hand, a `where` filter on something other than the row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullReadEvery {
+    /// Every run reads in full (delta reads off).
+    Always,
+    /// When this long has passed since the last full read.
+    Elapsed(Duration),
+    /// After this many delta runs in a row.
+    Runs(u32),
+    /// Only when a delta cannot be proven complete.
+    Never,
+}
+
+/// The default period of full reads: a week.
+pub const DEFAULT_FULL_READ_EVERY: FullReadEvery =
+    FullReadEvery::Elapsed(Duration::from_secs(7 * 24 * 3600));
+
+/// The delta read gives way to the full read when more than this share of the model's rows
+/// changed since the last run (the full read is then as fast, and reads in one pass).
+pub const DEFAULT_DELTA_MAX_SHARE: f64 = 0.5;
+
+impl std::str::FromStr for FullReadEvery {
+    type Err = String;
+    /// `always`, `never`, a duration (`7d`, `12h`) or a run count (`24 runs`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s {
+            "always" => return Ok(FullReadEvery::Always),
+            "never" => return Ok(FullReadEvery::Never),
+            _ => {}
+        }
+        if let Some(n) = s.strip_suffix("runs").or_else(|| s.strip_suffix("run")) {
+            return match n.trim().parse::<u32>() {
+                Ok(n) if n > 0 => Ok(FullReadEvery::Runs(n)),
+                _ => Err(format!(
+                    "'{s}': a run count is a positive number, as in \"24 runs\""
+                )),
+            };
+        }
+        humantime::parse_duration(s)
+            .map(FullReadEvery::Elapsed)
+            .map_err(|e| format!("'{s}': {e}; use a duration (\"7d\", \"12h\"), a run count (\"24 runs\"), \"always\" or \"never\""))
+    }
+}
+
 /// What to read from the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Model {
@@ -73,6 +120,12 @@ pub struct SyncSpec {
     pub max_rejected: u64,
     /// Retrying of transient failures.
     pub retry: RetryPolicy,
+    /// Table models: only rows matching this SQL condition on the table's columns.
+    pub filter: Option<String>,
+    /// Table models: how often the read is full rather than a delta.
+    pub full_read_every: FullReadEvery,
+    /// Table models: a delta of more than this share of the rows is read in full instead.
+    pub delta_max_share: f64,
 }
 
 impl SyncSpec {
@@ -92,6 +145,9 @@ impl SyncSpec {
             read_timeout: None,
             max_rejected: DEFAULT_MAX_REJECTED,
             retry: RetryPolicy::default(),
+            filter: None,
+            full_read_every: DEFAULT_FULL_READ_EVERY,
+            delta_max_share: DEFAULT_DELTA_MAX_SHARE,
         }
     }
 }

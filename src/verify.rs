@@ -111,6 +111,7 @@ pub async fn verify(
         dry_run: true,
         rebuild_state: true,
         full_resync: false,
+        full_read: true,
         progress: opts.progress,
         timeline: false,
         shutdown: opts.shutdown.clone(),
@@ -152,6 +153,7 @@ pub async fn verify(
             rebuild_state: true,
             dry_run: false,
             full_resync: false,
+            full_read: true,
             ..opts.clone()
         };
         report.repair = Some(crate::sync::run(source, dest, &fix, &run, snapshot).await?);

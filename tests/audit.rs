@@ -172,6 +172,8 @@ async fn runs_rejections_and_changes_are_logged_in_the_destination() {
         .unwrap();
     let mut strict = spec.clone();
     strict.max_rejected = 0;
+    // A full read, so the counts of a run that failed part way are those of the whole model.
+    strict.full_read_every = pgdelta::spec::FullReadEvery::Always;
     let e = env
         .sync_opts(&strict, &opts(Changes::None))
         .await

@@ -6,6 +6,8 @@ mod support;
 mod audit;
 /// The built binary: flags, config files, exit codes, JSON output.
 mod cli;
+/// Change-aware reads: only rows written since the last run, every case that could hide one.
+mod delta;
 /// Errors a user can meet before or during a run, each with its message.
 mod errors;
 /// Random operation sequences on the source, a sync after each, destination == source.

@@ -22,6 +22,8 @@ async fn table_model_initial_nochange_and_churn() {
     let env = seeded(20_000).await;
     let mut spec = env.spec("items", &["id"]);
     spec.delete = true;
+    // The full read's engine; delta reads are tested in delta.rs.
+    spec.full_read_every = pgdelta::spec::FullReadEvery::Always;
 
     let s = env.sync(&spec).await.unwrap();
     assert_eq!(

@@ -95,6 +95,31 @@ pub(super) async fn is_unique(
     }))
 }
 
+/// Whether the columns `names` of `table` hold unique, non-null values: a valid, non-partial
+/// unique index on some of them (a PRIMARY KEY or UNIQUE constraint), and every one NOT NULL.
+/// Then counting the table's rows counts its distinct keys.
+pub(super) async fn keys_unique_not_null(
+    client: &Client,
+    table: u32,
+    names: &[String],
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i \
+                 WHERE i.indrelid = $1::int8::oid AND i.indisunique AND i.indisvalid \
+                   AND i.indpred IS NULL AND i.indexprs IS NULL \
+                   AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey::int2[]) k \
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k \
+                       WHERE a.attname::text <> ALL ($2::text[]))) \
+             AND (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = $1::int8::oid \
+                   AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull \
+                   AND a.attname::text = ANY ($2::text[])) = cardinality($2::text[])",
+            &[&(table as i64), &names],
+        )
+        .await?
+        .get(0))
+}
+
 pub(super) async fn has_privilege(
     client: &Client,
     table: u32,

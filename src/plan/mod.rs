@@ -38,8 +38,51 @@ pub(crate) struct Column {
     pub(crate) dest_oid: u32,
 }
 
+/// A model that is one table (or partitioned table, or materialized view) of the source, as
+/// change-aware reads need it.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceTable {
+    pub(crate) oid: u32,
+    /// Quoted and schema-qualified.
+    pub(crate) quoted: String,
+    /// `pg_class.relkind`: `r`, `p`, `m` have row versions with `xmin`; a view (`v`) does not.
+    pub(crate) kind: String,
+    /// The generated select list (key expressions first).
+    pub(crate) exprs: Vec<String>,
+    /// The user's `where` condition, if any.
+    pub(crate) filter: Option<String>,
+    /// The key's source columns are unique and NOT NULL in the source (a unique index), so a
+    /// row count is a count of distinct keys.
+    pub(crate) unique_key: bool,
+}
+
+impl SourceTable {
+    /// `SELECT <list> FROM <table> AS src WHERE <filter> [AND <extra>]`.
+    pub(crate) fn select(&self, list: &str, extra: Option<&str>) -> String {
+        let conds: Vec<String> = self
+            .filter
+            .iter()
+            .map(|f| format!("({f})"))
+            .chain(extra.map(|e| format!("({e})")))
+            .collect();
+        let mut sql = format!("SELECT {list} FROM {} AS src", self.quoted);
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+        sql
+    }
+
+    /// The select list of the synced columns.
+    pub(crate) fn list(&self) -> String {
+        self.exprs.join(", ")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
+    /// The model when it is one table (change-aware reads), `None` for a query.
+    pub(crate) table: Option<SourceTable>,
     /// The generated SELECT (key columns first).
     pub(crate) select: String,
     pub(crate) columns: Vec<Column>,
@@ -55,10 +98,6 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub(crate) fn copy_out_sql(&self) -> String {
-        format!("COPY ({}) TO STDOUT (FORMAT binary)", self.select)
-    }
-
     /// Reads the target's synced columns in the order, and with the types, of the generated
     /// source query: equal values give equal bytes, so equal rows hash alike.
     pub(crate) fn target_copy_sql(&self) -> String {
@@ -124,6 +163,7 @@ impl Plan {
             })
             .collect();
         Plan {
+            table: None,
             select: "SELECT * FROM t".into(),
             columns,
             nkey,
@@ -163,7 +203,7 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
     let dest_cols = catalog::columns(dst, target.oid)
         .await
         .map_err(|e| fail.pg("cannot read the target's columns", e))?;
-    let model_sql = model_sql(src, &spec.model, &fail).await?;
+    let (model_sql, relation) = model_sql(src, &spec.model, &fail).await?;
     let described = src
         .prepare(&format!("SELECT * FROM {model_sql} AS src"))
         .await
@@ -179,18 +219,45 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         exprs,
         notes,
     } = typed_columns(&mapping, &source_cols, &dest_cols, &target, &fail)?;
-    let select = format!("SELECT {} FROM {model_sql} AS src", exprs.join(", "));
-    // The generated query must run as written (a cast can fail to resolve on odd types).
-    src.prepare(&select)
-        .await
-        .map_err(|e| fail.pg("the generated source query does not run", e))?;
+    let nkey = spec.key.len();
+    let table = match relation {
+        Some(rel) => {
+            let key_sources: Vec<String> =
+                columns[..nkey].iter().map(|c| c.source.clone()).collect();
+            let unique_key = catalog::keys_unique_not_null(src, rel.oid, &key_sources)
+                .await
+                .map_err(|e| fail.pg("cannot read the source table's indexes", e))?;
+            Some(SourceTable {
+                oid: rel.oid,
+                quoted: rel.quoted,
+                kind: rel.kind,
+                exprs: exprs.clone(),
+                filter: spec.filter.clone(),
+                unique_key,
+            })
+        }
+        None => None,
+    };
+    let select = match &table {
+        Some(t) => t.select(&t.list(), None),
+        None => format!("SELECT {} FROM {model_sql} AS src", exprs.join(", ")),
+    };
+    // The generated query must run as written (a cast can fail to resolve on odd types, a
+    // `where` condition can be wrong).
+    src.prepare(&select).await.map_err(|e| match &spec.filter {
+        Some(f) => fail.pg(
+            &format!("the generated source query (with where = \"{f}\") does not run"),
+            e,
+        ),
+        None => fail.pg("the generated source query does not run", e),
+    })?;
     check_target(dst, spec, &target, &dest_cols, &fail).await?;
     let target_empty = catalog::is_empty(dst, &target.quoted)
         .await
         .map_err(|e| fail.pg("cannot read the target", e))?;
-    let nkey = spec.key.len();
     let (key_fp, row_fp) = fingerprints(&select, &columns, nkey);
     Ok(Plan {
+        table,
         select,
         columns,
         nkey,
@@ -219,8 +286,12 @@ async fn target(dst: &Client, spec: &SyncSpec, fail: &Fail<'_>) -> Result<Relati
     Ok(target)
 }
 
-/// The model as a FROM item: the resolved table, or the query in parentheses.
-async fn model_sql(src: &Client, model: &Model, fail: &Fail<'_>) -> Result<String, Error> {
+/// The model as a FROM item: the resolved table (and the table), or the query in parentheses.
+async fn model_sql(
+    src: &Client,
+    model: &Model,
+    fail: &Fail<'_>,
+) -> Result<(String, Option<Relation>), Error> {
     match model {
         Model::Table(t) => {
             let rel = catalog::relation(src, t)
@@ -231,14 +302,14 @@ async fn model_sql(src: &Client, model: &Model, fail: &Fail<'_>) -> Result<Strin
                         "the source table {t} does not exist in the source database"
                     ))
                 })?;
-            Ok(rel.quoted)
+            Ok((rel.quoted.clone(), Some(rel)))
         }
         Model::Query(q) => {
             let q = q.trim().trim_end_matches(';').trim();
             if q.is_empty() {
                 return Err(fail.msg("the source query is empty".into()));
             }
-            Ok(format!("({q})"))
+            Ok((format!("({q})"), None))
         }
     }
 }

@@ -73,6 +73,9 @@ pub struct Rejection {
     pub sqlstate: String,
     pub message: String,
     pub operation: Operation,
+    /// The key's raw bytes (the delta read re-reads rejected rows by key); not serialized.
+    #[serde(skip)]
+    pub(crate) raw_key: Vec<u8>,
 }
 
 /// Rejections of one run, shared by its writers.
@@ -405,6 +408,7 @@ async fn reject(ctx: &ApplyCtx, work: Work<'_>, i: usize, f: &WriteFailure) -> R
                 sqlstate: f.sqlstate.clone().unwrap_or_default(),
                 message: f.message.clone(),
                 operation,
+                raw_key: work.key(i).to_vec(),
             });
         }
         rej.count

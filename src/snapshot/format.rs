@@ -101,6 +101,10 @@ pub struct SyncMeta {
     /// clears the entries and rebuilds them again. (Absent in files written before it existed.)
     #[serde(default)]
     pub rebuild_pending: bool,
+    /// What the last completed read of a table model leaves for change-aware reads; absent
+    /// when the next run must read in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) basis: Option<crate::delta::Basis>,
 }
 
 #[cfg(test)]

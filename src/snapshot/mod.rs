@@ -50,6 +50,8 @@ pub enum SnapshotError {
 /// What the start of a run decided.
 #[derive(Debug)]
 pub(crate) struct Begin {
+    /// The basis of change-aware reads the last completed read left, if any.
+    pub(crate) basis: Option<crate::delta::Basis>,
     /// Slots below this may be in use: the size of the run's "seen" bitset.
     pub(crate) next_slot: u32,
     /// Every row found in the snapshot is treated as changed (model changed, or `--full-resync`).
@@ -403,17 +405,26 @@ impl Recorder {
 
     /// Ends the run. With `row_fp` (the run completed), the stored hashes are trusted to have
     /// been computed under that model from now on.
+    /// `basis` replaces the recorded one when the run completed (`row_fp` given).
     pub(crate) async fn finish(
         self,
         row_fp: Option<String>,
+        basis: Option<crate::delta::Basis>,
     ) -> Result<RecorderStats, SnapshotError> {
         let sync = self.sync.clone();
         self.ask(|reply| Command::Finish {
             sync,
             row_fp,
+            basis,
             reply,
         })
         .await
+    }
+
+    /// Forgets the recorded basis of change-aware reads (a full read begins).
+    pub(crate) async fn drop_basis(&self) -> Result<(), SnapshotError> {
+        let sync = self.sync.clone();
+        self.ask(|reply| Command::DropBasis { sync, reply }).await
     }
 }
 
@@ -429,7 +440,7 @@ pub async fn seed_for_bench(
         .await?;
     rec.record(Committed::from_batch(batch, 0..batch.len()))
         .await?;
-    rec.finish(Some("bench".into())).await?;
+    rec.finish(Some("bench".into()), None).await?;
     Ok(())
 }
 
@@ -647,7 +658,7 @@ mod tests {
                 }
                 let settled = rt.block_on(rec.settle(Vec::new())).unwrap();
                 proptest::prop_assert_eq!(settled.duplicates, 0);
-                rt.block_on(rec.finish(Some("r".into()))).unwrap();
+                rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
                 let now = snap.reader("m").unwrap();
                 let mut seen = BTreeMap::new();
                 let mut slots = HashSet::new();
@@ -683,7 +694,7 @@ mod tests {
         let settled = rt.block_on(rec.settle(vec![b"c".to_vec()])).unwrap();
         assert_eq!(settled.duplicates, 1);
         assert_eq!(settled.duplicate_keys, vec![b"a".to_vec()]);
-        rt.block_on(rec.finish(None)).unwrap();
+        rt.block_on(rec.finish(None, None)).unwrap();
         let r = snap.reader("d").unwrap();
         assert_eq!(r.len(), 1);
         assert!(r.get(b"b").unwrap().is_some());
@@ -710,7 +721,7 @@ mod tests {
         let (b, rec) = rt.block_on(snap.begin("r", "k", "r", how)).unwrap();
         assert!(b.rebuild);
         record(&rec, b"a");
-        rt.block_on(rec.finish(None)).unwrap(); // broke off
+        rt.block_on(rec.finish(None, None)).unwrap(); // broke off
         let (b, rec) = rt.block_on(snap.begin("r", "k", "r", how)).unwrap();
         assert!(b.rebuild, "a partial rebuild is not trusted");
         assert!(
@@ -721,11 +732,11 @@ mod tests {
         assert!(snap.reader("r").unwrap().is_empty(), "and is thrown away");
         record(&rec, b"a");
         record(&rec, b"b");
-        rt.block_on(rec.finish(Some("r".into()))).unwrap();
+        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
         let (b, rec) = rt.block_on(snap.begin("r", "k", "r", how)).unwrap();
         assert!(!b.rebuild);
         assert_eq!(snap.reader("r").unwrap().len(), 2);
-        rt.block_on(rec.finish(Some("r".into()))).unwrap();
+        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
         // Without rows in the target there is nothing to rebuild from.
         let (b, _) = rt
             .block_on(snap.begin("s", "k", "r", BeginOptions::default()))
@@ -754,7 +765,7 @@ mod tests {
                 c.entries.push(([k; 16], None));
             }
             rt.block_on(rec.record(c)).unwrap();
-            rt.block_on(rec.finish(Some("r".into()))).unwrap();
+            rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
         }
         let mut seen = Vec::new();
         snap.reader("a")

@@ -31,6 +31,7 @@ use super::format::{
 };
 use super::{Begin, BeginOptions, Committed, RecorderStats, Settled, SnapshotError};
 use crate::batch::KeyBatch;
+use crate::delta::Basis;
 
 /// A transaction ends after this many operations, bounding redb's dirty pages in memory
 /// (scattered updates can dirty one 4 KiB page each). Such commits are not fsynced ...
@@ -79,8 +80,12 @@ pub(super) enum Command {
     Finish {
         sync: Arc<str>,
         row_fp: Option<String>,
+        basis: Option<Basis>,
         reply: Reply<RecorderStats>,
     },
+    /// Forget the recorded basis of change-aware reads now (a full read began: until it
+    /// completes, the next run reads in full too).
+    DropBasis { sync: Arc<str>, reply: Reply<()> },
     /// Append a run record (JSON).
     LogRun { json: String, reply: Reply<u64> },
     /// Replace a sync's list of rejected rows (JSON).
@@ -374,9 +379,13 @@ impl Owner {
             Command::Finish {
                 sync,
                 row_fp,
+                basis,
                 reply,
             } => {
-                let _ = reply.send(self.finish(&sync, row_fp));
+                let _ = reply.send(self.finish(&sync, row_fp, basis));
+            }
+            Command::DropBasis { sync, reply } => {
+                let _ = reply.send(self.drop_basis(&sync));
             }
             Command::LogRun { json, reply } => {
                 let _ = reply.send(self.log_run(&json));
@@ -491,6 +500,7 @@ impl Owner {
             },
         );
         Ok(Begin {
+            basis: meta.basis.clone(),
             next_slot: meta.next_slot,
             rewrite_all,
             rebuild: meta.rebuild_pending && how.target_has_rows && !how.full_resync,
@@ -534,10 +544,24 @@ impl Owner {
         })
     }
 
+    fn drop_basis(&mut self, sync: &Arc<str>) -> Result<(), SnapshotError> {
+        self.run_failed(sync)?;
+        let Some(run) = self.runs.get_mut(sync) else {
+            return Err(self.err(format!("no run of sync '{sync}' was begun")));
+        };
+        run.meta.basis = None;
+        let json = serde_json::to_string(&run.meta).map_err(|e| self.err(e))?;
+        self.durable_commit(|txn| {
+            txn.open_table(META)?.insert(&**sync, json.as_str())?;
+            Ok(())
+        })
+    }
+
     fn finish(
         &mut self,
         sync: &Arc<str>,
         row_fp: Option<String>,
+        basis: Option<Basis>,
     ) -> Result<RecorderStats, SnapshotError> {
         self.run_failed(sync)?;
         let Some(mut run) = self.runs.remove(sync) else {
@@ -547,6 +571,7 @@ impl Owner {
             // A completed run: a rebuild it began is complete too.
             run.meta.row_fp = row_fp;
             run.meta.rebuild_pending = false;
+            run.meta.basis = basis;
         }
         let json = serde_json::to_string(&run.meta).map_err(|e| self.err(e))?;
         self.durable_commit(|txn| {

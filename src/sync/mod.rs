@@ -12,6 +12,7 @@
 //! stop early (a signal, a writer that failed); what was committed is recorded either way, and
 //! removed rows are only derived from a read that completed.
 
+mod read;
 pub(crate) mod stop;
 mod summary;
 
@@ -25,7 +26,8 @@ use crate::audit::{Audit, AuditSettings, ChangeLog};
 use crate::batch::WriteBatch;
 use crate::conn::ConnInfo;
 use crate::copy::Block;
-use crate::diff::{self, DiffConfig, DiffOutcome};
+use crate::delta::{self, Decision, SourceState};
+use crate::diff::{self, Bitset, DiffConfig, DiffOutcome};
 use crate::error::{join_err, Error};
 use crate::plan::{plan, Plan};
 use crate::sink::BatchSettings;
@@ -54,6 +56,8 @@ pub struct RunOptions {
     pub shutdown: CancellationToken,
     /// Put the batch and read timelines in the summary (benchmarks, reports).
     pub timeline: bool,
+    /// Read the whole model even where a delta would do (`--full-read`).
+    pub full_read: bool,
     /// Clear the snapshot and rebuild it from the target (`--rebuild-state`).
     pub rebuild_state: bool,
     /// Write sync logs as tables in this schema of the destination (`--audit-schema`).
@@ -221,7 +225,7 @@ async fn stages(
     ctx: &Arc<ApplyCtx>,
 ) -> Result<(Summary, Vec<String>), Error> {
     let Prepared {
-        info,
+        mut info,
         src,
         recorder,
         reader,
@@ -242,23 +246,44 @@ async fn stages(
         samples: if dry_run { 10 } else { 5 },
         max_batch_age: Duration::from_secs(1),
     };
-    let read = Read {
-        conn: env.source.clone(),
-        client: src,
-        sql: info.plan.copy_out_sql(),
-        of: ReadOf::Source,
+    let read = read::Inputs {
+        env,
+        snapshot,
+        recorder: &recorder,
+        ctx,
+        session: src,
     };
-    let mut piped = pipeline(env, read, writers, &reader, diff_cfg, ctx).await?;
-    completed(&ctx.stop, &piped, &env.spec.name)?;
-    let (duplicates, model_errors) =
-        settle(&recorder, &mut piped.diff, &info.plan, dry_run).await?;
-    let removal = remove(env, &reader, &piped.diff, ctx, model_errors.is_empty()).await?;
+    let read::ReadOutcome {
+        piped,
+        duplicates,
+        model_errors,
+        removal,
+        retry_complete,
+    } = read
+        .run(&mut info, reader.clone(), writers, diff_cfg)
+        .await?;
     let deletes_done_s = env.started.elapsed().as_secs_f64();
     drop(reader);
     // The read completed and every write committed: every stored hash is now computed under
     // this model (keys with model errors were forgotten above, rejected rows are stale).
     let trusted = (!dry_run).then(|| info.plan.row_fp.clone());
-    let rec = recorder.finish(trusted).await?;
+    let basis = match (
+        &info.source_state,
+        dry_run,
+        model_errors.is_empty(),
+        retry_complete,
+    ) {
+        (Some(state), false, true, Some(retry)) => Some(delta::next_basis(
+            state,
+            &info.plan.row_fp,
+            info.begin.basis.as_ref(),
+            info.decision.strategy,
+            retry,
+            unix_now(),
+        )),
+        _ => None,
+    };
+    let rec = recorder.finish(trusted, basis).await?;
     tracing::debug!(?rec, "snapshot recorded");
     let outcome = Outcome {
         piped,
@@ -268,6 +293,13 @@ async fn stages(
         deletes_done_s,
     };
     Ok((summarize(env, &info, outcome, ctx), model_errors))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// What a run found and did, stage by stage.
@@ -303,7 +335,8 @@ async fn rebuild_from_target(
     let settings = crate::source::session_settings(env.spec.read_timeout);
     let read = Read {
         conn: env.dest.clone(),
-        client: env.dest.connect("destination", &settings).await?,
+        client: Arc::new(env.dest.connect("destination", &settings).await?),
+        prelude: Vec::new(),
         sql: info.plan.target_copy_sql(),
         of: ReadOf::Target,
     };
@@ -378,6 +411,8 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         plan,
         mode: env.spec.mode.as_str(),
         strategy: info.strategy.as_str(),
+        read_strategy: info.decision.strategy.as_str(),
+        read_strategy_reason: &info.decision.reason,
         dry_run: env.opts.dry_run,
         rewrite_all: info.begin.rewrite_all,
         read: o.piped.read,
@@ -409,6 +444,10 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
 struct RunInfo {
     plan: Arc<Plan>,
     begin: Begin,
+    /// The source as the read's transaction sees it (table models on PostgreSQL 13+).
+    source_state: Option<SourceState>,
+    /// How the model is read, and why.
+    decision: Decision,
     strategy: Strategy,
     sizer: Arc<Sizer>,
     /// Effective statement timeouts: the source read's (as shown), the writers' (ms).
@@ -418,8 +457,8 @@ struct RunInfo {
 /// Everything a run sets up before the first row moves.
 struct Prepared {
     info: RunInfo,
-    /// The source session the read runs on.
-    src: tokio_postgres::Client,
+    /// The source session the read runs on, in the read's transaction.
+    src: Arc<tokio_postgres::Client>,
     recorder: Recorder,
     /// The snapshot as it was when the run began.
     reader: Arc<Reader>,
@@ -444,6 +483,7 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         tracing::info!("sync '{name}': {n}");
     }
     let source_timeout = crate::conn::show(&src, "statement_timeout").await.ok();
+    let source_state = delta::begin(&src, plan.table.as_ref(), name).await?;
     let how = BeginOptions {
         full_resync: env.opts.full_resync,
         clear: env.opts.rebuild_state,
@@ -457,6 +497,35 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
     }
     let reader = Arc::new(snapshot.reader(name)?);
     let rebuild = begin.rebuild;
+    let must_read_all = if begin.rebuild {
+        Some("the snapshot is rebuilt from the target")
+    } else if begin.rewrite_all {
+        Some("every row is rewritten (--full-resync or a new model)")
+    } else {
+        None
+    };
+    let decision = delta::decide(&delta::Inputs {
+        table: plan.table.as_ref(),
+        state: source_state.as_ref(),
+        basis: begin.basis.as_ref(),
+        row_fp: &plan.row_fp,
+        entries: reader.len(),
+        must_read_all,
+        forced: env.opts.full_read,
+        every: spec.full_read_every,
+        max_share: spec.delta_max_share,
+        now: unix_now(),
+    });
+    tracing::info!(
+        "sync '{name}': {} read: {}",
+        decision.strategy.as_str(),
+        decision.reason
+    );
+    if decision.strategy == delta::ReadStrategy::Full && begin.basis.is_some() && !env.opts.dry_run
+    {
+        // Until this full read completes, the next run reads in full too.
+        recorder.drop_basis().await?;
+    }
     let strategy = Strategy::choose(spec.mode, plan.target_empty, reader.is_empty());
     let sizer = Arc::new(Sizer::new(spec.batch));
     let n = spec.batch.writers;
@@ -470,11 +539,13 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         info: RunInfo {
             plan,
             begin,
+            source_state,
+            decision,
             strategy,
             sizer,
             timeouts,
         },
-        src,
+        src: Arc::new(src),
         recorder,
         reader,
         writers,
@@ -672,6 +743,12 @@ async fn settle(
     Ok((duplicates, errors))
 }
 
+/// The snapshot entries a complete read met: the rest left the model.
+struct Seen {
+    slots: Bitset,
+    entries: u64,
+}
+
 /// What happened to the rows that left the model.
 #[derive(Default)]
 struct Removal {
@@ -687,13 +764,13 @@ struct Removal {
 async fn remove(
     env: &RunEnv<'_>,
     reader: &Arc<Reader>,
-    diffed: &DiffOutcome,
+    seen: &Seen,
     ctx: &ApplyCtx,
     model_ok: bool,
 ) -> Result<Removal, Error> {
     let (spec, opts) = (env.spec, env.opts);
     let synced = reader.len();
-    let removed = synced.saturating_sub(diffed.seen_entries);
+    let removed = synced.saturating_sub(seen.entries);
     let mut out = Removal {
         removed,
         ..Default::default()
@@ -728,7 +805,7 @@ async fn remove(
     };
     let samples = if opts.dry_run { 10 } else { 0 };
     let deleted =
-        sink::delete_removed(dest, reader.clone(), diffed.seen.clone(), ctx, samples).await?;
+        sink::delete_removed(dest, reader.clone(), seen.slots.clone(), ctx, samples).await?;
     out.stats = deleted.stats;
     out.samples = deleted.samples;
     Ok(out)

@@ -23,6 +23,13 @@ pub struct Summary {
     pub target: String,
     pub mode: String,
     pub strategy: String,
+    /// How the source was read: `full` (the whole model) or `delta` (rows written since the
+    /// last run, a count, and the keys when rows left).
+    #[serde(default)]
+    pub read_strategy: String,
+    /// Why, in words.
+    #[serde(default)]
+    pub read_strategy_reason: String,
     pub dry_run: bool,
     pub full_resync: bool,
     pub rows_read: u64,
@@ -148,6 +155,8 @@ pub(crate) struct Parts<'a> {
     pub(crate) plan: &'a Plan,
     pub(crate) mode: &'a str,
     pub(crate) strategy: &'a str,
+    pub(crate) read_strategy: &'a str,
+    pub(crate) read_strategy_reason: &'a str,
     pub(crate) dry_run: bool,
     pub(crate) rewrite_all: bool,
     pub(crate) read: ReadStats,
@@ -178,6 +187,8 @@ impl Summary {
             target: p.plan.target.clone(),
             mode: p.mode.into(),
             strategy: p.strategy.into(),
+            read_strategy: p.read_strategy.into(),
+            read_strategy_reason: p.read_strategy_reason.into(),
             dry_run: p.dry_run,
             full_resync: p.rewrite_all,
             rows_read: p.read.rows,

@@ -1,0 +1,367 @@
+//! The read stage of a run: the whole model, or (table models, when it can be proven
+//! complete) only the rows written since the last run; then settle and removals.
+//!
+//! ```text
+//! full    COPY (model)                      -> diff -> writers; removed = entries not seen
+//! delta   count(changed), count(*)          one scan, in the read's transaction
+//!         rejected rows re-read by key  \
+//!         COPY (model WHERE xmin >= since)  -> diff -> writers
+//!         count = entries + added?          yes: no row left the model
+//!                                           no:  COPY (keys) -> removed = entries not seen
+//! ```
+//! A delta that turns out unprovable (too many changes, rows that entered the model without
+//! being written) becomes a full read in the same transaction, after what it already wrote.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use tokio::sync::mpsc;
+
+use super::{
+    completed, pipeline, remove, settle, Piped, Removal, RunEnv, RunInfo, Seen, StopReason,
+};
+use crate::copy::{has_null, Block};
+use crate::delta::{self, Decision, ReadStrategy};
+use crate::diff::{Bitset, DiffConfig};
+use crate::error::{join_err, Error};
+use crate::plan::{Plan, SourceTable};
+use crate::sink::{self, AnyDestination, ApplyCtx, Operation};
+use crate::snapshot::{Reader, Recorder, Snapshot, SnapshotError};
+use crate::source::{Read, ReadEnd, ReadOf, SourceRead};
+
+/// What the read stage needs besides the run's plan.
+pub(super) struct Inputs<'a> {
+    pub(super) env: &'a RunEnv<'a>,
+    pub(super) snapshot: &'a Snapshot,
+    pub(super) recorder: &'a Recorder,
+    pub(super) ctx: &'a Arc<ApplyCtx>,
+    /// The source session, in the read's `REPEATABLE READ` transaction.
+    pub(super) session: Arc<tokio_postgres::Client>,
+}
+
+/// What the read stage did.
+pub(super) struct ReadOutcome {
+    pub(super) piped: Piped,
+    pub(super) duplicates: u64,
+    pub(super) model_errors: Vec<String>,
+    pub(super) removal: Removal,
+    /// Raw keys of the rows the destination rejected in this run (to re-read by key next
+    /// run), or `None` when there were more than the run kept.
+    pub(super) retry_complete: Option<Vec<Vec<u8>>>,
+}
+
+/// How a delta read ended.
+enum DeltaEnd {
+    Done(ReadOutcome),
+    /// Read in full instead: why, what the delta already did, and the writers if unused.
+    Full {
+        reason: String,
+        first: Option<Piped>,
+        writers: Option<Vec<AnyDestination>>,
+    },
+}
+
+impl Inputs<'_> {
+    pub(super) async fn run(
+        self,
+        info: &mut RunInfo,
+        reader: Arc<Reader>,
+        writers: Vec<AnyDestination>,
+        cfg: DiffConfig,
+    ) -> Result<ReadOutcome, Error> {
+        let mut out = match info.decision.strategy {
+            ReadStrategy::Full => self.full(info, reader, writers, cfg).await?,
+            ReadStrategy::Delta { since } => {
+                match self
+                    .delta(info, since, &reader, writers, cfg.clone())
+                    .await?
+                {
+                    DeltaEnd::Done(o) => o,
+                    DeltaEnd::Full {
+                        reason,
+                        first,
+                        writers,
+                    } => {
+                        self.instead(info, reason, first, writers, reader, cfg)
+                            .await?
+                    }
+                }
+            }
+        };
+        // Read only: ending the transaction cannot lose anything.
+        let _ = self.session.batch_execute("COMMIT").await;
+        out.retry_complete = self.retry_keys();
+        Ok(out)
+    }
+
+    /// The delta could not be proven complete: read in full, in the same transaction.
+    async fn instead(
+        &self,
+        info: &mut RunInfo,
+        reason: String,
+        first: Option<Piped>,
+        writers: Option<Vec<AnyDestination>>,
+        reader: Arc<Reader>,
+        cfg: DiffConfig,
+    ) -> Result<ReadOutcome, Error> {
+        let (env, name) = (self.env, &self.env.spec.name);
+        tracing::warn!("sync '{name}': reading in full instead of the delta: {reason}");
+        info.decision = Decision {
+            strategy: ReadStrategy::Full,
+            reason,
+        };
+        if !env.opts.dry_run {
+            self.recorder.drop_basis().await?;
+        }
+        // What the delta pass recorded is committed: read the snapshot again, so those rows
+        // are found unchanged rather than added twice.
+        let (reader, first) = match (first, env.opts.dry_run) {
+            (Some(p), false) => (Arc::new(self.snapshot.reader(name)?), Some(p)),
+            _ => (reader, None),
+        };
+        let writers = match writers {
+            Some(w) => w,
+            None => {
+                let n = env.spec.batch.writers;
+                sink::open_writers(env.dest, &info.plan, info.strategy, n, env.opts.dry_run).await?
+            }
+        };
+        let mut out = self.full(info, reader, writers, cfg).await?;
+        if let Some(p) = first {
+            let (a, b) = (&mut out.piped, p);
+            a.read.rows += b.read.rows;
+            a.read.bytes += b.read.bytes;
+            a.written = a.written.clone() + b.written;
+            let c = &mut a.diff.counts;
+            c.unchanged = c
+                .unchanged
+                .saturating_sub(b.diff.counts.added + b.diff.counts.changed);
+            c.added += b.diff.counts.added;
+            c.changed += b.diff.counts.changed;
+        }
+        Ok(out)
+    }
+
+    fn read(&self, sql: String, prelude: Vec<Block>) -> Read {
+        Read {
+            conn: self.env.source.clone(),
+            client: self.session.clone(),
+            prelude,
+            sql: format!("COPY ({sql}) TO STDOUT (FORMAT binary)"),
+            of: ReadOf::Source,
+        }
+    }
+
+    async fn full(
+        &self,
+        info: &RunInfo,
+        reader: Arc<Reader>,
+        writers: Vec<AnyDestination>,
+        cfg: DiffConfig,
+    ) -> Result<ReadOutcome, Error> {
+        let (env, ctx) = (self.env, self.ctx);
+        let read = self.read(info.plan.select.clone(), Vec::new());
+        let mut piped = pipeline(env, read, writers, &reader, cfg, ctx).await?;
+        completed(&ctx.stop, &piped, &env.spec.name)?;
+        let (duplicates, model_errors) =
+            settle(self.recorder, &mut piped.diff, &info.plan, env.opts.dry_run).await?;
+        let seen = Seen {
+            slots: std::mem::take(&mut piped.diff.seen),
+            entries: piped.diff.seen_entries,
+        };
+        let removal = remove(env, &reader, &seen, ctx, model_errors.is_empty()).await?;
+        Ok(ReadOutcome {
+            piped,
+            duplicates,
+            model_errors,
+            removal,
+            retry_complete: None,
+        })
+    }
+
+    async fn delta(
+        &self,
+        info: &RunInfo,
+        since: u64,
+        reader: &Arc<Reader>,
+        writers: Vec<AnyDestination>,
+        cfg: DiffConfig,
+    ) -> Result<DeltaEnd, Error> {
+        let (env, ctx, name) = (self.env, self.ctx, &self.env.spec.name);
+        let plan = &info.plan;
+        let (Some(table), Some(state)) = (&plan.table, &info.source_state) else {
+            return Err(Error::Internal("a delta read without a table".into()));
+        };
+        let cond = delta::xmin_condition(since, state.xmax);
+        let counts = delta::count(&self.session, table, &cond, name).await?;
+        let entries = reader.len();
+        let retry: Vec<Vec<u8>> = info
+            .begin
+            .basis
+            .iter()
+            .flat_map(|b| b.retry.iter().filter_map(|k| delta::unhex(k)))
+            .collect();
+        let share = env.spec.delta_max_share;
+        let full = |reason: String, writers| {
+            Ok(DeltaEnd::Full {
+                reason,
+                first: None,
+                writers: Some(writers),
+            })
+        };
+        if counts.changed as f64 > share * counts.total.max(1) as f64 {
+            return full(
+                format!(
+                    "{} of the model's {} rows were written since the last run, more than delta_max_share ({share}): a full read is as fast",
+                    counts.changed, counts.total
+                ),
+                writers,
+            );
+        }
+        if table.unique_key && counts.total > entries + counts.changed + retry.len() as u64 {
+            return full(
+                format!(
+                    "the model has {} rows, more than the snapshot's {entries} entries plus {} rows written since the last run: rows entered it without being written (a where condition on something other than the row's own columns?)",
+                    counts.total, counts.changed
+                ),
+                writers,
+            );
+        }
+        let prelude = match retry.is_empty() {
+            true => Vec::new(),
+            false => vec![
+                delta::read_by_key(&self.session, plan, table, &retry, Some(&cond), name).await?,
+            ],
+        };
+        let read = self.read(table.select(&table.list(), Some(&cond)), prelude);
+        let mut piped = pipeline(env, read, writers, reader, cfg, ctx).await?;
+        completed(&ctx.stop, &piped, name)?;
+        let (duplicates, model_errors) =
+            settle(self.recorder, &mut piped.diff, plan, env.opts.dry_run).await?;
+        let added = piped.diff.counts.added;
+        let none_left = table.unique_key && counts.total == entries + added;
+        let removal = if none_left {
+            Removal::default()
+        } else {
+            let scan = self.scan_keys(plan, table, reader).await?;
+            let problem = scan.problem.clone().or_else(|| {
+                (scan.unknown > added).then(|| format!(
+                    "the key read found {} keys neither in the snapshot nor among the {added} new rows read: rows entered the model without being written (a where condition on something other than the row's own columns?)",
+                    scan.unknown
+                ))
+            });
+            if let Some(reason) = problem {
+                return Ok(DeltaEnd::Full {
+                    reason,
+                    first: Some(piped),
+                    writers: None,
+                });
+            }
+            remove(env, reader, &scan.seen, ctx, model_errors.is_empty()).await?
+        };
+        Ok(DeltaEnd::Done(ReadOutcome {
+            piped,
+            duplicates,
+            model_errors,
+            removal,
+            retry_complete: None,
+        }))
+    }
+
+    /// Reads the model's keys only, in the read's transaction, and marks the snapshot entries
+    /// they match.
+    async fn scan_keys(
+        &self,
+        plan: &Arc<Plan>,
+        table: &SourceTable,
+        reader: &Arc<Reader>,
+    ) -> Result<KeyScan, Error> {
+        let (env, ctx, name) = (self.env, self.ctx, &self.env.spec.name);
+        let mut keys_only = (**plan).clone();
+        keys_only.columns.truncate(plan.nkey);
+        let list = table.exprs[..plan.nkey].join(", ");
+        let (tx, rx) = mpsc::channel::<Block>(env.pipe.block_queue);
+        let read_task = tokio::spawn(
+            SourceRead {
+                read: self.read(table.select(&list, None), Vec::new()),
+                plan: Arc::new(keys_only),
+                out: tx,
+                progress: Default::default(),
+                block_bytes: env.pipe.block_bytes,
+                sync: name.clone(),
+                stop: ctx.stop.clone(),
+            }
+            .run(),
+        );
+        let scan_task = {
+            let reader = reader.clone();
+            tokio::task::spawn_blocking(move || scan(rx, &reader))
+        };
+        let stats = read_task.await.map_err(join_err)?;
+        let scan = scan_task.await.map_err(join_err)?;
+        let stats = stats?;
+        if stats.end != ReadEnd::Complete {
+            return Err(match ctx.stop.reason() {
+                Some(StopReason::Interrupted) => Error::Interrupted {
+                    sync: name.clone(),
+                    message: "stopped during the key read; the rows written are recorded, no deletes applied; the next run resumes".into(),
+                },
+                _ => Error::Internal("the key read stopped early".into()),
+            });
+        }
+        Ok(scan?)
+    }
+
+    /// The raw keys of the rows the destination rejected this run, if every one was kept.
+    fn retry_keys(&self) -> Option<Vec<Vec<u8>>> {
+        let rej = self.ctx.rejections();
+        let keys: Vec<Vec<u8>> = rej
+            .rows
+            .iter()
+            .filter(|r| r.operation == Operation::Write)
+            .map(|r| r.raw_key.clone())
+            .collect();
+        (keys.len() as u64 == rej.added + rej.changed).then_some(keys)
+    }
+}
+
+/// What a key-only read found.
+struct KeyScan {
+    seen: Seen,
+    /// Keys not in the snapshot.
+    unknown: u64,
+    /// A key met twice or a NULL key: the model needs the full read's checks.
+    problem: Option<String>,
+}
+
+fn scan(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<KeyScan, SnapshotError> {
+    let mut out = KeyScan {
+        seen: Seen {
+            slots: Bitset::with_len(reader.len() as usize),
+            entries: 0,
+        },
+        unknown: 0,
+        problem: None,
+    };
+    while let Some(block) = rx.blocking_recv() {
+        let data = &block.data[..];
+        let found = block
+            .rows
+            .par_iter()
+            .map(|r| reader.get(r.key(data)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (r, entry) in block.rows.iter().zip(found) {
+            match entry {
+                _ if has_null(r.key(data)) => {
+                    out.problem = Some("the key read met a NULL key".into());
+                }
+                Some(e) if !out.seen.slots.insert(e.slot) => {
+                    out.problem = Some("the key read met a key twice".into());
+                }
+                Some(_) => out.seen.entries += 1,
+                None => out.unknown += 1,
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,356 @@
+//! Change-aware reads of table models: only rows written since the last run are read, every
+//! change (deletes included) still reaches the destination, and whatever could hide a change
+//! falls back to the full read with its reason. Real concurrent transactions on a real server.
+
+use pgdelta::spec::{FullReadEvery, SyncSpec};
+use pgdelta::sync::{RunOptions, Summary};
+
+use crate::support::{connect, Env};
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int)";
+
+async fn seeded(rows: i32) -> (Env, SyncSpec) {
+    let env = Env::new().await;
+    env.both(ITEMS).await;
+    env.src
+        .batch_execute(&format!(
+            "INSERT INTO items SELECT i, 'item ' || i, i % 7 FROM generate_series(1, {rows}) i"
+        ))
+        .await
+        .unwrap();
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    spec.full_read_every = FullReadEvery::Never;
+    (env, spec)
+}
+
+/// Runs a sync, checks how it read, and that the destination equals the source.
+async fn synced(env: &Env, spec: &SyncSpec, strategy: &str, reason: &str) -> Summary {
+    let s = env.sync(spec).await.unwrap();
+    assert_eq!(
+        (
+            s.read_strategy.as_str(),
+            s.read_strategy_reason.contains(reason)
+        ),
+        (strategy, true),
+        "read: {} ({})",
+        s.read_strategy,
+        s.read_strategy_reason
+    );
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+    s
+}
+
+#[tokio::test]
+async fn a_delta_reads_only_what_was_written_and_still_deletes() {
+    let (env, spec) = seeded(2000).await;
+    let s = synced(&env, &spec, "full", "no completed read").await;
+    assert_eq!((s.rows_read, s.written), (2000, 2000));
+    let s = synced(&env, &spec, "delta", "only rows written").await;
+    assert_eq!((s.rows_read, s.written, s.removed), (0, 0, 0));
+    env.src
+        .batch_execute(
+            "UPDATE items SET name = 'changed' WHERE id IN (5, 6, 7); \
+             UPDATE items SET name = name WHERE id = 8; \
+             INSERT INTO items VALUES (3001, 'new', 1), (3002, 'new', 2); \
+             DELETE FROM items WHERE id IN (10, 11)",
+        )
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "delta", "only rows written").await;
+    // Rows 5-8 and the two new ones are read; row 8 was rewritten with the same values.
+    assert_eq!((s.rows_read, s.changed, s.unchanged, s.added), (6, 3, 1, 2));
+    assert_eq!((s.written, s.removed, s.deleted), (5, 2, 2));
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!((s.rows_read, s.written), (0, 0));
+}
+
+#[tokio::test]
+async fn transactions_open_during_a_run_savepoints_and_aborts() {
+    let (env, spec) = seeded(500).await;
+    synced(&env, &spec, "full", "").await;
+    // A transaction that writes (and has its xid) before the run and commits after it.
+    let open = connect(&env.src_url).await;
+    open.batch_execute(
+        "BEGIN; UPDATE items SET name = 'slow' WHERE id = 1; \
+         SAVEPOINT a; INSERT INTO items VALUES (9001, 'sub', 0); RELEASE a; \
+         SAVEPOINT b; INSERT INTO items VALUES (9002, 'rolled back', 0); ROLLBACK TO b",
+    )
+    .await
+    .unwrap();
+    env.src
+        .batch_execute("BEGIN; UPDATE items SET name = 'aborted' WHERE id = 2; ROLLBACK")
+        .await
+        .unwrap();
+    env.src
+        .batch_execute("UPDATE items SET name = 'quick' WHERE id = 3")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!(s.written, 1, "only the committed update");
+    // A subtransaction of a transaction that began after the run, committed too.
+    open.batch_execute("COMMIT").await.unwrap();
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!((s.added, s.changed), (1, 1));
+    let n: i64 = env
+        .dst
+        .query_one("SELECT count(*) FROM items WHERE id IN (9001, 9002)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn hot_updates_and_freezing_are_seen_and_cost_nothing() {
+    let (env, spec) = seeded(1000).await;
+    synced(&env, &spec, "full", "").await;
+    env.src
+        .batch_execute("UPDATE items SET qty = qty + 100 WHERE id <= 3")
+        .await
+        .unwrap();
+    env.src
+        .batch_execute("VACUUM (FREEZE) items")
+        .await
+        .unwrap();
+    // Freezing keeps the raw xmin: the three rows are still read, nothing else is.
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!((s.rows_read, s.changed), (3, 3));
+    env.src
+        .batch_execute("VACUUM (FREEZE) items")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!(s.rows_read, 0);
+}
+
+#[tokio::test]
+async fn rewritten_truncated_or_recreated_tables_are_read_in_full() {
+    let (env, spec) = seeded(300).await;
+    synced(&env, &spec, "full", "").await;
+    let cases = [
+        "VACUUM FULL items",
+        "CLUSTER items USING items_pkey",
+        "ALTER TABLE items SET UNLOGGED",
+        "BEGIN; TRUNCATE items; INSERT INTO items SELECT i, 'reloaded ' || i, i FROM generate_series(1, 250) i; COMMIT",
+        "DROP TABLE items; CREATE TABLE items (id int PRIMARY KEY, name text, qty int); \
+         INSERT INTO items SELECT i, 'recreated ' || i, i FROM generate_series(1, 200) i",
+    ];
+    for sql in cases {
+        env.src.batch_execute(sql).await.unwrap();
+        eprintln!("after {sql}");
+        let s = synced(&env, &spec, "full", "storage changed").await;
+        assert!(s.rows_read > 0, "{sql}");
+        synced(&env, &spec, "delta", "").await;
+    }
+}
+
+#[tokio::test]
+async fn partitions_attached_or_detached_are_read_in_full() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text, qty int) PARTITION BY RANGE (id); \
+             CREATE TABLE items_a PARTITION OF items FOR VALUES FROM (0) TO (1000); \
+             CREATE TABLE items_b PARTITION OF items FOR VALUES FROM (1000) TO (2000); \
+             INSERT INTO items SELECT i, 'p', i FROM generate_series(1, 1999) i; \
+             CREATE TABLE items_c (id int PRIMARY KEY, name text, qty int); \
+             INSERT INTO items_c SELECT i, 'c', i FROM generate_series(2000, 2099) i",
+        )
+        .await
+        .unwrap();
+    env.dst.batch_execute(ITEMS).await.unwrap();
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    spec.max_delete_ratio = 1.0;
+    synced(&env, &spec, "full", "").await;
+    env.src
+        .batch_execute("UPDATE items SET name = 'b' WHERE id = 1500")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!(s.changed, 1);
+    env.src
+        .batch_execute(
+            "ALTER TABLE items ATTACH PARTITION items_c FOR VALUES FROM (2000) TO (3000)",
+        )
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "full", "partitions attached or detached").await;
+    assert_eq!(s.added, 100);
+    env.src
+        .batch_execute("ALTER TABLE items DETACH PARTITION items_a")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "full", "storage changed").await;
+    assert_eq!(s.deleted, 999);
+}
+
+#[tokio::test]
+async fn rows_moving_in_and_out_of_a_where_filter() {
+    let (env, mut spec) = seeded(100).await;
+    spec.filter = Some("qty < 5".into());
+    let model = "SELECT * FROM items WHERE qty < 5 ORDER BY id";
+    let s = env.sync(&spec).await.unwrap();
+    env.assert_same(model, "SELECT * FROM items ORDER BY id")
+        .await;
+    assert_eq!(s.read_strategy, "full");
+    env.src
+        .batch_execute(
+            "UPDATE items SET qty = 6 WHERE id = 1; UPDATE items SET qty = 0 WHERE id = 6",
+        )
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    env.assert_same(model, "SELECT * FROM items ORDER BY id")
+        .await;
+    assert_eq!(s.read_strategy, "delta", "{}", s.read_strategy_reason);
+    assert_eq!((s.added, s.deleted), (1, 1));
+}
+
+#[tokio::test]
+async fn rejected_rows_are_retried_by_key_although_unchanged() {
+    let (env, spec) = seeded(200).await;
+    env.dst
+        .batch_execute("ALTER TABLE items ADD CONSTRAINT no_seven CHECK (id <> 7)")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.rejected, 1);
+    // The row did not change on the source; the destination accepts it now.
+    env.dst
+        .batch_execute("ALTER TABLE items DROP CONSTRAINT no_seven")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!((s.rows_read, s.added, s.rejected), (1, 1, 0));
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!(s.rows_read, 0);
+}
+
+#[tokio::test]
+async fn a_large_delta_a_flag_a_period_and_a_query_read_in_full() {
+    let (env, mut spec) = seeded(400).await;
+    synced(&env, &spec, "full", "").await;
+    env.src
+        .batch_execute("UPDATE items SET qty = qty + 1 WHERE id <= 300")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "full", "delta_max_share").await;
+    assert_eq!(s.changed, 300);
+    let forced = RunOptions {
+        full_read: true,
+        ..Default::default()
+    };
+    let s = env.sync_opts(&spec, &forced).await.unwrap();
+    assert_eq!((s.read_strategy.as_str(), s.written), ("full", 0));
+    spec.full_read_every = FullReadEvery::Runs(2);
+    synced(&env, &spec, "delta", "").await;
+    synced(&env, &spec, "delta", "").await;
+    synced(&env, &spec, "full", "2 delta runs").await;
+    synced(&env, &spec, "delta", "").await;
+    let mut query = env.spec("items", &["id"]);
+    query.model = pgdelta::spec::Model::Query("SELECT * FROM items".into());
+    query.name = "items_query".into();
+    synced(&env, &query, "full", "query model").await;
+    synced(&env, &query, "full", "query model").await;
+}
+
+#[tokio::test]
+async fn a_source_key_without_a_unique_index_reads_the_keys_every_run() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "CREATE TABLE items (id int, name text, qty int); \
+             INSERT INTO items SELECT i, 'x', i FROM generate_series(1, 300) i",
+        )
+        .await
+        .unwrap();
+    env.dst.batch_execute(ITEMS).await.unwrap();
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    synced(&env, &spec, "full", "").await;
+    env.src
+        .batch_execute("DELETE FROM items WHERE id = 4; INSERT INTO items VALUES (301, 'y', 1)")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!((s.added, s.deleted), (1, 1));
+}
+
+/// Random writers, transactions left open across runs, aborts, savepoints, freezes, rewrites
+/// and truncates, with a run after each step: the destination always equals what the run's
+/// snapshot saw (open transactions are invisible to both sides until they commit).
+#[tokio::test]
+async fn random_interleavings_keep_the_destination_equal_to_the_source() {
+    let (env, spec) = seeded(300).await;
+    let mut spec = spec;
+    spec.max_delete_ratio = 1.0;
+    let open = connect(&env.src_url).await;
+    let mut open_tx = false;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut strategies = std::collections::BTreeMap::new();
+    for step in 0..40 {
+        let id = next(400) as i32 + 1;
+        let sql = match next(10) {
+            0..=2 => format!(
+                "INSERT INTO items SELECT i, 'ins {step}', i % 9 FROM generate_series({id}, {id} + 5) i ON CONFLICT (id) DO UPDATE SET name = excluded.name"
+            ),
+            3 => format!("UPDATE items SET qty = qty + 1 WHERE id % 17 = {}", id % 17),
+            4 => format!("DELETE FROM items WHERE id BETWEEN {id} AND {id} + 3"),
+            5 => format!(
+                "BEGIN; SAVEPOINT s; UPDATE items SET name = 'sp {step}' WHERE id = {id}; ROLLBACK TO s; \
+                 UPDATE items SET name = 'kept {step}' WHERE id = {id} + 1; COMMIT"
+            ),
+            6 => format!("BEGIN; DELETE FROM items WHERE id < {id}; ROLLBACK"),
+            7 => ["VACUUM (FREEZE) items", "VACUUM FULL items", "VACUUM items"][next(3) as usize]
+                .to_string(),
+            8 if next(4) == 0 => {
+                "BEGIN; TRUNCATE items; INSERT INTO items SELECT i, 'reload', i FROM generate_series(1, 250) i; COMMIT".into()
+            }
+            _ => {
+                // Open or close the long transaction.
+                if open_tx {
+                    open.batch_execute("COMMIT").await.unwrap();
+                } else {
+                    open.batch_execute(&format!(
+                        "BEGIN; INSERT INTO items VALUES ({}, 'long {step}', 1) ON CONFLICT (id) DO UPDATE SET name = 'long {step}'",
+                        1000 + step
+                    ))
+                    .await
+                    .unwrap();
+                }
+                open_tx = !open_tx;
+                String::new()
+            }
+        };
+        if !sql.is_empty() {
+            env.src.batch_execute(&sql).await.unwrap();
+        }
+        let s = env.sync(&spec).await.unwrap();
+        *strategies.entry(s.read_strategy.clone()).or_insert(0) += 1;
+        env.assert_same(
+            "SELECT * FROM items ORDER BY id",
+            "SELECT * FROM items ORDER BY id",
+        )
+        .await;
+    }
+    if open_tx {
+        open.batch_execute("COMMIT").await.unwrap();
+        synced(&env, &spec, "delta", "").await;
+    }
+    assert!(
+        strategies.get("delta").copied().unwrap_or(0) >= 15,
+        "{strategies:?}"
+    );
+}
