@@ -131,7 +131,7 @@ impl Inputs<'_> {
             let (a, b) = (&mut out.piped, p);
             a.read.rows += b.read.rows;
             a.read.bytes += b.read.bytes;
-            a.written = a.written.clone() + b.written;
+            a.written = a.written + b.written;
             let c = &mut a.diff.counts;
             c.unchanged = c
                 .unchanged

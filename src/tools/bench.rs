@@ -89,6 +89,16 @@ pub enum Scenario {
     Nowrite,
     Verify,
     Rebuild,
+    /// Change-aware reads (the default for table models); the scenarios above read in full.
+    #[serde(rename = "delta-nochange")]
+    #[value(name = "delta-nochange")]
+    DeltaNochange,
+    #[serde(rename = "delta-churn")]
+    #[value(name = "delta-churn")]
+    DeltaChurn,
+    #[serde(rename = "delta-churn10")]
+    #[value(name = "delta-churn10")]
+    DeltaChurn10,
 }
 
 impl Scenario {
@@ -102,7 +112,17 @@ impl Scenario {
             Scenario::Nowrite => "nowrite",
             Scenario::Verify => "verify",
             Scenario::Rebuild => "rebuild",
+            Scenario::DeltaNochange => "delta-nochange",
+            Scenario::DeltaChurn => "delta-churn",
+            Scenario::DeltaChurn10 => "delta-churn10",
         }
+    }
+    /// Whether the run may read only what changed (otherwise `--full-read`).
+    pub fn delta(&self) -> bool {
+        matches!(
+            self,
+            Scenario::DeltaNochange | Scenario::DeltaChurn | Scenario::DeltaChurn10
+        )
     }
     /// The baseline this scenario is held to, and the design's target ratio (if any).
     pub fn baseline(&self) -> (&'static str, Option<f64>) {
@@ -115,6 +135,9 @@ impl Scenario {
             }
             Scenario::Verify => ("binary COPY reads of the source and the target", Some(1.2)),
             Scenario::Rebuild => ("binary COPY reads of the source and the target", None),
+            Scenario::DeltaNochange => ("plain binary COPY read", Some(0.10)),
+            Scenario::DeltaChurn => ("plain binary COPY read", Some(0.35)),
+            Scenario::DeltaChurn10 => ("plain binary COPY read", None),
         }
     }
 }
@@ -357,6 +380,10 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                 child_sync(s, &state, args, &[], None).await?;
             }
             let mut extra: Vec<&str> = Vec::new();
+            // Verify reads in full by itself; `verify` must come first.
+            if !sc.delta() && *sc != Scenario::Verify {
+                extra.push("--full-read");
+            }
             let mut timeout = None;
             let baseline_s = match sc {
                 Scenario::Initial => {
@@ -369,7 +396,7 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                     exec(&s.dst, "CHECKPOINT").await.ok();
                     t
                 }
-                Scenario::Nochange => copy_read(&s.src, select).await?.1,
+                Scenario::Nochange | Scenario::DeltaNochange => copy_read(&s.src, select).await?.1,
                 Scenario::Verify => {
                     extra.push("verify");
                     copy_read(&s.src, select).await?.1 + copy_read(&s.dst, select).await?.1
@@ -384,9 +411,16 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                     extra.push("--dry-run");
                     copy_read(&s.src, select).await?.1
                 }
-                Scenario::Churn | Scenario::Churn10 | Scenario::Timeouts => {
+                Scenario::Churn
+                | Scenario::Churn10
+                | Scenario::Timeouts
+                | Scenario::DeltaChurn
+                | Scenario::DeltaChurn10 => {
                     round += 1;
-                    let share = if *sc == Scenario::Churn10 { 0.10 } else { 0.01 };
+                    let share = match sc {
+                        Scenario::Churn10 | Scenario::DeltaChurn10 => 0.10,
+                        _ => 0.01,
+                    };
                     exec(&s.src, &churn_sql(args.rows, share, round)).await?;
                     extra.push("--delete");
                     if *sc == Scenario::Timeouts {
