@@ -650,6 +650,9 @@ fn print_summary(s: &Summary, json: bool) {
         if s.dry_run { String::new() } else { format!(" in {} batches", s.batches) },
         if s.rejected > 0 { format!("; {} rows rejected", s.rejected) } else { String::new() },
     );
+    if !s.read_strategy.is_empty() {
+        eprintln!("  read: {} ({})", s.read_strategy, s.read_strategy_reason);
+    }
     for n in &s.notes {
         eprintln!("  note: {n}");
     }
