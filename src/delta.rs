@@ -33,7 +33,7 @@ use tokio_postgres::Client;
 
 use crate::copy::{self, Block};
 use crate::error::{pg_message, Error};
-use crate::plan::{Plan, SourceTable};
+use crate::plan::{hex, Plan, SourceTable};
 use crate::spec::FullReadEvery;
 
 /// A recorded snapshot older than this many transactions is not compared against: a full read.
@@ -141,7 +141,7 @@ pub(crate) fn decide(i: &Inputs<'_>) -> Decision {
     let Some(table) = i.table else {
         return Decision::full("a query model is read in full (delta reads need a table model)");
     };
-    if !matches!(table.kind.as_str(), "r" | "p" | "m") {
+    if !table.has_row_versions() {
         return Decision::full(format!(
             "{} is a view: it has no row versions to read the changes of",
             table.quoted
@@ -260,15 +260,17 @@ pub(crate) async fn begin(
     table: Option<&SourceTable>,
     sync: &str,
 ) -> Result<Option<SourceState>, Error> {
-    let fail = |what: &str, e: tokio_postgres::Error| Error::SourceRead {
-        sync: sync.into(),
-        message: format!("{what}: {}", pg_message(&e)),
+    let fail = |what: &str, e| source_err(sync, what, e);
+    // Only tables have row versions to read the changes of; a query model just begins.
+    let table = table.filter(|t| t.has_row_versions());
+    let version: i32 = match table {
+        None => 0,
+        Some(_) => client
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .await
+            .map_err(|e| fail("cannot read the server version", e))?
+            .get(0),
     };
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .await
-        .map_err(|e| fail("cannot read the server version", e))?
-        .get(0);
     // Before the snapshot: the next transaction id, and the ids of this database's writing
     // transactions (prepared ones too). See `SourceState::since`.
     let writers = match version >= 130000 {
@@ -292,10 +294,7 @@ pub(crate) async fn begin(
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(|e| fail("cannot begin the read's transaction", e))?;
-    let (Some(table), Some(writers)) = (
-        table.filter(|t| matches!(t.kind.as_str(), "r" | "p" | "m")),
-        writers,
-    ) else {
+    let (Some(table), Some(writers)) = (table, writers) else {
         return Ok(None);
     };
     client
@@ -353,6 +352,14 @@ pub(crate) async fn begin(
     }))
 }
 
+/// An error of the source's read transaction, naming the sync and what was being done.
+fn source_err(sync: &str, what: &str, e: tokio_postgres::Error) -> Error {
+    Error::SourceRead {
+        sync: sync.into(),
+        message: format!("{what}: {}", pg_message(&e)),
+    }
+}
+
 /// The 64-bit id of the 32-bit `xid`, given the next 64-bit id (`xid` is at most 2^31 older).
 /// An id assigned after `next` was read counts as `next`.
 fn widen(xid: u32, next: u64) -> u64 {
@@ -382,10 +389,7 @@ pub(crate) async fn count(
     let row = client
         .query_one(&sql, &[])
         .await
-        .map_err(|e| Error::SourceRead {
-            sync: sync.into(),
-            message: format!("counting the model's rows: {}", pg_message(&e)),
-        })?;
+        .map_err(|e| source_err(sync, "counting the model's rows", e))?;
     Ok(Counts {
         changed: row.get::<_, i64>(0) as u64,
         total: row.get::<_, i64>(1) as u64,
@@ -437,10 +441,7 @@ pub(crate) async fn read_by_key(
     not_condition: Option<&str>,
     sync: &str,
 ) -> Result<Block, Error> {
-    let fail = |e: tokio_postgres::Error| Error::SourceRead {
-        sync: sync.into(),
-        message: format!("reading rejected rows by key: {}", pg_message(&e)),
-    };
+    let fail = |e| source_err(sync, "reading rejected rows by key", e);
     let mut conds: Vec<String> = table.exprs[..plan.nkey]
         .iter()
         .enumerate()
@@ -484,11 +485,7 @@ fn frame_rows(tuples: &[Vec<Option<Vec<u8>>>], plan: &Plan) -> Result<Block, Err
         .map_err(|e| Error::Internal(format!("framing rows read by key: {e}")))
 }
 
-/// Hex of raw key bytes (the basis keeps keys as JSON strings).
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
+/// The raw key bytes of [`hex`] (the basis keeps keys as hex strings).
 pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len())
         .step_by(2)

@@ -26,7 +26,7 @@ use crate::spec::{Mode, Model, SyncSpec};
 use catalog::{DestColumn, Relation};
 use types::json_value;
 use types::{binary_compatible, embeds_oids, lossless_cast, FIRST_USER_OID};
-pub(crate) use types::{quote_ident, render_value};
+pub(crate) use types::{hex, quote_ident, render_value};
 
 /// A synced column, in stream order.
 #[derive(Debug, Clone)]
@@ -57,6 +57,12 @@ pub(crate) struct SourceTable {
 }
 
 impl SourceTable {
+    /// Tables, partitioned tables and materialized views have row versions with an `xmin`;
+    /// a view does not.
+    pub(crate) fn has_row_versions(&self) -> bool {
+        matches!(self.kind.as_str(), "r" | "p" | "m")
+    }
+
     /// `SELECT <list> FROM <table> AS src WHERE <filter> [AND <extra>]`.
     pub(crate) fn select(&self, list: &str, extra: Option<&str>) -> String {
         let conds: Vec<String> = self

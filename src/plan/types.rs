@@ -91,7 +91,8 @@ pub(crate) fn json_value(oid: u32, v: Option<&[u8]>) -> serde_json::Value {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex of raw bytes.
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -258,7 +258,6 @@ async fn stages(
         duplicates,
         model_errors,
         removal,
-        retry_complete,
     } = read
         .run(&mut info, reader.clone(), writers, diff_cfg)
         .await?;
@@ -271,7 +270,7 @@ async fn stages(
         &info.source_state,
         dry_run,
         model_errors.is_empty(),
-        retry_complete,
+        read::retry_keys(ctx),
     ) {
         (Some(state), false, true, Some(retry)) => Some(delta::next_basis(
             state,

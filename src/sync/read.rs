@@ -45,9 +45,6 @@ pub(super) struct ReadOutcome {
     pub(super) duplicates: u64,
     pub(super) model_errors: Vec<String>,
     pub(super) removal: Removal,
-    /// Raw keys of the rows the destination rejected in this run (to re-read by key next
-    /// run), or `None` when there were more than the run kept.
-    pub(super) retry_complete: Option<Vec<Vec<u8>>>,
 }
 
 /// How a delta read ended.
@@ -69,7 +66,7 @@ impl Inputs<'_> {
         writers: Vec<AnyDestination>,
         cfg: DiffConfig,
     ) -> Result<ReadOutcome, Error> {
-        let mut out = match info.decision.strategy {
+        let out = match info.decision.strategy {
             ReadStrategy::Full => self.full(info, reader, writers, cfg).await?,
             ReadStrategy::Delta { since } => {
                 match self
@@ -90,7 +87,6 @@ impl Inputs<'_> {
         };
         // Read only: ending the transaction cannot lose anything.
         let _ = self.session.batch_execute("COMMIT").await;
-        out.retry_complete = self.retry_keys();
         Ok(out)
     }
 
@@ -175,7 +171,6 @@ impl Inputs<'_> {
             duplicates,
             model_errors,
             removal,
-            retry_complete: None,
         })
     }
 
@@ -264,7 +259,6 @@ impl Inputs<'_> {
             duplicates,
             model_errors,
             removal,
-            retry_complete: None,
         }))
     }
 
@@ -311,18 +305,19 @@ impl Inputs<'_> {
         }
         Ok(scan?)
     }
+}
 
-    /// The raw keys of the rows the destination rejected this run, if every one was kept.
-    fn retry_keys(&self) -> Option<Vec<Vec<u8>>> {
-        let rej = self.ctx.rejections();
-        let keys: Vec<Vec<u8>> = rej
-            .rows
-            .iter()
-            .filter(|r| r.operation == Operation::Write)
-            .map(|r| r.raw_key.clone())
-            .collect();
-        (keys.len() as u64 == rej.added + rej.changed).then_some(keys)
-    }
+/// The raw keys of the rows the destination rejected this run (to re-read by key next run),
+/// or `None` when the run kept fewer than it rejected.
+pub(super) fn retry_keys(ctx: &ApplyCtx) -> Option<Vec<Vec<u8>>> {
+    let rej = ctx.rejections();
+    let keys: Vec<Vec<u8>> = rej
+        .rows
+        .iter()
+        .filter(|r| r.operation == Operation::Write)
+        .map(|r| r.raw_key.clone())
+        .collect();
+    (keys.len() as u64 == rej.added + rej.changed).then_some(keys)
 }
 
 /// What a key-only read found.
