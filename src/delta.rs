@@ -107,13 +107,18 @@ impl ReadStrategy {
 pub(crate) struct Decision {
     pub(crate) strategy: ReadStrategy,
     pub(crate) reason: String,
+    /// A full read chosen by policy (`--full-read`, `full_read_every`, a large delta) where a
+    /// delta from this `since` was provable: the full read checks that every row it finds
+    /// changed was written since, which is what the delta would have relied on.
+    pub(crate) check_since: Option<u64>,
 }
 
 impl Decision {
-    fn full(reason: impl Into<String>) -> Decision {
+    pub(crate) fn full(reason: impl Into<String>) -> Decision {
         Decision {
             strategy: ReadStrategy::Full,
             reason: reason.into(),
+            check_since: None,
         }
     }
 }
@@ -136,103 +141,130 @@ pub(crate) struct Inputs<'a> {
 }
 
 /// Decides how to read, before reading: a pure function of what the last run recorded and
-/// what the source looks like now.
+/// what the source looks like now. First whether a delta could be proven complete, then
+/// whether policy wants a full read anyway.
 pub(crate) fn decide(i: &Inputs<'_>) -> Decision {
+    let b = match provable(i) {
+        Ok(b) => b,
+        Err(reason) => return Decision::full(reason),
+    };
+    match policy(i, b) {
+        Some((reason, check)) => Decision {
+            check_since: check.then_some(b.xmin),
+            ..Decision::full(reason)
+        },
+        None => Decision {
+            strategy: ReadStrategy::Delta { since: b.xmin },
+            reason: format!(
+                "only rows written since the recorded read (transaction {} on), a count, and the keys when rows left",
+                b.xmin
+            ),
+            check_since: None,
+        },
+    }
+}
+
+/// The recorded read a delta would start from, or why a delta cannot be proven complete.
+fn provable<'a>(i: &Inputs<'a>) -> Result<&'a Basis, String> {
     let Some(table) = i.table else {
-        return Decision::full("a query model is read in full (delta reads need a table model)");
+        return Err("a query model is read in full (delta reads need a table model)".into());
     };
     if !table.has_row_versions() {
-        return Decision::full(format!(
+        return Err(format!(
             "{} is a view: it has no row versions to read the changes of",
             table.quoted
         ));
     }
     let Some(state) = i.state else {
-        return Decision::full("the source server is older than PostgreSQL 13");
+        return Err("the source server is older than PostgreSQL 13".into());
     };
     if state.in_recovery {
-        return Decision::full(
-            "the source is a hot standby: a failover could reuse transaction ids, so it is read in full",
+        return Err(
+            "the source is a hot standby: a failover could reuse transaction ids, so it is read in full".into(),
         );
     }
-    if i.forced {
-        return Decision::full("--full-read");
-    }
-    if i.every == FullReadEvery::Always {
-        return Decision::full("full_read_every = \"always\"");
-    }
     if let Some(why) = i.must_read_all {
-        return Decision::full(why);
+        return Err(why.into());
     }
     let Some(b) = i.basis else {
-        return Decision::full(
-            "no completed read of this table is recorded (first run, or the last full read failed)",
+        return Err(
+            "no completed read of this table is recorded (first run, or the last full read failed)"
+                .into(),
         );
     };
     if b.row_fp != i.row_fp {
-        return Decision::full("the model changed since the recorded read");
+        return Err("the model changed since the recorded read".into());
     }
     if b.server != state.server {
-        return Decision::full(
-            "the source server changed since the recorded read (another system identifier or timeline: a restore, a failover, another server)",
+        return Err(
+            "the source server changed since the recorded read (another system identifier or timeline: a restore, a failover, another server)".into(),
         );
     }
     if b.relations != state.relations {
-        return Decision::full(format!(
+        return Err(format!(
             "{}'s storage changed since the recorded read (rewritten by VACUUM FULL, CLUSTER, TRUNCATE or ALTER TABLE, recreated, or partitions attached or detached)",
             table.quoted
         ));
     }
     if state.xmax < b.xmax {
-        return Decision::full(
-            "the source's transaction ids went backwards since the recorded read (a restored server?)",
+        return Err(
+            "the source's transaction ids went backwards since the recorded read (a restored server?)".into(),
         );
     }
     let age = state.xmax - b.xmin;
     if age > MAX_AGE {
-        return Decision::full(format!(
+        return Err(format!(
             "the recorded read is {age} transactions old, more than {MAX_AGE}"
         ));
     }
     if b.retry.len() > MAX_RETRY_KEYS {
-        return Decision::full(format!(
+        return Err(format!(
             "{} rejected rows are waiting to be retried, more than {MAX_RETRY_KEYS} to re-read by key",
             b.retry.len()
         ));
     }
+    if b.retry.iter().any(|k| unhex(k).is_none()) {
+        return Err(
+            "the recorded keys of rejected rows are unreadable (a damaged state file?)".into(),
+        );
+    }
+    if i.entries == 0 {
+        return Err("the snapshot has no entries".into());
+    }
+    Ok(b)
+}
+
+/// Why the user's settings or the table's statistics want a full read of a provable delta, and
+/// whether it checks the delta's premise: the periodic full read does (one more counting scan,
+/// only when it found changes); a read asked for by flag or chosen for speed does not.
+fn policy(i: &Inputs<'_>, b: &Basis) -> Option<(String, bool)> {
+    if i.forced {
+        return Some(("--full-read".into(), false));
+    }
     match i.every {
+        FullReadEvery::Always => return Some(("full_read_every = \"always\"".into(), false)),
         FullReadEvery::Elapsed(d) if i.now.saturating_sub(b.full_read_at) >= d.as_secs() => {
-            return Decision::full(format!(
-                "periodic full read (full_read_every = {}): verifies and repairs what delta reads cannot see",
+            return Some((format!(
+                "periodic full read (full_read_every = {}): checks what delta reads rely on, and catches rows that entered or left the where filter unwritten",
                 humantime::format_duration(d)
-            ));
+            ), true));
         }
         FullReadEvery::Runs(n) if b.delta_runs >= n => {
-            return Decision::full(format!(
-                "periodic full read after {n} delta runs (full_read_every = \"{n} runs\")"
+            return Some((
+                format!("periodic full read after {n} delta runs (full_read_every = \"{n} runs\")"),
+                true,
             ));
         }
         _ => {}
     }
-    if i.entries == 0 {
-        return Decision::full("the snapshot has no entries");
-    }
-    if let (Some(then), Some(now)) = (b.writes, state.writes) {
-        let written = now - then;
-        if written >= 0 && written as f64 > i.max_share * i.entries as f64 {
-            return Decision::full(format!(
-                "the table's statistics count about {written} rows written since the last run, more than delta_max_share ({}) of {} rows: a full read is as fast",
-                i.max_share, i.entries
-            ));
-        }
-    }
-    Decision {
-        strategy: ReadStrategy::Delta { since: b.xmin },
-        reason: format!(
-            "only rows written since the recorded read (transaction {} on), a count, and the keys when rows left",
-            b.xmin
-        ),
-    }
+    let (Some(then), Some(now)) = (b.writes, i.state.and_then(|s| s.writes)) else {
+        return None;
+    };
+    let written = now - then;
+    (written >= 0 && written as f64 > i.max_share * i.entries as f64).then(|| (format!(
+        "the table's statistics count about {written} rows written since the last run, more than delta_max_share ({}) of {} rows: a full read is as fast",
+        i.max_share, i.entries
+    ), false))
 }
 
 /// The condition "this row version's `xmin` is at or after `since`", for a transaction whose
@@ -396,6 +428,13 @@ pub(crate) async fn count(
     })
 }
 
+/// The fields of a raw key, when it is exactly `nkey` length-prefixed fields.
+pub(crate) fn key_fields(key: &[u8], nkey: usize) -> Option<Vec<Option<&[u8]>>> {
+    let fields: Vec<Option<&[u8]>> = copy::fields(key).collect();
+    let size: usize = fields.iter().map(|f| 4 + f.map_or(0, <[u8]>::len)).sum();
+    (fields.len() == nkey && size == key.len()).then_some(fields)
+}
+
 /// A parameter sent as the raw bytes of its binary form (a key field as COPY gave it).
 #[derive(Debug)]
 struct RawParam<'a>(&'a [u8]);
@@ -454,10 +493,13 @@ pub(crate) async fn read_by_key(
     let stmt = client.prepare(&sql).await.map_err(fail)?;
     let mut tuples: Vec<Vec<Option<Vec<u8>>>> = Vec::new();
     for key in keys {
-        let fields: Vec<&[u8]> = copy::fields(key).map(|f| f.unwrap_or_default()).collect();
-        if fields.len() != plan.nkey {
-            continue;
-        }
+        let Some(fields) = key_fields(key, plan.nkey) else {
+            return Err(Error::Internal(format!(
+                "sync '{sync}': a recorded key is not {} key field(s); run once with --full-read",
+                plan.nkey
+            )));
+        };
+        let fields: Vec<&[u8]> = fields.into_iter().map(|f| f.unwrap_or_default()).collect();
         let params: Vec<RawParam<'_>> = fields.iter().map(|f| RawParam(f)).collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
@@ -638,7 +680,14 @@ mod tests {
         for (d, want) in cases {
             assert_eq!(d.strategy, ReadStrategy::Full, "{want}: {d:?}");
             assert!(d.reason.contains(want), "{want}: {}", d.reason);
+            // Only the periodic full read checks what a delta would have relied on.
+            let periodic = want == "periodic" || want == "delta runs";
+            assert_eq!(d.check_since, periodic.then_some(800), "{want}");
         }
+        let mut bad = basis();
+        bad.retry = vec!["zz".into()];
+        let d = decide_with(|i| i.basis = Some(&bad));
+        assert!(d.reason.contains("unreadable"), "{}", d.reason);
     }
 
     #[test]
@@ -660,6 +709,15 @@ mod tests {
         assert_eq!(widen(u32::MAX - 1, (7 << 32) + 10), (7 << 32) - 2);
         assert_eq!(widen(10, (7 << 32) + 10), (7 << 32) + 10);
         assert_eq!(widen(12, (7 << 32) + 10), (7 << 32) + 10);
+    }
+
+    #[test]
+    fn recorded_keys_must_be_whole() {
+        let key = [0, 0, 0, 2, 7, 7, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(key_fields(&key, 2), Some(vec![Some(&[7u8, 7][..]), None]));
+        assert_eq!(key_fields(&key, 1), None);
+        assert_eq!(key_fields(&key[..5], 1), None);
+        assert_eq!(key_fields(&[key.as_slice(), &[0]].concat(), 2), None);
     }
 
     #[test]

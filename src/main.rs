@@ -470,6 +470,19 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
             Some(e.to_string()),
         ),
     }
+    let snapshot = Snapshot::open(&inv.state, 1 << 20);
+    match &snapshot {
+        Ok(_) => line(
+            true,
+            format!("state file {} can be opened", inv.state.display()),
+            None,
+        ),
+        Err(e) => line(
+            false,
+            format!("state file {}", inv.state.display()),
+            Some(e.to_string()),
+        ),
+    }
     if let (Ok(src), Ok(dst)) = (&src, &dst) {
         for spec in &inv.specs {
             match pgdelta::check_plan(src, dst, spec).await {
@@ -487,6 +500,20 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
                 ),
                 Err(e) => line(false, format!("sync '{}'", spec.name), Some(e.to_string())),
             }
+            if let Ok(snapshot) = &snapshot {
+                match pgdelta::sync::next_read(src, dst, spec, snapshot).await {
+                    Ok((how, why)) => line(
+                        true,
+                        format!("sync '{}': the next run reads {how}: {why}", spec.name),
+                        None,
+                    ),
+                    Err(e) => line(
+                        false,
+                        format!("sync '{}': how the next run reads", spec.name),
+                        Some(e.to_string()),
+                    ),
+                }
+            }
         }
         if let Some(audit) = &inv.audit {
             match pgdelta::audit::check_privileges(dst, audit).await {
@@ -494,18 +521,6 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
                 Err(fix) => line(false, format!("audit schema {}", audit.schema), Some(fix)),
             }
         }
-    }
-    match Snapshot::open(&inv.state, 1 << 20) {
-        Ok(_) => line(
-            true,
-            format!("state file {} can be opened", inv.state.display()),
-            None,
-        ),
-        Err(e) => line(
-            false,
-            format!("state file {}", inv.state.display()),
-            Some(e.to_string()),
-        ),
     }
     code
 }

@@ -71,8 +71,9 @@ pub(crate) struct Read {
     pub(crate) client: Arc<tokio_postgres::Client>,
     /// Rows read before the COPY (rejected rows re-read by key), sent first.
     pub(crate) prelude: Vec<Block>,
-    /// `COPY (...) TO STDOUT (FORMAT binary)`, columns in the plan's order.
-    pub(crate) sql: String,
+    /// `COPY (...) TO STDOUT (FORMAT binary)`, columns in the plan's order; `None` when the
+    /// prelude is the whole read (a delta that counted no written row).
+    pub(crate) sql: Option<String>,
     pub(crate) of: ReadOf,
 }
 
@@ -106,15 +107,6 @@ impl SourceRead {
             sync: self.sync.clone(),
             source: e,
         };
-        let stream = self
-            .read
-            .client
-            .copy_out(&self.read.sql)
-            .await
-            .map_err(read_err)?;
-        futures_util::pin_mut!(stream);
-        let ncols = self.plan.columns.len() as u16;
-        let mut framer = Framer::new(ncols, self.plan.nkey as u16, self.block_bytes);
         let mut stats = ReadStats {
             rows: 0,
             bytes: 0,
@@ -125,6 +117,13 @@ impl SourceRead {
                 return Ok(stats);
             }
         }
+        let Some(sql) = self.read.sql.take() else {
+            return Ok(stats);
+        };
+        let stream = self.read.client.copy_out(&sql).await.map_err(read_err)?;
+        futures_util::pin_mut!(stream);
+        let ncols = self.plan.columns.len() as u16;
+        let mut framer = Framer::new(ncols, self.plan.nkey as u16, self.block_bytes);
         // One stop future for the whole read, polled only while the stream waits: the stream
         // branch comes first (`biased`), and a CopyData message (one per row) is usually ready.
         // Polling a cancellation future takes a mutex; doing it for every row cost CPU the

@@ -217,7 +217,26 @@ async fn check_reports_each_check_and_the_fix() {
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert_eq!(
         err.lines().filter(|l| l.starts_with("ok")).count(),
-        4,
+        5,
+        "{err}"
+    );
+    assert!(
+        err.contains("the next run reads full: no completed read"),
+        "{err}"
+    );
+    // After a sync, check says the next run reads only the changes.
+    env.src
+        .batch_execute("INSERT INTO t VALUES (1, 'a')")
+        .await
+        .unwrap();
+    let mut sync = ok.clone();
+    sync[0] = "sync";
+    let o = pgdelta(env.dir.path(), &sync);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    let o = pgdelta(env.dir.path(), &ok);
+    let (_, err) = text(&o);
+    assert!(
+        err.contains("the next run reads delta: only rows written since"),
         "{err}"
     );
 

@@ -212,6 +212,81 @@ async fn rows_moving_in_and_out_of_a_where_filter() {
     assert_eq!((s.added, s.deleted), (1, 1));
 }
 
+/// A `where` condition that reads another table lets rows enter the model without being
+/// written: the delta path notices (more rows than it can account for) and reads in full, and
+/// the periodic full read names the rows a delta would have missed.
+#[tokio::test]
+async fn a_full_read_names_changes_a_delta_would_have_missed() {
+    let (env, mut spec) = seeded(100).await;
+    env.src
+        .batch_execute(
+            "CREATE TABLE allowed (id int PRIMARY KEY); \
+             INSERT INTO allowed SELECT generate_series(1, 50)",
+        )
+        .await
+        .unwrap();
+    spec.filter = Some("id IN (SELECT id FROM allowed)".into());
+    let model = "SELECT * FROM items WHERE id IN (SELECT id FROM allowed) ORDER BY id";
+    let mut periodic = spec.clone();
+    periodic.full_read_every = FullReadEvery::Runs(0);
+    let missed = |s: &Summary| {
+        s.notes
+            .iter()
+            .find(|n| n.contains("would have missed"))
+            .cloned()
+    };
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.read_strategy.as_str(), s.added), ("full", 50));
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.read_strategy.as_str(), s.rows_read), ("delta", 0));
+    // Rows 60 and 61 join the model; nothing of theirs was written.
+    env.src
+        .batch_execute(
+            "INSERT INTO allowed VALUES (60), (61); UPDATE items SET qty = 9 WHERE id = 3",
+        )
+        .await
+        .unwrap();
+    let s = env.sync(&periodic).await.unwrap();
+    env.assert_same(model, "SELECT * FROM items ORDER BY id")
+        .await;
+    assert_eq!(
+        (s.read_strategy.as_str(), s.added, s.changed),
+        ("full", 2, 1)
+    );
+    assert!(
+        s.read_strategy_reason.contains("periodic"),
+        "{}",
+        s.read_strategy_reason
+    );
+    let note = missed(&s).expect("a warning about the missed rows");
+    assert!(note.contains("missed 2 changes"), "{note}");
+    assert!(note.contains("60") && note.contains("61"), "{note}");
+    // A full read that finds only written rows says nothing.
+    env.src
+        .batch_execute("UPDATE items SET qty = 8 WHERE id = 4")
+        .await
+        .unwrap();
+    let s = env.sync(&periodic).await.unwrap();
+    assert_eq!(
+        (s.read_strategy.as_str(), s.changed, missed(&s)),
+        ("full", 1, None)
+    );
+    // The delta path cannot account for a row that entered unwritten: it reads in full.
+    env.src
+        .batch_execute("INSERT INTO allowed VALUES (62)")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    env.assert_same(model, "SELECT * FROM items ORDER BY id")
+        .await;
+    assert_eq!((s.read_strategy.as_str(), s.added), ("full", 1));
+    assert!(
+        s.read_strategy_reason.contains("without being written"),
+        "{}",
+        s.read_strategy_reason
+    );
+}
+
 #[tokio::test]
 async fn rejected_rows_are_retried_by_key_although_unchanged() {
     let (env, spec) = seeded(200).await;

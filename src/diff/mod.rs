@@ -2,9 +2,9 @@
 //! changes into write batches.
 //!
 //! Runs on its own thread (never a tokio worker): blocks of framed tuples come in over a bounded
-//! channel, each block is hashed and looked up in parallel on rayon (one xxh3-128 call and one
-//! redb point get per row, in stream order, which for most tables is key order), and then
-//! classified in order on this thread ([`classify`]). Changed and added rows are copied into a
+//! channel, each block is hashed and looked up in parallel on rayon (one xxh3-128 call per row;
+//! the block's keys sorted and looked up by a forward walk of the snapshot, [`Reader::get_many`]),
+//! and then classified in order on this thread ([`classify`]). Changed and added rows are copied into a
 //! [`WriteBatch`] that goes to the writers over another bounded channel, so a slow destination
 //! stalls this thread, which stalls the reader, which stops reading the socket.
 //!
@@ -197,12 +197,20 @@ fn lookup(
         );
         return Ok(());
     }
-    let res: Result<Vec<_>, SnapshotError> = block
-        .rows
-        .par_iter()
-        .map(|r| Ok((row_hash(r.value(data)), reader.get(r.key(data))?)))
-        .collect();
-    *looked = res?;
+    let keys: Vec<&[u8]> = block.rows.iter().map(|r| r.key(data)).collect();
+    let mut found = Vec::new();
+    let (hashes, res) = rayon::join(
+        || -> Vec<[u8; 16]> {
+            block
+                .rows
+                .par_iter()
+                .map(|r| row_hash(r.value(data)))
+                .collect()
+        },
+        || reader.get_many(&keys, &mut found),
+    );
+    res?;
+    looked.extend(hashes.into_iter().zip(found));
     Ok(())
 }
 

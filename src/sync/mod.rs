@@ -85,6 +85,53 @@ impl Default for PipelineSettings {
     }
 }
 
+/// How the next run of `spec` would read its source, and why (`check` reports it): the
+/// strategy (`full` or `delta`) and the reason, as the run's summary would give them. Reads
+/// the catalogs, the source's transaction state (in a read-only transaction it rolls back) and
+/// the state file; writes nothing.
+pub async fn next_read(
+    src: &tokio_postgres::Client,
+    dst: &tokio_postgres::Client,
+    spec: &SyncSpec,
+    snapshot: &Snapshot,
+) -> Result<(&'static str, String), Error> {
+    let plan = plan(src, dst, spec).await?;
+    let state = delta::begin(src, plan.table.as_ref(), &spec.name).await;
+    let _ = src.batch_execute("ROLLBACK").await;
+    let state = state?;
+    let meta = snapshot
+        .syncs()?
+        .into_iter()
+        .find(|(n, ..)| n == &spec.name);
+    let (basis, entries, must_read_all) = match &meta {
+        Some((_, m, n)) if m.key_fp == plan.key_fp => {
+            let why = if (*n == 0 || m.rebuild_pending) && !plan.target_empty {
+                Some("the snapshot is rebuilt from the target")
+            } else if m.row_fp.as_deref() != Some(plan.row_fp.as_str()) {
+                Some("every row is rewritten (--full-resync or a new model)")
+            } else {
+                None
+            };
+            (m.basis.as_ref(), *n, why)
+        }
+        _ if !plan.target_empty => (None, 0, Some("the snapshot is rebuilt from the target")),
+        _ => (None, 0, None),
+    };
+    let d = delta::decide(&delta::Inputs {
+        table: plan.table.as_ref(),
+        state: state.as_ref(),
+        basis,
+        row_fp: &plan.row_fp,
+        entries,
+        must_read_all,
+        forced: false,
+        every: spec.full_read_every,
+        max_share: spec.delta_max_share,
+        now: unix_now(),
+    });
+    Ok((d.strategy.as_str(), d.reason))
+}
+
 /// Runs one sync; a failed run is recorded in the run log too. The caller opens the snapshot
 /// (holding its lock for the whole invocation).
 pub async fn run(
@@ -258,6 +305,9 @@ async fn stages(
         duplicates,
         model_errors,
         removal,
+        counted_s,
+        keys_read_s,
+        missed,
     } = read
         .run(&mut info, reader.clone(), writers, diff_cfg)
         .await?;
@@ -290,6 +340,9 @@ async fn stages(
         removal,
         rebuilt,
         deletes_done_s,
+        counted_s,
+        keys_read_s,
+        missed,
     };
     Ok((summarize(env, &info, outcome, ctx), model_errors))
 }
@@ -309,6 +362,9 @@ struct Outcome {
     /// Rows of the target recorded into an empty snapshot before the read.
     rebuilt: Option<u64>,
     deletes_done_s: f64,
+    counted_s: Option<f64>,
+    keys_read_s: Option<f64>,
+    missed: Option<String>,
 }
 
 /// The snapshot has no entries but the target has rows (a new or lost state file, a target
@@ -336,7 +392,7 @@ async fn rebuild_from_target(
         conn: env.dest.clone(),
         client: Arc::new(env.dest.connect("destination", &settings).await?),
         prelude: Vec::new(),
-        sql: info.plan.target_copy_sql(),
+        sql: Some(info.plan.target_copy_sql()),
         of: ReadOf::Target,
     };
     // No pause between batches and no user batch size: nothing is written.
@@ -369,7 +425,7 @@ async fn rebuild_from_target(
         max_batch_age: Duration::from_secs(1),
     };
     let null = vec![AnyDestination::Null(NullDestination)];
-    let piped = pipeline(&env, read, null, &empty, cfg, &rctx).await?;
+    let piped = pipeline(&env, read, null, &empty, cfg, &rctx, None).await?;
     completed(&ctx.stop, &piped, name)?;
     // Commit what was recorded durably before reading it back.
     recorder.settle(Vec::new()).await?;
@@ -395,6 +451,7 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         ));
     }
     notes.extend(o.removal.note.clone());
+    notes.extend(o.missed.clone());
     let written = match env.opts.dry_run {
         true => WriteStats::default(),
         false => o.piped.written + o.removal.stats,
@@ -428,6 +485,8 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
             read_s: o.piped.read_s,
             writes_done_s: o.piped.writes_done_s,
             deletes_done_s: o.deletes_done_s,
+            counted_s: o.counted_s,
+            keys_read_s: o.keys_read_s,
         },
         timelines,
         notes,
@@ -565,6 +624,8 @@ struct Piped {
 /// Runs the source read, the diff and the writers, connected by bounded channels, until the
 /// read ends and every batch is applied (or the run stops). Errors, most specific first: a
 /// writer's failure stops the diff, which stops the reader, so the writer's error is the one.
+/// `diffed`, when given, gets the count of added rows as soon as the diff has seen every row
+/// (the writers may still be busy): a delta read starts its key read then.
 async fn pipeline(
     env: &RunEnv<'_>,
     read: Read,
@@ -572,6 +633,7 @@ async fn pipeline(
     reader: &Arc<Reader>,
     cfg: DiffConfig,
     ctx: &Arc<ApplyCtx>,
+    diffed: Option<tokio::sync::oneshot::Sender<u64>>,
 ) -> Result<Piped, Error> {
     let (spec, opts, pipe) = (env.spec, env.opts, env.pipe);
     let (block_tx, block_rx) = mpsc::channel::<Block>(pipe.block_queue);
@@ -590,7 +652,13 @@ async fn pipeline(
     );
     let diff_task = {
         let (reader, sizer) = (reader.clone(), ctx.sizer.clone());
-        tokio::task::spawn_blocking(move || diff::run(block_rx, batch_tx, reader, sizer, cfg))
+        tokio::task::spawn_blocking(move || {
+            let out = diff::run(block_rx, batch_tx, reader, sizer, cfg);
+            if let (Some(tx), Ok(o)) = (diffed, &out) {
+                let _ = tx.send(o.counts.added);
+            }
+            out
+        })
     };
     let batches = Arc::new(tokio::sync::Mutex::new(batch_rx));
     let write_tasks: Vec<_> = writers

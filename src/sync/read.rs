@@ -14,7 +14,6 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::{
@@ -45,6 +44,11 @@ pub(super) struct ReadOutcome {
     pub(super) duplicates: u64,
     pub(super) model_errors: Vec<String>,
     pub(super) removal: Removal,
+    /// Delta reads: when the count ended, and the key read (seconds since the run began).
+    pub(super) counted_s: Option<f64>,
+    pub(super) keys_read_s: Option<f64>,
+    /// A full read found changed rows a delta read would have missed (a bug signal).
+    pub(super) missed: Option<String>,
 }
 
 /// How a delta read ended.
@@ -102,10 +106,7 @@ impl Inputs<'_> {
     ) -> Result<ReadOutcome, Error> {
         let (env, name) = (self.env, &self.env.spec.name);
         tracing::warn!("sync '{name}': reading in full instead of the delta: {reason}");
-        info.decision = Decision {
-            strategy: ReadStrategy::Full,
-            reason,
-        };
+        info.decision = Decision::full(reason);
         if !env.opts.dry_run {
             self.recorder.drop_basis().await?;
         }
@@ -138,12 +139,12 @@ impl Inputs<'_> {
         Ok(out)
     }
 
-    fn read(&self, sql: String, prelude: Vec<Block>) -> Read {
+    fn read(&self, sql: Option<String>, prelude: Vec<Block>) -> Read {
         Read {
             conn: self.env.source.clone(),
             client: self.session.clone(),
             prelude,
-            sql: format!("COPY ({sql}) TO STDOUT (FORMAT binary)"),
+            sql: sql.map(|sql| format!("COPY ({sql}) TO STDOUT (FORMAT binary)")),
             of: ReadOf::Source,
         }
     }
@@ -156,8 +157,8 @@ impl Inputs<'_> {
         cfg: DiffConfig,
     ) -> Result<ReadOutcome, Error> {
         let (env, ctx) = (self.env, self.ctx);
-        let read = self.read(info.plan.select.clone(), Vec::new());
-        let mut piped = pipeline(env, read, writers, &reader, cfg, ctx).await?;
+        let read = self.read(Some(info.plan.select.clone()), Vec::new());
+        let mut piped = pipeline(env, read, writers, &reader, cfg, ctx, None).await?;
         completed(&ctx.stop, &piped, &env.spec.name)?;
         let (duplicates, model_errors) =
             settle(self.recorder, &mut piped.diff, &info.plan, env.opts.dry_run).await?;
@@ -166,12 +167,71 @@ impl Inputs<'_> {
             entries: piped.diff.seen_entries,
         };
         let removal = remove(env, &reader, &seen, ctx, model_errors.is_empty()).await?;
+        let missed = match info.decision.check_since {
+            Some(since) => self.check_premise(info, since, &piped).await?,
+            None => None,
+        };
         Ok(ReadOutcome {
             piped,
             duplicates,
             model_errors,
             removal,
+            counted_s: None,
+            keys_read_s: None,
+            missed,
         })
+    }
+
+    /// A full read chosen by policy where a delta was provable checks the delta's premise:
+    /// every row it found added or changed was written since the recorded read (or is a
+    /// rejected row, re-read by key). More rows than that is a bug signal, or a `where`
+    /// condition that reads other tables: a warning with the keys of sampled rows not written
+    /// since.
+    async fn check_premise(
+        &self,
+        info: &RunInfo,
+        since: u64,
+        piped: &Piped,
+    ) -> Result<Option<String>, Error> {
+        let (plan, name) = (&info.plan, &self.env.spec.name);
+        let (Some(table), Some(state)) = (&plan.table, &info.source_state) else {
+            return Ok(None);
+        };
+        let c = &piped.diff.counts;
+        if c.added + c.changed == 0 {
+            return Ok(None);
+        }
+        let cond = delta::xmin_condition(since, state.xmax);
+        let written = delta::count(&self.session, table, &cond, name)
+            .await?
+            .changed;
+        let retried = info.begin.basis.as_ref().map_or(0, |b| b.retry.len()) as u64;
+        if c.added + c.changed <= written + retried {
+            return Ok(None);
+        }
+        let d = &piped.diff;
+        let samples: Vec<Vec<u8>> = d
+            .sample_added
+            .iter()
+            .chain(&d.sample_changed)
+            .cloned()
+            .collect();
+        let block =
+            delta::read_by_key(&self.session, plan, table, &samples, Some(&cond), name).await?;
+        let keys: Vec<String> = block
+            .rows
+            .iter()
+            .map(|r| plan.describe_key(r.key(&block.data)))
+            .collect();
+        let msg = format!(
+            "this full read found {} rows added or changed, but only {written} rows of {} were written since the last read (and {retried} rejected rows retried): a delta read would have missed {} changes. Sampled keys not written since: [{}]. If the where condition reads other tables, set full_read_every = \"always\"; otherwise please report this as a pgdelta bug",
+            c.added + c.changed,
+            table.quoted,
+            c.added + c.changed - written - retried,
+            keys.join(", ")
+        );
+        tracing::warn!("sync '{name}': {msg}");
+        Ok(Some(msg))
     }
 
     async fn delta(
@@ -189,12 +249,14 @@ impl Inputs<'_> {
         };
         let cond = delta::xmin_condition(since, state.xmax);
         let counts = delta::count(&self.session, table, &cond, name).await?;
+        let counted_s = Some(env.started.elapsed().as_secs_f64());
         let entries = reader.len();
-        let retry: Vec<Vec<u8>> = info
+        let retry: Option<Vec<Vec<u8>>> = info
             .begin
             .basis
             .iter()
-            .flat_map(|b| b.retry.iter().filter_map(|k| delta::unhex(k)))
+            .flat_map(|b| &b.retry)
+            .map(|k| delta::unhex(k).filter(|k| delta::key_fields(k, plan.nkey).is_some()))
             .collect();
         let share = env.spec.delta_max_share;
         let full = |reason: String, writers| {
@@ -203,6 +265,12 @@ impl Inputs<'_> {
                 first: None,
                 writers: Some(writers),
             })
+        };
+        let Some(retry) = retry else {
+            return full(
+                "the recorded keys of rejected rows are unreadable (a damaged state file?)".into(),
+                writers,
+            );
         };
         if counts.changed as f64 > share * counts.total.max(1) as f64 {
             return full(
@@ -228,37 +296,59 @@ impl Inputs<'_> {
                 delta::read_by_key(&self.session, plan, table, &retry, Some(&cond), name).await?,
             ],
         };
-        let read = self.read(table.select(&table.list(), Some(&cond)), prelude);
-        let mut piped = pipeline(env, read, writers, reader, cfg, ctx).await?;
+        // The count ran in the read's snapshot: no written row means an empty COPY, skipped.
+        let sql = (counts.changed > 0).then(|| table.select(&table.list(), Some(&cond)));
+        let read = self.read(sql, prelude);
+        // The key read, when rows may have left the model, runs on this session as soon as the
+        // diff has seen every row (the COPY above has ended), while the writers finish.
+        let (diffed, added_rx) = tokio::sync::oneshot::channel();
+        let keys = async {
+            let added = added_rx.await.ok()?;
+            if table.unique_key && counts.total == entries + added {
+                return None;
+            }
+            let scan = self.scan_keys(plan, table, reader).await;
+            Some((scan, env.started.elapsed().as_secs_f64()))
+        };
+        let (piped, keys) = tokio::join!(
+            pipeline(env, read, writers, reader, cfg, ctx, Some(diffed)),
+            keys
+        );
+        let mut piped = piped?;
         completed(&ctx.stop, &piped, name)?;
         let (duplicates, model_errors) =
             settle(self.recorder, &mut piped.diff, plan, env.opts.dry_run).await?;
         let added = piped.diff.counts.added;
-        let none_left = table.unique_key && counts.total == entries + added;
-        let removal = if none_left {
-            Removal::default()
-        } else {
-            let scan = self.scan_keys(plan, table, reader).await?;
-            let problem = scan.problem.clone().or_else(|| {
-                (scan.unknown > added).then(|| format!(
-                    "the key read found {} keys neither in the snapshot nor among the {added} new rows read: rows entered the model without being written (a where condition on something other than the row's own columns?)",
-                    scan.unknown
-                ))
-            });
-            if let Some(reason) = problem {
-                return Ok(DeltaEnd::Full {
-                    reason,
-                    first: Some(piped),
-                    writers: None,
+        let (removal, keys_read_s) = match keys {
+            // No row left the model: the count equals the entries plus the added rows.
+            None => (Removal::default(), None),
+            Some((scan, at)) => {
+                let scan = scan?;
+                let problem = scan.problem.clone().or_else(|| {
+                    (scan.unknown > added).then(|| format!(
+                        "the key read found {} keys neither in the snapshot nor among the {added} new rows read: rows entered the model without being written (a where condition on something other than the row's own columns?)",
+                        scan.unknown
+                    ))
                 });
+                if let Some(reason) = problem {
+                    return Ok(DeltaEnd::Full {
+                        reason,
+                        first: Some(piped),
+                        writers: None,
+                    });
+                }
+                let removal = remove(env, reader, &scan.seen, ctx, model_errors.is_empty()).await?;
+                (removal, Some(at))
             }
-            remove(env, reader, &scan.seen, ctx, model_errors.is_empty()).await?
         };
         Ok(DeltaEnd::Done(ReadOutcome {
             piped,
             duplicates,
             model_errors,
             removal,
+            counted_s,
+            keys_read_s,
+            missed: None,
         }))
     }
 
@@ -277,7 +367,7 @@ impl Inputs<'_> {
         let (tx, rx) = mpsc::channel::<Block>(env.pipe.block_queue);
         let read_task = tokio::spawn(
             SourceRead {
-                read: self.read(table.select(&list, None), Vec::new()),
+                read: self.read(Some(table.select(&list, None)), Vec::new()),
                 plan: Arc::new(keys_only),
                 out: tx,
                 progress: Default::default(),
@@ -338,16 +428,14 @@ fn scan(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<KeyScan, Snaps
         unknown: 0,
         problem: None,
     };
+    let mut found = Vec::new();
     while let Some(block) = rx.blocking_recv() {
         let data = &block.data[..];
-        let found = block
-            .rows
-            .par_iter()
-            .map(|r| reader.get(r.key(data)))
-            .collect::<Result<Vec<_>, _>>()?;
-        for (r, entry) in block.rows.iter().zip(found) {
+        let keys: Vec<&[u8]> = block.rows.iter().map(|r| r.key(data)).collect();
+        reader.get_many(&keys, &mut found)?;
+        for (key, entry) in keys.iter().zip(&found) {
             match entry {
-                _ if has_null(r.key(data)) => {
+                _ if has_null(key) => {
                     out.problem = Some("the key read met a NULL key".into());
                 }
                 Some(e) if !out.seen.slots.insert(e.slot) => {

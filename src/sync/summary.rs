@@ -101,6 +101,12 @@ pub struct Phases {
     pub writes_done_s: f64,
     /// Removed rows were found and (with deletes on) deleted.
     pub deletes_done_s: f64,
+    /// Delta reads: the count of the model's rows and written rows ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_s: Option<f64>,
+    /// Delta reads that read the keys: the key-only read and its lookups ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_read_s: Option<f64>,
 }
 
 /// How far a run got, updated by its stages as they go: what a failed run can still report
