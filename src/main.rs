@@ -305,14 +305,18 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         if opts.shutdown.is_cancelled() {
             break;
         }
-        match pgdelta::sync::run(&inv.source, &inv.destination, spec, &opts, &snapshot).await {
+        match pgdelta::sync::run_counted(&inv.source, &inv.destination, spec, &opts, &snapshot)
+            .await
+        {
             Ok(s) => {
                 print_summary(&s, a.json);
                 if s.rejected > 0 {
                     code = code.max(3);
                 }
             }
-            Err(e) => code = code.max(report_error(&e, a.json, Some(&spec.name))),
+            Err((e, so_far)) => {
+                code = code.max(report_failure(&e, a.json, Some(&spec.name), Some(so_far)))
+            }
         }
     }
     code
@@ -697,12 +701,33 @@ fn print_summary(s: &Summary, json: bool) {
 }
 
 fn report_error(e: &Error, json: bool, sync: Option<&str>) -> i32 {
+    report_failure(e, json, sync, None)
+}
+
+/// The error on stderr; with `--json`, also an error line on stdout with the error's kind (a
+/// stable name: `source_read`, `write_timeout`, `config`, ...) and, for a run that started, its
+/// counts so far.
+fn report_failure(
+    e: &Error,
+    json: bool,
+    sync: Option<&str>,
+    so_far: Option<pgdelta::sync::SoFar>,
+) -> i32 {
     let code = e.exit_code();
     if json {
-        pgdelta::outln!(
-            "{}",
-            serde_json::json!({"type": "error", "data": {"sync": sync, "message": e.to_string(), "exit_code": code}})
-        );
+        let mut data = serde_json::json!({
+            "sync": sync,
+            "kind": e.kind(),
+            "message": e.to_string(),
+            "exit_code": code,
+        });
+        if let (Some(n), Some(obj)) = (so_far, data.as_object_mut()) {
+            obj.insert("rows_read".into(), n.rows_read.into());
+            obj.insert("written".into(), n.written.into());
+            obj.insert("deleted".into(), n.deleted.into());
+            obj.insert("rejected".into(), n.rejected.into());
+        }
+        pgdelta::outln!("{}", serde_json::json!({"type": "error", "data": data}));
     }
     eprintln!("pgdelta: error: {e}");
     code

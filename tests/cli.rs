@@ -193,6 +193,62 @@ async fn usage_errors_exit_2_and_secrets_never_show() {
     );
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(last["type"], "error");
+    assert_eq!(last["data"]["kind"], "connect", "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_ends_its_json_with_the_error_kind_and_the_counts_so_far() {
+    let env = Env::new().await;
+    env.both("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    env.src
+        .batch_execute("INSERT INTO t SELECT i, i FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    env.dst
+        .batch_execute("ALTER TABLE t ADD CONSTRAINT no_50_60 CHECK (v <> 50 AND v <> 60)")
+        .await
+        .unwrap();
+    let state = env.state();
+    let o = pgdelta(
+        env.dir.path(),
+        &[
+            "sync",
+            "--source",
+            &env.src_url,
+            "--destination",
+            &env.dst_url,
+            "--table",
+            "t",
+            "--target",
+            "t",
+            "--key",
+            "id",
+            "--state",
+            state.to_str().unwrap(),
+            "--max-rejected",
+            "1",
+            "--json",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let data = &last["data"];
+    assert_eq!(
+        (last["type"].as_str(), data["kind"].as_str()),
+        (Some("error"), Some("too_many_rejected")),
+        "{last}"
+    );
+    let landed: i64 = env
+        .dst
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(data["rows_read"], 100, "{last}");
+    assert_eq!(data["written"], landed, "{last}");
+    assert_eq!(data["rejected"], 2, "{last}");
+    assert_eq!(data["deleted"], 0, "{last}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -269,3 +269,57 @@ async fn dry_run_reports_the_plan_and_writes_nothing() {
     let s = env.sync(&spec).await.unwrap();
     assert_eq!((s.added, s.changed, s.deleted), (1, 3, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_target_column_is_computed_there_not_synced() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, qty int, price int, total int); \
+             INSERT INTO items SELECT i, i, 2, 999 FROM generate_series(1, 50) i",
+        )
+        .await
+        .unwrap();
+    env.dst
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, qty int, price int, \
+             total int GENERATED ALWAYS AS (qty * price) STORED)",
+        )
+        .await
+        .unwrap();
+    let spec = env.spec("items", &["id"]);
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.written, 50);
+    assert!(
+        s.notes
+            .iter()
+            .any(|n| n.contains("\"total\" is a generated column")),
+        "{:?}",
+        s.notes
+    );
+    env.assert_same(
+        "SELECT id, qty, price, qty * price FROM items ORDER BY id",
+        "SELECT id, qty, price, total FROM items ORDER BY id",
+    )
+    .await;
+    env.src
+        .batch_execute("UPDATE items SET qty = 100 WHERE id = 7")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.changed, s.written), (1, 1));
+    env.assert_same(
+        "SELECT id, qty, price, qty * price FROM items ORDER BY id",
+        "SELECT id, qty, price, total FROM items ORDER BY id",
+    )
+    .await;
+    // Mapped onto explicitly, it is an error that says so.
+    let mut explicit = spec.clone();
+    explicit.name = "explicit".into();
+    explicit.columns = [("id", "id"), ("total", "total")]
+        .into_iter()
+        .map(|(d, s)| (d.to_string(), s.to_string()))
+        .collect();
+    let e = env.sync(&explicit).await.unwrap_err();
+    assert!(e.to_string().contains("generated column"), "{e}");
+}

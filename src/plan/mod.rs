@@ -219,12 +219,15 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         .iter()
         .map(|c| (c.name().to_string(), c.type_().clone()))
         .collect();
-    let mapping = mapping(spec, &source_cols, &dest_cols, &target, &fail)?;
+    let (mapping, generated) = mapping(spec, &source_cols, &dest_cols, &target, &fail)?;
     let TypedColumns {
         columns,
         exprs,
-        notes,
+        mut notes,
     } = typed_columns(&mapping, &source_cols, &dest_cols, &target, &fail)?;
+    notes.extend(generated.iter().map(|c| format!(
+        "target column \"{c}\" is a generated column: the target computes it, so the source column of that name is not synced"
+    )));
     let nkey = spec.key.len();
     let table = match relation {
         Some(rel) => {
@@ -320,15 +323,20 @@ async fn model_sql(
     }
 }
 
+/// Target column -> source column pairs.
+type Mapping = Vec<(String, String)>;
+
 /// Target column -> source column, key columns first (in key order), then the rest in
-/// mapping order. Without an explicit mapping, every source column maps by name.
+/// mapping order. Without an explicit mapping, every source column maps by name, except onto a
+/// generated target column (it can never be written): those are returned apart, to be said.
 fn mapping(
     spec: &SyncSpec,
     source_cols: &[(String, Type)],
     dest_cols: &[DestColumn],
     target: &Relation,
     fail: &Fail<'_>,
-) -> Result<Vec<(String, String)>, Error> {
+) -> Result<(Mapping, Vec<String>), Error> {
+    let mut generated = Vec::new();
     let mapping: Vec<(String, String)> = if spec.columns.is_empty() {
         let mut seen = HashSet::new();
         if let Some((n, _)) = source_cols.iter().find(|(n, _)| !seen.insert(n)) {
@@ -348,8 +356,15 @@ fn mapping(
                 target.quoted
             )));
         }
+        let is_generated = |n: &str| dest_cols.iter().any(|d| d.name == n && d.generated);
+        generated = source_cols
+            .iter()
+            .filter(|(n, _)| is_generated(n))
+            .map(|(n, _)| n.clone())
+            .collect();
         source_cols
             .iter()
+            .filter(|(n, _)| !is_generated(n))
             .map(|(n, _)| (n.clone(), n.clone()))
             .collect()
     } else {
@@ -368,7 +383,7 @@ fn mapping(
         ordered.push(m.clone());
     }
     ordered.extend(mapping.into_iter().filter(|(d, _)| !spec.key.contains(d)));
-    Ok(ordered)
+    Ok((ordered, generated))
 }
 
 /// The synced columns, their SELECT expressions (with the casts pgdelta adds) and notes about
@@ -399,7 +414,7 @@ fn typed_columns(
         })?;
         if d.generated {
             return Err(fail.msg(format!(
-                "target column \"{dest}\" is a generated column and cannot be written; leave it out of the mapping"
+                "target column \"{dest}\" is a generated column and cannot be written; leave it out of the explicit mapping"
             )));
         }
         let matches: Vec<&Type> = source_cols

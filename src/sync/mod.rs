@@ -42,7 +42,7 @@ use stop::{Stop, StopReason};
 use summary::Parts;
 pub use summary::{
     cpu_seconds, peak_rss_bytes, BatchTimeline, FailedRun, Phases, Progress, ReadTimeline,
-    RunRecord, Summary,
+    RunRecord, SoFar, Summary,
 };
 
 /// Options of one invocation, shared by every sync it runs.
@@ -141,6 +141,19 @@ pub async fn run(
     opts: &RunOptions,
     snapshot: &Snapshot,
 ) -> Result<Summary, Error> {
+    run_counted(source, dest, spec, opts, snapshot)
+        .await
+        .map_err(|(e, _)| e)
+}
+
+/// [`run`], and a failure comes with what the run had done by then.
+pub async fn run_counted(
+    source: &ConnInfo,
+    dest: &ConnInfo,
+    spec: &SyncSpec,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+) -> Result<Summary, (Error, SoFar)> {
     let started = Instant::now();
     let audit = match (&opts.audit, opts.dry_run) {
         (Some(a), false) => match Audit::start(dest, a, spec).await {
@@ -172,7 +185,7 @@ pub async fn run(
             tracing::warn!("sync '{}': cannot log the failed run: {e}", spec.name);
         }
     }
-    result
+    result.map_err(|e| (e, progress.so_far()))
 }
 
 /// [`run`] with explicit pipeline settings, without logging a failed run or the audit log.

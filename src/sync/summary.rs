@@ -128,6 +128,29 @@ impl Progress {
     pub fn get(v: &AtomicU64) -> u64 {
         v.load(Ordering::Relaxed)
     }
+
+    /// The counts so far, as a failed run reports them.
+    pub fn so_far(&self) -> SoFar {
+        let get = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        SoFar {
+            rows_read: get(&self.rows_read),
+            written: get(&self.written),
+            deleted: get(&self.deleted),
+            rejected: get(&self.rejected_added)
+                + get(&self.rejected_changed)
+                + get(&self.rejected_removed),
+        }
+    }
+}
+
+/// What a run had done when it failed: the `--json` error line's counts. Rows written and
+/// deleted were committed by the destination (and recorded in the snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoFar {
+    pub rows_read: u64,
+    pub written: u64,
+    pub deleted: u64,
+    pub rejected: u64,
 }
 
 /// A run record in the state file (`pgdelta log`): a finished run's summary, or a failed run.
