@@ -66,6 +66,17 @@ pub(crate) struct Basis {
     pub(crate) writes: Option<i64>,
 }
 
+impl Basis {
+    /// The raw keys of the rejected rows to re-read, or `None` when one is not a whole key of
+    /// `nkey` fields (a damaged state file).
+    pub(crate) fn retry_keys(&self, nkey: usize) -> Option<Vec<Vec<u8>>> {
+        self.retry
+            .iter()
+            .map(|k| unhex(k).filter(|k| key_fields(k, nkey).is_some()))
+            .collect()
+    }
+}
+
 /// The source as the read's transaction sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SourceState {
@@ -130,6 +141,8 @@ pub(crate) struct Inputs<'a> {
     pub(crate) state: Option<&'a SourceState>,
     pub(crate) basis: Option<&'a Basis>,
     pub(crate) row_fp: &'a str,
+    /// Key columns of the model (the recorded keys of rejected rows must have as many).
+    pub(crate) nkey: usize,
     /// Entries in the snapshot.
     pub(crate) entries: u64,
     /// Why every row is read and rewritten anyway (`--full-resync`, a new model, a rebuild).
@@ -223,7 +236,7 @@ fn provable<'a>(i: &Inputs<'a>) -> Result<&'a Basis, String> {
             b.retry.len()
         ));
     }
-    if b.retry.iter().any(|k| unhex(k).is_none()) {
+    if b.retry_keys(i.nkey).is_none() {
         return Err(
             "the recorded keys of rejected rows are unreadable (a damaged state file?)".into(),
         );
@@ -429,7 +442,7 @@ pub(crate) async fn count(
 }
 
 /// The fields of a raw key, when it is exactly `nkey` length-prefixed fields.
-pub(crate) fn key_fields(key: &[u8], nkey: usize) -> Option<Vec<Option<&[u8]>>> {
+fn key_fields(key: &[u8], nkey: usize) -> Option<Vec<Option<&[u8]>>> {
     let fields: Vec<Option<&[u8]>> = copy::fields(key).collect();
     let size: usize = fields.iter().map(|f| 4 + f.map_or(0, <[u8]>::len)).sum();
     (fields.len() == nkey && size == key.len()).then_some(fields)
@@ -471,7 +484,8 @@ impl<'a> FromSql<'a> for RawField<'a> {
 
 /// Reads the model's rows with the given raw keys (and, with `condition`, only those it does
 /// not match), as one framed block of tuples in the plan's column order, exactly as the COPY
-/// read frames them. Used to retry rows the destination rejected, which may not have changed.
+/// read frames them. Used to retry rows the destination rejected (which may not have changed),
+/// and to name the rows a periodic full read found changed but not written since.
 pub(crate) async fn read_by_key(
     client: &Client,
     plan: &Plan,
@@ -480,7 +494,7 @@ pub(crate) async fn read_by_key(
     not_condition: Option<&str>,
     sync: &str,
 ) -> Result<Block, Error> {
-    let fail = |e| source_err(sync, "reading rejected rows by key", e);
+    let fail = |e| source_err(sync, "reading rows by key", e);
     let mut conds: Vec<String> = table.exprs[..plan.nkey]
         .iter()
         .enumerate()
@@ -495,7 +509,7 @@ pub(crate) async fn read_by_key(
     for key in keys {
         let Some(fields) = key_fields(key, plan.nkey) else {
             return Err(Error::Internal(format!(
-                "sync '{sync}': a recorded key is not {} key field(s); run once with --full-read",
+                "sync '{sync}': a key to read by is not {} key field(s); run once with --full-read",
                 plan.nkey
             )));
         };
@@ -616,6 +630,7 @@ mod tests {
             state: Some(s),
             basis: Some(b),
             row_fp: "fp",
+            nkey: 1,
             entries: 100,
             must_read_all: None,
             forced: false,
@@ -687,6 +702,14 @@ mod tests {
         let mut bad = basis();
         bad.retry = vec!["zz".into()];
         let d = decide_with(|i| i.basis = Some(&bad));
+        assert!(d.reason.contains("unreadable"), "{}", d.reason);
+        let mut short = basis();
+        short.retry = vec![hex(&[0, 0, 0, 1, 7])];
+        assert_eq!(short.retry_keys(1), Some(vec![vec![0, 0, 0, 1, 7]]));
+        let d = decide_with(|i| {
+            i.basis = Some(&short);
+            i.nkey = 2;
+        });
         assert!(d.reason.contains("unreadable"), "{}", d.reason);
     }
 

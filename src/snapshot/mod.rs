@@ -482,6 +482,13 @@ pub struct Reader {
 }
 
 impl Reader {
+    fn err(&self, e: impl std::fmt::Display) -> SnapshotError {
+        SnapshotError::Storage {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
     /// Number of entries in this view.
     pub fn len(&self) -> u64 {
         self.len
@@ -499,10 +506,7 @@ impl Reader {
         match t.get(key) {
             Ok(Some(v)) => Ok(Some(Entry::decode(v.value()))),
             Ok(None) => Ok(None),
-            Err(e) => Err(SnapshotError::Storage {
-                path: self.path.clone(),
-                message: e.to_string(),
-            }),
+            Err(e) => Err(self.err(e)),
         }
     }
 
@@ -552,10 +556,7 @@ impl Reader {
             out.resize(keys.len(), None);
             return Ok(());
         };
-        let err = |e: redb::StorageError| SnapshotError::Storage {
-            path: self.path.clone(),
-            message: e.to_string(),
-        };
+        let err = |e: redb::StorageError| self.err(e);
         let mut walk = t.range::<&[u8]>(*first..).map_err(err)?;
         let mut at = walk.next().transpose().map_err(err)?;
         let mut budget = DENSE_STEPS;
@@ -593,10 +594,7 @@ impl Reader {
         other: &Reader,
         mut f: impl FnMut(&[u8], Option<Entry>, Option<Entry>) -> bool,
     ) -> Result<(), SnapshotError> {
-        let err = |e: redb::StorageError| SnapshotError::Storage {
-            path: self.path.clone(),
-            message: e.to_string(),
-        };
+        let err = |e: redb::StorageError| self.err(e);
         let (mut a, mut b) = (rows(self).map_err(err)?, rows(other).map_err(err)?);
         let (mut x, mut y) = (step(&mut a).map_err(err)?, step(&mut b).map_err(err)?);
         loop {
@@ -641,10 +639,7 @@ impl Reader {
         let Some(t) = &self.table else {
             return Ok(());
         };
-        let err = |e: redb::StorageError| SnapshotError::Storage {
-            path: self.path.clone(),
-            message: e.to_string(),
-        };
+        let err = |e: redb::StorageError| self.err(e);
         for item in t.iter().map_err(err)? {
             let (k, v) = item.map_err(err)?;
             if !f(k.value(), Entry::decode(v.value())) {
@@ -823,7 +818,7 @@ mod tests {
         assert!(!b.rebuild);
     }
 
-    /// The merge walk meets every key of either view once, in key order, with both entries.
+    /// Sorted lookups (the forward walk, and in any order) answer as point lookups do.
     #[test]
     fn sorted_lookups_answer_as_point_lookups() {
         let dir = tempfile::tempdir().unwrap();
@@ -875,6 +870,7 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// The merge walk meets every key of either view once, in key order, with both entries.
     #[test]
     fn merge_walks_two_views_in_key_order() {
         let dir = tempfile::tempdir().unwrap();

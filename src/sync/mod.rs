@@ -103,32 +103,25 @@ pub async fn next_read(
         .syncs()?
         .into_iter()
         .find(|(n, ..)| n == &spec.name);
-    let (basis, entries, must_read_all) = match &meta {
-        Some((_, m, n)) if m.key_fp == plan.key_fp => {
-            let why = if (*n == 0 || m.rebuild_pending) && !plan.target_empty {
-                Some("the snapshot is rebuilt from the target")
-            } else if m.row_fp.as_deref() != Some(plan.row_fp.as_str()) {
-                Some("every row is rewritten (--full-resync or a new model)")
-            } else {
-                None
-            };
-            (m.basis.as_ref(), *n, why)
-        }
-        _ if !plan.target_empty => (None, 0, Some("the snapshot is rebuilt from the target")),
-        _ => (None, 0, None),
+    // What `Snapshot::begin` would decide, read without beginning a run.
+    let (basis, entries, rebuild, rewrite_all) = match &meta {
+        Some((_, m, n)) if m.key_fp == plan.key_fp => (
+            m.basis.as_ref(),
+            *n,
+            (*n == 0 || m.rebuild_pending) && !plan.target_empty,
+            m.row_fp.as_deref() != Some(plan.row_fp.as_str()),
+        ),
+        _ => (None, 0, !plan.target_empty, false),
     };
-    let d = delta::decide(&delta::Inputs {
-        table: plan.table.as_ref(),
-        state: state.as_ref(),
+    let d = decide_read(
+        &plan,
+        spec,
+        state.as_ref(),
         basis,
-        row_fp: &plan.row_fp,
         entries,
-        must_read_all,
-        forced: false,
-        every: spec.full_read_every,
-        max_share: spec.delta_max_share,
-        now: unix_now(),
-    });
+        (rebuild, rewrite_all),
+        false,
+    );
     Ok((d.strategy.as_str(), d.reason))
 }
 
@@ -313,17 +306,10 @@ async fn stages(
         ctx,
         session: src,
     };
-    let read::ReadOutcome {
-        piped,
-        duplicates,
-        model_errors,
-        removal,
-        counted_s,
-        keys_read_s,
-        missed,
-    } = read
+    let mut read = read
         .run(&mut info, reader.clone(), writers, diff_cfg)
         .await?;
+    let model_errors = std::mem::take(&mut read.model_errors);
     let deletes_done_s = env.started.elapsed().as_secs_f64();
     drop(reader);
     // The read completed and every write committed: every stored hash is now computed under
@@ -348,14 +334,9 @@ async fn stages(
     let rec = recorder.finish(trusted, basis).await?;
     tracing::debug!(?rec, "snapshot recorded");
     let outcome = Outcome {
-        piped,
-        duplicates,
-        removal,
+        read,
         rebuilt,
         deletes_done_s,
-        counted_s,
-        keys_read_s,
-        missed,
     };
     Ok((summarize(env, &info, outcome, ctx), model_errors))
 }
@@ -369,15 +350,11 @@ fn unix_now() -> u64 {
 
 /// What a run found and did, stage by stage.
 struct Outcome {
-    piped: Piped,
-    duplicates: u64,
-    removal: Removal,
+    /// The read stage's outcome (its model errors taken out: the run returns them).
+    read: read::ReadOutcome,
     /// Rows of the target recorded into an empty snapshot before the read.
     rebuilt: Option<u64>,
     deletes_done_s: f64,
-    counted_s: Option<f64>,
-    keys_read_s: Option<f64>,
-    missed: Option<String>,
 }
 
 /// The snapshot has no entries but the target has rows (a new or lost state file, a target
@@ -450,6 +427,7 @@ async fn rebuild_from_target(
 
 fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Summary {
     let plan = &info.plan;
+    let r = &o.read;
     let describe = |keys: &[Vec<u8>]| keys.iter().map(|k| plan.describe_key(k)).collect();
     let mut notes: Vec<String> = plan
         .notes
@@ -463,16 +441,16 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
             plan.target
         ));
     }
-    notes.extend(o.removal.note.clone());
-    notes.extend(o.missed.clone());
+    notes.extend(r.removal.note.clone());
+    notes.extend(r.missed.clone());
     let written = match env.opts.dry_run {
         true => WriteStats::default(),
-        false => o.piped.written + o.removal.stats,
+        false => r.piped.written + r.removal.stats,
     };
     let sizer = &info.sizer;
     let timelines = env.opts.timeline.then(|| {
-        let mut read = o.piped.read_timeline.clone();
-        read.push((o.piped.read_s as f32, o.piped.read.rows));
+        let mut read = r.piped.read_timeline.clone();
+        read.push((r.piped.read_s as f32, r.piped.read.rows));
         (sizer.log(), read)
     });
     Summary::build(Parts {
@@ -484,10 +462,10 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         read_strategy_reason: &info.decision.reason,
         dry_run: env.opts.dry_run,
         rewrite_all: info.begin.rewrite_all,
-        read: o.piped.read,
-        counts: o.piped.diff.counts,
-        duplicates: o.duplicates,
-        removed: o.removal.removed,
+        read: r.piped.read,
+        counts: r.piped.diff.counts,
+        duplicates: r.duplicates,
+        removed: r.removal.removed,
         rebuilt: o.rebuilt.unwrap_or(0),
         written,
         rejections: ctx.rejections(),
@@ -495,18 +473,18 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         latency_ms: sizer.latency_percentiles(),
         timeouts: info.timeouts.clone(),
         phases: Phases {
-            read_s: o.piped.read_s,
-            writes_done_s: o.piped.writes_done_s,
+            read_s: r.piped.read_s,
+            writes_done_s: r.piped.writes_done_s,
             deletes_done_s: o.deletes_done_s,
-            counted_s: o.counted_s,
-            keys_read_s: o.keys_read_s,
+            counted_s: r.counted_s,
+            keys_read_s: r.keys_read_s,
         },
         timelines,
         notes,
         samples: [
-            describe(&o.piped.diff.sample_added),
-            describe(&o.piped.diff.sample_changed),
-            describe(&o.removal.samples),
+            describe(&r.piped.diff.sample_added),
+            describe(&r.piped.diff.sample_changed),
+            describe(&r.removal.samples),
         ],
     })
 }
@@ -523,6 +501,40 @@ struct RunInfo {
     sizer: Arc<Sizer>,
     /// Effective statement timeouts: the source read's (as shown), the writers' (ms).
     timeouts: (Option<String>, Option<u64>),
+}
+
+/// How a run reads its source ([`delta::decide`]), from the plan, the source's state and what
+/// the snapshot's start decided: `rebuild` (entries rebuilt from the target) and `rewrite_all`
+/// (every row rewritten) both mean every row is read.
+fn decide_read(
+    plan: &Plan,
+    spec: &SyncSpec,
+    state: Option<&SourceState>,
+    basis: Option<&delta::Basis>,
+    entries: u64,
+    (rebuild, rewrite_all): (bool, bool),
+    forced: bool,
+) -> Decision {
+    let must_read_all = if rebuild {
+        Some("the snapshot is rebuilt from the target")
+    } else if rewrite_all {
+        Some("every row is rewritten (--full-resync or a new model)")
+    } else {
+        None
+    };
+    delta::decide(&delta::Inputs {
+        table: plan.table.as_ref(),
+        state,
+        basis,
+        row_fp: &plan.row_fp,
+        nkey: plan.nkey,
+        entries,
+        must_read_all,
+        forced,
+        every: spec.full_read_every,
+        max_share: spec.delta_max_share,
+        now: unix_now(),
+    })
 }
 
 /// Everything a run sets up before the first row moves.
@@ -568,25 +580,15 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
     }
     let reader = Arc::new(snapshot.reader(name)?);
     let rebuild = begin.rebuild;
-    let must_read_all = if begin.rebuild {
-        Some("the snapshot is rebuilt from the target")
-    } else if begin.rewrite_all {
-        Some("every row is rewritten (--full-resync or a new model)")
-    } else {
-        None
-    };
-    let decision = delta::decide(&delta::Inputs {
-        table: plan.table.as_ref(),
-        state: source_state.as_ref(),
-        basis: begin.basis.as_ref(),
-        row_fp: &plan.row_fp,
-        entries: reader.len(),
-        must_read_all,
-        forced: env.opts.full_read,
-        every: spec.full_read_every,
-        max_share: spec.delta_max_share,
-        now: unix_now(),
-    });
+    let decision = decide_read(
+        &plan,
+        spec,
+        source_state.as_ref(),
+        begin.basis.as_ref(),
+        reader.len(),
+        (begin.rebuild, begin.rewrite_all),
+        env.opts.full_read,
+    );
     tracing::info!(
         "sync '{name}': {} read: {}",
         decision.strategy.as_str(),

@@ -182,7 +182,7 @@ impl Inputs<'_> {
         })
     }
 
-    /// A full read chosen by policy where a delta was provable checks the delta's premise:
+    /// The periodic full read, where a delta was provable, checks the delta's premise:
     /// every row it found added or changed was written since the recorded read (or is a
     /// rejected row, re-read by key). More rows than that is a bug signal, or a `where`
     /// condition that reads other tables: a warning with the keys of sampled rows not written
@@ -251,13 +251,13 @@ impl Inputs<'_> {
         let counts = delta::count(&self.session, table, &cond, name).await?;
         let counted_s = Some(env.started.elapsed().as_secs_f64());
         let entries = reader.len();
-        let retry: Option<Vec<Vec<u8>>> = info
+        // `decide` chose the delta only with a basis whose retry keys are whole.
+        let retry = info
             .begin
             .basis
-            .iter()
-            .flat_map(|b| &b.retry)
-            .map(|k| delta::unhex(k).filter(|k| delta::key_fields(k, plan.nkey).is_some()))
-            .collect();
+            .as_ref()
+            .and_then(|b| b.retry_keys(plan.nkey))
+            .ok_or_else(|| Error::Internal("a delta read without readable retry keys".into()))?;
         let share = env.spec.delta_max_share;
         let full = |reason: String, writers| {
             Ok(DeltaEnd::Full {
@@ -265,12 +265,6 @@ impl Inputs<'_> {
                 first: None,
                 writers: Some(writers),
             })
-        };
-        let Some(retry) = retry else {
-            return full(
-                "the recorded keys of rejected rows are unreadable (a damaged state file?)".into(),
-                writers,
-            );
         };
         if counts.changed as f64 > share * counts.total.max(1) as f64 {
             return full(
