@@ -13,7 +13,9 @@ use serde::Deserialize;
 use crate::audit::{AuditSettings, Changes};
 use crate::conn::ConnInfo;
 use crate::error::Error;
-use crate::spec::{Mode, Model, SyncSpec, DEFAULT_MAX_DELETE_RATIO, DEFAULT_MAX_REJECTED};
+use crate::spec::{
+    Mode, Model, ReadSessions, Shard, SyncSpec, DEFAULT_MAX_DELETE_RATIO, DEFAULT_MAX_REJECTED,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +120,10 @@ pub struct SyncEntry {
     pub full_read_every: Option<String>,
     /// Table models: read in full when more than this share of the rows changed (default 0.5).
     pub delta_max_share: Option<f64>,
+    /// Table models: source sessions reading the table at once: a number or `"auto"` (default).
+    pub read_sessions: Option<ReadSessions>,
+    /// Sync only shard I of N (`"0/4"`): the rows whose key hashes to I.
+    pub shard: Option<String>,
 }
 
 impl ConfigFile {
@@ -175,6 +181,8 @@ impl SyncEntry {
         set(&mut self.retry_timeout_s, &o.retry_timeout_s);
         set(&mut self.filter, &o.filter);
         set(&mut self.full_read_every, &o.full_read_every);
+        set(&mut self.read_sessions, &o.read_sessions);
+        set(&mut self.shard, &o.shard);
     }
 
     /// Validates the entry and fills in every default.
@@ -254,6 +262,16 @@ impl SyncEntry {
             }
             spec.delta_max_share = s;
         }
+        spec.read_sessions = self.read_sessions.unwrap_or_default();
+        if let Some(sh) = &self.shard {
+            let shard: Shard = sh
+                .parse()
+                .map_err(|m| bad(&format!("shard (--shard) {m}")))?;
+            if shard.count > 1 {
+                spec.name = shard.name(&spec.name);
+                spec.shard = Some(shard);
+            }
+        }
         Ok(spec)
     }
 }
@@ -332,6 +350,10 @@ pub struct Overrides {
     pub filter: Option<String>,
     /// `--full-read-every`.
     pub full_read_every: Option<String>,
+    /// `--read-sessions`.
+    pub read_sessions: Option<ReadSessions>,
+    /// `--shard I/N`.
+    pub shard: Option<String>,
 }
 
 /// What one invocation asks for, before resolution.
@@ -596,6 +618,51 @@ region = "region_code"
             &["id"],
         );
         assert_eq!(format!("{spec:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn read_sessions_and_shards() {
+        let spec = |extra: &str| {
+            let text = format!(
+                "[[sync]]\nname = \"o\"\ntable = \"t\"\ntarget = \"t\"\nkey = \"id\"\n{extra}"
+            );
+            ConfigFile::parse(&text).and_then(|c| c.syncs[0].to_spec())
+        };
+        assert_eq!(spec("").unwrap().read_sessions, ReadSessions::Auto);
+        assert_eq!(
+            spec("read_sessions = \"auto\"").unwrap().read_sessions,
+            ReadSessions::Auto
+        );
+        assert_eq!(
+            spec("read_sessions = 3").unwrap().read_sessions,
+            ReadSessions::Fixed(3)
+        );
+        for bad in [
+            "read_sessions = 0",
+            "read_sessions = \"many\"",
+            "read_sessions = 65",
+        ] {
+            let e = spec(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("must be \"auto\" or a number from 1 to 64"),
+                "{bad}: {e}"
+            );
+        }
+        let s = spec("shard = \"1/4\"").unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.shard),
+            ("o#1/4", Some(Shard { index: 1, count: 4 }))
+        );
+        // One shard of one is the whole model, under its own name.
+        let s = spec("shard = \"0/1\"").unwrap();
+        assert_eq!((s.name.as_str(), s.shard), ("o", None));
+        for bad in ["4/4", "1", "-1/2", "a/b"] {
+            let e = spec(&format!("shard = \"{bad}\"")).unwrap_err().to_string();
+            assert!(
+                e.contains("sync 'o': shard (--shard) takes I/N"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod sink;
 pub mod snapshot;
 mod source;
 pub mod spec;
+pub mod split;
 pub mod sync;
 pub(crate) mod tls;
 pub mod tools;

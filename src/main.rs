@@ -147,6 +147,14 @@ struct SyncArgs {
     /// Table models: read in full this often: 7d, 12h, "24 runs", always, never (default 7d).
     #[arg(long, value_name = "WHEN")]
     full_read_every: Option<String>,
+    /// Table models: source sessions reading the table at once, under one snapshot: a number
+    /// (1 = one stream) or auto (default: from the table's size and the source's settings).
+    #[arg(long, value_name = "N|auto")]
+    read_sessions: Option<pgdelta::spec::ReadSessions>,
+    /// Sync only shard I of N (0-based): the rows whose key hashes to I, with this shard's own
+    /// snapshot (sync name NAME#I/N) and deletes; N processes together sync the whole model.
+    #[arg(long, value_name = "I/N", env = "PGDELTA_SHARD")]
+    shard: Option<String>,
     /// Rebuild the snapshot from the target before the run (it is a cache of the target):
     /// costs one read of the target, and the run then writes only rows that differ.
     #[arg(long, conflicts_with = "full_resync")]
@@ -273,6 +281,8 @@ impl SyncArgs {
                 retry_timeout_s: self.retry_timeout_s,
                 filter: self.filter.clone(),
                 full_read_every: self.full_read_every.clone(),
+                read_sessions: self.read_sessions,
+                shard: self.shard.clone(),
             },
         }
     }
@@ -670,7 +680,14 @@ fn print_summary(s: &Summary, json: bool) {
         if s.rejected > 0 { format!("; {} rows rejected", s.rejected) } else { String::new() },
     );
     if !s.read_strategy.is_empty() {
-        eprintln!("  read: {} ({})", s.read_strategy, s.read_strategy_reason);
+        let sessions = match s.read_sessions {
+            0 | 1 => String::new(),
+            n => format!(", {n} sessions"),
+        };
+        eprintln!(
+            "  read: {}{sessions} ({})",
+            s.read_strategy, s.read_strategy_reason
+        );
     }
     for n in &s.notes {
         eprintln!("  note: {n}");

@@ -7,6 +7,7 @@
 //! Guarantee: a read is [`ReadEnd::Complete`] only when the stream ended with its trailer, and
 //! only a complete read may produce deletes. On a stop the query is cancelled on the server.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -63,21 +64,23 @@ pub(crate) enum ReadOf {
     Target,
 }
 
-/// What to read: the session, the COPY statement, and which side it reads.
+/// What to read: the sessions, the COPY statements, and which side it reads.
 pub(crate) struct Read {
-    /// The session's connection (to cancel the query on a stop).
+    /// The sessions' connection (to cancel their queries on a stop).
     pub(crate) conn: ConnInfo,
-    /// Shared: a source read's transaction goes on after the COPY (a count, a key read).
-    pub(crate) client: Arc<tokio_postgres::Client>,
+    /// The sessions that read the parts, the run's own first. Shared: a source read's
+    /// transaction goes on after the COPY (a count, a key read).
+    pub(crate) clients: Vec<Arc<tokio_postgres::Client>>,
     /// Rows read before the COPY (rejected rows re-read by key), sent first.
     pub(crate) prelude: Vec<Block>,
-    /// `COPY (...) TO STDOUT (FORMAT binary)`, columns in the plan's order; `None` when the
-    /// prelude is the whole read (a delta that counted no written row).
-    pub(crate) sql: Option<String>,
+    /// `COPY (...) TO STDOUT (FORMAT binary)` statements, columns in the plan's order: the
+    /// parts of the read, taken by whichever session is free; none when the prelude is the
+    /// whole read (a delta that counted no written row).
+    pub(crate) copies: Vec<String>,
     pub(crate) of: ReadOf,
 }
 
-/// The read: its session, where blocks go, and when to stop.
+/// The read: its sessions, where blocks go, and when to stop.
 pub(crate) struct SourceRead {
     pub(crate) read: Read,
     pub(crate) plan: Arc<Plan>,
@@ -90,8 +93,82 @@ pub(crate) struct SourceRead {
 }
 
 impl SourceRead {
-    /// Streams the source COPY into framed blocks until the trailer, a stop, or an error.
+    /// Streams the parts into framed blocks, each session taking the next part when it is
+    /// free, until every part's trailer, a stop, or an error. The first error ends the read
+    /// (every session's query is cancelled); the read is complete only when every part is.
     pub(crate) async fn run(mut self) -> Result<ReadStats, Error> {
+        let mut stats = ReadStats {
+            rows: 0,
+            bytes: 0,
+            end: ReadEnd::Complete,
+        };
+        for block in std::mem::take(&mut self.read.prelude) {
+            if !block.rows.is_empty() && !self.send(block, &mut stats).await {
+                return Ok(stats);
+            }
+        }
+        let copies = std::mem::take(&mut self.read.copies);
+        let sessions = self.read.clients.len().min(copies.len());
+        let queue = std::sync::Mutex::new(VecDeque::from(copies));
+        let reads = self.read.clients[..sessions]
+            .iter()
+            .map(|client| self.session(client, &queue));
+        let ends = match futures_util::future::try_join_all(reads).await {
+            Ok(ends) => ends,
+            Err(e) => {
+                self.cancel_all().await;
+                return Err(e);
+            }
+        };
+        for s in ends {
+            stats.rows += s.rows;
+            stats.bytes += s.bytes;
+            if s.end != ReadEnd::Complete {
+                stats.end = s.end;
+            }
+        }
+        if stats.end == ReadEnd::Stopped {
+            self.cancel_all().await;
+        }
+        Ok(stats)
+    }
+
+    async fn cancel_all(&self) {
+        for client in &self.read.clients {
+            let _ = self.read.conn.cancel(&client.cancel_token()).await;
+        }
+    }
+
+    /// One session's share of the read: parts from the queue until it is empty.
+    async fn session(
+        &self,
+        client: &tokio_postgres::Client,
+        queue: &std::sync::Mutex<VecDeque<String>>,
+    ) -> Result<ReadStats, Error> {
+        let mut stats = ReadStats {
+            rows: 0,
+            bytes: 0,
+            end: ReadEnd::Complete,
+        };
+        loop {
+            let next = queue.lock().expect("not poisoned").pop_front();
+            let Some(sql) = next else {
+                return Ok(stats);
+            };
+            self.part(client, &sql, &mut stats).await?;
+            if stats.end != ReadEnd::Complete {
+                return Ok(stats);
+            }
+        }
+    }
+
+    /// Streams one COPY statement into framed blocks until its trailer, a stop, or an error.
+    async fn part(
+        &self,
+        client: &tokio_postgres::Client,
+        sql: &str,
+        stats: &mut ReadStats,
+    ) -> Result<(), Error> {
         let read_err = |e: tokio_postgres::Error| match self.read.of {
             ReadOf::Source => Error::SourceRead {
                 sync: self.sync.clone(),
@@ -107,24 +184,11 @@ impl SourceRead {
             sync: self.sync.clone(),
             source: e,
         };
-        let mut stats = ReadStats {
-            rows: 0,
-            bytes: 0,
-            end: ReadEnd::Complete,
-        };
-        for block in std::mem::take(&mut self.read.prelude) {
-            if !block.rows.is_empty() && !self.send(block, &mut stats).await {
-                return Ok(stats);
-            }
-        }
-        let Some(sql) = self.read.sql.take() else {
-            return Ok(stats);
-        };
-        let stream = self.read.client.copy_out(&sql).await.map_err(read_err)?;
+        let stream = client.copy_out(sql).await.map_err(read_err)?;
         futures_util::pin_mut!(stream);
         let ncols = self.plan.columns.len() as u16;
         let mut framer = Framer::new(ncols, self.plan.nkey as u16, self.block_bytes);
-        // One stop future for the whole read, polled only while the stream waits: the stream
+        // One stop future for the whole part, polled only while the stream waits: the stream
         // branch comes first (`biased`), and a CopyData message (one per row) is usually ready.
         // Polling a cancellation future takes a mutex; doing it for every row cost CPU the
         // source backend needs on 2 cores. A stream that never waits is still checked every
@@ -145,32 +209,31 @@ impl SourceRead {
                 },
             };
             if stop_now || (next.is_none() && self.stop.is_stopped()) {
-                let token = self.read.client.cancel_token();
-                let _ = self.read.conn.cancel(&token).await;
                 stats.end = ReadEnd::Stopped;
-                return Ok(stats);
+                return Ok(());
             }
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(read_err)?;
             stats.bytes += chunk.len() as u64;
             framer.push(&chunk).map_err(frame_err)?;
             while let Some(block) = framer.take_block() {
-                if !self.send(block, &mut stats).await {
-                    return Ok(stats);
+                if !self.send(block, stats).await {
+                    return Ok(());
                 }
             }
         }
         let last = framer.finish().map_err(frame_err)?;
-        if !last.rows.is_empty() && !self.send(last, &mut stats).await {
-            return Ok(stats);
+        if !last.rows.is_empty() {
+            self.send(last, stats).await;
         }
-        Ok(stats)
+        Ok(())
     }
 
     /// Sends a block to the diff; false (and `DiffGone`) when the diff is gone.
     async fn send(&self, block: Block, stats: &mut ReadStats) -> bool {
-        stats.rows += block.rows.len() as u64;
-        self.progress.rows_read.store(stats.rows, Ordering::Relaxed);
+        let n = block.rows.len() as u64;
+        stats.rows += n;
+        self.progress.rows_read.fetch_add(n, Ordering::Relaxed);
         if self.out.send(block).await.is_err() {
             stats.end = ReadEnd::DiffGone;
             return false;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::retry::RetryPolicy;
 use crate::sink::BatchSettings;
+pub use crate::split::ReadSessions;
 
 /// Rows the destination may reject before a run fails.
 pub const DEFAULT_MAX_REJECTED: u64 = 100;
@@ -126,6 +127,59 @@ pub struct SyncSpec {
     pub full_read_every: FullReadEvery,
     /// Table models: a delta of more than this share of the rows is read in full instead.
     pub delta_max_share: f64,
+    /// Table models: how many source sessions read the table at once.
+    pub read_sessions: ReadSessions,
+    /// This run syncs one shard of the model: the rows whose key hashes to it.
+    pub shard: Option<Shard>,
+}
+
+/// One of `count` processes that sync a model together (`--shard I/N`): this one handles the
+/// rows whose key hashes (`hash_record_extended` of the key columns, the same on source and
+/// target) to `index`, with its own snapshot and its own deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("takes I/N with 0 <= I < N (e.g. 0/4, the first of four), got '{s}'");
+        let (i, n) = s.trim().split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse::<u32>().map_err(|_| bad())?,
+            n.trim().parse::<u32>().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl Shard {
+    /// The sync's name in the state file and in messages: `name#I/N`, so a snapshot belongs to
+    /// one shard of one shard count.
+    pub fn name(&self, sync: &str) -> String {
+        format!("{sync}#{self}")
+    }
+
+    /// The SQL condition that keeps this shard's rows, over the key expressions.
+    pub(crate) fn condition(&self, keys: &[String]) -> String {
+        format!(
+            "(hash_record_extended(ROW({}), 0) % {n} + {n}) % {n} = {}",
+            keys.join(", "),
+            self.index,
+            n = self.count
+        )
+    }
 }
 
 impl SyncSpec {
@@ -148,6 +202,8 @@ impl SyncSpec {
             filter: None,
             full_read_every: DEFAULT_FULL_READ_EVERY,
             delta_max_share: DEFAULT_DELTA_MAX_SHARE,
+            read_sessions: ReadSessions::Auto,
+            shard: None,
         }
     }
 }

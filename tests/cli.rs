@@ -295,6 +295,11 @@ async fn check_reports_each_check_and_the_fix() {
         err.contains("the next run reads delta: only rows written since"),
         "{err}"
     );
+    // ... and how many sessions read it (a small table: one).
+    assert!(
+        err.contains("public.t is read by one session: the table is under 256 MiB"),
+        "{err}"
+    );
 
     let mut bad = base.to_vec();
     bad.extend(["--table", "u", "--target", "u", "--key", "id"]);

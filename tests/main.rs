@@ -12,6 +12,8 @@ mod delta;
 mod errors;
 /// Random operation sequences on the source, a sync after each, destination == source.
 mod model_prop;
+/// Parallel reads: ctid ranges on several sessions under one exported snapshot.
+mod parallel;
 /// The snapshot rebuilt from the target: lost state files, adopted targets, --rebuild-state.
 mod rebuild;
 /// Real faults: statement timeouts, bad rows, killed sessions, restarts, signals.

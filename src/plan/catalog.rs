@@ -134,9 +134,17 @@ pub(super) async fn has_privilege(
         .get(0))
 }
 
-pub(super) async fn is_empty(client: &Client, quoted: &str) -> Result<bool, tokio_postgres::Error> {
+pub(super) async fn is_empty(
+    client: &Client,
+    quoted: &str,
+    filter: Option<&str>,
+) -> Result<bool, tokio_postgres::Error> {
+    let cond = filter.map(|c| format!(" WHERE {c}")).unwrap_or_default();
     Ok(client
-        .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {quoted})"), &[])
+        .query_one(
+            &format!("SELECT NOT EXISTS (SELECT 1 FROM {quoted}{cond})"),
+            &[],
+        )
         .await?
         .get(0))
 }

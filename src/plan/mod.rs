@@ -65,13 +65,26 @@ impl SourceTable {
 
     /// `SELECT <list> FROM <table> AS src WHERE <filter> [AND <extra>]`.
     pub(crate) fn select(&self, list: &str, extra: Option<&str>) -> String {
+        self.select_part(list, extra, None)
+    }
+
+    /// [`Self::select`] of one part of a split read: a leaf relation and its `ctid` range.
+    pub(crate) fn select_part(
+        &self,
+        list: &str,
+        extra: Option<&str>,
+        part: Option<&crate::split::Part>,
+    ) -> String {
+        let from = part.map_or(self.quoted.as_str(), |p| p.from.as_str());
+        let range = part.and_then(|p| p.range.as_deref());
         let conds: Vec<String> = self
             .filter
             .iter()
             .map(|f| format!("({f})"))
             .chain(extra.map(|e| format!("({e})")))
+            .chain(range.map(String::from))
             .collect();
-        let mut sql = format!("SELECT {list} FROM {} AS src", self.quoted);
+        let mut sql = format!("SELECT {list} FROM {from} AS src");
         if !conds.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conds.join(" AND "));
@@ -91,6 +104,8 @@ pub(crate) struct Plan {
     pub(crate) table: Option<SourceTable>,
     /// The generated SELECT (key columns first).
     pub(crate) select: String,
+    /// The rows of the target this sync owns, when it is one shard of the model.
+    pub(crate) target_filter: Option<String>,
     pub(crate) columns: Vec<Column>,
     pub(crate) nkey: usize,
     /// The target as a quoted, schema-qualified name.
@@ -107,10 +122,12 @@ impl Plan {
     /// Reads the target's synced columns in the order, and with the types, of the generated
     /// source query: equal values give equal bytes, so equal rows hash alike.
     pub(crate) fn target_copy_sql(&self) -> String {
+        let cond = self.target_filter.as_ref().map(|c| format!(" WHERE {c}"));
         format!(
-            "COPY (SELECT {} FROM {}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT binary)",
             self.column_list(),
-            self.target
+            self.target,
+            cond.unwrap_or_default()
         )
     }
 
@@ -170,6 +187,7 @@ impl Plan {
             .collect();
         Plan {
             table: None,
+            target_filter: None,
             select: "SELECT * FROM t".into(),
             columns,
             nkey,
@@ -229,6 +247,20 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         "target column \"{c}\" is a generated column: the target computes it, so the source column of that name is not synced"
     )));
     let nkey = spec.key.len();
+    // One shard of the model: the rows whose key hashes to it, on the source and the target.
+    let shard = spec.shard.map(|sh| {
+        let dest_keys: Vec<String> = columns[..nkey]
+            .iter()
+            .map(|c| quote_ident(&c.dest))
+            .collect();
+        (sh.condition(&exprs[..nkey]), sh.condition(&dest_keys))
+    });
+    let filter = match (&spec.filter, &shard) {
+        (Some(f), Some((c, _))) => Some(format!("({f}) AND {c}")),
+        (Some(f), None) => Some(f.clone()),
+        (None, Some((c, _))) => Some(c.clone()),
+        (None, None) => None,
+    };
     let table = match relation {
         Some(rel) => {
             let key_sources: Vec<String> =
@@ -241,7 +273,7 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
                 quoted: rel.quoted,
                 kind: rel.kind,
                 exprs: exprs.clone(),
-                filter: spec.filter.clone(),
+                filter,
                 unique_key,
             })
         }
@@ -249,10 +281,28 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
     };
     let select = match &table {
         Some(t) => t.select(&t.list(), None),
-        None => format!("SELECT {} FROM {model_sql} AS src", exprs.join(", ")),
+        None => {
+            let cond = shard.as_ref().map(|(c, _)| format!(" WHERE {c}"));
+            format!(
+                "SELECT {} FROM {model_sql} AS src{}",
+                exprs.join(", "),
+                cond.unwrap_or_default()
+            )
+        }
     };
     // The generated query must run as written (a cast can fail to resolve on odd types, a
     // `where` condition can be wrong).
+    let target_filter = shard.map(|(_, t)| t);
+    if let (Some(sh), Some(cond)) = (spec.shard, &target_filter) {
+        let needs = "sharding hashes the key with hash_record_extended (PostgreSQL 14 or later, on both servers)";
+        let on = |side: &str, e| fail.pg(&format!("--shard {sh}: {needs}; the {side} says"), e);
+        src.prepare(&format!("SELECT {}", sh.condition(&["1".into()])))
+            .await
+            .map_err(|e| on("source", e))?;
+        dst.prepare(&format!("SELECT 1 FROM {} WHERE {cond}", target.quoted))
+            .await
+            .map_err(|e| on("target", e))?;
+    }
     src.prepare(&select).await.map_err(|e| match &spec.filter {
         Some(f) => fail.pg(
             &format!("the generated source query (with where = \"{f}\") does not run"),
@@ -261,12 +311,14 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         None => fail.pg("the generated source query does not run", e),
     })?;
     check_target(dst, spec, &target, &dest_cols, &fail).await?;
-    let target_empty = catalog::is_empty(dst, &target.quoted)
+    // A shard owns its share of the target: empty when that share is.
+    let target_empty = catalog::is_empty(dst, &target.quoted, target_filter.as_deref())
         .await
         .map_err(|e| fail.pg("cannot read the target", e))?;
     let (key_fp, row_fp) = fingerprints(&select, &columns, nkey);
     Ok(Plan {
         table,
+        target_filter,
         select,
         columns,
         nkey,

@@ -37,7 +37,9 @@ use crate::sink::{
 };
 use crate::snapshot::{Begin, BeginOptions, Reader, Recorder, Snapshot};
 use crate::source::{Read, ReadEnd, ReadOf, ReadStats, SourceRead};
-use crate::spec::{Mode, SyncSpec};
+use crate::spec::{Mode, Shard, SyncSpec};
+use crate::split;
+use crate::split::Split;
 use stop::{Stop, StopReason};
 use summary::Parts;
 pub use summary::{
@@ -97,8 +99,15 @@ pub async fn next_read(
 ) -> Result<(&'static str, String), Error> {
     let plan = plan(src, dst, spec).await?;
     let state = delta::begin(src, plan.table.as_ref(), &spec.name).await;
+    let split = match (&plan.table, &state) {
+        (Some(t), Ok(_)) => match split::layout(src, t, spec.read_sessions, &spec.name).await {
+            Ok(l) => Ok(Some(split::describe(t, &l))),
+            Err(e) => Err(e),
+        },
+        _ => Ok(None),
+    };
     let _ = src.batch_execute("ROLLBACK").await;
-    let state = state?;
+    let (state, split) = (state?, split?);
     let meta = snapshot
         .syncs()?
         .into_iter()
@@ -122,7 +131,11 @@ pub async fn next_read(
         (rebuild, rewrite_all),
         false,
     );
-    Ok((d.strategy.as_str(), d.reason))
+    let reason = match split {
+        Some(how) => format!("{}; {how}", d.reason),
+        None => d.reason,
+    };
+    Ok((d.strategy.as_str(), reason))
 }
 
 /// Runs one sync; a failed run is recorded in the run log too. The caller opens the snapshot
@@ -284,6 +297,7 @@ async fn stages(
         reader,
         writers,
         rebuild,
+        split,
     } = p;
     let dry_run = env.opts.dry_run;
     let (reader, rebuilt) = match rebuild {
@@ -305,6 +319,7 @@ async fn stages(
         recorder: &recorder,
         ctx,
         session: src,
+        split: split.as_ref(),
     };
     let mut read = read
         .run(&mut info, reader.clone(), writers, diff_cfg)
@@ -337,6 +352,7 @@ async fn stages(
         read,
         rebuilt,
         deletes_done_s,
+        read_sessions: split.as_ref().map_or(1, Split::used) as u32,
     };
     Ok((summarize(env, &info, outcome, ctx), model_errors))
 }
@@ -355,6 +371,8 @@ struct Outcome {
     /// Rows of the target recorded into an empty snapshot before the read.
     rebuilt: Option<u64>,
     deletes_done_s: f64,
+    /// Source sessions that read (the run's own, and the helpers of a split read).
+    read_sessions: u32,
 }
 
 /// The snapshot has no entries but the target has rows (a new or lost state file, a target
@@ -380,9 +398,9 @@ async fn rebuild_from_target(
     let settings = crate::source::session_settings(env.spec.read_timeout);
     let read = Read {
         conn: env.dest.clone(),
-        client: Arc::new(env.dest.connect("destination", &settings).await?),
+        clients: vec![Arc::new(env.dest.connect("destination", &settings).await?)],
         prelude: Vec::new(),
-        sql: Some(info.plan.target_copy_sql()),
+        copies: vec![info.plan.target_copy_sql()],
         of: ReadOf::Target,
     };
     // No pause between batches and no user batch size: nothing is written.
@@ -433,6 +451,7 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         .notes
         .iter()
         .chain(&info.begin.notes)
+        .chain(&info.split_note)
         .cloned()
         .collect();
     if let Some(n) = o.rebuilt {
@@ -460,6 +479,7 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         strategy: info.strategy.as_str(),
         read_strategy: info.decision.strategy.as_str(),
         read_strategy_reason: &info.decision.reason,
+        read_sessions: o.read_sessions,
         dry_run: env.opts.dry_run,
         rewrite_all: info.begin.rewrite_all,
         read: r.piped.read,
@@ -501,6 +521,8 @@ struct RunInfo {
     sizer: Arc<Sizer>,
     /// Effective statement timeouts: the source read's (as shown), the writers' (ms).
     timeouts: (Option<String>, Option<u64>),
+    /// How the table model's reads are split across sessions, or why they are not.
+    split_note: Option<String>,
 }
 
 /// How a run reads its source ([`delta::decide`]), from the plan, the source's state and what
@@ -548,6 +570,8 @@ struct Prepared {
     writers: Vec<AnyDestination>,
     /// The snapshot has no entries and the target has rows: rebuild it from the target first.
     rebuild: bool,
+    /// The table model's reads split across sessions.
+    split: Option<Split>,
 }
 
 /// Connects, plans, begins the snapshot run and opens the writers. Writers connect before the
@@ -567,14 +591,26 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
     }
     let source_timeout = crate::conn::show(&src, "statement_timeout").await.ok();
     let source_state = delta::begin(&src, plan.table.as_ref(), name).await?;
+    let (split, split_note) = match &plan.table {
+        Some(t) => {
+            split::plan(&src, env.source, read_settings, t, spec.read_sessions, name).await?
+        }
+        None => (None, None),
+    };
+    if let Some(n) = &split_note {
+        tracing::info!("sync '{name}': {n}");
+    }
     let how = BeginOptions {
         full_resync: env.opts.full_resync,
         clear: env.opts.rebuild_state,
         target_has_rows: !plan.target_empty,
     };
-    let (begin, recorder) = snapshot
+    let (mut begin, recorder) = snapshot
         .begin(name, &plan.key_fp, &plan.row_fp, how)
         .await?;
+    if let (Some(sh), true) = (spec.shard, begin.rebuild) {
+        begin.notes.extend(reshard_note(snapshot, name, sh)?);
+    }
     for n in &begin.notes {
         tracing::warn!("sync '{name}': {n}");
     }
@@ -610,6 +646,7 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
     let timeouts = (source_timeout, dest_timeout.map(|t| t.as_millis() as u64));
     Ok(Prepared {
         info: RunInfo {
+            split_note,
             plan,
             begin,
             source_state,
@@ -623,7 +660,33 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         reader,
         writers,
         rebuild,
+        split,
     })
+}
+
+/// A shard whose snapshot is empty, in a state file that holds snapshots of the same sync
+/// under another shard count: the shards were re-cut. Each new shard rebuilds its snapshot from
+/// its share of the target (nothing is rewritten that is already there); the old snapshots are
+/// left as they are.
+fn reshard_note(snapshot: &Snapshot, name: &str, shard: Shard) -> Result<Option<String>, Error> {
+    let base = name.rsplit_once('#').map_or(name, |(b, _)| b);
+    let mut before: Vec<String> = snapshot
+        .syncs()?
+        .into_iter()
+        .filter_map(|(n, ..)| {
+            let (b, sh) = n.rsplit_once('#')?;
+            let old: Shard = sh.parse().ok()?;
+            (b == base && old.count != shard.count).then(|| old.to_string())
+        })
+        .collect();
+    before.sort();
+    before.dedup();
+    Ok((!before.is_empty()).then(|| {
+        format!(
+            "re-shard: this state file synced '{base}' as shard(s) {} before, now as shard {shard}: this shard's snapshot is rebuilt from its share of the target, so only rows that differ are written (the old shards' snapshots are no longer used)",
+            before.join(", ")
+        )
+    }))
 }
 
 /// What the pipeline did.

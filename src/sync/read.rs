@@ -27,6 +27,7 @@ use crate::plan::{Plan, SourceTable};
 use crate::sink::{self, AnyDestination, ApplyCtx, Operation};
 use crate::snapshot::{Reader, Recorder, Snapshot, SnapshotError};
 use crate::source::{Read, ReadEnd, ReadOf, SourceRead};
+use crate::split::Split;
 
 /// What the read stage needs besides the run's plan.
 pub(super) struct Inputs<'a> {
@@ -36,6 +37,13 @@ pub(super) struct Inputs<'a> {
     pub(super) ctx: &'a Arc<ApplyCtx>,
     /// The source session, in the read's `REPEATABLE READ` transaction.
     pub(super) session: Arc<tokio_postgres::Client>,
+    /// Table models read by several sessions: the parts and the helper sessions.
+    pub(super) split: Option<&'a Split>,
+}
+
+/// `COPY (<select>) TO STDOUT (FORMAT binary)`.
+fn copy(select: &str) -> String {
+    format!("COPY ({select}) TO STDOUT (FORMAT binary)")
 }
 
 /// What the read stage did.
@@ -139,13 +147,44 @@ impl Inputs<'_> {
         Ok(out)
     }
 
+    /// A read of the model on the run's session: `sql` (none: the prelude is the read).
     fn read(&self, sql: Option<String>, prelude: Vec<Block>) -> Read {
         Read {
             conn: self.env.source.clone(),
-            client: self.session.clone(),
+            clients: vec![self.session.clone()],
             prelude,
-            sql: sql.map(|sql| format!("COPY ({sql}) TO STDOUT (FORMAT binary)")),
+            copies: sql.into_iter().map(|q| copy(&q)).collect(),
             of: ReadOf::Source,
+        }
+    }
+
+    /// A read of `list` from the table model (with the `extra` condition): one statement, or
+    /// one per part on the run's session and its helpers when the run splits its reads.
+    async fn read_table(
+        &self,
+        table: &SourceTable,
+        list: &str,
+        extra: Option<&str>,
+        prelude: Vec<Block>,
+    ) -> Result<Read, Error> {
+        let Some(split) = self.split else {
+            return Ok(self.read(Some(table.select(list, extra)), prelude));
+        };
+        let mut read = self.read(None, prelude);
+        read.clients.extend(split.helpers().await?.iter().cloned());
+        read.copies = split
+            .parts
+            .iter()
+            .map(|p| copy(&table.select_part(list, extra, Some(p))))
+            .collect();
+        Ok(read)
+    }
+
+    /// The whole model's read.
+    async fn read_model(&self, plan: &Plan) -> Result<Read, Error> {
+        match &plan.table {
+            Some(t) => self.read_table(t, &t.list(), None, Vec::new()).await,
+            None => Ok(self.read(Some(plan.select.clone()), Vec::new())),
         }
     }
 
@@ -157,7 +196,7 @@ impl Inputs<'_> {
         cfg: DiffConfig,
     ) -> Result<ReadOutcome, Error> {
         let (env, ctx) = (self.env, self.ctx);
-        let read = self.read(Some(info.plan.select.clone()), Vec::new());
+        let read = self.read_model(&info.plan).await?;
         let mut piped = pipeline(env, read, writers, &reader, cfg, ctx, None).await?;
         completed(&ctx.stop, &piped, &env.spec.name)?;
         let (duplicates, model_errors) =
@@ -291,8 +330,13 @@ impl Inputs<'_> {
             ],
         };
         // The count ran in the read's snapshot: no written row means an empty COPY, skipped.
-        let sql = (counts.changed > 0).then(|| table.select(&table.list(), Some(&cond)));
-        let read = self.read(sql, prelude);
+        let read = match counts.changed > 0 {
+            true => {
+                self.read_table(table, &table.list(), Some(&cond), prelude)
+                    .await?
+            }
+            false => self.read(None, prelude),
+        };
         // The key read, when rows may have left the model, runs on this session as soon as the
         // diff has seen every row (the COPY above has ended), while the writers finish.
         let (diffed, added_rx) = tokio::sync::oneshot::channel();
@@ -359,9 +403,10 @@ impl Inputs<'_> {
         keys_only.columns.truncate(plan.nkey);
         let list = table.exprs[..plan.nkey].join(", ");
         let (tx, rx) = mpsc::channel::<Block>(env.pipe.block_queue);
+        let read = self.read_table(table, &list, None, Vec::new()).await?;
         let read_task = tokio::spawn(
             SourceRead {
-                read: self.read(Some(table.select(&list, None)), Vec::new()),
+                read,
                 plan: Arc::new(keys_only),
                 out: tx,
                 progress: Default::default(),

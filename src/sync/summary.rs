@@ -30,6 +30,10 @@ pub struct Summary {
     /// Why, in words.
     #[serde(default)]
     pub read_strategy_reason: String,
+    /// Source sessions that read the model (more than 1: a read split into parts under one
+    /// snapshot).
+    #[serde(default)]
+    pub read_sessions: u32,
     pub dry_run: bool,
     pub full_resync: bool,
     pub rows_read: u64,
@@ -186,6 +190,7 @@ pub(crate) struct Parts<'a> {
     pub(crate) strategy: &'a str,
     pub(crate) read_strategy: &'a str,
     pub(crate) read_strategy_reason: &'a str,
+    pub(crate) read_sessions: u32,
     pub(crate) dry_run: bool,
     pub(crate) rewrite_all: bool,
     pub(crate) read: ReadStats,
@@ -218,6 +223,7 @@ impl Summary {
             strategy: p.strategy.into(),
             read_strategy: p.read_strategy.into(),
             read_strategy_reason: p.read_strategy_reason.into(),
+            read_sessions: p.read_sessions,
             dry_run: p.dry_run,
             full_resync: p.rewrite_all,
             rows_read: p.read.rows,

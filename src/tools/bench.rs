@@ -27,6 +27,7 @@ use tokio_postgres::Client;
 use super::pgserver::{Durability, TempPostgres};
 use super::workload::{admin, churn_sql, copy_read, exec, seed_sql, ORDERS_DDL};
 use crate::error::{pg_message, Error};
+use crate::spec::ReadSessions;
 
 const SCHEMA: &str = "pgdelta_bench";
 
@@ -76,6 +77,10 @@ pub struct BenchArgs {
     /// Destination sessions per sync (default: pgdelta's default).
     #[arg(long)]
     pub writers: Option<usize>,
+    /// Source sessions per read, comma-separated: every scenario runs once per value (`1,2,4`;
+    /// `auto` is pgdelta's default). Without it, pgdelta's default.
+    #[arg(long, value_delimiter = ',', value_name = "N|auto")]
+    pub read_sessions: Vec<ReadSessions>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -99,6 +104,16 @@ pub enum Scenario {
     #[serde(rename = "delta-churn10")]
     #[value(name = "delta-churn10")]
     DeltaChurn10,
+}
+
+impl ScenarioResult {
+    /// The scenario's name, with its read sessions when the bench varied them.
+    pub fn label(&self) -> String {
+        match &self.read_sessions {
+            Some(n) => format!("{} ({n} read sessions)", self.scenario.name()),
+            None => self.scenario.name().into(),
+        }
+    }
 }
 
 impl Scenario {
@@ -165,6 +180,9 @@ pub struct Rep {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
     pub scenario: Scenario,
+    /// `--read-sessions` of the runs (`None`: pgdelta's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_sessions: Option<String>,
     pub baseline: String,
     pub target_ratio: Option<f64>,
     /// Medians over the repetitions.
@@ -260,14 +278,16 @@ pub async fn run(args: BenchArgs) -> Result<i32, Error> {
 pub fn compare(cur: &BenchReport, base: &BenchReport, max_pct: f64) -> Vec<String> {
     let mut out = Vec::new();
     for c in &cur.scenarios {
-        let Some(b) = base.scenarios.iter().find(|b| b.scenario == c.scenario) else {
+        let same =
+            |b: &&ScenarioResult| b.scenario == c.scenario && b.read_sessions == c.read_sessions;
+        let Some(b) = base.scenarios.iter().find(same) else {
             continue;
         };
         let limit = b.ratio * (1.0 + max_pct / 100.0);
         if c.ratio > limit {
             out.push(format!(
                 "{}: ratio to the {} is {:.3}, baseline {:.3} (+{:.0}%, allowed +{:.0}%)",
-                c.scenario.name(),
+                c.label(),
                 c.baseline,
                 c.ratio,
                 b.ratio,
@@ -369,7 +389,15 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
     let mut round = 0u32;
     let mut results = Vec::new();
     let mut churn_p50 = None;
-    for sc in &args.scenarios {
+    let sessions: Vec<Option<ReadSessions>> = match args.read_sessions.is_empty() {
+        true => vec![None],
+        false => args.read_sessions.iter().copied().map(Some).collect(),
+    };
+    let runs = args
+        .scenarios
+        .iter()
+        .flat_map(|sc| sessions.iter().map(move |n| (sc, *n)));
+    for (sc, read_sessions) in runs {
         let (baseline, target) = sc.baseline();
         let mut reps = Vec::new();
         for rep in 0..args.reps.max(1) {
@@ -379,7 +407,11 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                 exec(&s.dst, "TRUNCATE orders").await?;
                 child_sync(s, &state, args, &[], None).await?;
             }
+            let n = read_sessions.map(|n| n.to_string());
             let mut extra: Vec<&str> = Vec::new();
+            if let Some(n) = &n {
+                extra.extend(["--read-sessions", n]);
+            }
             // Verify reads in full by itself; `verify` must come first.
             if !sc.delta() && *sc != Scenario::Verify {
                 extra.push("--full-read");
@@ -458,8 +490,9 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                 summary: Some(summary),
             };
             eprintln!(
-                "pgdelta bench: {} rep {}: {:.2}s vs {} {:.2}s = {:.3}x, peak RSS {} MiB, {} written, {} deleted, {} timeouts",
+                "pgdelta bench: {}{} rep {}: {:.2}s vs {} {:.2}s = {:.3}x, peak RSS {} MiB, {} written, {} deleted, {} timeouts",
                 sc.name(),
+                n.as_ref().map(|n| format!(" ({n} read sessions)")).unwrap_or_default(),
                 rep + 1,
                 r.wall_s,
                 baseline,
@@ -495,6 +528,7 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
         }
         results.push(ScenarioResult {
             scenario: *sc,
+            read_sessions: read_sessions.map(|n| n.to_string()),
             baseline: baseline.into(),
             target_ratio: target,
             wall_s: median(reps.iter().map(|r| r.wall_s).collect()),
@@ -657,7 +691,7 @@ fn print_table(r: &BenchReport) {
     for s in &r.scenarios {
         crate::outln!(
             "| {} | {:.2}s | {} | {:.2}s | {:.3}x | {} | {} MiB | {:.1}s |",
-            s.scenario.name(),
+            s.label(),
             s.wall_s,
             s.baseline,
             s.baseline_s,
@@ -701,6 +735,7 @@ mod tests {
                 .iter()
                 .map(|(s, r)| ScenarioResult {
                     scenario: *s,
+                    read_sessions: None,
                     baseline: "b".into(),
                     target_ratio: None,
                     wall_s: 1.0,

@@ -108,7 +108,7 @@ fn bars(report: &BenchReport) -> String {
                 ),
             ]);
             let _ = chart.draw_series(std::iter::once(Text::new(
-                s.scenario.name().to_string(),
+                s.label(),
                 (x + 0.3, max_y * 1.12),
                 ("sans-serif", 14),
             )));
@@ -136,7 +136,7 @@ fn timeline(
         .iter()
         .filter_map(|s| {
             let summary = s.reps.iter().find_map(|r| r.summary.as_ref())?;
-            Some((s.scenario.name().to_string(), pick(summary)))
+            Some((s.label(), pick(summary)))
         })
         .filter(|(_, pts)| !pts.is_empty())
         .collect()
@@ -165,7 +165,7 @@ pub(super) fn html(report: &BenchReport) -> String {
     for s in &report.scenarios {
         rows.push_str(&format!(
             "<tr><td>{}</td><td>{:.2}s</td><td>{}</td><td>{:.2}s</td><td>{:.3}x</td><td>{}</td><td>{} MiB</td><td>{:.1}s</td></tr>\n",
-            s.scenario.name(),
+            s.label(),
             s.wall_s,
             escape(&s.baseline),
             s.baseline_s,

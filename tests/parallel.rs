@@ -1,0 +1,331 @@
+//! Parallel reads: a table model read as `ctid` ranges by several source sessions that share
+//! one exported snapshot. The parts must form one consistent read: every row once, deletes
+//! derived only from a complete read, and a write that commits during the read not seen by
+//! any part. And shards: several processes syncing one table together, each its share of the
+//! keys.
+
+use std::time::Duration;
+
+use pgdelta::conn::ConnInfo;
+use pgdelta::snapshot::Snapshot;
+use pgdelta::spec::{FullReadEvery, ReadSessions, Shard, SyncSpec};
+use pgdelta::sync::{RunOptions, Summary};
+
+use crate::support::{connect, Env};
+
+/// A table of `rows` rows, about 400 blocks at 10,000 rows.
+async fn seeded(rows: i32) -> (Env, SyncSpec) {
+    let env = Env::new().await;
+    env.both("CREATE TABLE items (id int PRIMARY KEY, name text, qty int)")
+        .await;
+    env.src
+        .batch_execute(&format!(
+            "INSERT INTO items SELECT i, repeat('x', 200) || i, i % 7 FROM generate_series(1, {rows}) i; \
+             ANALYZE items"
+        ))
+        .await
+        .unwrap();
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    spec.read_sessions = ReadSessions::Fixed(3);
+    (env, spec)
+}
+
+async fn synced(env: &Env, spec: &SyncSpec) -> Summary {
+    let s = env.sync(spec).await.unwrap();
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+    s
+}
+
+fn split_note(s: &Summary) -> &str {
+    s.notes
+        .iter()
+        .find(|n| n.contains("sessions in"))
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+#[tokio::test]
+async fn a_split_read_reads_every_row_once_and_derives_deletes() {
+    let (env, mut spec) = seeded(10_000).await;
+    spec.full_read_every = FullReadEvery::Always;
+    let s = synced(&env, &spec).await;
+    assert_eq!(
+        (s.rows_read, s.added, s.read_sessions),
+        (10_000, 10_000, 3),
+        "{:?}",
+        s.notes
+    );
+    assert!(
+        split_note(&s).contains("read by 3 sessions in 12 parts"),
+        "{:?}",
+        s.notes
+    );
+    env.src
+        .batch_execute(
+            "UPDATE items SET qty = -1 WHERE id % 1000 = 0; \
+             DELETE FROM items WHERE id BETWEEN 4001 AND 4010; \
+             INSERT INTO items SELECT i, 'new', 0 FROM generate_series(20001, 20005) i",
+        )
+        .await
+        .unwrap();
+    let s = synced(&env, &spec).await;
+    assert_eq!(
+        (s.read_strategy.as_str(), s.read_sessions, s.rows_read),
+        ("full", 3, 9_995)
+    );
+    assert_eq!((s.changed, s.added, s.removed, s.deleted), (10, 5, 10, 10));
+    assert_eq!(s.written, 15);
+}
+
+#[tokio::test]
+async fn a_delta_read_and_its_key_read_split_too() {
+    let (env, mut spec) = seeded(10_000).await;
+    spec.full_read_every = FullReadEvery::Never;
+    synced(&env, &spec).await;
+    env.src
+        .batch_execute(
+            "UPDATE items SET qty = -1 WHERE id % 500 = 0; \
+             DELETE FROM items WHERE id IN (7, 8, 9)",
+        )
+        .await
+        .unwrap();
+    let s = synced(&env, &spec).await;
+    assert_eq!(
+        (s.read_strategy.as_str(), s.read_sessions, s.rows_read),
+        ("delta", 3, 20)
+    );
+    assert_eq!((s.changed, s.removed, s.deleted, s.written), (20, 3, 3, 20));
+    // No change: one counting scan, no COPY, so no helper session is opened.
+    let s = synced(&env, &spec).await;
+    assert_eq!(
+        (s.read_strategy.as_str(), s.read_sessions, s.rows_read),
+        ("delta", 1, 0)
+    );
+}
+
+/// Helper sessions open when the first part is read, after the run's snapshot was taken (in a
+/// delta run, after the count): a helper that did not import the run's snapshot would see rows
+/// committed in between. Here the count waits a second (the `where` condition sleeps, during
+/// the count only), every row is deleted and committed meanwhile, and the delta read must still
+/// read the 200 rows updated before the run, spread over every part (HOT updates keep them on
+/// their pages).
+#[tokio::test]
+async fn rows_committed_after_the_run_snapshot_are_not_read_by_any_part() {
+    let (env, mut spec) = seeded(10_000).await;
+    env.src
+        .batch_execute(
+            "ALTER TABLE items SET (fillfactor = 50); \
+             CREATE FUNCTION gate(int) RETURNS bool LANGUAGE sql AS \
+             'SELECT CASE WHEN $1 = 300 AND current_query() LIKE ''%count(*)%'' \
+                          THEN pg_sleep(1) IS NOT NULL ELSE true END'",
+        )
+        .await
+        .unwrap();
+    env.src.batch_execute("VACUUM FULL items").await.unwrap();
+    spec.filter = Some("gate(id)".into());
+    spec.full_read_every = FullReadEvery::Never;
+    // The statistics may not yet count the seed when the first run records them.
+    spec.delta_max_share = 1.0;
+    synced(&env, &spec).await;
+    env.src
+        .batch_execute("UPDATE items SET qty = 100 WHERE id % 50 = 0")
+        .await
+        .unwrap();
+    let writer = connect(&env.src_url).await;
+    let meddle = async {
+        let mut sleeping = false;
+        for _ in 0..200 {
+            let n: i64 = env
+                .src
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = 'pgdelta' AND wait_event = 'PgSleep'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                sleeping = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(sleeping, "the run's count never reached its first row");
+        writer.batch_execute("DELETE FROM items").await.unwrap();
+    };
+    let (s, ()) = tokio::join!(env.sync(&spec), meddle);
+    let s = s.unwrap();
+    assert_eq!(
+        (s.read_strategy.as_str(), s.read_sessions),
+        ("delta", 3),
+        "{}",
+        s.read_strategy_reason
+    );
+    assert_eq!((s.rows_read, s.changed), (200, 200));
+    assert_eq!(
+        Env::count(&env.dst, "items").await,
+        10_000,
+        "a part missed rows deleted after the run's snapshot"
+    );
+    spec.max_delete_ratio = 1.0;
+    let s = synced(&env, &spec).await;
+    assert_eq!(s.deleted, 10_000);
+}
+
+#[tokio::test]
+async fn a_partitioned_table_is_split_per_partition() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text) PARTITION BY RANGE (id); \
+             CREATE TABLE items_a PARTITION OF items FOR VALUES FROM (0) TO (3000); \
+             CREATE TABLE items_b PARTITION OF items FOR VALUES FROM (3000) TO (6000); \
+             CREATE TABLE items_c PARTITION OF items FOR VALUES FROM (6000) TO (100000); \
+             INSERT INTO items SELECT i, repeat('y', 300) FROM generate_series(1, 9000) i",
+        )
+        .await
+        .unwrap();
+    env.dst
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    spec.read_sessions = ReadSessions::Fixed(2);
+    spec.full_read_every = FullReadEvery::Always;
+    let s = synced(&env, &spec).await;
+    assert_eq!((s.rows_read, s.read_sessions), (9_000, 2));
+    env.src
+        .batch_execute("DELETE FROM items WHERE id % 3000 = 1")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec).await;
+    assert_eq!((s.rows_read, s.removed, s.deleted), (8_997, 3, 3));
+}
+
+/// One part failing ends the whole read: the error names the sync, and no row is deleted.
+#[tokio::test]
+async fn a_part_that_fails_fails_the_read_and_deletes_nothing() {
+    let (env, mut spec) = seeded(10_000).await;
+    spec.full_read_every = FullReadEvery::Always;
+    synced(&env, &spec).await;
+    env.src
+        .batch_execute("DELETE FROM items WHERE id <= 100")
+        .await
+        .unwrap();
+    spec.filter = Some("100 / (id - 9000) <> 1000".into());
+    spec.name = "items".into();
+    let e = env.sync(&spec).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("division by zero") && msg.contains("'items'"),
+        "{msg}"
+    );
+    assert_eq!(Env::count(&env.dst, "items").await, 10_000);
+}
+
+#[tokio::test]
+async fn one_session_when_asked_or_when_the_table_cannot_be_split() {
+    let (env, mut spec) = seeded(2_000).await;
+    spec.read_sessions = ReadSessions::Fixed(1);
+    let s = synced(&env, &spec).await;
+    assert_eq!((s.read_sessions, split_note(&s)), (1, ""));
+    env.both("CREATE VIEW items_v AS SELECT * FROM items").await;
+    let mut view = env.spec("items_v", &["id"]);
+    view.target = "items".into();
+    view.read_sessions = ReadSessions::Fixed(2);
+    let s = env.sync(&view).await.unwrap();
+    assert_eq!(s.read_sessions, 1);
+    assert!(
+        s.notes
+            .iter()
+            .any(|n| n.contains("read by one session: a view")),
+        "{:?}",
+        s.notes
+    );
+}
+
+/// Runs shard `i` of `n` of `spec`, with its own state file, as one of several processes would.
+async fn shard_run(env: &Env, spec: &SyncSpec, i: u32, n: u32) -> Summary {
+    let shard = Shard { index: i, count: n };
+    let mut spec = spec.clone();
+    spec.name = shard.name(&spec.name);
+    spec.shard = Some(shard);
+    let snap = Snapshot::open(&env.dir.path().join(format!("shard-{i}.redb")), 8 << 20).unwrap();
+    pgdelta::sync::run(
+        &ConnInfo::parse(&env.src_url).unwrap(),
+        &ConnInfo::parse(&env.dst_url).unwrap(),
+        &spec,
+        &RunOptions::default(),
+        &snap,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("shard {i}/{n}: {e}"))
+}
+
+/// All `n` shards at once; returns their summaries.
+async fn all_shards(env: &Env, spec: &SyncSpec, n: u32) -> Vec<Summary> {
+    let runs = (0..n).map(|i| shard_run(env, spec, i, n));
+    let out = futures_util::future::join_all(runs).await;
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+    out
+}
+
+fn total(s: &[Summary], f: impl Fn(&Summary) -> u64) -> u64 {
+    s.iter().map(f).sum()
+}
+
+/// Three processes sync one table together, each its own share of the keys, its own state and
+/// its own deletes; then the shards are re-cut to two, which is noticed: each new shard
+/// rebuilds its snapshot from its share of the target and writes nothing that is already there.
+#[tokio::test]
+async fn shards_sync_one_table_together_and_a_reshard_rewrites_nothing() {
+    let (env, mut spec) = seeded(3_000).await;
+    spec.read_sessions = ReadSessions::Fixed(1);
+    let s = all_shards(&env, &spec, 3).await;
+    assert_eq!(total(&s, |s| s.rows_read), 3_000);
+    assert_eq!(total(&s, |s| s.written), 3_000);
+    assert!(s.iter().all(|s| s.rows_read > 700), "uneven shards");
+    assert_eq!(s[1].sync, "items#1/3");
+    env.src
+        .batch_execute(
+            "UPDATE items SET qty = -1 WHERE id % 100 = 0; \
+             DELETE FROM items WHERE id % 250 = 1; \
+             INSERT INTO items SELECT i, 'new', 0 FROM generate_series(5001, 5030) i",
+        )
+        .await
+        .unwrap();
+    let s = all_shards(&env, &spec, 3).await;
+    assert_eq!(total(&s, |s| s.changed), 30);
+    assert_eq!(total(&s, |s| s.added), 30);
+    assert_eq!(total(&s, |s| s.deleted), 12);
+    // Re-cut into two shards; shard files 0 and 1 are reused, as a re-sized Job would.
+    let s = all_shards(&env, &spec, 2).await;
+    assert_eq!(total(&s, |s| s.written + s.deleted), 0);
+    assert_eq!(total(&s, |s| s.rebuilt_from_target), 3_018);
+    assert!(
+        s.iter().all(|s| s
+            .notes
+            .iter()
+            .any(|n| n.contains("re-shard: this state file synced 'items' as shard(s)"))),
+        "{:?}",
+        s[0].notes
+    );
+    env.src
+        .batch_execute("DELETE FROM items WHERE id <= 10")
+        .await
+        .unwrap();
+    let s = all_shards(&env, &spec, 2).await;
+    // Ids 2..=10: id 1 was deleted above.
+    assert_eq!(total(&s, |s| s.deleted), 9);
+}
