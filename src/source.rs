@@ -55,6 +55,15 @@ pub(crate) struct ReadStats {
     pub(crate) end: ReadEnd,
 }
 
+impl ReadStats {
+    /// Nothing read yet, nothing gone wrong.
+    const START: ReadStats = ReadStats {
+        rows: 0,
+        bytes: 0,
+        end: ReadEnd::Complete,
+    };
+}
+
 /// Which database a read streams from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ReadOf {
@@ -97,11 +106,7 @@ impl SourceRead {
     /// free, until every part's trailer, a stop, or an error. The first error ends the read
     /// (every session's query is cancelled); the read is complete only when every part is.
     pub(crate) async fn run(mut self) -> Result<ReadStats, Error> {
-        let mut stats = ReadStats {
-            rows: 0,
-            bytes: 0,
-            end: ReadEnd::Complete,
-        };
+        let mut stats = ReadStats::START;
         for block in std::mem::take(&mut self.read.prelude) {
             if !block.rows.is_empty() && !self.send(block, &mut stats).await {
                 return Ok(stats);
@@ -145,11 +150,7 @@ impl SourceRead {
         client: &tokio_postgres::Client,
         queue: &std::sync::Mutex<VecDeque<String>>,
     ) -> Result<ReadStats, Error> {
-        let mut stats = ReadStats {
-            rows: 0,
-            bytes: 0,
-            end: ReadEnd::Complete,
-        };
+        let mut stats = ReadStats::START;
         loop {
             let next = queue.lock().expect("not poisoned").pop_front();
             let Some(sql) = next else {

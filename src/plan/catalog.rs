@@ -139,7 +139,7 @@ pub(super) async fn is_empty(
     quoted: &str,
     filter: Option<&str>,
 ) -> Result<bool, tokio_postgres::Error> {
-    let cond = filter.map(|c| format!(" WHERE {c}")).unwrap_or_default();
+    let cond = super::where_clause(filter);
     Ok(client
         .query_one(
             &format!("SELECT NOT EXISTS (SELECT 1 FROM {quoted}{cond})"),

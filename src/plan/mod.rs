@@ -84,17 +84,24 @@ impl SourceTable {
             .chain(extra.map(|e| format!("({e})")))
             .chain(range.map(String::from))
             .collect();
-        let mut sql = format!("SELECT {list} FROM {from} AS src");
-        if !conds.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conds.join(" AND "));
-        }
-        sql
+        format!("SELECT {list} FROM {from} AS src{}", where_clause(&conds))
     }
 
     /// The select list of the synced columns.
     pub(crate) fn list(&self) -> String {
         self.exprs.join(", ")
+    }
+}
+
+/// ` WHERE a AND b` for the given conditions, or nothing when there are none.
+pub(crate) fn where_clause<S: AsRef<str>>(conds: impl IntoIterator<Item = S>) -> String {
+    let conds: Vec<S> = conds.into_iter().collect();
+    match conds.is_empty() {
+        true => String::new(),
+        false => {
+            let conds: Vec<&str> = conds.iter().map(AsRef::as_ref).collect();
+            format!(" WHERE {}", conds.join(" AND "))
+        }
     }
 }
 
@@ -122,12 +129,11 @@ impl Plan {
     /// Reads the target's synced columns in the order, and with the types, of the generated
     /// source query: equal values give equal bytes, so equal rows hash alike.
     pub(crate) fn target_copy_sql(&self) -> String {
-        let cond = self.target_filter.as_ref().map(|c| format!(" WHERE {c}"));
         format!(
             "COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT binary)",
             self.column_list(),
             self.target,
-            cond.unwrap_or_default()
+            where_clause(&self.target_filter)
         )
     }
 
@@ -282,11 +288,10 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
     let select = match &table {
         Some(t) => t.select(&t.list(), None),
         None => {
-            let cond = shard.as_ref().map(|(c, _)| format!(" WHERE {c}"));
             format!(
                 "SELECT {} FROM {model_sql} AS src{}",
                 exprs.join(", "),
-                cond.unwrap_or_default()
+                where_clause(shard.as_ref().map(|(c, _)| c))
             )
         }
     };

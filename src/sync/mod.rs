@@ -100,10 +100,9 @@ pub async fn next_read(
     let plan = plan(src, dst, spec).await?;
     let state = delta::begin(src, plan.table.as_ref(), &spec.name).await;
     let split = match (&plan.table, &state) {
-        (Some(t), Ok(_)) => match split::layout(src, t, spec.read_sessions, &spec.name).await {
-            Ok(l) => Ok(Some(split::describe(t, &l))),
-            Err(e) => Err(e),
-        },
+        (Some(t), Ok(_)) => split::layout(src, t, spec.read_sessions, &spec.name)
+            .await
+            .map(|l| Some(split::describe(t, &l))),
         _ => Ok(None),
     };
     let _ = src.batch_execute("ROLLBACK").await;

@@ -109,10 +109,14 @@ pub enum Scenario {
 impl ScenarioResult {
     /// The scenario's name, with its read sessions when the bench varied them.
     pub fn label(&self) -> String {
-        match &self.read_sessions {
-            Some(n) => format!("{} ({n} read sessions)", self.scenario.name()),
-            None => self.scenario.name().into(),
-        }
+        label(self.scenario, self.read_sessions.as_deref())
+    }
+}
+
+fn label(scenario: Scenario, read_sessions: Option<&str>) -> String {
+    match read_sessions {
+        Some(n) => format!("{} ({n} read sessions)", scenario.name()),
+        None => scenario.name().into(),
     }
 }
 
@@ -490,9 +494,8 @@ async fn scenarios(args: &BenchArgs, s: &Setup) -> Result<BenchReport, Error> {
                 summary: Some(summary),
             };
             eprintln!(
-                "pgdelta bench: {}{} rep {}: {:.2}s vs {} {:.2}s = {:.3}x, peak RSS {} MiB, {} written, {} deleted, {} timeouts",
-                sc.name(),
-                n.as_ref().map(|n| format!(" ({n} read sessions)")).unwrap_or_default(),
+                "pgdelta bench: {} rep {}: {:.2}s vs {} {:.2}s = {:.3}x, peak RSS {} MiB, {} written, {} deleted, {} timeouts",
+                label(*sc, n.as_deref()),
                 rep + 1,
                 r.wall_s,
                 baseline,
