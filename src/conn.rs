@@ -26,37 +26,59 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// Parses a URL or `key=value` string. A missing password is taken from `PGPASSWORD`, a
-    /// missing user from `PGUSER` or `USER`, a missing host from `PGHOST` (else `localhost`).
+    /// Parses a URL or `key=value` string, filling what it leaves out as libpq does (see
+    /// [`crate::libpq`]): from the connection service, the environment and the password file.
     pub fn parse(s: &str) -> Result<Self, Error> {
-        let (rest, tls) = crate::tls::split_settings(s)?;
+        Self::parse_with(s, &crate::libpq::process_env)
+    }
+
+    /// [`ConnInfo::parse`] with the environment read through `env`.
+    pub(crate) fn parse_with(s: &str, env: crate::libpq::Lookup<'_>) -> Result<Self, Error> {
+        let (rest, mut libpq) = crate::tls::split_settings(s)?;
         let mut config = Config::from_str(&rest).map_err(|e| {
             // tokio-postgres parse errors quote the offending key, never the password value.
             Error::Config(format!(
                 "invalid connection string: {e}; expected postgres://user@host:port/db or 'host=... dbname=...'"
             ))
         })?;
+        // The service's settings, then the environment's, for what the string left unset.
+        let service = match libpq.remove("service").or_else(|| env("PGSERVICE")) {
+            Some(name) => crate::libpq::service(&name, env)?,
+            None => Default::default(),
+        };
+        let from_env = crate::libpq::ENV
+            .iter()
+            .filter_map(|(key, var)| Some((key.to_string(), env(var)?)));
+        for (key, value) in service.into_iter().chain(from_env) {
+            default_setting(&mut config, &mut libpq, &key, &value)?;
+        }
+        if config.get_user().is_none() {
+            config.user(env("USER").as_deref().unwrap_or("postgres"));
+        }
+        if config.get_hosts().is_empty() {
+            config.host("localhost");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
         if config.get_password().is_none() {
-            if let Ok(pw) = std::env::var("PGPASSWORD") {
+            let file = crate::libpq::passfile(libpq.get("passfile").map(String::as_str), env);
+            let host = match config.get_hosts().first() {
+                Some(Host::Tcp(h)) => h.clone(),
+                Some(Host::Unix(p)) => p.display().to_string(),
+                None => "localhost".into(),
+            };
+            let port = config.get_ports().first().copied().unwrap_or(5432);
+            let user = config.get_user().unwrap_or_default().to_string();
+            let db = config.get_dbname().unwrap_or(&user).to_string();
+            if let Some(pw) =
+                file.and_then(|f| crate::libpq::password_from(&f, &host, port, &db, &user))
+            {
                 config.password(pw);
             }
         }
-        if config.get_user().is_none() {
-            let user = std::env::var("PGUSER")
-                .or_else(|_| std::env::var("USER"))
-                .unwrap_or_else(|_| "postgres".into());
-            config.user(user);
-        }
-        if config.get_hosts().is_empty() {
-            config.host(std::env::var("PGHOST").as_deref().unwrap_or("localhost"));
-        }
-        if config.get_dbname().is_none() {
-            if let Ok(db) = std::env::var("PGDATABASE") {
-                config.dbname(db);
-            }
-        }
-        config.connect_timeout(Duration::from_secs(10));
         config.keepalives_idle(Duration::from_secs(30));
+        let tls = crate::tls::TlsSettings::from_settings(&libpq)?;
         config.ssl_mode(tls.mode.negotiation());
         let shown = describe(&config);
         Ok(ConnInfo {
@@ -125,6 +147,63 @@ impl ConnInfo {
             }
         }
     }
+}
+
+/// Applies a setting from the service file or the environment unless the connection string
+/// (or an earlier source) set it.
+fn default_setting(
+    config: &mut Config,
+    libpq: &mut std::collections::BTreeMap<String, String>,
+    key: &str,
+    value: &str,
+) -> Result<(), Error> {
+    let bad = |what: &str| Error::Config(format!("invalid {key} '{value}': {what}"));
+    match key {
+        "host" if config.get_hosts().is_empty() => {
+            for h in value.split(',') {
+                config.host(h.trim());
+            }
+        }
+        "port" if config.get_ports().is_empty() => {
+            for p in value.split(',') {
+                config.port(
+                    p.trim()
+                        .parse()
+                        .map_err(|_| bad("expected a port number"))?,
+                );
+            }
+        }
+        "user" if config.get_user().is_none() => {
+            config.user(value);
+        }
+        "dbname" if config.get_dbname().is_none() => {
+            config.dbname(value);
+        }
+        "password" if config.get_password().is_none() => {
+            // Never quoted back: the value is a secret.
+            config.password(value);
+        }
+        "connect_timeout" if config.get_connect_timeout().is_none() => {
+            let secs: u64 = value
+                .trim()
+                .parse()
+                .map_err(|_| bad("expected whole seconds"))?;
+            // libpq: 0 waits forever, and less than 2 s means 2 s.
+            if secs > 0 {
+                config.connect_timeout(Duration::from_secs(secs.max(2)));
+            }
+        }
+        "options" if config.get_options().is_none() => {
+            config.options(value);
+        }
+        "sslmode" | "sslrootcert" | "passfile" => {
+            libpq
+                .entry(key.to_string())
+                .or_insert_with(|| value.to_string());
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Backslash-escapes spaces and backslashes, as the server's option parser expects.
@@ -222,6 +301,120 @@ mod tests {
         assert_eq!(parse_pg_duration("30s"), Some(Duration::from_secs(30)));
         assert_eq!(parse_pg_duration("5min"), Some(Duration::from_secs(300)));
         assert_eq!(parse_pg_duration("1h"), Some(Duration::from_secs(3600)));
+    }
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn the_string_then_the_service_then_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let services = dir.path().join("services.conf");
+        std::fs::write(
+            &services,
+            "[wh]\nhost=svc-host\nport=6001\ndbname=svc_db\nsslmode=disable\nconnect_timeout=7\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("PGHOST", "env-host"),
+            ("PGPORT", "6002"),
+            ("PGUSER", "env_user"),
+            ("PGDATABASE", "env_db"),
+            ("PGSSLMODE", "require"),
+            ("PGSERVICEFILE", services.to_str().unwrap()),
+            ("HOME", "/nonexistent"),
+        ]);
+        // The environment alone.
+        let c = ConnInfo::parse_with("", &e).unwrap();
+        assert_eq!(c.to_string(), "postgres://env_user@env-host:6002/env_db");
+        assert!(c.tls.is_some(), "PGSSLMODE=require");
+        // The service over the environment; the string over both.
+        let c = ConnInfo::parse_with("service=wh", &e).unwrap();
+        assert_eq!(c.to_string(), "postgres://env_user@svc-host:6001/svc_db");
+        assert!(c.tls.is_none(), "the service's sslmode=disable");
+        assert_eq!(
+            c.config.get_connect_timeout(),
+            Some(&Duration::from_secs(7))
+        );
+        let c = ConnInfo::parse_with("postgres://u@h:1/d?service=wh&sslmode=require", &e).unwrap();
+        assert_eq!(c.to_string(), "postgres://u@h:1/d");
+        assert!(c.tls.is_some());
+        // PGSERVICE names the service when the string does not.
+        let e2 = env(&[
+            ("PGSERVICE", "wh"),
+            ("PGSERVICEFILE", services.to_str().unwrap()),
+        ]);
+        let c = ConnInfo::parse_with("user=u", &e2).unwrap();
+        assert_eq!(c.to_string(), "postgres://u@svc-host:6001/svc_db");
+        let e = ConnInfo::parse_with("service=nope", &e2).unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e}");
+        // Defaults: a 10 s connect timeout unless one is given.
+        let c = ConnInfo::parse_with("host=h", &env(&[])).unwrap();
+        assert_eq!(
+            c.config.get_connect_timeout(),
+            Some(&Duration::from_secs(10))
+        );
+        let c = ConnInfo::parse_with("host=h", &env(&[("PGCONNECT_TIMEOUT", "3")])).unwrap();
+        assert_eq!(
+            c.config.get_connect_timeout(),
+            Some(&Duration::from_secs(3))
+        );
+        assert!(ConnInfo::parse_with("host=h", &env(&[("PGPORT", "x")])).is_err());
+    }
+
+    #[test]
+    fn passwords_from_the_password_file_never_over_a_given_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pgpass");
+        std::fs::write(
+            &f,
+            "db.example:5432:sales:etl:from-file\n*:*:*:*:wildcard\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = env(&[("PGPASSFILE", f.to_str().unwrap())]);
+        let pw = |s: &str, e: &dyn Fn(&str) -> Option<String>| {
+            ConnInfo::parse_with(s, e)
+                .unwrap()
+                .config
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+        };
+        assert_eq!(
+            pw("postgres://etl@db.example/sales", &e).as_deref(),
+            Some("from-file")
+        );
+        assert_eq!(
+            pw("postgres://bob@db.example/other", &e).as_deref(),
+            Some("wildcard")
+        );
+        assert_eq!(
+            pw("postgres://etl:given@db.example/sales", &e).as_deref(),
+            Some("given")
+        );
+        let with_env = env(&[("PGPASSFILE", f.to_str().unwrap()), ("PGPASSWORD", "env")]);
+        assert_eq!(
+            pw("postgres://etl@db.example/sales", &with_env).as_deref(),
+            Some("env")
+        );
+        // passfile= in the string names another file.
+        let other = dir.path().join("other");
+        std::fs::write(&other, "*:*:*:*:other-file\n").unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = format!(
+            "host=db.example user=etl dbname=sales passfile={}",
+            other.display()
+        );
+        assert_eq!(pw(&s, &e).as_deref(), Some("other-file"));
+        // The password is never shown.
+        let c = ConnInfo::parse_with("postgres://etl@db.example/sales", &e).unwrap();
+        assert!(!format!("{c} {c:?}").contains("from-file"));
     }
 
     #[test]

@@ -108,6 +108,15 @@ pub enum Error {
         message: String,
     },
 
+    #[error(
+        "sync '{sync}': verify could not read the target {table}: {message}; nothing was written"
+    )]
+    TargetRead {
+        sync: String,
+        table: String,
+        message: String,
+    },
+
     #[error("sync '{sync}': the source COPY stream is malformed: {source}")]
     Frame {
         sync: String,
@@ -160,6 +169,7 @@ impl Error {
             Error::Plan { .. } => "plan",
             Error::SourceRead { .. } => "source_read",
             Error::Rebuild { .. } => "rebuild",
+            Error::TargetRead { .. } => "target_read",
             Error::Frame { .. } => "frame",
             Error::Write { kind, .. } => match kind {
                 PgErrorKind::Connection => "write_connection",

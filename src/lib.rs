@@ -34,6 +34,7 @@ mod diff;
 pub mod error;
 pub mod fuzzing;
 pub mod hash;
+mod libpq;
 mod plan;
 pub mod retry;
 mod sink;

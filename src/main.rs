@@ -390,6 +390,10 @@ fn print_verify(r: &pgdelta::verify::VerifyReport, json: bool) {
         s.entries, s.matching, s.differing, s.gone_from_target, s.unknown_to_snapshot, s.stale,
         r.duration_s
     );
+    match &r.note {
+        Some(why) => eprintln!("  compared by a rebuild of the target's snapshot: {why}"),
+        None => eprintln!("  compared by the sync's snapshot: both tables read at once"),
+    }
     for (what, keys) in [
         ("missing", &r.sample_missing),
         ("different", &r.sample_different),

@@ -71,6 +71,8 @@ pub(crate) enum ReadOf {
     Source,
     /// The target's synced columns: rebuilding the snapshot from the destination.
     Target,
+    /// The target's synced columns, read by `verify`.
+    TargetCheck,
 }
 
 /// What to read: the sessions, the COPY statements, and which side it reads.
@@ -176,6 +178,11 @@ impl SourceRead {
                 message: pg_message(&e),
             },
             ReadOf::Target => Error::Rebuild {
+                sync: self.sync.clone(),
+                table: self.plan.target.clone(),
+                message: pg_message(&e),
+            },
+            ReadOf::TargetCheck => Error::TargetRead {
                 sync: self.sync.clone(),
                 table: self.plan.target.clone(),
                 message: pg_message(&e),

@@ -15,6 +15,7 @@
 //! `sslrootcert` is a PEM file, or `system` for the operating system's bundle; without it the
 //! verifying modes use `~/.postgresql/root.crt`, as libpq does.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -84,21 +85,24 @@ impl Default for TlsSettings {
     }
 }
 
-/// Removes `sslmode` and `sslrootcert` from a URL or key=value connection string (tokio-postgres
-/// would reject `verify-full`) and returns them. Client certificates are not supported.
-pub(crate) fn split_settings(s: &str) -> Result<(String, TlsSettings), Error> {
-    let mut settings = TlsSettings::default();
+/// The libpq settings pgdelta resolves itself (tokio-postgres would reject `verify-full`, and
+/// knows nothing of services and password files).
+const LIBPQ_ONLY: &[&str] = &["sslmode", "sslrootcert", "service", "passfile"];
+
+/// Removes the [`LIBPQ_ONLY`] settings from a URL or key=value connection string and returns
+/// them, values unquoted and decoded. Client certificates are not supported.
+pub(crate) fn split_settings(s: &str) -> Result<(String, BTreeMap<String, String>), Error> {
+    let mut taken = BTreeMap::new();
     let mut take = |key: &str, value: String| -> Result<bool, Error> {
-        match key {
-            "sslmode" => settings.mode = SslMode::parse(&value)?,
-            "sslrootcert" => settings.root_cert = Some(value),
-            "sslcert" | "sslkey" => {
-                return Err(Error::Config(
-                    "client certificates (sslcert, sslkey) are not supported yet; authenticate with a password".into(),
-                ))
-            }
-            _ => return Ok(false),
+        if key == "sslcert" || key == "sslkey" {
+            return Err(Error::Config(
+                "client certificates (sslcert, sslkey) are not supported yet; authenticate with a password".into(),
+            ));
         }
+        if !LIBPQ_ONLY.contains(&key) {
+            return Ok(false);
+        }
+        taken.insert(key.to_string(), value);
         Ok(true)
     };
     let trimmed = s.trim();
@@ -129,7 +133,19 @@ pub(crate) fn split_settings(s: &str) -> Result<(String, TlsSettings), Error> {
         }
         kept.join(" ")
     };
-    Ok((rest, settings))
+    Ok((rest, taken))
+}
+
+impl TlsSettings {
+    /// The TLS settings among resolved libpq settings (`sslmode`, `sslrootcert`).
+    pub(crate) fn from_settings(settings: &BTreeMap<String, String>) -> Result<Self, Error> {
+        let mut tls = TlsSettings::default();
+        if let Some(mode) = settings.get("sslmode") {
+            tls.mode = SslMode::parse(mode)?;
+        }
+        tls.root_cert = settings.get("sslrootcert").cloned();
+        Ok(tls)
+    }
 }
 
 /// Decodes `%XX` escapes in a URL query value (libpq does the same).
@@ -331,13 +347,18 @@ impl ServerCertVerifier for Relaxed {
 mod tests {
     use super::*;
 
+    fn split(s: &str) -> Result<(String, TlsSettings), Error> {
+        let (rest, taken) = split_settings(s)?;
+        Ok((rest, TlsSettings::from_settings(&taken)?))
+    }
+
     #[test]
     fn splits_ssl_settings_out_of_urls() {
-        let (rest, s) = split_settings("postgres://u:p@h:5/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x").unwrap();
+        let (rest, s) = split("postgres://u:p@h:5/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x").unwrap();
         assert_eq!(rest, "postgres://u:p@h:5/db?application_name=x");
         assert_eq!(s.mode, SslMode::VerifyFull);
         assert_eq!(s.root_cert.as_deref(), Some("/tmp/ca.pem"));
-        let (rest, s) = split_settings("postgres://h/db").unwrap();
+        let (rest, s) = split("postgres://h/db").unwrap();
         assert_eq!(
             (rest.as_str(), s),
             ("postgres://h/db", TlsSettings::default())
@@ -348,18 +369,31 @@ mod tests {
 
     #[test]
     fn splits_ssl_settings_out_of_key_values() {
-        let (rest, s) = split_settings(
-            "host=h sslmode=verify-ca password='a b\\'c' sslrootcert='/x y/ca.pem' dbname=d",
-        )
-        .unwrap();
+        let (rest, s) =
+            split("host=h sslmode=verify-ca password='a b\\'c' sslrootcert='/x y/ca.pem' dbname=d")
+                .unwrap();
         assert_eq!(rest, "host=h password='a b\\'c' dbname=d");
         assert_eq!(s.mode, SslMode::VerifyCa);
         assert_eq!(s.root_cert.as_deref(), Some("/x y/ca.pem"));
     }
 
     #[test]
+    fn takes_services_and_password_files_out_too() {
+        let (rest, taken) =
+            split_settings("postgres://h/db?service=wh&passfile=%2Fp&connect_timeout=3").unwrap();
+        assert_eq!(rest, "postgres://h/db?connect_timeout=3");
+        assert_eq!(taken["service"], "wh");
+        assert_eq!(taken["passfile"], "/p");
+        let (rest, taken) = split_settings("service=wh dbname=x").unwrap();
+        assert_eq!(
+            (rest.as_str(), taken["service"].as_str()),
+            ("dbname=x", "wh")
+        );
+    }
+
+    #[test]
     fn rejects_what_it_cannot_do() {
-        assert!(split_settings("postgres://h/db?sslmode=bogus").is_err());
+        assert!(split("postgres://h/db?sslmode=bogus").is_err());
         assert!(split_settings("host=h sslcert=c.pem").is_err());
         let verify_without_root = TlsSettings {
             mode: SslMode::VerifyFull,

@@ -1,39 +1,66 @@
 //! `pgdelta verify`: is the target equal to the model, and does the snapshot describe the
 //! target? With `--repair`, write the fixes.
 //!
-//! 1. **Drift.** A scratch snapshot (a temporary state file) is rebuilt from the target, and the
-//!    source is diffed against it as a dry run: rows *missing* from the target (added), rows
-//!    that *differ* (changed) and *extra* rows the model does not have (removed), with sample
-//!    keys. The same stages as a sync, so the comparison is by key and row hash, byte for byte.
-//! 2. **Snapshot check.** The sync's own snapshot and the scratch one are walked together in key
-//!    order (two sequential scans, no point lookups):
-//!    entries whose target row is gone or differs (someone wrote in the target), target rows
-//!    the snapshot does not know, and stale entries (rejected rows waiting for a retry).
-//! 3. **Repair** (`--repair`, only when there is drift or the snapshot disagrees): a normal sync
+//! 1. **Drift, by the snapshot** (when the sync's snapshot holds entries hashed under this
+//!    model). The source model and the target's synced columns are read at once, each by its
+//!    own binary COPY, and every row of each is hashed and looked up in the snapshot, which
+//!    neither read changes. A row whose hash equals its entry's is the entry's row; only the
+//!    rows that do not match (keys the snapshot lacks, hashes that differ) are kept, with their
+//!    hashes. Equality is transitive, so a key both sides match is equal on both; the kept rows
+//!    are compared directly; an entry one side met and the other did not is a row missing from
+//!    (or extra in) the target. No scratch state, no write: two reads and one lookup per row.
+//!    Too many unmatched rows (a stale snapshot), a duplicate or a NULL key fall back to 2.
+//! 2. **Drift, by a rebuild.** A scratch snapshot (a temporary state file) is rebuilt from the
+//!    target, and the source is diffed against it as a dry run: rows *missing* from the target
+//!    (added), rows that *differ* (changed) and *extra* rows the model does not have (removed),
+//!    with sample keys. The same stages as a sync, so the comparison is by key and row hash,
+//!    byte for byte; the sync's snapshot and the scratch one are then walked together in key
+//!    order for the snapshot check.
+//! 3. **Snapshot check**: entries whose target row is gone or differs (someone wrote in the
+//!    target), target rows the snapshot does not know, and stale entries (rejected rows waiting
+//!    for a retry).
+//! 4. **Repair** (`--repair`, only when there is drift or the snapshot disagrees): a normal sync
 //!    that rebuilds the snapshot from the target and propagates deletes, so the fixes go through
 //!    the normal writer: batches, retries, rejections and the delete guard.
 //!
 //! Nothing is written to the target or the state file without `--repair`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+use tokio::sync::mpsc;
 
 use crate::conn::ConnInfo;
-use crate::error::Error;
+use crate::copy::{has_null, Block};
+use crate::diff::{self, Bitset};
+use crate::error::{join_err, Error};
 use crate::plan::Plan;
 use crate::snapshot::{Reader, Snapshot, STALE_HASH};
+use crate::source::{Read, ReadEnd, ReadOf, SourceRead};
 use crate::spec::SyncSpec;
-use crate::sync::{RunOptions, Summary};
+use crate::sync::stop::{Stop, StopReason};
+use crate::sync::{PipelineSettings, RunOptions, Summary};
 
 /// How many sample keys of each kind a report keeps.
 const SAMPLES: usize = 10;
+
+/// Unmatched rows one side of a comparison by the snapshot may keep (about 100 bytes each)
+/// before verify falls back to a rebuild: a snapshot this far from the tables is no help.
+const MAX_UNMATCHED: usize = 1_000_000;
 
 /// What `verify` found (the `--json` `verify` record).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
     pub sync: String,
     pub target: String,
+    /// How source and target were compared: `snapshot` (both read at once, each row looked
+    /// up in the sync's snapshot) or `rebuild` (a scratch snapshot rebuilt from the target).
+    pub compared_by: String,
+    /// Why the comparison was by a rebuild, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// Rows in the model (the source read).
     pub source_rows: u64,
     /// Rows in the target.
@@ -95,6 +122,77 @@ pub async fn verify(
     repair: bool,
 ) -> Result<VerifyReport, Error> {
     let started = Instant::now();
+    let plan = {
+        let src = source.connect("source", &[]).await?;
+        let dst = dest.connect("destination", &[]).await?;
+        Arc::new(crate::plan::plan(&src, &dst, spec).await?)
+    };
+    let by_snapshot = match usable(snapshot, spec, &plan)? {
+        Ok(reader) => by_snapshot(source, dest, spec, opts, &plan, reader).await?,
+        Err(why) => Err(why),
+    };
+    let mut report = match by_snapshot {
+        Ok(report) => report,
+        Err(why) => {
+            tracing::info!("sync '{}': verify compares by a rebuild: {why}", spec.name);
+            let mut r = by_rebuild(source, dest, spec, opts, snapshot, &plan).await?;
+            r.note = Some(why);
+            r
+        }
+    };
+    if repair && !report.equal {
+        let mut fix = spec.clone();
+        fix.delete = true;
+        let run = RunOptions {
+            rebuild_state: true,
+            dry_run: false,
+            full_resync: false,
+            full_read: true,
+            ..opts.clone()
+        };
+        report.repair = Some(crate::sync::run(source, dest, &fix, &run, snapshot).await?);
+    }
+    report.duration_s = started.elapsed().as_secs_f64();
+    report.peak_rss_bytes = crate::sync::peak_rss_bytes();
+    report.cpu_s = crate::sync::cpu_seconds();
+    Ok(report)
+}
+
+/// The sync's snapshot, when its entries were hashed under this model (else why not).
+fn usable(
+    snapshot: &Snapshot,
+    spec: &SyncSpec,
+    plan: &Plan,
+) -> Result<Result<Reader, String>, Error> {
+    let meta = snapshot
+        .syncs()?
+        .into_iter()
+        .find(|(name, _, _)| *name == spec.name);
+    let why = match meta {
+        None => "the state file has no snapshot of this sync".to_string(),
+        Some((_, _, 0)) => "the sync's snapshot has no entries".into(),
+        Some((_, m, _)) if m.rebuild_pending => {
+            "the sync's snapshot is a rebuild that did not finish".into()
+        }
+        Some((_, m, _)) if m.key_fp != plan.key_fp || m.row_fp.as_deref() != Some(&plan.row_fp) => {
+            "the sync's snapshot was recorded under another model (its hashes cannot be compared)"
+                .into()
+        }
+        Some(_) => return Ok(Ok(snapshot.reader(&spec.name)?)),
+    };
+    Ok(Err(why))
+}
+
+/// Step 2 of the module doc: a scratch snapshot rebuilt from the target, the source diffed
+/// against it as a dry run, and the two snapshots walked together.
+async fn by_rebuild(
+    source: &ConnInfo,
+    dest: &ConnInfo,
+    spec: &SyncSpec,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+    plan: &Plan,
+) -> Result<VerifyReport, Error> {
     let scratch_dir = tempfile::Builder::new()
         .prefix("pgdelta-verify-")
         .tempdir()
@@ -119,18 +217,12 @@ pub async fn verify(
         audit: None,
     };
     let drift = crate::sync::run(source, dest, &probe, &dry, &scratch).await?;
-    let plan = {
-        let src = source.connect("source", &[]).await?;
-        let dst = dest.connect("destination", &[]).await?;
-        crate::plan::plan(&src, &dst, spec).await?
-    };
     let mine = snapshot.reader(&spec.name)?;
-    let check = compare(&mine, &scratch.reader(&spec.name)?, &plan)?;
-    drop(mine);
-    drop(scratch);
-    let mut report = VerifyReport {
+    let check = compare(&mine, &scratch.reader(&spec.name)?, plan)?;
+    Ok(VerifyReport {
         sync: spec.name.clone(),
         target: drift.target.clone(),
+        compared_by: "rebuild".into(),
         source_rows: drift.rows_read,
         target_rows: drift.rebuilt_from_target,
         missing: drift.added,
@@ -141,27 +233,314 @@ pub async fn verify(
         sample_extra: drift.sample_removed.clone(),
         equal: drift.added + drift.changed + drift.removed == 0 && check.agrees(),
         snapshot: check,
-        repair: None,
-        duration_s: 0.0,
-        peak_rss_bytes: 0,
-        cpu_s: 0.0,
+        ..Default::default()
+    })
+}
+
+/// A row of one side that its snapshot entry does not vouch for.
+#[derive(Clone, Copy)]
+struct Unmatched {
+    hash: [u8; 16],
+    /// The entry's slot and whether it is stale; `None`: the snapshot has no such key.
+    entry: Option<(u32, bool)>,
+}
+
+/// What reading one side and looking every row up in the snapshot found.
+#[derive(Default)]
+struct Side {
+    rows: u64,
+    /// Slots of the entries met (whatever the row's hash).
+    seen: Bitset,
+    seen_entries: u64,
+    unmatched: HashMap<Vec<u8>, Unmatched>,
+    /// Why this side cannot be compared by the snapshot (a duplicate or NULL key, too many
+    /// unmatched rows).
+    problem: Option<String>,
+}
+
+/// Reads `copy` from `conn` and looks every row up in `reader`.
+async fn read_side(
+    conn: &ConnInfo,
+    role: &'static str,
+    of: ReadOf,
+    copy: String,
+    spec: &SyncSpec,
+    plan: &Arc<Plan>,
+    reader: &Arc<Reader>,
+    stop: &Stop,
+) -> Result<Side, Error> {
+    let pipe = PipelineSettings::default();
+    let settings = crate::source::session_settings(spec.read_timeout);
+    let client = Arc::new(conn.connect(role, &settings).await?);
+    let (tx, rx) = mpsc::channel::<Block>(pipe.block_queue);
+    let read = SourceRead {
+        read: Read {
+            conn: conn.clone(),
+            clients: vec![client],
+            prelude: Vec::new(),
+            copies: vec![copy],
+            of,
+        },
+        plan: plan.clone(),
+        out: tx,
+        progress: Default::default(),
+        block_bytes: pipe.block_bytes,
+        sync: spec.name.clone(),
+        stop: stop.clone(),
     };
-    if repair && !report.equal {
-        let mut fix = spec.clone();
-        fix.delete = true;
-        let run = RunOptions {
-            rebuild_state: true,
-            dry_run: false,
-            full_resync: false,
-            full_read: true,
-            ..opts.clone()
-        };
-        report.repair = Some(crate::sync::run(source, dest, &fix, &run, snapshot).await?);
+    let read_task = tokio::spawn(read.run());
+    let look = {
+        let reader = reader.clone();
+        tokio::task::spawn_blocking(move || look_up(rx, &reader))
+    };
+    let stats = read_task.await.map_err(join_err)?;
+    let side = look.await.map_err(join_err)??;
+    let stats = stats?;
+    if stats.end != ReadEnd::Complete && side.problem.is_none() {
+        return Err(Error::Interrupted {
+            sync: spec.name.clone(),
+            message: "verify was stopped before it read both tables; nothing was written".into(),
+        });
     }
-    report.duration_s = started.elapsed().as_secs_f64();
-    report.peak_rss_bytes = crate::sync::peak_rss_bytes();
-    report.cpu_s = crate::sync::cpu_seconds();
-    Ok(report)
+    Ok(side)
+}
+
+/// Looks up every row of the blocks in the snapshot; keeps the rows it does not vouch for.
+/// Returns early (closing the channel, which ends the read) on a problem.
+fn look_up(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<Side, Error> {
+    let mut side = Side {
+        seen: Bitset::with_len(reader.len() as usize),
+        ..Default::default()
+    };
+    let mut looked = Vec::new();
+    while let Some(block) = rx.blocking_recv() {
+        diff::lookup(&block, reader, &mut looked)?;
+        for (span, (hash, found)) in block.rows.iter().zip(&looked) {
+            let key = span.key(&block.data);
+            side.rows += 1;
+            let unmatched = match found {
+                _ if has_null(key) => {
+                    side.problem = Some("a key is NULL".into());
+                    return Ok(side);
+                }
+                Some(e) => {
+                    if !side.seen.insert(e.slot) {
+                        side.problem = Some("a key occurs twice".into());
+                        return Ok(side);
+                    }
+                    side.seen_entries += 1;
+                    if e.hash == *hash {
+                        continue;
+                    }
+                    Unmatched {
+                        hash: *hash,
+                        entry: Some((e.slot, e.hash == STALE_HASH)),
+                    }
+                }
+                None => Unmatched {
+                    hash: *hash,
+                    entry: None,
+                },
+            };
+            if side.unmatched.insert(key.to_vec(), unmatched).is_some() {
+                side.problem = Some("a key occurs twice".into());
+                return Ok(side);
+            }
+            if side.unmatched.len() > MAX_UNMATCHED {
+                side.problem = Some(format!(
+                    "more than {MAX_UNMATCHED} rows of one side differ from the sync's snapshot"
+                ));
+                return Ok(side);
+            }
+        }
+    }
+    Ok(side)
+}
+
+/// Step 1 of the module doc. `Err(why)` when the snapshot cannot settle it.
+async fn by_snapshot(
+    source: &ConnInfo,
+    dest: &ConnInfo,
+    spec: &SyncSpec,
+    opts: &RunOptions,
+    plan: &Arc<Plan>,
+    reader: Reader,
+) -> Result<Result<VerifyReport, String>, Error> {
+    let reader = Arc::new(reader);
+    let stop = Stop::child_of(&opts.shutdown);
+    let select = match &plan.table {
+        Some(t) => t.select(&t.list(), None),
+        None => plan.select.clone(),
+    };
+    let copy = |select: &str| format!("COPY ({select}) TO STDOUT (FORMAT binary)");
+    // A side that fails stops the other; its error is the one reported.
+    let (reader_ref, stop_ref) = (&reader, &stop);
+    let side = |conn, role, of, copy| async move {
+        let r = read_side(conn, role, of, copy, spec, plan, reader_ref, stop_ref).await;
+        if r.is_err() {
+            stop_ref.stop(StopReason::WriterFailed);
+        }
+        r
+    };
+    let (s, t) = tokio::join!(
+        side(source, "source", ReadOf::Source, copy(&select)),
+        side(
+            dest,
+            "destination",
+            ReadOf::TargetCheck,
+            plan.target_copy_sql()
+        ),
+    );
+    let (s, t) = match (s, t) {
+        (Ok(s), Ok(t)) => (s, t),
+        (Err(e @ Error::Interrupted { .. }), Err(f)) => {
+            return Err(if stop.reason() == Some(StopReason::Interrupted) {
+                e
+            } else {
+                f
+            })
+        }
+        (Err(e), _) | (_, Err(e)) => return Err(e),
+    };
+    if let Some(p) = s
+        .problem
+        .as_ref()
+        .map(|p| format!("in the model, {p}"))
+        .or_else(|| t.problem.as_ref().map(|p| format!("in the target, {p}")))
+    {
+        return Ok(Err(p));
+    }
+    Ok(Ok(tally(spec, plan, &reader, &s, &t)?))
+}
+
+/// The sample keys of one kind: the first [`SAMPLES`] in key order, whatever order they come in.
+#[derive(Default)]
+struct Samples(Vec<Vec<u8>>);
+
+impl Samples {
+    fn add(&mut self, key: &[u8]) {
+        self.0.push(key.to_vec());
+        if self.0.len() >= 8 * SAMPLES {
+            self.trim();
+        }
+    }
+    fn trim(&mut self) {
+        self.0.sort_unstable();
+        self.0.dedup();
+        self.0.truncate(SAMPLES);
+    }
+    fn describe(mut self, plan: &Plan) -> Vec<String> {
+        self.trim();
+        self.0.iter().map(|k| plan.describe_key(k)).collect()
+    }
+}
+
+/// The report from the two sides.
+fn tally(
+    spec: &SyncSpec,
+    plan: &Plan,
+    reader: &Reader,
+    s: &Side,
+    t: &Side,
+) -> Result<VerifyReport, Error> {
+    let (mut missing, mut different, mut extra) = (0u64, 0u64, 0u64);
+    let (mut sm, mut sd, mut se) = (Samples::default(), Samples::default(), Samples::default());
+    // Rows the source does not match: compared with the target's row for that key.
+    for (key, u) in &s.unmatched {
+        let other = match u.entry {
+            // An entry the target did not meet: the row is missing there (counted below).
+            Some((slot, _)) if !t.seen.contains(slot) => continue,
+            // The target's row is the entry's unless the target did not match it either.
+            Some(_) => t.unmatched.get(key).map(|o| o.hash),
+            None => match t.unmatched.get(key) {
+                Some(o) => Some(o.hash),
+                None => {
+                    missing += 1;
+                    sm.add(key);
+                    continue;
+                }
+            },
+        };
+        if other != Some(u.hash) {
+            different += 1;
+            sd.add(key);
+        }
+    }
+    let mut c = SnapshotCheck {
+        entries: reader.len(),
+        ..Default::default()
+    };
+    let (mut cd, mut cu, mut cg) = (Samples::default(), Samples::default(), Samples::default());
+    // Rows the target does not match: the snapshot check, and drift the loop above left.
+    for (key, u) in &t.unmatched {
+        match u.entry {
+            None => {
+                c.unknown_to_snapshot += 1;
+                cu.add(key);
+                if !s.unmatched.contains_key(key) {
+                    extra += 1;
+                    se.add(key);
+                }
+            }
+            Some((slot, stale)) => {
+                if stale {
+                    c.stale += 1;
+                } else {
+                    c.differing += 1;
+                    cd.add(key);
+                }
+                if !s.seen.contains(slot) {
+                    extra += 1;
+                    se.add(key);
+                } else if !s.unmatched.contains_key(key) {
+                    // The source's row is the entry's, the target's is not.
+                    different += 1;
+                    sd.add(key);
+                }
+            }
+        }
+    }
+    c.matching = t.seen_entries - (c.differing + c.stale);
+    c.gone_from_target = reader.len() - t.seen_entries;
+    // Entries one side met and the other did not: one walk of the snapshot, only when there
+    // are any.
+    if s.seen_entries < reader.len() || t.seen_entries < reader.len() {
+        reader.scan(|key, e| {
+            let (in_s, in_t) = (s.seen.contains(e.slot), t.seen.contains(e.slot));
+            if !in_t {
+                cg.add(key);
+                if in_s {
+                    missing += 1;
+                    sm.add(key);
+                }
+            } else if !in_s && !t.unmatched.contains_key(key) {
+                // Matched in the target, absent from the model (unmatched ones are counted above).
+                extra += 1;
+                se.add(key);
+            }
+            true
+        })?;
+    }
+    c.sample_differing = cd.describe(plan);
+    c.sample_unknown = cu.describe(plan);
+    c.sample_gone = cg.describe(plan);
+    let equal = missing + different + extra == 0 && c.agrees();
+    Ok(VerifyReport {
+        sync: spec.name.clone(),
+        target: plan.target.clone(),
+        compared_by: "snapshot".into(),
+        source_rows: s.rows,
+        target_rows: t.rows,
+        missing,
+        different,
+        extra,
+        sample_missing: sm.describe(plan),
+        sample_different: sd.describe(plan),
+        sample_extra: se.describe(plan),
+        snapshot: c,
+        equal,
+        ..Default::default()
+    })
 }
 
 /// Walks the sync's snapshot and the one rebuilt from the target together in key order.

@@ -10,6 +10,8 @@ mod cli;
 mod delta;
 /// Errors a user can meet before or during a run, each with its message.
 mod errors;
+/// Connection settings from libpq's password file, service file and PG* environment.
+mod libpq_env;
 /// Random operation sequences on the source, a sync after each, destination == source.
 mod model_prop;
 /// Parallel reads: ctid ranges on several sessions under one exported snapshot.

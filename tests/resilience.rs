@@ -319,15 +319,95 @@ async fn sigkill_then_rerun(mode: &str) {
         partial > 0 && partial < 30_000,
         "killed too late to test anything: {partial}"
     );
-    let out = spawn_sync(&env, &["--mode", mode, "--json", "--sleep-ms", "0"])
-        .wait_with_output()
-        .unwrap();
+    run_ok(&env, &["--mode", mode, "--json", "--sleep-ms", "0"]);
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}
+
+/// Runs a sync to its end and checks it exited 0.
+fn run_ok(env: &Env, flags: &[&str]) -> std::process::Output {
+    let out = spawn_sync(env, flags).wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// The last JSON line of a run's stdout.
+fn last_json(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_default()
+}
+
+/// A run reading with three source sessions, killed while it writes: the killed run applied
+/// no delete (its removals come after its writes), and the re-run, split again, converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_split_read_then_rerun_converges() {
+    let env = seeded(30_000).await;
+    let flags = ["--read-sessions", "3"];
+    // A first sync, then a change of every kind at the source.
+    let first = run_ok(&env, &["--json", "--sleep-ms", "0", "--read-sessions", "3"]);
+    assert_eq!(last_json(&first)["data"]["read_sessions"], 3);
+    env.src
+        .batch_execute(
+            "UPDATE t SET qty = qty + 1000 WHERE id % 2 = 0;
+             DELETE FROM t WHERE id % 97 = 0;
+             INSERT INTO t SELECT i, 1, 'new' FROM generate_series(30001, 31000) i;",
+        )
+        .await
+        .unwrap();
+    let deleted: i64 = env
+        .src
+        .query_one(
+            "SELECT count(*) FROM generate_series(1, 30000) i WHERE i % 97 = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut child = spawn_sync(&env, &flags);
+    for _ in 0..500 {
+        let changed: i64 = env
+            .dst
+            .query_one("SELECT count(*) FROM t WHERE qty >= 1000", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if changed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let changed: i64 = env
+        .dst
+        .query_one("SELECT count(*) FROM t WHERE qty >= 1000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        changed > 0 && changed < 15_000,
+        "killed too early or too late to test anything: {changed} rows updated"
+    );
+    // No row was deleted by the killed run.
+    let gone: i64 = env
+        .dst
+        .query_one(
+            "SELECT count(*) FROM t WHERE id <= 30000 AND id % 97 = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(gone, deleted, "the killed run deleted rows");
+    let out = run_ok(&env, &["--json", "--sleep-ms", "0", "--read-sessions", "3"]);
+    let data = &last_json(&out)["data"];
+    assert_eq!(data["read_sessions"], 3, "{data}");
+    assert_eq!(data["removed"].as_i64(), Some(deleted), "{data}");
     env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
         .await;
 }

@@ -25,7 +25,16 @@ async fn synced(rows: i64) -> (Env, pgdelta::spec::SyncSpec) {
 }
 
 async fn run_verify(env: &Env, spec: &pgdelta::spec::SyncSpec, repair: bool) -> VerifyReport {
-    let snap = Snapshot::open(&env.state(), 8 << 20).unwrap();
+    run_verify_at(env, spec, &env.state(), repair).await
+}
+
+async fn run_verify_at(
+    env: &Env,
+    spec: &pgdelta::spec::SyncSpec,
+    state: &std::path::Path,
+    repair: bool,
+) -> VerifyReport {
+    let snap = Snapshot::open(state, 8 << 20).unwrap();
     let src = pgdelta::conn::ConnInfo::parse(&env.src_url).unwrap();
     let dst = pgdelta::conn::ConnInfo::parse(&env.dst_url).unwrap();
     verify(&src, &dst, spec, &RunOptions::default(), &snap, repair)
@@ -51,6 +60,7 @@ async fn drift_made_by_hand_is_found_and_repaired() {
         .await
         .unwrap();
     let r = run_verify(&env, &spec, false).await;
+    assert_eq!(r.compared_by, "snapshot", "{r:?}");
     assert!(!r.equal);
     assert_eq!((r.missing, r.different, r.extra), (2, 3, 1), "{r:?}");
     assert_eq!(r.sample_missing, ["id=40", "id=50"]);
@@ -159,4 +169,99 @@ async fn verify_cli_exit_codes_and_json() {
     );
     assert_eq!(last(&o)["data"]["repair"]["written"], 1);
     assert_eq!(run(&[]).status.code(), Some(0));
+}
+
+/// Drift on both sides at once (the source changed since the last sync, and someone wrote in the
+/// target, sometimes the same change): the comparison by the snapshot finds exactly what the
+/// comparison by a rebuild finds, and equal changes on both sides are not drift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_the_snapshot_and_by_a_rebuild_verify_agree() {
+    let (env, spec) = synced(3000).await;
+    env.src
+        .batch_execute(
+            "UPDATE items SET name = 's' WHERE id IN (1, 2, 3, 4, 5);
+             DELETE FROM items WHERE id IN (6, 7, 8);
+             INSERT INTO items VALUES (5001, 'new', 1, '{x}'), (5002, 'new', 2, NULL), (5003, 'new', 3, NULL);",
+        )
+        .await
+        .unwrap();
+    env.dst
+        .batch_execute(
+            "UPDATE items SET name = 's' WHERE id IN (3, 4);
+             UPDATE items SET qty = -1 WHERE id = 9;
+             DELETE FROM items WHERE id IN (6, 10);
+             INSERT INTO items VALUES (5001, 'new', 1, '{x}'), (5002, 'other', 2, NULL), (6000, 'extra', 0, NULL);",
+        )
+        .await
+        .unwrap();
+    let fast = run_verify(&env, &spec, false).await;
+    assert_eq!(fast.compared_by, "snapshot", "{fast:?}");
+    assert_eq!((fast.source_rows, fast.target_rows), (3000, 3001));
+    assert_eq!(
+        (fast.missing, fast.different, fast.extra),
+        (2, 5, 3),
+        "{fast:?}"
+    );
+    assert_eq!(fast.sample_missing, ["id=10", "id=5003"]);
+    assert_eq!(
+        fast.sample_different,
+        ["id=1", "id=2", "id=5", "id=9", "id=5002"]
+    );
+    assert_eq!(fast.sample_extra, ["id=7", "id=8", "id=6000"]);
+    let s = &fast.snapshot;
+    assert_eq!(
+        (
+            s.entries,
+            s.matching,
+            s.differing,
+            s.gone_from_target,
+            s.unknown_to_snapshot
+        ),
+        (3000, 2995, 3, 2, 3),
+        "{s:?}"
+    );
+    assert_eq!(s.sample_differing, ["id=3", "id=4", "id=9"]);
+    assert_eq!(s.sample_gone, ["id=6", "id=10"]);
+
+    // The same question with no snapshot to lean on: a rebuild from the target.
+    let empty = env.dir.path().join("empty.redb");
+    let slow = run_verify_at(&env, &spec, &empty, false).await;
+    assert_eq!(slow.compared_by, "rebuild");
+    assert_eq!(
+        slow.note.as_deref(),
+        Some("the state file has no snapshot of this sync")
+    );
+    assert_eq!(
+        (
+            slow.source_rows,
+            slow.target_rows,
+            slow.missing,
+            slow.different,
+            slow.extra
+        ),
+        (
+            fast.source_rows,
+            fast.target_rows,
+            fast.missing,
+            fast.different,
+            fast.extra
+        )
+    );
+    // The rebuild samples in the source's stream order, the snapshot in key order.
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(&slow.sample_missing), sorted(&fast.sample_missing));
+    assert_eq!(
+        sorted(&slow.sample_different),
+        sorted(&fast.sample_different)
+    );
+    assert_eq!(sorted(&slow.sample_extra), sorted(&fast.sample_extra));
+    assert_eq!(
+        Env::count(&env.dst, "items").await,
+        3001,
+        "verify writes nothing"
+    );
 }

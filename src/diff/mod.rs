@@ -181,7 +181,7 @@ impl Diff {
 
 /// Hashes every row of `block` and looks its key up in the snapshot, in parallel; `looked`
 /// receives (hash, entry) in stream order.
-fn lookup(
+pub(crate) fn lookup(
     block: &Block,
     reader: &Reader,
     looked: &mut Vec<([u8; 16], Option<Entry>)>,

@@ -163,6 +163,18 @@ impl TempPostgres {
         }
     }
 
+    /// Makes every role but `postgres` log in over TCP with a password (SCRAM), then reloads
+    /// (the postmaster rereads pg_hba.conf asynchronously: callers wait for it to bite). Tests
+    /// of password files and services need a server that asks for one.
+    pub fn require_passwords(&self) -> Result<(), Error> {
+        let hba = self.data.join("pg_hba.conf");
+        let text = "local all all trust\n\
+                    host all postgres 127.0.0.1/32 trust\n\
+                    host all all 127.0.0.1/32 scram-sha-256\n";
+        fs::write(&hba, text).map_err(|e| server_err(&hba, "write", e))?;
+        self.run("pg_ctl", &["-D", path_str(&self.data), "reload"])
+    }
+
     /// Restarts the server in place (fault-injection tests: a failover or a restart mid-run).
     pub fn restart(&self, mode: &str) -> Result<(), Error> {
         let port_opt = format!("-p {}", self.port);
