@@ -28,6 +28,15 @@ pub struct ConfigFile {
     pub syncs: Vec<SyncEntry>,
     /// Sync logs as tables in the destination.
     pub audit: Option<AuditSettings>,
+    pub metrics: Option<MetricsSettings>,
+}
+
+/// `[metrics]`: Prometheus metrics.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Written atomically after each run; relative paths are relative to the config file.
+    pub file: Option<PathBuf>,
 }
 
 /// A database: a connection string inline, or the name of an environment variable holding one
@@ -371,6 +380,8 @@ pub struct Request {
     pub audit_schema: Option<String>,
     /// `--audit-changes`: overrides `[audit] changes`.
     pub audit_changes: Option<Changes>,
+    /// `--metrics-file`: overrides `[metrics] file`.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// Everything a sync invocation needs, resolved from the config file, flags and environment.
@@ -382,6 +393,8 @@ pub struct Invocation {
     pub specs: Vec<SyncSpec>,
     /// Where sync logs go as tables, if anywhere.
     pub audit: Option<AuditSettings>,
+    /// Where Prometheus metrics are written after each run, if anywhere.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// The state file when neither the flags nor the config name one.
@@ -413,15 +426,21 @@ impl Request {
         };
         let source = endpoint(&self.source, "source", "PGDELTA_SOURCE_URL")?;
         let destination = endpoint(&self.destination, "destination", "PGDELTA_DESTINATION_URL")?;
+        // A path in the config file is relative to the file.
+        let in_file = |get: &dyn Fn(&ConfigFile) -> Option<&PathBuf>| {
+            let (f, p) = file.as_ref()?;
+            let dir = p.parent().unwrap_or(Path::new("."));
+            get(f).map(|s| dir.join(s))
+        };
         let state = self
             .state
             .clone()
-            .or_else(|| {
-                let (f, p) = file.as_ref()?;
-                let dir = p.parent().unwrap_or(Path::new("."));
-                f.state.as_ref().map(|s| dir.join(s))
-            })
+            .or_else(|| in_file(&|f| f.state.as_ref()))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE));
+        let metrics_file = self
+            .metrics_file
+            .clone()
+            .or_else(|| in_file(&|f| f.metrics.as_ref().and_then(|m| m.file.as_ref())));
         let entries = match &file {
             Some((f, path)) if !self.model.given() => self.file_entries(f, path)?,
             _ => vec![self.model.to_entry()?],
@@ -459,6 +478,7 @@ impl Request {
             state,
             specs,
             audit,
+            metrics_file,
         })
     }
 
@@ -558,6 +578,7 @@ region = "region_code"
         std::fs::write(
             &cfg,
             "state = \"s.redb\"\n[source]\nurl = \"postgres://a@h/src\"\n[destination]\nurl = \"postgres://a@h/dst\"\n\
+             [metrics]\nfile = \"m/pgdelta.prom\"\n\
              [[sync]]\nname = \"a\"\ntable = \"t\"\ntarget = \"t\"\nkey = \"id\"\nbatch_size = 10\n\
              [[sync]]\nname = \"b\"\ntable = \"u\"\ntarget = \"u\"\nkey = \"id\"\nmax_retries = 2\n",
         )
@@ -573,6 +594,7 @@ region = "region_code"
         };
         let inv = req.resolve().unwrap();
         assert_eq!(inv.state, dir.path().join("s.redb"));
+        assert_eq!(inv.metrics_file, Some(dir.path().join("m/pgdelta.prom")));
         assert_eq!(inv.specs.len(), 2);
         assert!(inv
             .specs

@@ -35,6 +35,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod hash;
 mod libpq;
+pub mod metrics;
 mod plan;
 pub mod retry;
 mod sink;

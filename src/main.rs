@@ -132,6 +132,10 @@ struct SyncArgs {
     /// none (default) or all: also log every row written, deleted or rejected in sync_changes.
     #[arg(long)]
     audit_changes: Option<pgdelta::audit::Changes>,
+    /// Write Prometheus metrics of every sync in the state file here after each run
+    /// (atomically; for node_exporter's textfile collector).
+    #[arg(long, env = "PGDELTA_METRICS_FILE")]
+    metrics_file: Option<PathBuf>,
     /// Print the plan (rows to add, change, remove) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -260,6 +264,7 @@ impl SyncArgs {
             state: self.state.clone(),
             audit_schema: self.audit_schema.clone(),
             audit_changes: self.audit_changes,
+            metrics_file: self.metrics_file.clone(),
             model: FlagModel {
                 table: self.table.clone(),
                 query: self.query.clone(),
@@ -326,6 +331,12 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
             }
             Err((e, so_far)) => {
                 code = code.max(report_failure(&e, a.json, Some(&spec.name), Some(so_far)))
+            }
+        }
+        if let Some(path) = &inv.metrics_file {
+            // The run is recorded in the state file whatever happens here.
+            if let Err(e) = pgdelta::metrics::write_file(path, &snapshot) {
+                tracing::warn!("{e}");
             }
         }
     }

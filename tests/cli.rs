@@ -423,3 +423,102 @@ fn a_failure_never_exits_0_when_stdout_is_closed() {
         "cannot connect: exit 1, reader or not"
     );
 }
+
+/// `--metrics-file`: Prometheus text after each run, from the state file's run log; a failed run
+/// flips the last run's status and keeps the last success's time and counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_file_after_each_run() {
+    let env = Env::new().await;
+    env.both("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    env.src
+        .batch_execute("INSERT INTO t SELECT i, i FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    let state = env.state();
+    let metrics = env.dir.path().join("textfile").join("pgdelta.prom");
+    std::fs::create_dir_all(metrics.parent().unwrap()).unwrap();
+    let run = |target: &str| {
+        pgdelta(
+            env.dir.path(),
+            &[
+                "sync",
+                "--source",
+                &env.src_url,
+                "--destination",
+                &env.dst_url,
+                "--table",
+                "t",
+                "--target",
+                target,
+                "--name",
+                "t",
+                "--key",
+                "id",
+                "--state",
+                state.to_str().unwrap(),
+                "--metrics-file",
+                metrics.to_str().unwrap(),
+            ],
+        )
+    };
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+    };
+    let o = run("t");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    let first = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(value(&first, "pgdelta_last_run_success{sync=\"t\"}"), 1.0);
+    assert_eq!(
+        value(
+            &first,
+            "pgdelta_last_success_rows{sync=\"t\",kind=\"written\"}"
+        ),
+        100.0
+    );
+    assert_eq!(
+        value(
+            &first,
+            "pgdelta_last_success_read_strategy{sync=\"t\",strategy=\"full\"}"
+        ),
+        1.0
+    );
+    let ok_at = value(&first, "pgdelta_last_success_timestamp_seconds{sync=\"t\"}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - ok_at).abs() < 60.0, "{ok_at} vs {now}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&metrics).unwrap().permissions().mode();
+    assert_eq!(mode & 0o044, 0o044, "readable by node_exporter: {mode:o}");
+
+    // A failing run (the target does not exist).
+    let o = run("missing_table");
+    assert_ne!(o.status.code(), Some(0));
+    let second = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(value(&second, "pgdelta_last_run_success{sync=\"t\"}"), 0.0);
+    assert!(value(&second, "pgdelta_last_run_timestamp_seconds{sync=\"t\"}") > ok_at);
+    assert_eq!(
+        value(
+            &second,
+            "pgdelta_last_success_timestamp_seconds{sync=\"t\"}"
+        ),
+        ok_at
+    );
+    assert_eq!(
+        value(
+            &second,
+            "pgdelta_last_success_rows{sync=\"t\",kind=\"written\"}"
+        ),
+        100.0
+    );
+    // Nothing else left in the directory (the temporary file was renamed).
+    assert_eq!(
+        std::fs::read_dir(metrics.parent().unwrap())
+            .unwrap()
+            .count(),
+        1
+    );
+}

@@ -274,22 +274,36 @@ impl Snapshot {
     /// The newest `limit` run records, oldest first. Records this build cannot read (written
     /// by another version) are skipped.
     pub fn runs<T: DeserializeOwned>(&self, limit: usize) -> Result<Vec<(u64, T)>, SnapshotError> {
-        let txn = self.inner.db.begin_read().map_err(|e| self.err(e))?;
-        let Some(t) = open_optional(&txn, RUNS, &self.inner.path)? else {
-            return Ok(Vec::new());
-        };
         let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.err(e))?.rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if let Ok(record) = serde_json::from_str(v.value()) {
-                out.push((k.value(), record));
-            }
+        if limit > 0 {
+            self.runs_back(|id, record| {
+                out.push((id, record));
+                out.len() < limit
+            })?;
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// Walks the run log newest first, calling `f(run id, record)` until it returns false.
+    /// Records this build cannot read are skipped.
+    pub fn runs_back<T: DeserializeOwned>(
+        &self,
+        mut f: impl FnMut(u64, T) -> bool,
+    ) -> Result<(), SnapshotError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.err(e))?;
+        let Some(t) = open_optional(&txn, RUNS, &self.inner.path)? else {
+            return Ok(());
+        };
+        for item in t.iter().map_err(|e| self.err(e))?.rev() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if let Ok(record) = serde_json::from_str(v.value()) {
+                if !f(k.value(), record) {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The metadata and entry count of every sync in the file.
