@@ -133,6 +133,10 @@ pub struct SyncEntry {
     pub read_sessions: Option<ReadSessions>,
     /// Sync only shard I of N (`"0/4"`): the rows whose key hashes to I.
     pub shard: Option<String>,
+    /// Schedule mode: run every DURATION (`15m`), from the start.
+    pub every: Option<String>,
+    /// Schedule mode: run on a five-field cron schedule, in UTC.
+    pub schedule: Option<String>,
 }
 
 impl ConfigFile {
@@ -192,6 +196,10 @@ impl SyncEntry {
         set(&mut self.full_read_every, &o.full_read_every);
         set(&mut self.read_sessions, &o.read_sessions);
         set(&mut self.shard, &o.shard);
+        if o.every.is_some() || o.schedule.is_some() {
+            self.every.clone_from(&o.every);
+            self.schedule.clone_from(&o.schedule);
+        }
     }
 
     /// Validates the entry and fills in every default.
@@ -281,6 +289,8 @@ impl SyncEntry {
                 spec.shard = Some(shard);
             }
         }
+        spec.schedule = crate::schedule::parse(self.every.as_deref(), self.schedule.as_deref())
+            .map_err(|m| bad(&m))?;
         Ok(spec)
     }
 }
@@ -363,6 +373,9 @@ pub struct Overrides {
     pub read_sessions: Option<ReadSessions>,
     /// `--shard I/N`.
     pub shard: Option<String>,
+    /// `--every` / `--schedule`: one replaces the other given in the file.
+    pub every: Option<String>,
+    pub schedule: Option<String>,
 }
 
 /// What one invocation asks for, before resolution.

@@ -38,6 +38,7 @@ mod libpq;
 pub mod metrics;
 mod plan;
 pub mod retry;
+pub mod schedule;
 mod sink;
 pub mod snapshot;
 mod source;

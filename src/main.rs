@@ -159,6 +159,14 @@ struct SyncArgs {
     /// snapshot (sync name NAME#I/N) and deletes; N processes together sync the whole model.
     #[arg(long, value_name = "I/N", env = "PGDELTA_SHARD")]
     shard: Option<String>,
+    /// Keep running and run every sync this often (15m, 1h, 1d), starting now; a failed run
+    /// does not stop the schedule. SIGINT/SIGTERM finish the batch in flight and exit.
+    #[arg(long, value_name = "DURATION", conflicts_with = "schedule")]
+    every: Option<String>,
+    /// Keep running and run every sync on this cron schedule (five fields, UTC), e.g.
+    /// "0 2 * * *" for 02:00 daily.
+    #[arg(long, value_name = "CRON")]
+    schedule: Option<String>,
     /// Rebuild the snapshot from the target before the run (it is a cache of the target):
     /// costs one read of the target, and the run then writes only rows that differ.
     #[arg(long, conflicts_with = "full_resync")]
@@ -288,6 +296,8 @@ impl SyncArgs {
                 full_read_every: self.full_read_every.clone(),
                 read_sessions: self.read_sessions,
                 shard: self.shard.clone(),
+                every: self.every.clone(),
+                schedule: self.schedule.clone(),
             },
         }
     }
@@ -315,32 +325,111 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         shutdown: shutdown_signal(),
         timeline: a.timeline,
     };
+    if inv.specs.iter().any(|s| s.schedule.is_some()) {
+        return run_scheduled(&inv, &opts, &snapshot, a.json).await;
+    }
     let mut code = 0;
     for spec in &inv.specs {
         if opts.shutdown.is_cancelled() {
             break;
         }
-        match pgdelta::sync::run_counted(&inv.source, &inv.destination, spec, &opts, &snapshot)
-            .await
-        {
-            Ok(s) => {
-                print_summary(&s, a.json);
-                if s.rejected > 0 {
-                    code = code.max(3);
-                }
-            }
-            Err((e, so_far)) => {
-                code = code.max(report_failure(&e, a.json, Some(&spec.name), Some(so_far)))
+        code = code.max(run_one(&inv, spec, &opts, &snapshot, a.json).await);
+    }
+    code
+}
+
+/// Runs one sync and reports it (summary or error, metrics file); returns its exit code.
+async fn run_one(
+    inv: &Invocation,
+    spec: &pgdelta::spec::SyncSpec,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+    json: bool,
+) -> i32 {
+    let code = match pgdelta::sync::run_counted(&inv.source, &inv.destination, spec, opts, snapshot)
+        .await
+    {
+        Ok(s) => {
+            print_summary(&s, json);
+            if s.rejected > 0 {
+                3
+            } else {
+                0
             }
         }
-        if let Some(path) = &inv.metrics_file {
-            // The run is recorded in the state file whatever happens here.
-            if let Err(e) = pgdelta::metrics::write_file(path, &snapshot) {
-                tracing::warn!("{e}");
-            }
+        Err((e, so_far)) => report_failure(&e, json, Some(&spec.name), Some(so_far)),
+    };
+    if let Some(path) = &inv.metrics_file {
+        // The run is recorded in the state file whatever happens here.
+        if let Err(e) = pgdelta::metrics::write_file(path, snapshot) {
+            tracing::warn!("{e}");
         }
     }
     code
+}
+
+/// Schedule mode (`every` / `schedule`): runs each sync when it is due, one run at a time,
+/// until SIGINT/SIGTERM, which finish the batch in flight; a failed run is reported and the
+/// schedule goes on; occurrences missed while a run went on are skipped with a warning.
+/// Exits 0 once stopped: every run's outcome is in its own report, the run log and the metrics.
+async fn run_scheduled(
+    inv: &Invocation,
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+    json: bool,
+) -> i32 {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let shown = |t: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+    };
+    let mut schedules = Vec::new();
+    for spec in &inv.specs {
+        let Some(s) = &spec.schedule else {
+            let e = Error::Config(format!(
+                "sync '{}' has no every or schedule while other syncs of this config do: give each one (or --every / --schedule for all), or run it from another invocation",
+                spec.name
+            ));
+            return report_error(&e, json, Some(&spec.name));
+        };
+        let first = s.first(now());
+        eprintln!(
+            "pgdelta: sync '{}' runs {s}; first run at {}",
+            spec.name,
+            shown(first)
+        );
+        schedules.push((spec, s, first));
+    }
+    loop {
+        let Some(i) = (0..schedules.len()).min_by_key(|&i| schedules[i].2) else {
+            return 0;
+        };
+        let (spec, schedule, due) = schedules[i];
+        let wait = std::time::Duration::from_secs(due.saturating_sub(now()));
+        tokio::select! {
+            _ = opts.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        run_one(inv, spec, opts, snapshot, json).await;
+        if opts.shutdown.is_cancelled() {
+            break;
+        }
+        let (next, missed) = schedule.next(due, now());
+        if missed > 0 {
+            tracing::warn!(
+                "sync '{}': the run due at {} ended after its next {missed} occurrence(s): skipped them; next run at {}",
+                spec.name,
+                shown(due),
+                shown(next)
+            );
+        }
+        schedules[i].2 = next;
+    }
+    eprintln!("pgdelta: stopped; the next start resumes from what was recorded");
+    0
 }
 
 /// Exit code of `verify` when the target or the snapshot drifted (and `--repair` was not given).

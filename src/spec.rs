@@ -131,6 +131,8 @@ pub struct SyncSpec {
     pub read_sessions: ReadSessions,
     /// This run syncs one shard of the model: the rows whose key hashes to it.
     pub shard: Option<Shard>,
+    /// Schedule mode: when the sync runs (`every` / `schedule`); `None` runs it once.
+    pub schedule: Option<crate::schedule::Schedule>,
 }
 
 /// One of `count` processes that sync a model together (`--shard I/N`): this one handles the
@@ -204,6 +206,7 @@ impl SyncSpec {
             delta_max_share: DEFAULT_DELTA_MAX_SHARE,
             read_sessions: ReadSessions::Auto,
             shard: None,
+            schedule: None,
         }
     }
 }

@@ -1,9 +1,22 @@
 use std::process::{Command, Output};
 
-use crate::support::{pgdelta_command, Env};
+use crate::support::{pgdelta_command, sync_t, Env};
 
 fn pgdelta(dir: &std::path::Path, args: &[&str]) -> Output {
     pgdelta_command(dir, args).output().expect("run pgdelta")
+}
+
+/// A table `t (id, v)` on both sides, `rows` rows at the source.
+async fn seeded_t(rows: i32) -> Env {
+    let env = Env::new().await;
+    env.both("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    env.src
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT i, i FROM generate_series(1, {rows}) i"
+        ))
+        .await
+        .unwrap();
+    env
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -198,38 +211,14 @@ async fn usage_errors_exit_2_and_secrets_never_show() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_run_ends_its_json_with_the_error_kind_and_the_counts_so_far() {
-    let env = Env::new().await;
-    env.both("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
-    env.src
-        .batch_execute("INSERT INTO t SELECT i, i FROM generate_series(1, 100) i")
-        .await
-        .unwrap();
+    let env = seeded_t(100).await;
     env.dst
         .batch_execute("ALTER TABLE t ADD CONSTRAINT no_50_60 CHECK (v <> 50 AND v <> 60)")
         .await
         .unwrap();
-    let state = env.state();
-    let o = pgdelta(
-        env.dir.path(),
-        &[
-            "sync",
-            "--source",
-            &env.src_url,
-            "--destination",
-            &env.dst_url,
-            "--table",
-            "t",
-            "--target",
-            "t",
-            "--key",
-            "id",
-            "--state",
-            state.to_str().unwrap(),
-            "--max-rejected",
-            "1",
-            "--json",
-        ],
-    );
+    let o = sync_t(&env, &env.state(), &["--max-rejected", "1", "--json"])
+        .output()
+        .unwrap();
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
@@ -428,45 +417,21 @@ fn a_failure_never_exits_0_when_stdout_is_closed() {
 /// flips the last run's status and keeps the last success's time and counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_file_after_each_run() {
-    let env = Env::new().await;
-    env.both("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
-    env.src
-        .batch_execute("INSERT INTO t SELECT i, i FROM generate_series(1, 100) i")
-        .await
-        .unwrap();
+    let env = seeded_t(100).await;
     let state = env.state();
     let metrics = env.dir.path().join("textfile").join("pgdelta.prom");
     std::fs::create_dir_all(metrics.parent().unwrap()).unwrap();
-    let run = |target: &str| {
-        pgdelta(
-            env.dir.path(),
-            &[
-                "sync",
-                "--source",
-                &env.src_url,
-                "--destination",
-                &env.dst_url,
-                "--table",
-                "t",
-                "--target",
-                target,
-                "--name",
-                "t",
-                "--key",
-                "id",
-                "--state",
-                state.to_str().unwrap(),
-                "--metrics-file",
-                metrics.to_str().unwrap(),
-            ],
-        )
+    let run = || {
+        sync_t(&env, &state, &["--metrics-file", metrics.to_str().unwrap()])
+            .output()
+            .unwrap()
     };
     let value = |text: &str, series: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
     };
-    let o = run("t");
+    let o = run();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
     let first = std::fs::read_to_string(&metrics).unwrap();
     assert_eq!(value(&first, "pgdelta_last_run_success{sync=\"t\"}"), 1.0);
@@ -494,9 +459,13 @@ async fn metrics_file_after_each_run() {
     let mode = std::fs::metadata(&metrics).unwrap().permissions().mode();
     assert_eq!(mode & 0o044, 0o044, "readable by node_exporter: {mode:o}");
 
-    // A failing run (the target does not exist).
-    let o = run("missing_table");
-    assert_ne!(o.status.code(), Some(0));
+    // A failing run (the target is away).
+    env.dst
+        .batch_execute("ALTER TABLE t RENAME TO away")
+        .await
+        .unwrap();
+    let o = run();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o).1);
     let second = std::fs::read_to_string(&metrics).unwrap();
     assert_eq!(value(&second, "pgdelta_last_run_success{sync=\"t\"}"), 0.0);
     assert!(value(&second, "pgdelta_last_run_timestamp_seconds{sync=\"t\"}") > ok_at);
@@ -521,4 +490,126 @@ async fn metrics_file_after_each_run() {
             .count(),
         1
     );
+}
+
+/// Schedule mode: `--every` keeps the process running and syncing; a failing run does not
+/// stop the schedule; SIGTERM stops it cleanly (exit 0); a run longer than the interval skips
+/// the occurrences it overran, with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_keeps_syncing_through_failures_until_sigterm() {
+    let env = seeded_t(200).await;
+    let state = env.state();
+    let spawn = |state: &std::path::Path, extra: &[&str]| {
+        let mut extra = extra.to_vec();
+        extra.push("--json");
+        sync_t(&env, state, &extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let dst_count = |sql: &'static str| {
+        let dst = &env.dst;
+        async move {
+            dst.query_one(sql, &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(-1)
+        }
+    };
+    let wait_for = |sql: &'static str, want: i64| async move {
+        for _ in 0..200 {
+            if dst_count(sql).await == want {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("{sql} never reached {want}");
+    };
+    let child = spawn(&state, &["--every", "1s"]);
+    wait_for("SELECT count(*) FROM t", 200).await;
+    env.src
+        .batch_execute("UPDATE t SET v = -1 WHERE id <= 10")
+        .await
+        .unwrap();
+    wait_for("SELECT count(*) FROM t WHERE v = -1", 10).await;
+    // Runs fail while the target is away; the schedule goes on.
+    env.dst
+        .batch_execute("ALTER TABLE t RENAME TO away")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    env.dst
+        .batch_execute("ALTER TABLE away RENAME TO t")
+        .await
+        .unwrap();
+    env.src
+        .batch_execute("UPDATE t SET v = -2 WHERE id <= 20")
+        .await
+        .unwrap();
+    wait_for("SELECT count(*) FROM t WHERE v = -2", 20).await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("runs every 1s"), "{stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+    let kinds: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["type"].as_str().map(String::from))
+        .collect();
+    let summaries = kinds.iter().filter(|k| *k == "summary").count();
+    let errors = kinds.iter().filter(|k| *k == "error").count();
+    assert!(summaries >= 3 && errors >= 1, "{kinds:?}");
+
+    // A run longer than the interval: 400 rows in batches of 20, 200 ms apart, every 1 s.
+    env.src
+        .batch_execute("INSERT INTO t SELECT i, i FROM generate_series(201, 600) i")
+        .await
+        .unwrap();
+    let slow = spawn(
+        &state,
+        &["--every", "1s", "--batch-size", "20", "--sleep-ms", "200"],
+    );
+    wait_for("SELECT count(*) FROM t", 600).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(slow.id() as i32, libc::SIGTERM) };
+    let out = slow.wait_with_output().unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("skipped them"), "{stderr}");
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}
+
+#[test]
+fn schedule_flags_are_checked_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = [
+        "sync",
+        "--source",
+        "postgres://u@127.0.0.1:1/s",
+        "--destination",
+        "postgres://u@127.0.0.1:1/d",
+        "--table",
+        "t",
+        "--target",
+        "t",
+        "--key",
+        "id",
+    ];
+    for (extra, want) in [
+        (["--every", "soon"], "not a duration"),
+        (["--schedule", "0 25 * * *"], "hour: 25 is outside 0-23"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        let o = pgdelta(dir.path(), &args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(want), "{err}");
+    }
 }

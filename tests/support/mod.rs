@@ -73,6 +73,28 @@ pub(crate) fn pgdelta_command(dir: &std::path::Path, args: &[&str]) -> std::proc
     cmd
 }
 
+/// `pgdelta sync` of table `t` into `t` on `env`'s databases, key `id`, state `state`, with
+/// `extra` flags, in a clean environment (see [`pgdelta_command`]).
+pub(crate) fn sync_t(env: &Env, state: &std::path::Path, extra: &[&str]) -> std::process::Command {
+    let mut args = vec![
+        "sync",
+        "--source",
+        &env.src_url,
+        "--destination",
+        &env.dst_url,
+        "--table",
+        "t",
+        "--target",
+        "t",
+        "--key",
+        "id",
+        "--state",
+        state.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    pgdelta_command(env.dir.path(), &args)
+}
+
 /// Compares two row lists and reports the first difference (never the whole lists).
 pub(crate) fn assert_rows_equal(a: &[String], b: &[String]) {
     let first = a.iter().zip(b.iter()).position(|(x, y)| x != y);
