@@ -321,7 +321,8 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         full_read: a.full_read,
         rebuild_state: a.rebuild_state,
         audit: inv.audit.clone(),
-        progress: true,
+        // Progress goes to stderr; with --json, nothing but the JSON lines and errors.
+        progress: !a.json,
         shutdown: shutdown_signal(),
         timeline: a.timeline,
     };
@@ -446,7 +447,7 @@ async fn run_verify(a: VerifyArgs) -> i32 {
         Err(e) => return report_error(&e.into(), json, None),
     };
     let opts = RunOptions {
-        progress: true,
+        progress: !json,
         shutdown: shutdown_signal(),
         audit: inv.audit.clone(),
         ..Default::default()

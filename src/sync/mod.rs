@@ -522,6 +522,8 @@ struct RunInfo {
     timeouts: (Option<String>, Option<u64>),
     /// How the table model's reads are split across sessions, or why they are not.
     split_note: Option<String>,
+    /// The rows a full read returns, from the table's statistics (progress and its ETA).
+    estimated_rows: Option<u64>,
 }
 
 /// How a run reads its source ([`delta::decide`]), from the plan, the source's state and what
@@ -599,6 +601,12 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
     if let Some(n) = &split_note {
         tracing::info!("sync '{name}': {n}");
     }
+    let estimated_rows = match (&plan.table, &spec.filter) {
+        (Some(t), None) => estimate_rows(&src, t.oid)
+            .await
+            .map(|n| n / spec.shard.map_or(1, |s| u64::from(s.count))),
+        _ => None,
+    };
     let how = BeginOptions {
         full_resync: env.opts.full_resync,
         clear: env.opts.rebuild_state,
@@ -646,6 +654,7 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
     Ok(Prepared {
         info: RunInfo {
             split_note,
+            estimated_rows,
             plan,
             begin,
             source_state,
@@ -661,6 +670,19 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         rebuild,
         split,
     })
+}
+
+/// The rows of a table (every leaf of a partitioned one) by the planner's statistics; `None`
+/// when a relation was never analyzed or the server cannot say (before PostgreSQL 12).
+async fn estimate_rows(src: &tokio_postgres::Client, oid: u32) -> Option<u64> {
+    let sql = format!(
+        "SELECT sum(c.reltuples)::float8, bool_and(c.reltuples >= 0) FROM pg_class c
+          WHERE (c.oid = {oid} AND c.relkind <> 'p')
+             OR c.oid IN (SELECT relid FROM pg_partition_tree({oid}::oid::regclass) WHERE isleaf)"
+    );
+    let row = src.query_one(&sql, &[]).await.ok()?;
+    let (n, known): (Option<f64>, Option<bool>) = (row.get(0), row.get(1));
+    (known == Some(true)).then(|| n.unwrap_or(0.0).max(0.0) as u64)
 }
 
 /// A shard whose snapshot is empty, in a state file that holds snapshots of the same sync
@@ -788,27 +810,91 @@ async fn pipeline(
     })
 }
 
-/// Samples rows read every 500 ms (the read timeline); prints a line every 5 s when asked.
+/// Samples rows read every 500 ms (the read timeline) and, when asked, shows progress on
+/// stderr: a status line redrawn in place on a terminal, a plain line every 10 s otherwise.
 async fn progress(
-    rows_read: Arc<Progress>,
+    p: Arc<Progress>,
     name: String,
     timeline: Arc<Mutex<Vec<(f32, u64)>>>,
     print: bool,
     started: Instant,
 ) {
+    use std::io::{IsTerminal, Write};
+    /// Clears the status line when the task ends (it is aborted when the pipeline ends).
+    struct Clear(bool);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            if self.0 {
+                eprint!("\r\x1b[2K");
+            }
+        }
+    }
+    let bar = print && std::io::stderr().is_terminal();
+    let _clear = Clear(bar);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     for i in 1u64.. {
         tick.tick().await;
-        let n = Progress::get(&rows_read.rows_read);
+        let n = Progress::get(&p.rows_read);
         let t = started.elapsed().as_secs_f64();
         timeline.lock().expect("not poisoned").push((t as f32, n));
-        if print && i % 10 == 0 {
-            eprintln!(
-                "pgdelta: sync '{name}': {n} rows read ({:.0} rows/s)",
-                n as f64 / t
-            );
+        if bar {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{}", progress_line(&name, &p, t, true));
+            let _ = err.flush();
+        } else if print && i % 20 == 0 {
+            eprintln!("{}", progress_line(&name, &p, t, false));
         }
     }
+}
+
+/// `pgdelta: sync 'x': [#####.....] read 4,500,000 of ~10,000,000 rows (45%, 750,000 rows/s,
+/// about 7s left); written 1,200; deleted 0`.
+fn progress_line(name: &str, p: &Progress, elapsed_s: f64, bar: bool) -> String {
+    let read = Progress::get(&p.rows_read);
+    let expected = Progress::get(&p.expected_rows);
+    let rate = read as f64 / elapsed_s.max(0.001);
+    let mut line = format!("pgdelta: sync '{name}': ");
+    if expected > 0 {
+        let share = (read as f64 / expected as f64).min(1.0);
+        if bar {
+            let full = (share * 20.0).round() as usize;
+            line += &format!("[{}{}] ", "#".repeat(full), ".".repeat(20 - full));
+        }
+        let left = expected.saturating_sub(read) as f64 / rate.max(1.0);
+        line += &format!(
+            "read {} of ~{} rows ({:.0}%, {} rows/s, about {} left)",
+            thousands(read),
+            thousands(expected),
+            share * 100.0,
+            thousands(rate as u64),
+            humantime::format_duration(Duration::from_secs(left.ceil() as u64))
+        );
+    } else {
+        line += &format!(
+            "read {} rows ({} rows/s)",
+            thousands(read),
+            thousands(rate as u64)
+        );
+    }
+    line += &format!(
+        "; written {}; deleted {}",
+        thousands(Progress::get(&p.written)),
+        thousands(Progress::get(&p.deleted))
+    );
+    line
+}
+
+/// 1234567 -> "1,234,567".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The read must have completed for the run to go on to settle and remove.
@@ -958,4 +1044,33 @@ async fn remove(
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn progress_lines_say_how_far_and_how_long() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        let p = Progress::default();
+        p.rows_read.store(4_500_000, Ordering::Relaxed);
+        p.written.store(1200, Ordering::Relaxed);
+        assert_eq!(
+            progress_line("orders", &p, 6.0, false),
+            "pgdelta: sync 'orders': read 4,500,000 rows (750,000 rows/s); written 1,200; deleted 0"
+        );
+        p.expected_rows.store(10_000_000, Ordering::Relaxed);
+        assert_eq!(
+            progress_line("orders", &p, 6.0, true),
+            "pgdelta: sync 'orders': [#########...........] read 4,500,000 of ~10,000,000 rows (45%, 750,000 rows/s, about 8s left); written 1,200; deleted 0"
+        );
+        // More rows than the statistics said: full, nothing left.
+        p.rows_read.store(11_000_000, Ordering::Relaxed);
+        assert!(progress_line("orders", &p, 10.0, true)
+            .contains("[####################] read 11,000,000 of ~10,000,000 rows (100%"));
+    }
 }

@@ -12,6 +12,7 @@
 //! A delta that turns out unprovable (too many changes, rows that entered the model without
 //! being written) becomes a full read in the same transaction, after what it already wrote.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -196,6 +197,10 @@ impl Inputs<'_> {
         cfg: DiffConfig,
     ) -> Result<ReadOutcome, Error> {
         let (env, ctx) = (self.env, self.ctx);
+        let expected = info.estimated_rows.unwrap_or(0);
+        ctx.progress
+            .expected_rows
+            .store(expected, Ordering::Relaxed);
         let read = self.read_model(&info.plan).await?;
         let mut piped = pipeline(env, read, writers, &reader, cfg, ctx, None).await?;
         completed(&ctx.stop, &piped, &env.spec.name)?;
@@ -323,6 +328,9 @@ impl Inputs<'_> {
                 writers,
             );
         }
+        ctx.progress
+            .expected_rows
+            .store(counts.changed + retry.len() as u64, Ordering::Relaxed);
         let prelude = match retry.is_empty() {
             true => Vec::new(),
             false => vec![

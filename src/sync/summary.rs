@@ -119,6 +119,9 @@ pub struct Phases {
 pub struct Progress {
     /// Rows read from the source so far.
     pub rows_read: AtomicU64,
+    /// Rows the current read is expected to return (the table's statistics for a full read, the
+    /// count for a delta read); 0 when unknown.
+    pub expected_rows: AtomicU64,
     /// Rows the destination committed (inserted or updated), and deleted.
     pub written: AtomicU64,
     pub deleted: AtomicU64,
