@@ -37,6 +37,8 @@ pub struct ConfigFile {
 pub struct MetricsSettings {
     /// Written atomically after each run; relative paths are relative to the config file.
     pub file: Option<PathBuf>,
+    /// Schedule mode: serve `/metrics` on this `HOST:PORT`.
+    pub addr: Option<String>,
 }
 
 /// A database: a connection string inline, or the name of an environment variable holding one
@@ -395,6 +397,8 @@ pub struct Request {
     pub audit_changes: Option<Changes>,
     /// `--metrics-file`: overrides `[metrics] file`.
     pub metrics_file: Option<PathBuf>,
+    /// `--metrics-addr`: overrides `[metrics] addr`.
+    pub metrics_addr: Option<String>,
 }
 
 /// Everything a sync invocation needs, resolved from the config file, flags and environment.
@@ -408,6 +412,8 @@ pub struct Invocation {
     pub audit: Option<AuditSettings>,
     /// Where Prometheus metrics are written after each run, if anywhere.
     pub metrics_file: Option<PathBuf>,
+    /// Where schedule mode serves `/metrics`, if anywhere.
+    pub metrics_addr: Option<String>,
 }
 
 /// The state file when neither the flags nor the config name one.
@@ -492,6 +498,10 @@ impl Request {
             specs,
             audit,
             metrics_file,
+            metrics_addr: self.metrics_addr.clone().or_else(|| {
+                let (f, _) = file.as_ref()?;
+                f.metrics.as_ref()?.addr.clone()
+            }),
         })
     }
 

@@ -136,6 +136,9 @@ struct SyncArgs {
     /// (atomically; for node_exporter's textfile collector).
     #[arg(long, env = "PGDELTA_METRICS_FILE")]
     metrics_file: Option<PathBuf>,
+    /// Schedule mode: serve Prometheus metrics on http://HOST:PORT/metrics.
+    #[arg(long, env = "PGDELTA_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     /// Print the plan (rows to add, change, remove) and write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -273,6 +276,7 @@ impl SyncArgs {
             audit_schema: self.audit_schema.clone(),
             audit_changes: self.audit_changes,
             metrics_file: self.metrics_file.clone(),
+            metrics_addr: self.metrics_addr.clone(),
             model: FlagModel {
                 table: self.table.clone(),
                 query: self.query.clone(),
@@ -327,7 +331,29 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         timeline: a.timeline,
     };
     if inv.specs.iter().any(|s| s.schedule.is_some()) {
-        return run_scheduled(&inv, &opts, &snapshot, a.json).await;
+        let Some(addr) = &inv.metrics_addr else {
+            return run_scheduled(&inv, &opts, &snapshot, a.json).await;
+        };
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                let e = Error::Config(format!(
+                    "cannot serve metrics on {addr}: {e}; give a free HOST:PORT to --metrics-addr"
+                ));
+                return report_error(&e, a.json, None);
+            }
+        };
+        eprintln!("pgdelta: serving metrics on http://{addr}/metrics");
+        return tokio::select! {
+            code = run_scheduled(&inv, &opts, &snapshot, a.json) => code,
+            () = pgdelta::metrics::serve(listener, &snapshot) => 0,
+        };
+    }
+    if inv.metrics_addr.is_some() {
+        let e = Error::Config(
+            "--metrics-addr serves metrics while pgdelta keeps running: use it with --every or --schedule (for single runs, --metrics-file)".into(),
+        );
+        return report_error(&e, a.json, None);
     }
     let mut code = 0;
     for spec in &inv.specs {

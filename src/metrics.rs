@@ -150,6 +150,50 @@ pub fn write_file(path: &Path, snapshot: &Snapshot) -> Result<(), Error> {
     Ok(())
 }
 
+/// Serves `GET /metrics` on `listener` until the future is dropped (schedule mode's
+/// `--metrics-addr`), rendering from the state file's run log at each scrape. One connection
+/// at a time, each bounded by a 5 s timeout: a scraper needs no more.
+pub async fn serve(listener: tokio::net::TcpListener, snapshot: &Snapshot) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                let n = conn.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&buf[..n]);
+            }
+            let line = String::from_utf8_lossy(&req);
+            let mut parts = line.split_whitespace();
+            let (status, body) = match (parts.next(), parts.next()) {
+                (Some("GET"), Some("/metrics")) => match render(snapshot) {
+                    Ok(text) => ("200 OK", text),
+                    Err(e) => ("500 Internal Server Error", format!("{e}\n")),
+                },
+                (Some("GET"), _) => ("404 Not Found", "try /metrics\n".to_string()),
+                _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).await?;
+            conn.write_all(body.as_bytes()).await?;
+            conn.shutdown().await
+        })
+        .await;
+        if let Ok(Err(e)) = answer {
+            tracing::debug!("metrics connection: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

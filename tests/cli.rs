@@ -526,8 +526,37 @@ async fn every_keeps_syncing_through_failures_until_sigterm() {
         }
         panic!("{sql} never reached {want}");
     };
-    let child = spawn(&state, &["--every", "1s"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = spawn(&state, &["--every", "1s", "--metrics-addr", &addr]);
     wait_for("SELECT count(*) FROM t", 200).await;
+    // The metrics, served while it runs.
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    };
+    let mut scraped = String::new();
+    for _ in 0..100 {
+        scraped = get("/metrics");
+        if scraped.contains("pgdelta_last_run_success{sync=\"t\"} 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(scraped.starts_with("HTTP/1.1 200 OK"), "{scraped}");
+    assert!(
+        scraped.contains("pgdelta_last_success_rows{sync=\"t\",kind=\"written\"} 200"),
+        "{scraped}"
+    );
+    assert!(get("/").starts_with("HTTP/1.1 404"));
     env.src
         .batch_execute("UPDATE t SET v = -1 WHERE id <= 10")
         .await
@@ -604,6 +633,10 @@ fn schedule_flags_are_checked_before_anything_runs() {
     for (extra, want) in [
         (["--every", "soon"], "not a duration"),
         (["--schedule", "0 25 * * *"], "hour: 25 is outside 0-23"),
+        (
+            ["--metrics-addr", "127.0.0.1:9187"],
+            "use it with --every or --schedule",
+        ),
     ] {
         let mut args = base.to_vec();
         args.extend(extra);
