@@ -32,7 +32,7 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use tokio_postgres::Client;
 
 use crate::copy::{self, Block};
-use crate::error::{pg_message, Error};
+use crate::error::Error;
 use crate::plan::{hex, Plan, SourceTable};
 use crate::spec::FullReadEvery;
 
@@ -399,10 +399,7 @@ pub(crate) async fn begin(
 
 /// An error of the source's read transaction, naming the sync and what was being done.
 fn source_err(sync: &str, what: &str, e: tokio_postgres::Error) -> Error {
-    Error::SourceRead {
-        sync: sync.into(),
-        message: format!("{what}: {}", pg_message(&e)),
-    }
+    Error::source_read(sync, what, &e)
 }
 
 /// The 64-bit id of the 32-bit `xid`, given the next 64-bit id (`xid` is at most 2^31 older).

@@ -81,6 +81,9 @@ pub fn pg_message(err: &tokio_postgres::Error) -> String {
     }
 }
 
+/// How a recovery conflict on a hot standby is explained, wherever it is reported.
+pub(crate) const RECOVERY_CONFLICT_HINT: &str = "the source is a hot standby that cancelled the read to replay changes from its primary: on the standby, raise max_standby_streaming_delay (or max_standby_archive_delay) above the read's duration, or turn on hot_standby_feedback";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad flags, bad config file, bad model definition: exit code 2.
@@ -99,7 +102,13 @@ pub enum Error {
     Plan { sync: String, message: String },
 
     #[error("sync '{sync}': reading the source failed: {message}; nothing was deleted, and the next run picks up where this one stopped")]
-    SourceRead { sync: String, message: String },
+    SourceRead {
+        sync: String,
+        message: String,
+        /// A hot standby cancelled the read for a recovery conflict (SQLSTATE 40001 or 40P01
+        /// on a standby): the run is retried.
+        conflict: bool,
+    },
 
     #[error("sync '{sync}': rebuilding the snapshot from the target {table} failed: {message}; nothing was written, and the next run tries again")]
     Rebuild {
@@ -160,6 +169,34 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed statement of the source read: `what` was being done. A recovery conflict on a
+    /// hot standby (SQLSTATE 40001 or 40P01: a read-only transaction meets neither on a primary)
+    /// is marked for a retry and explained.
+    pub(crate) fn source_read(sync: &str, what: &str, e: &tokio_postgres::Error) -> Error {
+        use tokio_postgres::error::SqlState;
+        let conflict = matches!(
+            e.code(),
+            Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+        );
+        let mut message = match what {
+            "" => pg_message(e),
+            w => format!("{w}: {}", pg_message(e)),
+        };
+        if conflict {
+            message = format!("{message} ({RECOVERY_CONFLICT_HINT})");
+        }
+        Error::SourceRead {
+            sync: sync.into(),
+            message,
+            conflict,
+        }
+    }
+
+    /// A recovery conflict on a hot standby source: worth retrying the run.
+    pub fn is_recovery_conflict(&self) -> bool {
+        matches!(self, Error::SourceRead { conflict: true, .. })
+    }
+
     /// A stable name for the kind of failure, for logs a program reads (the audit table's
     /// `error_kind`): a scheduler can tell a timeout from a bad config without parsing text.
     pub fn kind(&self) -> &'static str {

@@ -173,10 +173,7 @@ impl SourceRead {
         stats: &mut ReadStats,
     ) -> Result<(), Error> {
         let read_err = |e: tokio_postgres::Error| match self.read.of {
-            ReadOf::Source => Error::SourceRead {
-                sync: self.sync.clone(),
-                message: pg_message(&e),
-            },
+            ReadOf::Source => Error::source_read(&self.sync, "", &e),
             ReadOf::Target => Error::Rebuild {
                 sync: self.sync.clone(),
                 table: self.plan.target.clone(),

@@ -25,7 +25,7 @@ use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
 use crate::conn::ConnInfo;
-use crate::error::{pg_message, Error};
+use crate::error::Error;
 use crate::plan::SourceTable;
 
 /// With an automatic count, parts of a relation are at least this many 8 KiB blocks (64 MiB),
@@ -155,16 +155,13 @@ impl Split {
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
             self.snapshot_id
         );
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| Error::SourceRead {
-                sync: self.sync.clone(),
-                message: format!(
-                    "a parallel read session cannot take the read's snapshot: {}",
-                    pg_message(&e)
-                ),
-            })?;
+        client.batch_execute(&sql).await.map_err(|e| {
+            Error::source_read(
+                &self.sync,
+                "a parallel read session cannot take the read's snapshot",
+                &e,
+            )
+        })?;
         Ok(client)
     }
 }
@@ -290,13 +287,12 @@ pub(crate) async fn layout(
     if !table.has_row_versions() {
         return one("a view has no ctid ranges to split");
     }
-    let f = facts(client, table).await.map_err(|e| Error::SourceRead {
-        sync: sync.into(),
-        message: format!(
-            "cannot read the catalog to split the read of {}: {}",
-            table.quoted,
-            pg_message(&e)
-        ),
+    let f = facts(client, table).await.map_err(|e| {
+        let what = format!(
+            "cannot read the catalog to split the read of {}",
+            table.quoted
+        );
+        Error::source_read(sync, &what, &e)
     })?;
     let total: i64 = f.leaves.iter().map(|l| l.blocks.max(0)).sum();
     let cap = ((f.free_connections / 2).max(0) as usize).min(MAX_AUTO_SESSIONS);
@@ -378,10 +374,7 @@ pub(crate) async fn plan(
     let snapshot_id: String = client
         .query_one("SELECT pg_export_snapshot()", &[])
         .await
-        .map_err(|e| Error::SourceRead {
-            sync: sync.into(),
-            message: format!("cannot export the read's snapshot: {}", pg_message(&e)),
-        })?
+        .map_err(|e| Error::source_read(sync, "cannot export the read's snapshot", &e))?
         .get(0);
     let split = Split {
         parts,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgdelta::tools::pgserver::{Durability, TempPostgres};
 
-use crate::support::{connect, pgdelta_command};
+use crate::support::{connect, sync_t_between};
 
 /// Runs `pgdelta sync` of `t` between the two connection strings with `env`; returns the exit
 /// code, stdout's last line and stderr.
@@ -17,25 +17,7 @@ fn sync(
     env: &[(&str, String)],
 ) -> (Option<i32>, String, String) {
     let state = dir.join("state.redb");
-    let mut cmd = pgdelta_command(
-        dir,
-        &[
-            "sync",
-            "--source",
-            src,
-            "--destination",
-            dst,
-            "--table",
-            "t",
-            "--target",
-            "t",
-            "--key",
-            "id",
-            "--json",
-            "--state",
-            state.to_str().unwrap(),
-        ],
-    );
+    let mut cmd = sync_t_between(dir, src, dst, &state, &["--json"]);
     cmd.env("HOME", dir);
     for (k, v) in env {
         cmd.env(k, v);

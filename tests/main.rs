@@ -20,6 +20,8 @@ mod parallel;
 mod rebuild;
 /// Real faults: statement timeouts, bad rows, killed sessions, restarts, signals.
 mod resilience;
+/// A hot standby source: recovery conflicts retried.
+mod standby;
 /// Table and query models, no-change runs, churn, deletes, insert mode, mapping, dry runs.
 mod sync_basic;
 /// TLS with libpq's sslmode semantics, against a server with a test CA.

@@ -137,6 +137,10 @@ pub async fn next_read(
     Ok((d.strategy.as_str(), reason))
 }
 
+/// How many times a run cancelled by a recovery conflict on a hot standby source starts over
+/// (after 2, 4, 8, 16 and 32 s).
+const RECOVERY_RETRIES: u32 = 5;
+
 /// Runs one sync; a failed run is recorded in the run log too. The caller opens the snapshot
 /// (holding its lock for the whole invocation).
 pub async fn run(
@@ -173,10 +177,38 @@ pub async fn run_counted(
     let changes = audit.as_ref().and_then(Audit::change_log);
     let pipe = PipelineSettings::default();
     let progress = Arc::new(Progress::default());
-    let result = run_inner(
-        source, dest, spec, opts, snapshot, &pipe, changes, &progress,
-    )
-    .await;
+    let mut attempt = 0;
+    let result = loop {
+        let result = run_inner(
+            source,
+            dest,
+            spec,
+            opts,
+            snapshot,
+            &pipe,
+            changes.clone(),
+            &progress,
+        )
+        .await;
+        match result {
+            // A hot standby cancelled the read: nothing was deleted and every committed row is
+            // recorded, so the run starts over, after a pause that lets replay catch up.
+            Err(e) if e.is_recovery_conflict() && attempt < RECOVERY_RETRIES => {
+                attempt += 1;
+                let pause = Duration::from_secs(1 << attempt);
+                tracing::warn!(
+                    "sync '{}': {e}; running the sync again in {}s (retry {attempt} of {RECOVERY_RETRIES})",
+                    spec.name,
+                    pause.as_secs()
+                );
+                tokio::select! {
+                    _ = opts.shutdown.cancelled() => break Err(e),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            result => break result,
+        }
+    };
     if let Some(a) = audit {
         a.finish(&result, &progress).await;
     }

@@ -41,30 +41,7 @@ impl TempPostgres {
     /// Initialises and starts a cluster. Fails with the package to install when the server
     /// binaries are missing.
     pub fn start(durability: Durability) -> Result<TempPostgres, Error> {
-        let bindir = find_bindir()?;
-        let run_as = unprivileged_user()?;
-        let root = std::env::temp_dir().join(format!(
-            "pgdelta-pg-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(&root).map_err(|e| server_err(&root, "create", e))?;
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
-                .map_err(|e| server_err(&root, "chown", e))?;
-        }
-        let data = root.join("data");
-        let mut pg = TempPostgres {
-            root,
-            data,
-            bindir,
-            port: 0,
-            run_as,
-            watchdog: None,
-            stopped: false,
-        };
-        pg.spawn_watchdog();
+        let mut pg = TempPostgres::new_root()?;
         pg.run(
             "initdb",
             &[
@@ -96,26 +73,24 @@ impl TempPostgres {
                 "full_page_writes=off".into(),
             ]);
         }
-        let conf = pg.data.join("postgresql.conf");
-        let mut text = fs::read_to_string(&conf).map_err(|e| server_err(&conf, "read", e))?;
-        text.push_str("\n# pgdelta throwaway cluster\n");
-        for s in &settings {
-            text.push_str(s);
-            text.push('\n');
-        }
-        fs::write(&conf, text).map_err(|e| server_err(&conf, "write", e))?;
+        pg.configure(&settings)?;
+        pg.launch()?;
+        Ok(pg)
+    }
 
-        // A free port can be taken between our probe and the server's bind: try a few.
+    /// Starts the server on a free port. A free port can be taken between our probe and the
+    /// server's bind: tries a few.
+    fn launch(&mut self) -> Result<(), Error> {
         let mut last = String::new();
         for _ in 0..5 {
-            pg.port = free_port()?;
-            let log = pg.root.join("server.log");
-            let port_opt = format!("-p {}", pg.port);
-            match pg.run(
+            self.port = free_port()?;
+            let log = self.root.join("server.log");
+            let port_opt = format!("-p {}", self.port);
+            match self.run(
                 "pg_ctl",
                 &[
                     "-D",
-                    path_str(&pg.data),
+                    path_str(&self.data),
                     "-l",
                     path_str(&log),
                     "-o",
@@ -126,7 +101,7 @@ impl TempPostgres {
                     "start",
                 ],
             ) {
-                Ok(()) => return Ok(pg),
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     last = format!("{e}; server log: {}", tail(&log));
                 }
@@ -135,6 +110,85 @@ impl TempPostgres {
         Err(Error::Server(format!(
             "the throwaway PostgreSQL did not start: {last}"
         )))
+    }
+
+    /// A fresh directory for a cluster, owned by the server's user, with its watchdog.
+    fn new_root() -> Result<TempPostgres, Error> {
+        let bindir = find_bindir()?;
+        let run_as = unprivileged_user()?;
+        let root = std::env::temp_dir().join(format!(
+            "pgdelta-pg-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).map_err(|e| server_err(&root, "create", e))?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+                .map_err(|e| server_err(&root, "chown", e))?;
+        }
+        let data = root.join("data");
+        let mut pg = TempPostgres {
+            root,
+            data,
+            bindir,
+            port: 0,
+            run_as,
+            watchdog: None,
+            stopped: false,
+        };
+        pg.spawn_watchdog();
+        Ok(pg)
+    }
+
+    /// Appends settings to the cluster's postgresql.conf.
+    fn configure(&self, settings: &[String]) -> Result<(), Error> {
+        let conf = self.data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).map_err(|e| server_err(&conf, "read", e))?;
+        text.push_str("\n# pgdelta throwaway cluster\n");
+        for s in settings {
+            text.push_str(s);
+            text.push('\n');
+        }
+        fs::write(&conf, text).map_err(|e| server_err(&conf, "write", e))
+    }
+
+    /// A hot standby of `primary`, streaming from it (`pg_basebackup -R`), started on its own
+    /// port with `settings` added (e.g. `max_standby_streaming_delay = 0`).
+    pub fn standby_of(primary: &TempPostgres, settings: &[&str]) -> Result<TempPostgres, Error> {
+        let mut pg = TempPostgres::new_root()?;
+        let port = primary.port.to_string();
+        pg.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                path_str(&pg.data),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+            ],
+        )?;
+        let mut all = vec![
+            format!("unix_socket_directories='{}'", path_str(&pg.root)),
+            "hot_standby=on".into(),
+        ];
+        all.extend(settings.iter().map(|s| s.to_string()));
+        pg.configure(&all)?;
+        pg.launch()?;
+        Ok(pg)
+    }
+
+    /// Promotes a standby to a primary (a failover), waiting until it accepts writes.
+    pub fn promote(&self) -> Result<(), Error> {
+        self.run("pg_ctl", &["-D", path_str(&self.data), "-w", "promote"])
     }
 
     pub fn port(&self) -> u16 {

@@ -76,12 +76,23 @@ pub(crate) fn pgdelta_command(dir: &std::path::Path, args: &[&str]) -> std::proc
 /// `pgdelta sync` of table `t` into `t` on `env`'s databases, key `id`, state `state`, with
 /// `extra` flags, in a clean environment (see [`pgdelta_command`]).
 pub(crate) fn sync_t(env: &Env, state: &std::path::Path, extra: &[&str]) -> std::process::Command {
+    sync_t_between(env.dir.path(), &env.src_url, &env.dst_url, state, extra)
+}
+
+/// [`sync_t`] between any two connection strings, run in `dir`.
+pub(crate) fn sync_t_between(
+    dir: &std::path::Path,
+    src: &str,
+    dst: &str,
+    state: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
     let mut args = vec![
         "sync",
         "--source",
-        &env.src_url,
+        src,
         "--destination",
-        &env.dst_url,
+        dst,
         "--table",
         "t",
         "--target",
@@ -92,7 +103,7 @@ pub(crate) fn sync_t(env: &Env, state: &std::path::Path, extra: &[&str]) -> std:
         state.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    pgdelta_command(env.dir.path(), &args)
+    pgdelta_command(dir, &args)
 }
 
 /// Compares two row lists and reports the first difference (never the whole lists).

@@ -1,0 +1,122 @@
+//! A source that is a hot standby (made with `pg_basebackup -R` from a primary the test
+//! starts): a read cancelled by a recovery conflict is retried, and the sync converges.
+
+use std::time::Duration;
+
+use pgdelta::tools::pgserver::{Durability, TempPostgres};
+
+use crate::support::{assert_rows_equal, connect, sync_t_between, Env};
+
+/// Waits until the standby's `count` query returns `want` (replay is asynchronous).
+async fn replayed(replica: &tokio_postgres::Client, count: &str, want: i64) {
+    for _ in 0..400 {
+        let n: i64 = replica
+            .query_one(count, &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if n == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the standby never replayed: {count} != {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cancelled_by_a_recovery_conflict_is_retried() {
+    let primary = TempPostgres::start(Durability::Fast).unwrap();
+    let admin = connect(&primary.url("postgres")).await;
+    for db in ["src", "dst"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+    }
+    let src = connect(&primary.url("src")).await;
+    let dst = connect(&primary.url("dst")).await;
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v int, note text)";
+    src.batch_execute(ddl).await.unwrap();
+    dst.batch_execute(ddl).await.unwrap();
+    src.batch_execute(
+        "INSERT INTO t SELECT i, i, repeat(md5(i::text), 3) FROM generate_series(1, 200000) i",
+    )
+    .await
+    .unwrap();
+    // A standby that cancels conflicting queries at once.
+    let standby = TempPostgres::standby_of(
+        &primary,
+        &[
+            "max_standby_streaming_delay = 0",
+            "hot_standby_feedback = off",
+        ],
+    )
+    .unwrap();
+    let replica = connect(&standby.url("src")).await;
+    replayed(&replica, "SELECT count(*) FROM t", 200_000).await;
+    let in_recovery: bool = replica
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "the source must be a standby");
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    let src_url = standby.url("src");
+    let dst_url = primary.url("dst");
+    // Small paced batches keep the source's COPY open (the bounded queues hold it back).
+    let child = sync_t_between(
+        dir.path(),
+        &src_url,
+        &dst_url,
+        &state,
+        &[
+            "--delete",
+            "--writers",
+            "1",
+            "--batch-size",
+            "500",
+            "--sleep-ms",
+            "20",
+            "--json",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    for _ in 0..400 {
+        if Env::count(&dst, "t").await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // On the primary: new row versions, and a VACUUM that removes the old ones, which the
+    // standby's read still needs: replaying it cancels the read.
+    src.batch_execute("UPDATE t SET v = -v WHERE id % 10 = 0")
+        .await
+        .unwrap();
+    src.batch_execute("VACUUM t").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("conflict with recovery") && stderr.contains("max_standby_streaming_delay"),
+        "no recovery conflict was met: {stderr}"
+    );
+    assert!(stderr.contains("retry 1 of 5"), "{stderr}");
+    // The retried run read a consistent state of the standby: every row of it.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(last["data"]["rows_read"], 200_000, "{last}");
+    assert_eq!(last["data"]["removed"], 0, "{last}");
+    // Once the standby replayed everything, the destination equals the primary's table.
+    replayed(&replica, "SELECT count(*) FROM t WHERE v < 0", 20_000).await;
+    let a = Env::rows(&replica, "SELECT * FROM t ORDER BY id").await;
+    let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
+    assert_rows_equal(&a, &b);
+    drop(standby);
+    drop(primary);
+}
