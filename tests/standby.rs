@@ -120,3 +120,110 @@ async fn a_read_cancelled_by_a_recovery_conflict_is_retried() {
     drop(standby);
     drop(primary);
 }
+
+/// The last JSON summary of a finished `pgdelta sync`, which must have exited 0.
+fn summary(out: std::process::Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    last["data"].clone()
+}
+
+/// Delta reads across a standby and a failover: a standby is read in full (a failover could
+/// reuse transaction ids), and after the standby is promoted the changed server identity forces
+/// a full read that converges; the next run is a delta again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_and_a_failover_are_read_in_full_then_deltas_resume() {
+    let primary = TempPostgres::start(Durability::Fast).unwrap();
+    let admin = connect(&primary.url("postgres")).await;
+    for db in ["src", "dst"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+    }
+    let src = connect(&primary.url("src")).await;
+    let dst = connect(&primary.url("dst")).await;
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v int)";
+    src.batch_execute(ddl).await.unwrap();
+    dst.batch_execute(ddl).await.unwrap();
+    src.batch_execute("INSERT INTO t SELECT i, i FROM generate_series(1, 1000) i")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    let run = |source: &str| {
+        let out = sync_t_between(
+            dir.path(),
+            source,
+            &primary.url("dst"),
+            &state,
+            &["--delete", "--json"],
+        )
+        .output()
+        .unwrap();
+        summary(out)
+    };
+    let s = run(&primary.url("src"));
+    assert_eq!(s["read_strategy"], "full", "{s}");
+    src.batch_execute("UPDATE t SET v = -v WHERE id <= 10")
+        .await
+        .unwrap();
+    let s = run(&primary.url("src"));
+    assert_eq!(
+        (s["read_strategy"].as_str(), s["written"].as_i64()),
+        (Some("delta"), Some(10)),
+        "{s}"
+    );
+
+    // The standby: read in full, with the reason.
+    let standby = TempPostgres::standby_of(&primary, &[]).unwrap();
+    let replica = connect(&standby.url("src")).await;
+    replayed(&replica, "SELECT count(*) FROM t WHERE v < 0", 10).await;
+    let s = run(&standby.url("src"));
+    assert_eq!(s["read_strategy"], "full", "{s}");
+    assert!(
+        s["read_strategy_reason"]
+            .as_str()
+            .unwrap()
+            .contains("hot standby"),
+        "{s}"
+    );
+    assert_eq!(s["written"], 0, "{s}");
+
+    // Failover: the standby becomes the primary and takes writes.
+    standby.promote().unwrap();
+    let promoted = connect(&standby.url("src")).await;
+    promoted
+        .batch_execute(
+            "UPDATE t SET v = 0 WHERE id BETWEEN 100 AND 104; DELETE FROM t WHERE id > 997;",
+        )
+        .await
+        .unwrap();
+    let s = run(&standby.url("src"));
+    assert_eq!(s["read_strategy"], "full", "{s}");
+    assert_eq!(
+        (s["written"].as_i64(), s["deleted"].as_i64()),
+        (Some(5), Some(3)),
+        "{s}"
+    );
+    let a = Env::rows(&promoted, "SELECT * FROM t ORDER BY id").await;
+    let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
+    assert_rows_equal(&a, &b);
+    // The new primary's reads are deltas again.
+    promoted
+        .batch_execute("UPDATE t SET v = 7 WHERE id = 500")
+        .await
+        .unwrap();
+    let s = run(&standby.url("src"));
+    assert_eq!(
+        (s["read_strategy"].as_str(), s["written"].as_i64()),
+        (Some("delta"), Some(1)),
+        "{s}"
+    );
+    let a = Env::rows(&promoted, "SELECT * FROM t ORDER BY id").await;
+    let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
+    assert_rows_equal(&a, &b);
+}
