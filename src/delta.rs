@@ -283,16 +283,17 @@ fn policy(i: &Inputs<'_>, b: &Basis) -> Option<(String, bool)> {
 /// The condition "this row version's `xmin` is at or after `since`", for a transaction whose
 /// snapshot's xmax is `xmax` (every visible row version has an `xmin` below it). `xmin` is
 /// 32 bits; `xmax - since` is below 2^31 (checked by [`decide`]), so the values in the window
-/// `[since, xmax)` are distinct modulo 2^32. Special ids (0-2, frozen by servers before 9.4) are
-/// old.
+/// `[since, xmax)` are distinct modulo 2^32. Both ends are bounded: after a wraparound, rows
+/// written before it (frozen or not, they keep their raw `xmin`) have numerically larger ids
+/// than the window and must not match. Special ids (0-2, frozen by servers before 9.4) are old.
 pub(crate) fn xmin_condition(since: u64, xmax: u64) -> String {
     let lo = since % (1 << 32);
     let hi = lo + xmax.saturating_sub(since);
     let x = "src.xmin::text::int8";
-    if hi < 1 << 32 {
-        format!("{x} >= {lo}")
+    if hi <= 1 << 32 {
+        format!("({x} >= {lo} AND {x} < {hi})")
     } else {
-        format!("({x} >= {lo} OR {x} BETWEEN 3 AND {})", hi - (1 << 32))
+        format!("({x} >= {lo} OR {x} BETWEEN 3 AND {})", hi - (1 << 32) - 1)
     }
 }
 
@@ -712,12 +713,20 @@ mod tests {
 
     #[test]
     fn xmin_window_wraps_modulo_2_32() {
-        assert_eq!(xmin_condition(800, 950), "src.xmin::text::int8 >= 800");
+        assert_eq!(
+            xmin_condition(800, 950),
+            "(src.xmin::text::int8 >= 800 AND src.xmin::text::int8 < 950)"
+        );
+        // After a wraparound: rows written before it have larger raw ids and stay out.
+        assert_eq!(
+            xmin_condition((1 << 32) + 100, (1 << 32) + 150),
+            "(src.xmin::text::int8 >= 100 AND src.xmin::text::int8 < 150)"
+        );
         let since = (3u64 << 32) - 10;
         assert_eq!(
             xmin_condition(since, since + 20),
             format!(
-                "(src.xmin::text::int8 >= {} OR src.xmin::text::int8 BETWEEN 3 AND 10)",
+                "(src.xmin::text::int8 >= {} OR src.xmin::text::int8 BETWEEN 3 AND 9)",
                 (1u64 << 32) - 10
             )
         );

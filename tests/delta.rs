@@ -429,3 +429,109 @@ async fn random_interleavings_keep_the_destination_equal_to_the_source() {
         "{strategies:?}"
     );
 }
+
+/// Transaction ids wrap around 2^32: a server set just below the wrap (`pg_resetwal -x`), rows
+/// written before and after it, runs on both sides of it. The recorded 64-bit ids and the
+/// 32-bit `xmin` window still select exactly the rows written since the last run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_reads_across_the_transaction_id_wraparound() {
+    use pgdelta::tools::pgserver::{Durability, TempPostgres};
+
+    use crate::support::{assert_rows_equal, create_src_dst, summary, sync_t_between, t_on};
+
+    let mut pg = TempPostgres::start(Durability::Fast).unwrap();
+    create_src_dst(&pg).await;
+    // 3,000 ids below the wrap.
+    pg.set_next_xid(u32::MAX - 3000).unwrap();
+    let (src, dst) = t_on(&pg, 1000).await;
+    let current = |sql: &'static str| {
+        let src = &src;
+        async move { src.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    let next = current("SELECT pg_current_xact_id()::text::int8").await;
+    assert!(next < 1 << 32, "not yet wrapped: {next}");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    let run = || {
+        let out = sync_t_between(
+            dir.path(),
+            &pg.url("src"),
+            &pg.url("dst"),
+            &state,
+            &["--delete", "--json"],
+        )
+        .output()
+        .unwrap();
+        summary(out)
+    };
+    let check = || async {
+        let a = Env::rows(&src, "SELECT * FROM t ORDER BY id").await;
+        let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
+        assert_rows_equal(&a, &b);
+    };
+    let s = run();
+    assert_eq!(
+        (s["read_strategy"].as_str(), s["written"].as_i64()),
+        (Some("full"), Some(1000)),
+        "{s}"
+    );
+    // Changes just below the wrap, then a run that records a basis there.
+    src.batch_execute("UPDATE t SET v = -v WHERE id <= 10")
+        .await
+        .unwrap();
+    let s = run();
+    assert_eq!(
+        (s["read_strategy"].as_str(), s["written"].as_i64()),
+        (Some("delta"), Some(10)),
+        "{s}"
+    );
+    // Cross the wrap: 4,000 transactions, one write among them on each side of it.
+    for i in 0..4000 {
+        let sql = match i {
+            1000 => "UPDATE t SET v = -111 WHERE id = 111",
+            3500 => "UPDATE t SET v = -222 WHERE id = 222",
+            _ => "SELECT pg_current_xact_id()",
+        };
+        src.batch_execute(sql).await.unwrap();
+    }
+    let after = current("SELECT pg_current_xact_id()::text::int8").await;
+    assert!(after > 1 << 32, "the ids did not wrap: {after}");
+    let low: i64 = current("SELECT xmin::text::int8 FROM t WHERE id = 222").await;
+    assert!(
+        low < 3000,
+        "a row written after the wrap has a small xmin: {low}"
+    );
+    src.batch_execute("DELETE FROM t WHERE id BETWEEN 900 AND 904; INSERT INTO t VALUES (5000, 5)")
+        .await
+        .unwrap();
+    let s = run();
+    assert_eq!(s["read_strategy"], "delta", "{s}");
+    assert_eq!(
+        (
+            s["rows_read"].as_i64(),
+            s["written"].as_i64(),
+            s["deleted"].as_i64()
+        ),
+        (Some(3), Some(3), Some(5)),
+        "{s}"
+    );
+    check().await;
+    // A run entirely after the wrap.
+    src.batch_execute("UPDATE t SET v = 0 WHERE id = 7")
+        .await
+        .unwrap();
+    let s = run();
+    // Only the row written since: the rows written before the wrap have larger raw ids.
+    assert_eq!(
+        (
+            s["read_strategy"].as_str(),
+            s["rows_read"].as_i64(),
+            s["written"].as_i64()
+        ),
+        (Some("delta"), Some(1), Some(1)),
+        "{s}"
+    );
+    check().await;
+    drop((src, dst));
+    pg.stop();
+}

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use pgdelta::tools::pgserver::{Durability, TempPostgres};
 
-use crate::support::{assert_rows_equal, connect, sync_t_between, Env};
+use crate::support::{
+    assert_rows_equal, connect, create_src_dst, summary, sync_t_between, t_on, Env,
+};
 
 /// Waits until the standby's `count` query returns `want` (replay is asynchronous).
 async fn replayed(replica: &tokio_postgres::Client, count: &str, want: i64) {
@@ -26,13 +28,7 @@ async fn replayed(replica: &tokio_postgres::Client, count: &str, want: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cancelled_by_a_recovery_conflict_is_retried() {
     let primary = TempPostgres::start(Durability::Fast).unwrap();
-    let admin = connect(&primary.url("postgres")).await;
-    for db in ["src", "dst"] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE {db}"))
-            .await
-            .unwrap();
-    }
+    create_src_dst(&primary).await;
     let src = connect(&primary.url("src")).await;
     let dst = connect(&primary.url("dst")).await;
     let ddl = "CREATE TABLE t (id int PRIMARY KEY, v int, note text)";
@@ -121,37 +117,14 @@ async fn a_read_cancelled_by_a_recovery_conflict_is_retried() {
     drop(primary);
 }
 
-/// The last JSON summary of a finished `pgdelta sync`, which must have exited 0.
-fn summary(out: std::process::Output) -> serde_json::Value {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
-    last["data"].clone()
-}
-
 /// Delta reads across a standby and a failover: a standby is read in full (a failover could
 /// reuse transaction ids), and after the standby is promoted the changed server identity forces
 /// a full read that converges; the next run is a delta again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_and_a_failover_are_read_in_full_then_deltas_resume() {
     let primary = TempPostgres::start(Durability::Fast).unwrap();
-    let admin = connect(&primary.url("postgres")).await;
-    for db in ["src", "dst"] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE {db}"))
-            .await
-            .unwrap();
-    }
-    let src = connect(&primary.url("src")).await;
-    let dst = connect(&primary.url("dst")).await;
-    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v int)";
-    src.batch_execute(ddl).await.unwrap();
-    dst.batch_execute(ddl).await.unwrap();
-    src.batch_execute("INSERT INTO t SELECT i, i FROM generate_series(1, 1000) i")
-        .await
-        .unwrap();
+    create_src_dst(&primary).await;
+    let (src, dst) = t_on(&primary, 1000).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.redb");
     let run = |source: &str| {

@@ -186,6 +186,49 @@ impl TempPostgres {
         Ok(pg)
     }
 
+    /// Freezes every database, stops the server, sets its next transaction id with
+    /// `pg_resetwal -x` (creating the commit log segment that id needs), and starts it again:
+    /// wraparound tests start close to 2^32 instead of consuming four billion ids. (Without the
+    /// freeze, rows written by ids that now lie "in the future" would vanish, the databases'
+    /// own catalog rows first.)
+    pub fn set_next_xid(&mut self, xid: u32) -> Result<(), Error> {
+        let port = self.port.to_string();
+        self.run(
+            "vacuumdb",
+            &[
+                "--all",
+                "--freeze",
+                "--quiet",
+                "-h",
+                path_str(&self.root),
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+            ],
+        )?;
+        self.run(
+            "pg_ctl",
+            &["-D", path_str(&self.data), "-m", "fast", "-w", "stop"],
+        )?;
+        // pg_xact: 2 bits per transaction, 8 KiB pages, 32 pages per segment file.
+        let segment = self
+            .data
+            .join("pg_xact")
+            .join(format!("{:04X}", xid / (8192 * 4 * 32)));
+        if !segment.exists() {
+            fs::write(&segment, vec![0u8; 8192 * 32])
+                .map_err(|e| server_err(&segment, "write", e))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&segment, Some(uid), Some(gid))
+                    .map_err(|e| server_err(&segment, "chown", e))?;
+            }
+        }
+        let xid = xid.to_string();
+        self.run("pg_resetwal", &["-x", &xid, "-D", path_str(&self.data)])?;
+        self.launch()
+    }
+
     /// Promotes a standby to a primary (a failover), waiting until it accepts writes.
     pub fn promote(&self) -> Result<(), Error> {
         self.run("pg_ctl", &["-D", path_str(&self.data), "-w", "promote"])

@@ -106,6 +106,46 @@ pub(crate) fn sync_t_between(
     pgdelta_command(dir, &args)
 }
 
+/// Databases `src` and `dst` on a test's own server.
+pub(crate) async fn create_src_dst(pg: &pgdelta::tools::pgserver::TempPostgres) {
+    let admin = connect(&pg.url("postgres")).await;
+    for db in ["src", "dst"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+    }
+}
+
+/// `t (id, v)` in `src` and `dst` of a test's own server, `rows` rows in `src` (v = id).
+pub(crate) async fn t_on(
+    pg: &pgdelta::tools::pgserver::TempPostgres,
+    rows: i32,
+) -> (Client, Client) {
+    let src = connect(&pg.url("src")).await;
+    let dst = connect(&pg.url("dst")).await;
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v int)";
+    src.batch_execute(ddl).await.unwrap();
+    dst.batch_execute(ddl).await.unwrap();
+    src.batch_execute(&format!(
+        "INSERT INTO t SELECT i, i FROM generate_series(1, {rows}) i"
+    ))
+    .await
+    .unwrap();
+    (src, dst)
+}
+
+/// The summary (`data` of the last JSON line) of a finished `pgdelta sync --json`, which must
+/// have exited 0.
+pub(crate) fn summary(out: std::process::Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    last["data"].clone()
+}
+
 /// Compares two row lists and reports the first difference (never the whole lists).
 pub(crate) fn assert_rows_equal(a: &[String], b: &[String]) {
     let first = a.iter().zip(b.iter()).position(|(x, y)| x != y);
