@@ -16,8 +16,8 @@
 //! run's lock). Parts go to whichever session is free next, which balances uneven ranges.
 //!
 //! No split (one session, as before) for views, inheritance parents, servers older than 14,
-//! leaves the role cannot read directly, a source in recovery (a standby), or small tables
-//! when the count is automatic.
+//! leaves the role cannot read directly, or small tables when the count is automatic. A hot
+//! standby splits: it exports the snapshot and its helpers import it, on the standby.
 
 use std::sync::Arc;
 
@@ -214,7 +214,6 @@ fn cut_leaf(leaf: &Leaf, size: i64) -> Vec<Part> {
 /// What the catalog says about splitting the table's read.
 struct Facts {
     version: i32,
-    in_recovery: bool,
     has_children: bool,
     leaves: Vec<Leaf>,
     /// Leaves the role cannot read directly (only through the parent).
@@ -227,7 +226,7 @@ struct Facts {
 async fn facts(client: &Client, table: &SourceTable) -> Result<Facts, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT current_setting('server_version_num')::int4, pg_is_in_recovery(), \
+            "SELECT current_setting('server_version_num')::int4, \
                     EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
                              WHERE i.inhparent = $1::int8::oid AND p.relkind <> 'p'), \
                     current_setting('max_parallel_workers_per_gather')::int8, \
@@ -263,12 +262,11 @@ async fn facts(client: &Client, table: &SourceTable) -> Result<Facts, tokio_post
     }
     Ok(Facts {
         version: row.get(0),
-        in_recovery: row.get(1),
-        has_children: row.get(2),
+        has_children: row.get(1),
         leaves,
         unreadable,
-        per_gather: row.get(3),
-        free_connections: row.get(4),
+        per_gather: row.get(2),
+        free_connections: row.get(3),
     })
 }
 
@@ -311,9 +309,6 @@ pub(crate) async fn layout(
     }
     if f.version < 140000 {
         return one("splitting a read by ctid ranges needs PostgreSQL 14 or later");
-    }
-    if f.in_recovery {
-        return one("the source is a standby");
     }
     if f.has_children {
         return one("the table has inheritance children");

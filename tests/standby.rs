@@ -200,3 +200,51 @@ async fn a_standby_and_a_failover_are_read_in_full_then_deltas_resume() {
     let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
     assert_rows_equal(&a, &b);
 }
+
+/// A standby's read splits too: its helpers import the run's snapshot, exported on the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_read_splits_under_one_snapshot() {
+    let primary = TempPostgres::start(Durability::Fast).unwrap();
+    create_src_dst(&primary).await;
+    let (src, dst) = t_on(&primary, 20_000).await;
+    let standby = TempPostgres::standby_of(&primary, &[]).unwrap();
+    let replica = connect(&standby.url("src")).await;
+    replayed(&replica, "SELECT count(*) FROM t", 20_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    let run = || {
+        let out = sync_t_between(
+            dir.path(),
+            &standby.url("src"),
+            &primary.url("dst"),
+            &state,
+            &["--delete", "--json", "--read-sessions", "3"],
+        )
+        .output()
+        .unwrap();
+        summary(out)
+    };
+    let s = run();
+    assert_eq!(
+        (s["read_sessions"].as_i64(), s["written"].as_i64()),
+        (Some(3), Some(20_000)),
+        "{s}"
+    );
+    src.batch_execute("UPDATE t SET v = 0 WHERE id % 100 = 0; DELETE FROM t WHERE id > 19990")
+        .await
+        .unwrap();
+    replayed(&replica, "SELECT count(*) FROM t", 19_990).await;
+    let s = run();
+    assert_eq!(
+        (
+            s["read_sessions"].as_i64(),
+            s["written"].as_i64(),
+            s["deleted"].as_i64()
+        ),
+        (Some(3), Some(199), Some(10)),
+        "{s}"
+    );
+    let a = Env::rows(&replica, "SELECT * FROM t ORDER BY id").await;
+    let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
+    assert_rows_equal(&a, &b);
+}
