@@ -135,6 +135,8 @@ pub struct SyncEntry {
     pub read_sessions: Option<ReadSessions>,
     /// Sync only shard I of N (`"0/4"`): the rows whose key hashes to I.
     pub shard: Option<String>,
+    /// Query models: split the read by value ranges of this output column.
+    pub split_by: Option<String>,
     /// Schedule mode: run every DURATION (`15m`), from the start.
     pub every: Option<String>,
     /// Schedule mode: run on a five-field cron schedule, in UTC.
@@ -198,6 +200,7 @@ impl SyncEntry {
         set(&mut self.full_read_every, &o.full_read_every);
         set(&mut self.read_sessions, &o.read_sessions);
         set(&mut self.shard, &o.shard);
+        set(&mut self.split_by, &o.split_by);
         if o.every.is_some() || o.schedule.is_some() {
             self.every.clone_from(&o.every);
             self.schedule.clone_from(&o.schedule);
@@ -291,6 +294,17 @@ impl SyncEntry {
                 spec.shard = Some(shard);
             }
         }
+        if let Some(col) = &self.split_by {
+            if self.query.is_none() {
+                return Err(bad(
+                    "split_by (--split-by) splits a query model's read; a table model's read splits by ctid ranges without it (read_sessions)",
+                ));
+            }
+            if col.trim().is_empty() {
+                return Err(bad("split_by (--split-by) is empty"));
+            }
+            spec.split_by = Some(col.trim().to_string());
+        }
         spec.schedule = crate::schedule::parse(self.every.as_deref(), self.schedule.as_deref())
             .map_err(|m| bad(&m))?;
         Ok(spec)
@@ -375,6 +389,7 @@ pub struct Overrides {
     pub read_sessions: Option<ReadSessions>,
     /// `--shard I/N`.
     pub shard: Option<String>,
+    pub split_by: Option<String>,
     /// `--every` / `--schedule`: one replaces the other given in the file.
     pub every: Option<String>,
     pub schedule: Option<String>,

@@ -158,6 +158,10 @@ struct SyncArgs {
     /// (1 = one stream) or auto (default: from the table's size and the source's settings).
     #[arg(long, value_name = "N|auto")]
     read_sessions: Option<pgdelta::spec::ReadSessions>,
+    /// Query models: split the read across sessions by value ranges of this output column
+    /// (an integer, numeric, date/time or uuid column read from a table, with statistics).
+    #[arg(long, value_name = "COLUMN")]
+    split_by: Option<String>,
     /// Sync only shard I of N (0-based): the rows whose key hashes to I, with this shard's own
     /// snapshot (sync name NAME#I/N) and deletes; N processes together sync the whole model.
     #[arg(long, value_name = "I/N", env = "PGDELTA_SHARD")]
@@ -300,6 +304,7 @@ impl SyncArgs {
                 full_read_every: self.full_read_every.clone(),
                 read_sessions: self.read_sessions,
                 shard: self.shard.clone(),
+                split_by: self.split_by.clone(),
                 every: self.every.clone(),
                 schedule: self.schedule.clone(),
             },

@@ -131,6 +131,9 @@ pub struct SyncSpec {
     pub read_sessions: ReadSessions,
     /// This run syncs one shard of the model: the rows whose key hashes to it.
     pub shard: Option<Shard>,
+    /// Query models: the output column whose value ranges (from the table's statistics) split
+    /// the read across sessions.
+    pub split_by: Option<String>,
     /// Schedule mode: when the sync runs (`every` / `schedule`); `None` runs it once.
     pub schedule: Option<crate::schedule::Schedule>,
 }
@@ -206,6 +209,7 @@ impl SyncSpec {
             delta_max_share: DEFAULT_DELTA_MAX_SHARE,
             read_sessions: ReadSessions::Auto,
             shard: None,
+            split_by: None,
             schedule: None,
         }
     }

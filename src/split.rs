@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 
 use crate::conn::ConnInfo;
 use crate::error::Error;
-use crate::plan::SourceTable;
+use crate::plan::{SourceTable, SplitBy};
 
 /// With an automatic count, parts of a relation are at least this many 8 KiB blocks (64 MiB),
 /// so each part's COPY costs far more than starting it. A count the user pins splits even a
@@ -99,9 +99,10 @@ impl TryFrom<SessionsValue> for ReadSessions {
 /// One part of a split read: a leaf relation and, where it is cut, a `ctid` range of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Part {
-    /// `ONLY <relation>`, quoted.
+    /// `ONLY <relation>`, quoted (empty for a query model's part).
     pub(crate) from: String,
-    /// `src.ctid >= '(lo,0)' AND src.ctid < '(hi,0)'`, or `None` for the whole relation.
+    /// `src.ctid >= '(lo,0)' AND src.ctid < '(hi,0)'` (a query model's: a value range of its
+    /// `split_by` column), or `None` for the whole relation.
     pub(crate) range: Option<String>,
 }
 
@@ -334,16 +335,19 @@ pub(crate) async fn layout(
 }
 
 /// The note that says how a read is split, or why not.
-pub(crate) fn describe(table: &SourceTable, layout: &Result<(usize, Vec<Part>), String>) -> String {
+/// `subject` is the table's name, or the query and its `split_by` column.
+pub(crate) fn describe(subject: &str, layout: &Layout) -> String {
     match layout {
         Ok((n, parts)) => format!(
-            "{} is read by {n} sessions in {} parts under one snapshot",
-            table.quoted,
+            "{subject} is read by {n} sessions in {} parts under one snapshot",
             parts.len()
         ),
-        Err(why) => format!("{} is read by one session: {why}", table.quoted),
+        Err(why) => format!("{subject} is read by one session: {why}"),
     }
 }
+
+/// How a read splits: the sessions and the parts, or why it is read by one session.
+pub(crate) type Layout = Result<(usize, Vec<Part>), String>;
 
 /// Plans the split read of a table model, in the run's read transaction (begun, snapshot
 /// taken) on `client`, and exports the snapshot for the helpers. Returns the split and a note
@@ -358,7 +362,41 @@ pub(crate) async fn plan(
     sync: &str,
 ) -> Result<(Option<Split>, Option<String>), Error> {
     let layout = layout(client, table, want, sync).await?;
-    let note = describe(table, &layout);
+    let note = describe(&table.quoted, &layout);
+    start(client, conn, settings, layout, note, want, sync).await
+}
+
+/// [`plan`] for a query model with `split_by`: parts are value ranges of that column, cut at
+/// the bounds of its table's histogram (`pg_stats`), never counted.
+pub(crate) async fn plan_query(
+    client: &Client,
+    conn: &ConnInfo,
+    settings: Vec<(&'static str, String)>,
+    by: &SplitBy,
+    want: ReadSessions,
+    sync: &str,
+) -> Result<(Option<Split>, Option<String>), Error> {
+    let layout = query_layout(client, by, want).await.map_err(|e| {
+        Error::source_read(
+            sync,
+            "cannot read the statistics to split the query's read",
+            &e,
+        )
+    })?;
+    let note = describe(&format!("the query (split by {})", by.column), &layout);
+    start(client, conn, settings, layout, note, want, sync).await
+}
+
+/// Exports the run's snapshot for the helpers of a split layout.
+async fn start(
+    client: &Client,
+    conn: &ConnInfo,
+    settings: Vec<(&'static str, String)>,
+    layout: Layout,
+    note: String,
+    want: ReadSessions,
+    sync: &str,
+) -> Result<(Option<Split>, Option<String>), Error> {
     let (sessions, parts) = match layout {
         Ok(l) => l,
         Err(_) => {
@@ -383,6 +421,108 @@ pub(crate) async fn plan(
     Ok((Some(split), Some(note)))
 }
 
+/// The layout of a query model's read split by `by`: the sessions as for a table (from the
+/// size of the column's table), parts cut at histogram bounds of the column. The first part
+/// also holds the NULLs.
+pub(crate) async fn query_layout(
+    client: &Client,
+    by: &SplitBy,
+    want: ReadSessions,
+) -> Result<Layout, tokio_postgres::Error> {
+    let one = |why: String| Ok(Err(why));
+    if want == ReadSessions::Fixed(1) {
+        return one("read_sessions = 1".into());
+    }
+    let row = client
+        .query_one(
+            "SELECT c.oid::regclass::text, c.relpages::int8, \
+                    (SELECT s.histogram_bounds::text FROM pg_stats s \
+                      WHERE s.schemaname = n.nspname AND s.tablename = c.relname \
+                        AND s.attname = a.attname ORDER BY s.inherited DESC LIMIT 1), \
+                    current_setting('max_parallel_workers_per_gather')::int8, \
+                    current_setting('max_connections')::int8 \
+                      - current_setting('superuser_reserved_connections')::int8 \
+                      - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
+                    a.attname::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = $2 \
+             WHERE c.oid = $1::int8::oid",
+            &[&(by.table_oid as i64), &by.attnum],
+        )
+        .await?;
+    let (table, pages, hist): (String, i64, Option<String>) = (row.get(0), row.get(1), row.get(2));
+    let (per_gather, free, attname): (i64, i64, String) = (row.get(3), row.get(4), row.get(5));
+    let Some(hist) = hist else {
+        return one(format!(
+            "{table}.{attname} has no statistics to cut ranges from (ANALYZE {table})"
+        ));
+    };
+    let cap = ((free / 2).max(0) as usize).min(MAX_AUTO_SESSIONS);
+    let sessions = match want {
+        ReadSessions::Fixed(n) => n,
+        ReadSessions::Auto => {
+            (((pages.max(0) + BLOCKS_PER_SESSION - 1) / BLOCKS_PER_SESSION).max(1) as usize)
+                .min(per_gather.max(0) as usize + 1)
+                .min(cap)
+                .max(1)
+        }
+    };
+    if sessions < 2 {
+        return one(format!(
+            "{table} is under 256 MiB, or the source grants no parallelism (max_parallel_workers_per_gather, free connections)"
+        ));
+    }
+    let bounds: Vec<String> = client
+        .query(
+            &format!("SELECT b::text FROM unnest($1::text::{}[]) b", by.type_name),
+            &[&hist],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let cuts = cut_points(&bounds, sessions * PARTS_PER_SESSION as usize);
+    if cuts.is_empty() {
+        return one(format!(
+            "{table}.{attname} has too few distinct values to split"
+        ));
+    }
+    let lit = |v: &str| format!("'{}'::{}", v.replace('\'', "''"), by.type_name);
+    let e = &by.expr;
+    let mut parts = Vec::with_capacity(cuts.len() + 1);
+    parts.push(format!("({e} < {} OR {e} IS NULL)", lit(&cuts[0])));
+    for w in cuts.windows(2) {
+        parts.push(format!("{e} >= {} AND {e} < {}", lit(&w[0]), lit(&w[1])));
+    }
+    parts.push(format!("{e} >= {}", lit(cuts.last().expect("not empty"))));
+    let parts: Vec<Part> = parts
+        .into_iter()
+        .map(|range| Part {
+            from: String::new(),
+            range: Some(range),
+        })
+        .collect();
+    Ok(Ok((sessions.min(parts.len()), parts)))
+}
+
+/// Up to `parts - 1` cut points from histogram bounds (in order), evenly spaced, each
+/// different from the one before; none at the ends (the first and last parts are open).
+fn cut_points(bounds: &[String], parts: usize) -> Vec<String> {
+    let n = bounds.len();
+    if n < 3 || parts < 2 {
+        return Vec::new();
+    }
+    let mut cuts: Vec<String> = Vec::new();
+    for i in 1..parts {
+        let b = &bounds[i * (n - 1) / parts];
+        if i * (n - 1) / parts == 0 || cuts.last() == Some(b) {
+            continue;
+        }
+        cuts.push(b.clone());
+    }
+    cuts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +533,16 @@ mod tests {
             kind,
             blocks,
         }
+    }
+
+    #[test]
+    fn histogram_cut_points_are_distinct_and_inside() {
+        let b: Vec<String> = (0..=100).map(|i| (i * 10).to_string()).collect();
+        assert_eq!(cut_points(&b, 4), ["250", "500", "750"]);
+        // Repeated bounds (a skewed column) give fewer, distinct cuts.
+        let skew: Vec<String> = ["1", "1", "1", "1", "2", "9"].map(String::from).to_vec();
+        assert_eq!(cut_points(&skew, 4), ["1"]);
+        assert!(cut_points(&b[..2], 4).is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgdelta::conn::ConnInfo;
 use pgdelta::snapshot::Snapshot;
-use pgdelta::spec::{FullReadEvery, ReadSessions, Shard, SyncSpec};
+use pgdelta::spec::{FullReadEvery, Model, ReadSessions, Shard, SyncSpec};
 use pgdelta::sync::{RunOptions, Summary};
 
 use crate::support::{connect, Env};
@@ -328,4 +328,114 @@ async fn shards_sync_one_table_together_and_a_reshard_rewrites_nothing() {
     let s = all_shards(&env, &spec, 2).await;
     // Ids 2..=10: id 1 was deleted above.
     assert_eq!(total(&s, |s| s.deleted), 9);
+}
+
+/// A query model (a join) split by value ranges of a column (`split_by`), cut at its table's
+/// histogram bounds: every row once (NULLs in the first part), deletes derived from the
+/// complete read, and errors that say what to split by instead.
+#[tokio::test]
+async fn a_query_model_splits_by_value_ranges_of_its_split_by_column() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);
+             INSERT INTO customers SELECT i, 'customer ' || i FROM generate_series(1, 100) i;
+             CREATE TABLE orders (id bigint PRIMARY KEY, customer int, amount numeric, placed date);
+             INSERT INTO orders SELECT i, 1 + i % 100, i / 100.0,
+                    CASE WHEN i % 50 = 0 THEN NULL ELSE date '2024-01-01' + (i % 700) END
+               FROM generate_series(1, 30000) i;
+             ANALYZE customers, orders;",
+        )
+        .await
+        .unwrap();
+    env.dst
+        .batch_execute(
+            "CREATE TABLE orders_wide (id bigint PRIMARY KEY, amount numeric, placed date, name text)",
+        )
+        .await
+        .unwrap();
+    let mut spec = env.spec("orders_wide", &["id"]);
+    spec.model = Model::Query(
+        "SELECT o.id, o.amount, o.placed, c.name FROM orders o JOIN customers c ON c.id = o.customer"
+            .into(),
+    );
+    spec.delete = true;
+    spec.split_by = Some("placed".into());
+    spec.read_sessions = ReadSessions::Fixed(3);
+    let same = || {
+        env.assert_same(
+            "SELECT o.id, o.amount, o.placed, c.name FROM orders o JOIN customers c ON c.id = o.customer ORDER BY 1",
+            "SELECT * FROM orders_wide ORDER BY id",
+        )
+    };
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(
+        (s.rows_read, s.added, s.read_sessions),
+        (30_000, 30_000, 3),
+        "{:?}",
+        s.notes
+    );
+    assert!(
+        split_note(&s).starts_with("the query (split by placed) is read by 3 sessions in 12 parts"),
+        "{:?}",
+        s.notes
+    );
+    same().await;
+    env.src
+        .batch_execute(
+            "UPDATE orders SET amount = -amount WHERE id % 97 = 0;
+             UPDATE orders SET placed = NULL WHERE id % 89 = 0;
+             DELETE FROM orders WHERE id % 101 = 0;
+             UPDATE customers SET name = 'renamed' WHERE id = 7;",
+        )
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    let gone: i64 = env
+        .src
+        .query_one(
+            "SELECT count(*) FROM generate_series(1, 30000) i WHERE i % 101 = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((s.read_sessions, s.removed), (3, gone as u64));
+    assert_eq!(s.rows_read, 30_000 - gone as u64);
+    same().await;
+
+    // What split_by cannot use, said plainly.
+    for (col, want) in [
+        ("nope", "is not a column of the query"),
+        ("name", "is of type text"),
+    ] {
+        spec.split_by = Some(col.into());
+        let e = env.sync(&spec).await.unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    spec.model = Model::Query("SELECT o.id, o.amount, o.placed + 1 AS placed, c.name FROM orders o JOIN customers c ON c.id = o.customer".into());
+    spec.split_by = Some("placed".into());
+    let e = env.sync(&spec).await.unwrap_err().to_string();
+    assert!(e.contains("is computed by the query"), "{e}");
+
+    // A column without statistics: one session, and the note says to ANALYZE.
+    env.both("CREATE TABLE fresh (id bigint PRIMARY KEY, v int)")
+        .await;
+    env.src
+        .batch_execute("INSERT INTO fresh SELECT i, i FROM generate_series(1, 1000) i")
+        .await
+        .unwrap();
+    let mut fresh = env.spec("fresh", &["id"]);
+    fresh.model = Model::Query("SELECT id, v FROM fresh".into());
+    fresh.split_by = Some("id".into());
+    fresh.read_sessions = ReadSessions::Fixed(2);
+    let s = env.sync(&fresh).await.unwrap();
+    assert_eq!((s.read_sessions, s.written), (1, 1000));
+    assert!(
+        s.notes
+            .iter()
+            .any(|n| n.contains("fresh.id has no statistics") && n.contains("(ANALYZE fresh)")),
+        "{:?}",
+        s.notes
+    );
 }

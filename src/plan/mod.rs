@@ -105,10 +105,51 @@ pub(crate) fn where_clause<S: AsRef<str>>(conds: impl IntoIterator<Item = S>) ->
     }
 }
 
+/// A query model's generated select, in pieces, so a split read can add a range condition.
+#[derive(Debug, Clone)]
+pub(crate) struct QuerySelect {
+    /// The select list (key expressions first).
+    list: String,
+    /// The user's query in parentheses.
+    from: String,
+    /// The shard condition, if any.
+    shard: Option<String>,
+    /// `split_by`, resolved.
+    pub(crate) split_by: Option<SplitBy>,
+}
+
+impl QuerySelect {
+    /// `SELECT <list> FROM (<query>) AS src [WHERE <shard> AND <extra>]`.
+    pub(crate) fn select(&self, extra: Option<&str>) -> String {
+        format!(
+            "SELECT {} FROM {} AS src{}",
+            self.list,
+            self.from,
+            where_clause(self.shard.as_deref().into_iter().chain(extra))
+        )
+    }
+}
+
+/// The query model's output column a read splits by: where its values come from (a table
+/// column, whose statistics give the ranges) and its type.
+#[derive(Debug, Clone)]
+pub(crate) struct SplitBy {
+    /// As the user named it.
+    pub(crate) column: String,
+    /// `src."column"`.
+    pub(crate) expr: String,
+    pub(crate) table_oid: u32,
+    pub(crate) attnum: i16,
+    /// The SQL type name, for literals (`'5'::bigint`).
+    pub(crate) type_name: String,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     /// The model when it is one table (change-aware reads), `None` for a query.
     pub(crate) table: Option<SourceTable>,
+    /// The model when it is a query.
+    pub(crate) query: Option<QuerySelect>,
     /// The generated SELECT (key columns first).
     pub(crate) select: String,
     /// The rows of the target this sync owns, when it is one shard of the model.
@@ -193,6 +234,7 @@ impl Plan {
             .collect();
         Plan {
             table: None,
+            query: None,
             target_filter: None,
             select: "SELECT * FROM t".into(),
             columns,
@@ -285,15 +327,22 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         }
         None => None,
     };
-    let select = match &table {
-        Some(t) => t.select(&t.list(), None),
-        None => {
-            format!(
-                "SELECT {} FROM {model_sql} AS src{}",
-                exprs.join(", "),
-                where_clause(shard.as_ref().map(|(c, _)| c))
-            )
-        }
+    let query = match &table {
+        Some(_) => None,
+        None => Some(QuerySelect {
+            list: exprs.join(", "),
+            from: model_sql.clone(),
+            shard: shard.as_ref().map(|(c, _)| c.clone()),
+            split_by: match &spec.split_by {
+                Some(col) => Some(split_by(src, col, described.columns(), &fail).await?),
+                None => None,
+            },
+        }),
+    };
+    let select = match (&table, &query) {
+        (Some(t), _) => t.select(&t.list(), None),
+        (None, Some(q)) => q.select(None),
+        (None, None) => unreachable!("a model is a table or a query"),
     };
     // The generated query must run as written (a cast can fail to resolve on odd types, a
     // `where` condition can be wrong).
@@ -323,6 +372,7 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
     let (key_fp, row_fp) = fingerprints(&select, &columns, nkey);
     Ok(Plan {
         table,
+        query,
         target_filter,
         select,
         columns,
@@ -332,6 +382,53 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         key_fp,
         row_fp,
         notes,
+    })
+}
+
+/// Resolves `split_by`: an output column of the query, read as is from a table column (whose
+/// statistics give the ranges), of a type with a meaningful order.
+async fn split_by(
+    src: &Client,
+    column: &str,
+    columns: &[tokio_postgres::Column],
+    fail: &Fail<'_>,
+) -> Result<SplitBy, Error> {
+    let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
+    let c = columns.iter().find(|c| c.name() == column).ok_or_else(|| {
+        fail.msg(format!(
+            "split_by = \"{column}\" is not a column of the query (its columns: {})",
+            names.join(", ")
+        ))
+    })?;
+    let ok = matches!(
+        c.type_().name(),
+        "int2" | "int4" | "int8" | "numeric" | "date" | "timestamp" | "timestamptz" | "uuid"
+    );
+    if !ok {
+        return Err(fail.msg(format!(
+            "split_by = \"{column}\" is of type {}: split by an integer, numeric, date, timestamp or uuid column",
+            c.type_().name()
+        )));
+    }
+    let (Some(table_oid), Some(attnum)) = (c.table_oid(), c.column_id()) else {
+        return Err(fail.msg(format!(
+            "split_by = \"{column}\" is computed by the query: split by a column the query selects from a table as it is (its ranges come from that table's statistics)"
+        )));
+    };
+    let type_name: String = src
+        .query_one(
+            "SELECT format_type($1::int8::oid, NULL)",
+            &[&(c.type_().oid() as i64)],
+        )
+        .await
+        .map_err(|e| fail.pg("cannot read the split_by column's type", e))?
+        .get(0);
+    Ok(SplitBy {
+        column: column.to_string(),
+        expr: format!("src.{}", quote_ident(column)),
+        table_oid,
+        attnum,
+        type_name,
     })
 }
 

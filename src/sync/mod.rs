@@ -99,10 +99,26 @@ pub async fn next_read(
 ) -> Result<(&'static str, String), Error> {
     let plan = plan(src, dst, spec).await?;
     let state = delta::begin(src, plan.table.as_ref(), &spec.name).await;
-    let split = match (&plan.table, &state) {
-        (Some(t), Ok(_)) => split::layout(src, t, spec.read_sessions, &spec.name)
+    let split_by = plan.query.as_ref().and_then(|q| q.split_by.as_ref());
+    let split = match (&plan.table, split_by, &state) {
+        (Some(t), _, Ok(_)) => split::layout(src, t, spec.read_sessions, &spec.name)
             .await
-            .map(|l| Some(split::describe(t, &l))),
+            .map(|l| Some(split::describe(&t.quoted, &l))),
+        (None, Some(by), Ok(_)) => split::query_layout(src, by, spec.read_sessions)
+            .await
+            .map(|l| {
+                Some(split::describe(
+                    &format!("the query (split by {})", by.column),
+                    &l,
+                ))
+            })
+            .map_err(|e| {
+                Error::source_read(
+                    &spec.name,
+                    "cannot read the statistics to split the query's read",
+                    &e,
+                )
+            }),
         _ => Ok(None),
     };
     let _ = src.batch_execute("ROLLBACK").await;
@@ -624,11 +640,23 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
     }
     let source_timeout = crate::conn::show(&src, "statement_timeout").await.ok();
     let source_state = delta::begin(&src, plan.table.as_ref(), name).await?;
-    let (split, split_note) = match &plan.table {
-        Some(t) => {
+    let split_by = plan.query.as_ref().and_then(|q| q.split_by.as_ref());
+    let (split, split_note) = match (&plan.table, split_by) {
+        (Some(t), _) => {
             split::plan(&src, env.source, read_settings, t, spec.read_sessions, name).await?
         }
-        None => (None, None),
+        (None, Some(by)) => {
+            split::plan_query(
+                &src,
+                env.source,
+                read_settings,
+                by,
+                spec.read_sessions,
+                name,
+            )
+            .await?
+        }
+        (None, None) => (None, None),
     };
     if let Some(n) = &split_note {
         tracing::info!("sync '{name}': {n}");

@@ -168,24 +168,41 @@ impl Inputs<'_> {
         extra: Option<&str>,
         prelude: Vec<Block>,
     ) -> Result<Read, Error> {
-        let Some(split) = self.split else {
-            return Ok(self.read(Some(table.select(list, extra)), prelude));
-        };
+        match self.split {
+            None => Ok(self.read(Some(table.select(list, extra)), prelude)),
+            Some(split) => {
+                let parts = split
+                    .parts
+                    .iter()
+                    .map(|p| table.select_part(list, extra, Some(p)));
+                self.read_parts(split, parts.collect(), prelude).await
+            }
+        }
+    }
+
+    /// The parts' statements on the run's session and the split's helpers.
+    async fn read_parts(
+        &self,
+        split: &Split,
+        selects: Vec<String>,
+        prelude: Vec<Block>,
+    ) -> Result<Read, Error> {
         let mut read = self.read(None, prelude);
         read.clients.extend(split.helpers().await?.iter().cloned());
-        read.copies = split
-            .parts
-            .iter()
-            .map(|p| copy(&table.select_part(list, extra, Some(p))))
-            .collect();
+        read.copies = selects.iter().map(|q| copy(q)).collect();
         Ok(read)
     }
 
     /// The whole model's read.
     async fn read_model(&self, plan: &Plan) -> Result<Read, Error> {
-        match &plan.table {
-            Some(t) => self.read_table(t, &t.list(), None, Vec::new()).await,
-            None => Ok(self.read(Some(plan.select.clone()), Vec::new())),
+        match (&plan.table, &plan.query, self.split) {
+            (Some(t), _, _) => self.read_table(t, &t.list(), None, Vec::new()).await,
+            // A query split by value ranges of its `split_by` column.
+            (None, Some(q), Some(split)) => {
+                let parts = split.parts.iter().map(|p| q.select(p.range.as_deref()));
+                self.read_parts(split, parts.collect(), Vec::new()).await
+            }
+            _ => Ok(self.read(Some(plan.select.clone()), Vec::new())),
         }
     }
 
