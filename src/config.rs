@@ -29,6 +29,8 @@ pub struct ConfigFile {
     /// Sync logs as tables in the destination.
     pub audit: Option<AuditSettings>,
     pub metrics: Option<MetricsSettings>,
+    /// Syncs run at once (in dependency order), default 1.
+    pub jobs: Option<usize>,
 }
 
 /// `[metrics]`: Prometheus metrics.
@@ -137,6 +139,9 @@ pub struct SyncEntry {
     pub shard: Option<String>,
     /// Query models: split the read by value ranges of this output column.
     pub split_by: Option<String>,
+    /// Syncs of this config that must finish before this one starts.
+    #[serde(default)]
+    pub after: Vec<String>,
     /// Schedule mode: run every DURATION (`15m`), from the start.
     pub every: Option<String>,
     /// Schedule mode: run on a five-field cron schedule, in UTC.
@@ -305,6 +310,7 @@ impl SyncEntry {
             }
             spec.split_by = Some(col.trim().to_string());
         }
+        spec.after.clone_from(&self.after);
         spec.schedule = crate::schedule::parse(self.every.as_deref(), self.schedule.as_deref())
             .map_err(|m| bad(&m))?;
         Ok(spec)
@@ -414,6 +420,8 @@ pub struct Request {
     pub metrics_file: Option<PathBuf>,
     /// `--metrics-addr`: overrides `[metrics] addr`.
     pub metrics_addr: Option<String>,
+    /// `--jobs`: overrides `jobs`.
+    pub jobs: Option<usize>,
 }
 
 /// Everything a sync invocation needs, resolved from the config file, flags and environment.
@@ -429,6 +437,8 @@ pub struct Invocation {
     pub metrics_file: Option<PathBuf>,
     /// Where schedule mode serves `/metrics`, if anywhere.
     pub metrics_addr: Option<String>,
+    /// Syncs run at once, in dependency order (at least 1).
+    pub jobs: usize,
 }
 
 /// The state file when neither the flags nor the config name one.
@@ -513,6 +523,14 @@ impl Request {
             specs,
             audit,
             metrics_file,
+            jobs: match self
+                .jobs
+                .or_else(|| file.as_ref().and_then(|(f, _)| f.jobs))
+            {
+                Some(0) => return Err(Error::Config("jobs must be at least 1".into())),
+                Some(n) => n,
+                None => 1,
+            },
             metrics_addr: self.metrics_addr.clone().or_else(|| {
                 let (f, _) = file.as_ref()?;
                 f.metrics.as_ref()?.addr.clone()

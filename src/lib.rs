@@ -34,6 +34,7 @@ mod diff;
 pub mod error;
 pub mod fuzzing;
 pub mod hash;
+pub mod jobs;
 mod libpq;
 pub mod metrics;
 mod plan;

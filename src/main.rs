@@ -158,6 +158,10 @@ struct SyncArgs {
     /// (1 = one stream) or auto (default: from the table's size and the source's settings).
     #[arg(long, value_name = "N|auto")]
     read_sessions: Option<pgdelta::spec::ReadSessions>,
+    /// Syncs of a config file run at once, in dependency order (foreign keys between the
+    /// targets, `after`); default 1 (config: jobs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    jobs: Option<u64>,
     /// Query models: split the read across sessions by value ranges of this output column
     /// (an integer, numeric, date/time or uuid column read from a table, with statistics).
     #[arg(long, value_name = "COLUMN")]
@@ -281,6 +285,7 @@ impl SyncArgs {
             audit_changes: self.audit_changes,
             metrics_file: self.metrics_file.clone(),
             metrics_addr: self.metrics_addr.clone(),
+            jobs: self.jobs.map(|j| j as usize),
             model: FlagModel {
                 table: self.table.clone(),
                 query: self.query.clone(),
@@ -334,6 +339,7 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         progress: !a.json,
         shutdown: shutdown_signal(),
         timeline: a.timeline,
+        order: None,
     };
     if inv.specs.iter().any(|s| s.schedule.is_some()) {
         let Some(addr) = &inv.metrics_addr else {
@@ -360,14 +366,81 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         );
         return report_error(&e, a.json, None);
     }
-    let mut code = 0;
-    for spec in &inv.specs {
-        if opts.shutdown.is_cancelled() {
-            break;
-        }
-        code = code.max(run_one(&inv, spec, &opts, &snapshot, a.json).await);
+    if inv.specs.len() == 1 {
+        return run_one(&inv, &inv.specs[0], &opts, &snapshot, a.json).await;
     }
-    code
+    run_ordered(&inv, &opts, &snapshot, a.json).await
+}
+
+/// Several syncs: up to `jobs` at once, in dependency order (`pgdelta::jobs`): foreign keys
+/// between the targets (a child starts once its parent's writes are done; the parent's deletes
+/// wait for the child) and `after` lists.
+async fn run_ordered(inv: &Invocation, opts: &RunOptions, snapshot: &Snapshot, json: bool) -> i32 {
+    use pgdelta::jobs::{Order, Phase, RunOrder};
+    use std::sync::Arc;
+    let order = async {
+        let dst = inv.destination.connect("destination", &[]).await?;
+        let fks = pgdelta::jobs::foreign_keys(&dst, &inv.specs).await?;
+        Order::new(&inv.specs, &fks)
+    };
+    let order = match order.await {
+        Ok(o) => o,
+        Err(e) => return report_error(&e, json, None),
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(inv.jobs));
+    let phases: Vec<_> = inv
+        .specs
+        .iter()
+        .map(|_| Arc::new(tokio::sync::watch::channel(Phase::Waiting).0))
+        .collect();
+    let runs = inv.specs.iter().enumerate().map(|(i, spec)| {
+        let (order, phases, slots) = (&order, &phases, &slots);
+        async move {
+            for &p in &order.parents[i] {
+                let _ = phases[p]
+                    .subscribe()
+                    .wait_for(|p| *p >= Phase::WritesDone)
+                    .await;
+            }
+            for &p in &order.after[i] {
+                let _ = phases[p]
+                    .subscribe()
+                    .wait_for(|p| *p == Phase::Finished)
+                    .await;
+            }
+            let code = match (
+                opts.shutdown.is_cancelled(),
+                slots.clone().acquire_owned().await,
+            ) {
+                (false, Ok(slot)) => {
+                    phases[i].send_replace(Phase::Running);
+                    let mine = RunOptions {
+                        order: Some(RunOrder {
+                            phase: phases[i].clone(),
+                            children: order
+                                .children(i)
+                                .iter()
+                                .map(|&c| phases[c].subscribe())
+                                .collect(),
+                            slots: slots.clone(),
+                            slot: Arc::new(tokio::sync::Mutex::new(Some(slot))),
+                        }),
+                        ..opts.clone()
+                    };
+                    run_one(inv, spec, &mine, snapshot, json).await
+                }
+                // Stopped before it started: nothing to report.
+                _ => 0,
+            };
+            phases[i].send_replace(Phase::Finished);
+            code
+        }
+    });
+    futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .max()
+        .unwrap_or(0)
 }
 
 /// Runs one sync and reports it (summary or error, metrics file); returns its exit code.

@@ -134,6 +134,8 @@ pub struct SyncSpec {
     /// Query models: the output column whose value ranges (from the table's statistics) split
     /// the read across sessions.
     pub split_by: Option<String>,
+    /// Syncs of the same invocation this one starts after (`after = [...]`).
+    pub after: Vec<String>,
     /// Schedule mode: when the sync runs (`every` / `schedule`); `None` runs it once.
     pub schedule: Option<crate::schedule::Schedule>,
 }
@@ -210,6 +212,7 @@ impl SyncSpec {
             read_sessions: ReadSessions::Auto,
             shard: None,
             split_by: None,
+            after: Vec::new(),
             schedule: None,
         }
     }

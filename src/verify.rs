@@ -215,6 +215,7 @@ async fn by_rebuild(
         shutdown: opts.shutdown.clone(),
         // Nothing is written: no audit log for the probe.
         audit: None,
+        order: None,
     };
     let drift = crate::sync::run(source, dest, &probe, &dry, &scratch).await?;
     let mine = snapshot.reader(&spec.name)?;

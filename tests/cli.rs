@@ -552,8 +552,10 @@ async fn every_keeps_syncing_through_failures_until_sigterm() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(scraped.starts_with("HTTP/1.1 200 OK"), "{scraped}");
+    // (The first run wrote 200 rows; a later one, already done by now, may have written none.)
     assert!(
-        scraped.contains("pgdelta_last_success_rows{sync=\"t\",kind=\"written\"} 200"),
+        scraped.contains("pgdelta_last_success_rows{sync=\"t\",kind=\"written\"} ")
+            && scraped.contains("pgdelta_last_success_timestamp_seconds{sync=\"t\"} "),
         "{scraped}"
     );
     assert!(get("/").starts_with("HTTP/1.1 404"));
@@ -645,4 +647,108 @@ fn schedule_flags_are_checked_before_anything_runs() {
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains(want), "{err}");
     }
+}
+
+/// `--jobs`: syncs of a config run at once in dependency order. The child table (with a foreign
+/// key to the parent) is listed first; it still starts only after the parent's writes, and the
+/// parent's deletes wait for the child's, so no row is ever rejected. A cycle is a config error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_syncs_in_foreign_key_order() {
+    let env = Env::new().await;
+    env.src
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);
+             CREATE TABLE orders (id int PRIMARY KEY, customer int, amount int);
+             INSERT INTO customers SELECT i, 'c' || i FROM generate_series(1, 100) i;
+             INSERT INTO orders SELECT i, 1 + i % 100, i FROM generate_series(1, 3000) i;",
+        )
+        .await
+        .unwrap();
+    env.dst
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);
+             CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers (id), amount int);",
+        )
+        .await
+        .unwrap();
+    let cfg = env.dir.path().join("pgdelta.toml");
+    let write_cfg = |customers_after: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "state = \"state.redb\"\njobs = 2\n[source]\nurl_env = \"SRC\"\n[destination]\nurl = \"{}\"\n\n\
+                 [[sync]]\ntable = \"orders\"\ntarget = \"orders\"\nkey = \"id\"\ndelete = true\nbatch_size = 500\n\n\
+                 [[sync]]\ntable = \"customers\"\ntarget = \"customers\"\nkey = \"id\"\ndelete = true\n{customers_after}",
+                env.dst_url
+            ),
+        )
+        .unwrap()
+    };
+    let run = |extra: &[&str]| {
+        let mut args = vec!["sync", "--config", cfg.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_pgdelta"))
+            .args(&args)
+            .current_dir(env.dir.path())
+            .env("SRC", &env.src_url)
+            .output()
+            .unwrap()
+    };
+    let same = || async {
+        for t in ["customers", "orders"] {
+            let sql = format!("SELECT * FROM {t} ORDER BY id");
+            env.assert_same(&sql, &sql).await;
+        }
+    };
+    let rejected = |o: &Output| -> i64 {
+        text(o)
+            .0
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["data"]["rejected"].as_i64().unwrap_or(0))
+            .sum()
+    };
+    write_cfg("");
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    assert_eq!(rejected(&o), 0);
+    same().await;
+
+    // A customer leaves with their orders; a new one arrives with new orders.
+    env.src
+        .batch_execute(
+            "DELETE FROM orders WHERE customer = 5; DELETE FROM customers WHERE id = 5;
+             INSERT INTO customers VALUES (101, 'new');
+             INSERT INTO orders SELECT i, 101, i FROM generate_series(3001, 3100) i;",
+        )
+        .await
+        .unwrap();
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    assert_eq!(rejected(&o), 0, "{}", text(&o).0);
+    same().await;
+
+    // One at a time: the parent gives up its slot while it waits for the child.
+    env.src
+        .batch_execute(
+            "DELETE FROM orders WHERE customer = 6; DELETE FROM customers WHERE id = 6;
+             INSERT INTO customers VALUES (102, 'newer'); INSERT INTO orders VALUES (4000, 102, 1);",
+        )
+        .await
+        .unwrap();
+    let o = run(&["--jobs", "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    assert_eq!(rejected(&o), 0, "{}", text(&o).0);
+    same().await;
+
+    // customers after orders, while orders waits for customers' writes: a cycle.
+    write_cfg("after = [\"orders\"]\n");
+    let o = run(&[]);
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cycle: orders -> customers -> orders")
+            || err.contains("cycle: customers -> orders -> customers"),
+        "{err}"
+    );
 }

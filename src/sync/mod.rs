@@ -64,6 +64,8 @@ pub struct RunOptions {
     pub rebuild_state: bool,
     /// Write sync logs as tables in this schema of the destination (`--audit-schema`).
     pub audit: Option<AuditSettings>,
+    /// This run's place among the syncs of an ordered invocation (`--jobs`).
+    pub order: Option<crate::jobs::RunOrder>,
 }
 
 /// Tunables of the pipeline itself (not of a sync).
@@ -225,6 +227,8 @@ pub async fn run_counted(
             result => break result,
         }
     };
+    // The change log's writer ends when its last sender is gone: before the audit waits on it.
+    drop(changes);
     if let Some(a) = audit {
         a.finish(&result, &progress).await;
     }
@@ -1059,6 +1063,9 @@ async fn remove(
     model_ok: bool,
 ) -> Result<Removal, Error> {
     let (spec, opts) = (env.spec, env.opts);
+    if let Some(o) = &opts.order {
+        o.writes_done();
+    }
     let synced = reader.len();
     let removed = synced.saturating_sub(seen.entries);
     let mut out = Removal {
@@ -1083,6 +1090,10 @@ async fn remove(
     let dest = match (opts.dry_run, spec.delete) {
         (true, _) => AnyDestination::Null(NullDestination),
         (false, true) => {
+            // Rows of other syncs' targets that reference these go first.
+            if let Some(o) = &opts.order {
+                o.before_deletes().await;
+            }
             let pg = PgDestination::connect(env.dest, &ctx.plan, Strategy::Upsert).await?;
             AnyDestination::Postgres(Box::new(pg))
         }
