@@ -424,8 +424,18 @@ async fn sigkill_mid_run_then_rerun_converges_insert() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly_and_the_next_run_resumes() {
+    sigterm_then_resume(&[]).await;
+}
+
+/// The same with the read split across three source sessions: every session's COPY stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_split_read_cleanly_and_the_next_run_resumes() {
+    sigterm_then_resume(&["--read-sessions", "3"]).await;
+}
+
+async fn sigterm_then_resume(flags: &[&str]) {
     let env = seeded(30_000).await;
-    let child = spawn_sync(&env, &[]);
+    let child = spawn_sync(&env, flags);
     wait_for_rows(&env).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // SAFETY: sending a signal to our own child.
@@ -439,13 +449,24 @@ async fn sigterm_stops_cleanly_and_the_next_run_resumes() {
     );
     let partial = Env::count(&env.dst, "t").await;
     assert!(partial < 30_000, "stopped too late to test anything");
+    // No source session is left reading.
+    let reading: i64 = env
+        .src
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgdelta' AND query LIKE 'COPY%' AND state = 'active'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reading, 0, "a source session still reads after the stop");
     // What landed was recorded: the next run does not rewrite it.
-    let out = spawn_sync(&env, &["--json", "--sleep-ms", "0"])
-        .wait_with_output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    let last: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let mut again = flags.to_vec();
+    again.extend(["--json", "--sleep-ms", "0"]);
+    let out = run_ok(&env, &again);
+    let last = last_json(&out);
+    let sessions = if flags.is_empty() { 1 } else { 3 };
+    assert_eq!(last["data"]["read_sessions"], sessions, "{last}");
     assert_eq!(last["data"]["unchanged"].as_i64().unwrap(), partial);
     assert_eq!(last["data"]["written"].as_i64().unwrap(), 30_000 - partial);
     env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
