@@ -874,6 +874,27 @@ async fn pipeline(
     })
 }
 
+/// A status line is on the terminal: a log line must clear it first ([`LogWriter`]).
+static STATUS_LINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes log lines to stderr, clearing the progress status line first when one is shown (it
+/// is redrawn on its next tick), so a log line never starts after the bar.
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        if STATUS_LINE.load(std::sync::atomic::Ordering::Relaxed) {
+            err.write_all(b"\r\x1b[2K")?;
+        }
+        err.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Samples rows read every 500 ms (the read timeline) and, when asked, shows progress on
 /// stderr: a status line redrawn in place on a terminal, a plain line every 10 s otherwise.
 async fn progress(
@@ -889,6 +910,7 @@ async fn progress(
     impl Drop for Clear {
         fn drop(&mut self) {
             if self.0 {
+                STATUS_LINE.store(false, std::sync::atomic::Ordering::Relaxed);
                 eprint!("\r\x1b[2K");
             }
         }
@@ -902,6 +924,7 @@ async fn progress(
         let t = started.elapsed().as_secs_f64();
         timeline.lock().expect("not poisoned").push((t as f32, n));
         if bar {
+            STATUS_LINE.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut err = std::io::stderr().lock();
             let _ = write!(err, "\r\x1b[2K{}", progress_line(&name, &p, t, true));
             let _ = err.flush();
