@@ -115,7 +115,7 @@ async fn demo(pg: &TempPostgres, args: &DemoArgs) -> Result<(), Error> {
     drop(dir);
 
     crate::outln!();
-    crate::outln!("| step | time | rows read | added | changed | removed | written | vs COPY read | peak RSS |");
+    crate::outln!("| step | time | rows read | added | changed | removed | written + deleted | vs COPY read | peak RSS |");
     crate::outln!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     crate::outln!(
         "| plain binary COPY read (baseline) | {:.2}s | {} | | | | | 1.00x | |",
