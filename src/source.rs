@@ -103,6 +103,37 @@ pub(crate) struct SourceRead {
     pub(crate) stop: Stop,
 }
 
+/// Runs `read` with its blocks going, over a queue of `queue` blocks, to `consume` on a
+/// blocking thread (lookups in the snapshot are blocking work); waits for both. Returns the
+/// read's outcome and what `consume` returned; an error only when a task panicked. A consumer
+/// that returns early closes the queue, which ends the read (`ReadEnd::DiffGone`).
+pub(crate) async fn read_into<T: Send + 'static>(
+    read: Read,
+    plan: Arc<Plan>,
+    (queue, block_bytes): (usize, usize),
+    sync: String,
+    stop: Stop,
+    consume: impl FnOnce(mpsc::Receiver<Block>) -> T + Send + 'static,
+) -> Result<(Result<ReadStats, Error>, T), Error> {
+    let (out, blocks) = mpsc::channel::<Block>(queue);
+    let read_task = tokio::spawn(
+        SourceRead {
+            read,
+            plan,
+            out,
+            progress: Default::default(),
+            block_bytes,
+            sync,
+            stop,
+        }
+        .run(),
+    );
+    let consumed = tokio::task::spawn_blocking(move || consume(blocks));
+    let stats = read_task.await.map_err(crate::error::join_err)?;
+    let consumed = consumed.await.map_err(crate::error::join_err)?;
+    Ok((stats, consumed))
+}
+
 impl SourceRead {
     /// Streams the parts into framed blocks, each session taking the next part when it is
     /// free, until every part's trailer, a stop, or an error. The first error ends the read

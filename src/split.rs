@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 
 use crate::conn::ConnInfo;
 use crate::error::Error;
-use crate::plan::{SourceTable, SplitBy};
+use crate::plan::{Plan, SourceTable, SplitBy};
 
 /// With an automatic count, parts of a relation are at least this many 8 KiB blocks (64 MiB),
 /// so each part's COPY costs far more than starting it. A count the user pins splits even a
@@ -224,27 +224,55 @@ struct Facts {
     free_connections: i64,
 }
 
+/// `pg_class c` rows that hold the rows of the relation `$1` (an oid as int8): the relation
+/// itself unless it is partitioned, and every leaf partition.
+pub(crate) const LEAVES_OF_1: &str = "c.relkind <> 'p' AND (c.oid = $1::int8::oid OR c.oid IN \
+     (SELECT relid FROM pg_partition_tree($1::int8::oid::regclass) WHERE isleaf))";
+
+/// `max_parallel_workers_per_gather`, then the connections left for client sessions.
+const PARALLEL_AND_FREE: &str = "current_setting('max_parallel_workers_per_gather')::int8, \
+     current_setting('max_connections')::int8 \
+       - current_setting('superuser_reserved_connections')::int8 \
+       - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')";
+
+/// The sessions to read with: the pinned count, or (`auto`) one per [`BLOCKS_PER_SESSION`]
+/// of `blocks`, at most `max_parallel_workers_per_gather + 1`, half the free connections and
+/// [`MAX_AUTO_SESSIONS`].
+fn sessions(want: ReadSessions, blocks: i64, per_gather: i64, free: i64) -> usize {
+    match want {
+        ReadSessions::Fixed(n) => n,
+        ReadSessions::Auto => ((blocks.max(0) + BLOCKS_PER_SESSION - 1) / BLOCKS_PER_SESSION)
+            .max(1)
+            .min(per_gather.max(0) + 1)
+            .min((free / 2).max(0))
+            .min(MAX_AUTO_SESSIONS as i64)
+            .max(1) as usize,
+    }
+}
+
+/// Why an automatic count gave one session.
+const TOO_SMALL: &str = "is under 256 MiB, or the source grants no parallelism (max_parallel_workers_per_gather, free connections)";
+
 async fn facts(client: &Client, table: &SourceTable) -> Result<Facts, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT current_setting('server_version_num')::int4, \
-                    EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
-                             WHERE i.inhparent = $1::int8::oid AND p.relkind <> 'p'), \
-                    current_setting('max_parallel_workers_per_gather')::int8, \
-                    current_setting('max_connections')::int8 \
-                      - current_setting('superuser_reserved_connections')::int8 \
-                      - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+            &format!(
+                "SELECT current_setting('server_version_num')::int4, \
+                        EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
+                                 WHERE i.inhparent = $1::int8::oid AND p.relkind <> 'p'), \
+                        {PARALLEL_AND_FREE}"
+            ),
             &[&(table.oid as i64)],
         )
         .await?;
     let rows = client
         .query(
-            "SELECT c.oid::regclass::text, c.relkind::text, \
-                    (pg_relation_size(c.oid) / current_setting('block_size')::int8)::int8, \
-                    has_table_privilege(c.oid, 'SELECT') \
-             FROM pg_class c WHERE c.relkind <> 'p' AND (c.oid = $1::int8::oid OR c.oid IN \
-                  (SELECT relid FROM pg_partition_tree($1::int8::oid::regclass) WHERE isleaf)) \
-             ORDER BY c.oid",
+            &format!(
+                "SELECT c.oid::regclass::text, c.relkind::text, \
+                        (pg_relation_size(c.oid) / current_setting('block_size')::int8)::int8, \
+                        has_table_privilege(c.oid, 'SELECT') \
+                 FROM pg_class c WHERE {LEAVES_OF_1} ORDER BY c.oid"
+            ),
             &[&(table.oid as i64)],
         )
         .await?;
@@ -294,19 +322,9 @@ pub(crate) async fn layout(
         Error::source_read(sync, &what, &e)
     })?;
     let total: i64 = f.leaves.iter().map(|l| l.blocks.max(0)).sum();
-    let cap = ((f.free_connections / 2).max(0) as usize).min(MAX_AUTO_SESSIONS);
-    let sessions = match want {
-        ReadSessions::Fixed(n) => n,
-        ReadSessions::Auto => {
-            let by_size = ((total + BLOCKS_PER_SESSION - 1) / BLOCKS_PER_SESSION).max(1) as usize;
-            by_size
-                .min(f.per_gather.max(0) as usize + 1)
-                .min(cap)
-                .max(1)
-        }
-    };
+    let sessions = sessions(want, total, f.per_gather, f.free_connections);
     if sessions < 2 {
-        return one("the table is under 256 MiB, or the source grants no parallelism (max_parallel_workers_per_gather, free connections)");
+        return one(&format!("the table {TOO_SMALL}"));
     }
     if f.version < 140000 {
         return one("splitting a read by ctid ranges needs PostgreSQL 14 or later");
@@ -349,33 +367,23 @@ pub(crate) fn describe(subject: &str, layout: &Layout) -> String {
 /// How a read splits: the sessions and the parts, or why it is read by one session.
 pub(crate) type Layout = Result<(usize, Vec<Part>), String>;
 
-/// Plans the split read of a table model, in the run's read transaction (begun, snapshot
-/// taken) on `client`, and exports the snapshot for the helpers. Returns the split and a note
-/// saying how the read is split, or `None` and why not (a note only when the user asked for
-/// more than one session).
-pub(crate) async fn plan(
+/// How the model's read would split, and the note that says so: a table's `ctid` ranges, or
+/// a query's value ranges of its `split_by` column; `None` for a query without `split_by`.
+/// Reads the catalog in `client`'s transaction; changes nothing.
+pub(crate) async fn model_layout(
     client: &Client,
-    conn: &ConnInfo,
-    settings: Vec<(&'static str, String)>,
-    table: &SourceTable,
+    model: &Plan,
     want: ReadSessions,
     sync: &str,
-) -> Result<(Option<Split>, Option<String>), Error> {
-    let layout = layout(client, table, want, sync).await?;
-    let note = describe(&table.quoted, &layout);
-    start(client, conn, settings, layout, note, want, sync).await
-}
-
-/// [`plan`] for a query model with `split_by`: parts are value ranges of that column, cut at
-/// the bounds of its table's histogram (`pg_stats`), never counted.
-pub(crate) async fn plan_query(
-    client: &Client,
-    conn: &ConnInfo,
-    settings: Vec<(&'static str, String)>,
-    by: &SplitBy,
-    want: ReadSessions,
-    sync: &str,
-) -> Result<(Option<Split>, Option<String>), Error> {
+) -> Result<Option<(Layout, String)>, Error> {
+    if let Some(table) = &model.table {
+        let layout = layout(client, table, want, sync).await?;
+        let note = describe(&table.quoted, &layout);
+        return Ok(Some((layout, note)));
+    }
+    let Some(by) = model.query.as_ref().and_then(|q| q.split_by.as_ref()) else {
+        return Ok(None);
+    };
     let layout = query_layout(client, by, want).await.map_err(|e| {
         Error::source_read(
             sync,
@@ -384,7 +392,25 @@ pub(crate) async fn plan_query(
         )
     })?;
     let note = describe(&format!("the query (split by {})", by.column), &layout);
-    start(client, conn, settings, layout, note, want, sync).await
+    Ok(Some((layout, note)))
+}
+
+/// Plans the split read of the model ([`model_layout`]), in the run's read transaction (begun,
+/// snapshot taken) on `client`, and exports the snapshot for the helpers. Returns the split
+/// and a note saying how the read is split, or `None` and why not (a note only when the user
+/// asked for more than one session).
+pub(crate) async fn plan(
+    client: &Client,
+    conn: &ConnInfo,
+    settings: Vec<(&'static str, String)>,
+    model: &Plan,
+    want: ReadSessions,
+    sync: &str,
+) -> Result<(Option<Split>, Option<String>), Error> {
+    match model_layout(client, model, want, sync).await? {
+        Some((layout, note)) => start(client, conn, settings, layout, note, want, sync).await,
+        None => Ok((None, None)),
+    }
 }
 
 /// Exports the run's snapshot for the helpers of a split layout.
@@ -424,7 +450,7 @@ async fn start(
 /// The layout of a query model's read split by `by`: the sessions as for a table (from the
 /// size of the column's table), parts cut at histogram bounds of the column. The first part
 /// also holds the NULLs.
-pub(crate) async fn query_layout(
+async fn query_layout(
     client: &Client,
     by: &SplitBy,
     want: ReadSessions,
@@ -435,18 +461,16 @@ pub(crate) async fn query_layout(
     }
     let row = client
         .query_one(
-            "SELECT c.oid::regclass::text, c.relpages::int8, \
-                    (SELECT s.histogram_bounds::text FROM pg_stats s \
-                      WHERE s.schemaname = n.nspname AND s.tablename = c.relname \
-                        AND s.attname = a.attname ORDER BY s.inherited DESC LIMIT 1), \
-                    current_setting('max_parallel_workers_per_gather')::int8, \
-                    current_setting('max_connections')::int8 \
-                      - current_setting('superuser_reserved_connections')::int8 \
-                      - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
-                    a.attname::text \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = $2 \
-             WHERE c.oid = $1::int8::oid",
+            &format!(
+                "SELECT c.oid::regclass::text, c.relpages::int8, \
+                        (SELECT s.histogram_bounds::text FROM pg_stats s \
+                          WHERE s.schemaname = n.nspname AND s.tablename = c.relname \
+                            AND s.attname = a.attname ORDER BY s.inherited DESC LIMIT 1), \
+                        {PARALLEL_AND_FREE}, a.attname::text \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = $2 \
+                 WHERE c.oid = $1::int8::oid"
+            ),
             &[&(by.table_oid as i64), &by.attnum],
         )
         .await?;
@@ -457,20 +481,9 @@ pub(crate) async fn query_layout(
             "{table}.{attname} has no statistics to cut ranges from (ANALYZE {table})"
         ));
     };
-    let cap = ((free / 2).max(0) as usize).min(MAX_AUTO_SESSIONS);
-    let sessions = match want {
-        ReadSessions::Fixed(n) => n,
-        ReadSessions::Auto => {
-            (((pages.max(0) + BLOCKS_PER_SESSION - 1) / BLOCKS_PER_SESSION).max(1) as usize)
-                .min(per_gather.max(0) as usize + 1)
-                .min(cap)
-                .max(1)
-        }
-    };
+    let sessions = sessions(want, pages, per_gather, free);
     if sessions < 2 {
-        return one(format!(
-            "{table} is under 256 MiB, or the source grants no parallelism (max_parallel_workers_per_gather, free connections)"
-        ));
+        return one(format!("{table} {TOO_SMALL}"));
     }
     let bounds: Vec<String> = client
         .query(
@@ -513,12 +526,10 @@ fn cut_points(bounds: &[String], parts: usize) -> Vec<String> {
         return Vec::new();
     }
     let mut cuts: Vec<String> = Vec::new();
-    for i in 1..parts {
-        let b = &bounds[i * (n - 1) / parts];
-        if i * (n - 1) / parts == 0 || cuts.last() == Some(b) {
-            continue;
+    for at in (1..parts).map(|i| i * (n - 1) / parts).filter(|&at| at > 0) {
+        if cuts.last() != Some(&bounds[at]) {
+            cuts.push(bounds[at].clone());
         }
-        cuts.push(b.clone());
     }
     cuts
 }

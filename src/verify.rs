@@ -35,10 +35,10 @@ use tokio::sync::mpsc;
 use crate::conn::ConnInfo;
 use crate::copy::{has_null, Block};
 use crate::diff::{self, Bitset};
-use crate::error::{join_err, Error};
+use crate::error::Error;
 use crate::plan::Plan;
 use crate::snapshot::{Reader, Snapshot, STALE_HASH};
-use crate::source::{Read, ReadEnd, ReadOf, SourceRead};
+use crate::source::{read_into, Read, ReadEnd, ReadOf};
 use crate::spec::SyncSpec;
 use crate::sync::stop::{Stop, StopReason};
 use crate::sync::{PipelineSettings, RunOptions, Summary};
@@ -273,29 +273,24 @@ async fn read_side(
     let pipe = PipelineSettings::default();
     let settings = crate::source::session_settings(spec.read_timeout);
     let client = Arc::new(conn.connect(role, &settings).await?);
-    let (tx, rx) = mpsc::channel::<Block>(pipe.block_queue);
-    let read = SourceRead {
-        read: Read {
-            conn: conn.clone(),
-            clients: vec![client],
-            prelude: Vec::new(),
-            copies: vec![copy],
-            of,
-        },
-        plan: plan.clone(),
-        out: tx,
-        progress: Default::default(),
-        block_bytes: pipe.block_bytes,
-        sync: spec.name.clone(),
-        stop: stop.clone(),
+    let read = Read {
+        conn: conn.clone(),
+        clients: vec![client],
+        prelude: Vec::new(),
+        copies: vec![copy],
+        of,
     };
-    let read_task = tokio::spawn(read.run());
-    let look = {
-        let reader = reader.clone();
-        tokio::task::spawn_blocking(move || look_up(rx, &reader))
-    };
-    let stats = read_task.await.map_err(join_err)?;
-    let side = look.await.map_err(join_err)??;
+    let reader = reader.clone();
+    let (stats, side) = read_into(
+        read,
+        plan.clone(),
+        (pipe.block_queue, pipe.block_bytes),
+        spec.name.clone(),
+        stop.clone(),
+        move |rx| look_up(rx, &reader),
+    )
+    .await?;
+    let side = side?;
     let stats = stats?;
     if stats.end != ReadEnd::Complete && side.problem.is_none() {
         return Err(Error::Interrupted {

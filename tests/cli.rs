@@ -1,6 +1,6 @@
 use std::process::{Command, Output};
 
-use crate::support::{pgdelta_command, sync_t, Env};
+use crate::support::{pgdelta_command, sync_t, sync_t_between, Env};
 
 fn pgdelta(dir: &std::path::Path, args: &[&str]) -> Output {
     pgdelta_command(dir, args).output().expect("run pgdelta")
@@ -619,19 +619,7 @@ async fn every_keeps_syncing_through_failures_until_sigterm() {
 #[test]
 fn schedule_flags_are_checked_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let base = [
-        "sync",
-        "--source",
-        "postgres://u@127.0.0.1:1/s",
-        "--destination",
-        "postgres://u@127.0.0.1:1/d",
-        "--table",
-        "t",
-        "--target",
-        "t",
-        "--key",
-        "id",
-    ];
+    let state = dir.path().join("state.redb");
     for (extra, want) in [
         (["--every", "soon"], "not a duration"),
         (["--schedule", "0 25 * * *"], "hour: 25 is outside 0-23"),
@@ -640,9 +628,15 @@ fn schedule_flags_are_checked_before_anything_runs() {
             "use it with --every or --schedule",
         ),
     ] {
-        let mut args = base.to_vec();
-        args.extend(extra);
-        let o = pgdelta(dir.path(), &args);
+        let o = sync_t_between(
+            dir.path(),
+            "postgres://u@127.0.0.1:1/s",
+            "postgres://u@127.0.0.1:1/d",
+            &state,
+            &extra,
+        )
+        .output()
+        .unwrap();
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains(want), "{err}");

@@ -368,27 +368,23 @@ async fn sigkill_during_a_split_read_then_rerun_converges() {
         .await
         .unwrap()
         .get(0);
-    let mut child = spawn_sync(&env, &flags);
-    for _ in 0..500 {
-        let changed: i64 = env
-            .dst
+    let changed = || async {
+        env.dst
             .query_one("SELECT count(*) FROM t WHERE qty >= 1000", &[])
             .await
             .unwrap()
-            .get(0);
-        if changed > 0 {
+            .get::<_, i64>(0)
+    };
+    let mut child = spawn_sync(&env, &flags);
+    for _ in 0..500 {
+        if changed().await > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let changed: i64 = env
-        .dst
-        .query_one("SELECT count(*) FROM t WHERE qty >= 1000", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let changed = changed().await;
     assert!(
         changed > 0 && changed < 15_000,
         "killed too early or too late to test anything: {changed} rows updated"

@@ -101,27 +101,11 @@ pub async fn next_read(
 ) -> Result<(&'static str, String), Error> {
     let plan = plan(src, dst, spec).await?;
     let state = delta::begin(src, plan.table.as_ref(), &spec.name).await;
-    let split_by = plan.query.as_ref().and_then(|q| q.split_by.as_ref());
-    let split = match (&plan.table, split_by, &state) {
-        (Some(t), _, Ok(_)) => split::layout(src, t, spec.read_sessions, &spec.name)
+    let split = match &state {
+        Ok(_) => split::model_layout(src, &plan, spec.read_sessions, &spec.name)
             .await
-            .map(|l| Some(split::describe(&t.quoted, &l))),
-        (None, Some(by), Ok(_)) => split::query_layout(src, by, spec.read_sessions)
-            .await
-            .map(|l| {
-                Some(split::describe(
-                    &format!("the query (split by {})", by.column),
-                    &l,
-                ))
-            })
-            .map_err(|e| {
-                Error::source_read(
-                    &spec.name,
-                    "cannot read the statistics to split the query's read",
-                    &e,
-                )
-            }),
-        _ => Ok(None),
+            .map(|l| l.map(|(_, note)| note)),
+        Err(_) => Ok(None),
     };
     let _ = src.batch_execute("ROLLBACK").await;
     let (state, split) = (state?, split?);
@@ -644,24 +628,15 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
     }
     let source_timeout = crate::conn::show(&src, "statement_timeout").await.ok();
     let source_state = delta::begin(&src, plan.table.as_ref(), name).await?;
-    let split_by = plan.query.as_ref().and_then(|q| q.split_by.as_ref());
-    let (split, split_note) = match (&plan.table, split_by) {
-        (Some(t), _) => {
-            split::plan(&src, env.source, read_settings, t, spec.read_sessions, name).await?
-        }
-        (None, Some(by)) => {
-            split::plan_query(
-                &src,
-                env.source,
-                read_settings,
-                by,
-                spec.read_sessions,
-                name,
-            )
-            .await?
-        }
-        (None, None) => (None, None),
-    };
+    let (split, split_note) = split::plan(
+        &src,
+        env.source,
+        read_settings,
+        &plan,
+        spec.read_sessions,
+        name,
+    )
+    .await?;
     if let Some(n) = &split_note {
         tracing::info!("sync '{name}': {n}");
     }
@@ -740,11 +715,10 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
 /// when a relation was never analyzed or the server cannot say (before PostgreSQL 12).
 async fn estimate_rows(src: &tokio_postgres::Client, oid: u32) -> Option<u64> {
     let sql = format!(
-        "SELECT sum(c.reltuples)::float8, bool_and(c.reltuples >= 0) FROM pg_class c
-          WHERE (c.oid = {oid} AND c.relkind <> 'p')
-             OR c.oid IN (SELECT relid FROM pg_partition_tree({oid}::oid::regclass) WHERE isleaf)"
+        "SELECT sum(c.reltuples)::float8, bool_and(c.reltuples >= 0) FROM pg_class c WHERE {}",
+        split::LEAVES_OF_1
     );
-    let row = src.query_one(&sql, &[]).await.ok()?;
+    let row = src.query_one(&sql, &[&(oid as i64)]).await.ok()?;
     let (n, known): (Option<f64>, Option<bool>) = (row.get(0), row.get(1));
     (known == Some(true)).then(|| n.unwrap_or(0.0).max(0.0) as u64)
 }

@@ -23,11 +23,11 @@ use super::{
 use crate::copy::{has_null, Block};
 use crate::delta::{self, Decision, ReadStrategy};
 use crate::diff::{Bitset, DiffConfig};
-use crate::error::{join_err, Error};
+use crate::error::Error;
 use crate::plan::{Plan, SourceTable};
 use crate::sink::{self, AnyDestination, ApplyCtx, Operation};
 use crate::snapshot::{Reader, Recorder, Snapshot, SnapshotError};
-use crate::source::{Read, ReadEnd, ReadOf, SourceRead};
+use crate::source::{Read, ReadEnd, ReadOf};
 use crate::split::Split;
 
 /// What the read stage needs besides the run's plan.
@@ -427,26 +427,17 @@ impl Inputs<'_> {
         let mut keys_only = (**plan).clone();
         keys_only.columns.truncate(plan.nkey);
         let list = table.exprs[..plan.nkey].join(", ");
-        let (tx, rx) = mpsc::channel::<Block>(env.pipe.block_queue);
         let read = self.read_table(table, &list, None, Vec::new()).await?;
-        let read_task = tokio::spawn(
-            SourceRead {
-                read,
-                plan: Arc::new(keys_only),
-                out: tx,
-                progress: Default::default(),
-                block_bytes: env.pipe.block_bytes,
-                sync: name.clone(),
-                stop: ctx.stop.clone(),
-            }
-            .run(),
-        );
-        let scan_task = {
-            let reader = reader.clone();
-            tokio::task::spawn_blocking(move || scan(rx, &reader))
-        };
-        let stats = read_task.await.map_err(join_err)?;
-        let scan = scan_task.await.map_err(join_err)?;
+        let reader = reader.clone();
+        let (stats, scan) = crate::source::read_into(
+            read,
+            Arc::new(keys_only),
+            (env.pipe.block_queue, env.pipe.block_bytes),
+            name.clone(),
+            ctx.stop.clone(),
+            move |rx| scan(rx, &reader),
+        )
+        .await?;
         let stats = stats?;
         if stats.end != ReadEnd::Complete {
             return Err(match ctx.stop.reason() {
