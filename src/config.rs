@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::spec::{
     Mode, Model, ReadSessions, Shard, SyncSpec, DEFAULT_MAX_DELETE_RATIO, DEFAULT_MAX_REJECTED,
 };
+use crate::ssh::SshSettings;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +51,8 @@ pub struct MetricsSettings {
 pub struct Endpoint {
     pub url: Option<String>,
     pub url_env: Option<String>,
+    /// Reach the database through this SSH bastion.
+    pub ssh: Option<SshSettings>,
 }
 
 impl Endpoint {
@@ -409,6 +412,12 @@ pub struct Request {
     pub only: Option<String>,
     pub source: Option<String>,
     pub destination: Option<String>,
+    /// `--source-ssh` / `--destination-ssh`: `user@host[:port]`, over `[*.ssh]`'s bastion.
+    pub source_ssh: Option<String>,
+    pub destination_ssh: Option<String>,
+    /// `--ssh-key` / `--ssh-known-hosts`: over both ssh tables' `key` / `known_hosts`.
+    pub ssh_key: Option<PathBuf>,
+    pub ssh_known_hosts: Option<PathBuf>,
     pub state: Option<PathBuf>,
     pub model: FlagModel,
     pub overrides: Overrides,
@@ -443,6 +452,59 @@ pub struct Invocation {
 
 /// The state file when neither the flags nor the config name one.
 pub const DEFAULT_STATE: &str = "pgdelta.redb";
+
+impl Request {
+    /// The source's and the destination's SSH bastions: the config file's tables, with the
+    /// flags over them. Relative key and known_hosts paths in the file are relative to it.
+    fn tunnels(
+        &self,
+        file: Option<&(ConfigFile, PathBuf)>,
+    ) -> Result<(Option<SshSettings>, Option<SshSettings>), Error> {
+        let one = |flag: &Option<String>, which: &str| -> Option<SshSettings> {
+            let from_file = file.and_then(|(f, path)| {
+                let e = match which {
+                    "source" => f.source.as_ref(),
+                    _ => f.destination.as_ref(),
+                }?;
+                let mut ssh = e.ssh.clone()?;
+                let dir = path.parent().unwrap_or(Path::new("."));
+                for p in [&mut ssh.key, &mut ssh.known_hosts].into_iter().flatten() {
+                    if p.is_relative() && !p.starts_with("~") {
+                        *p = dir.join(&*p);
+                    }
+                }
+                Some(ssh)
+            });
+            let mut ssh = match (flag, from_file) {
+                (Some(dest), file) => SshSettings {
+                    host: dest.clone(),
+                    port: None,
+                    user: None,
+                    ..file.unwrap_or_default()
+                },
+                (None, file) => file?,
+            };
+            if let Some(k) = &self.ssh_key {
+                ssh.key = Some(k.clone());
+            }
+            if let Some(k) = &self.ssh_known_hosts {
+                ssh.known_hosts = Some(k.clone());
+            }
+            Some(ssh)
+        };
+        let source = one(&self.source_ssh, "source");
+        let destination = one(&self.destination_ssh, "destination");
+        if source.is_none()
+            && destination.is_none()
+            && (self.ssh_key.is_some() || self.ssh_known_hosts.is_some())
+        {
+            return Err(Error::Config(
+                "--ssh-key and --ssh-known-hosts need a tunnel: give --source-ssh or --destination-ssh USER@HOST[:PORT] (or [source.ssh] / [destination.ssh] in the config)".into(),
+            ));
+        }
+        Ok((source, destination))
+    }
+}
 
 impl Request {
     pub fn resolve(&self) -> Result<Invocation, Error> {
@@ -516,9 +578,17 @@ impl Request {
         if audit.as_ref().is_some_and(|a| a.schema.trim().is_empty()) {
             return Err(Error::Config("the audit schema name is empty".into()));
         }
+        let (source_ssh, destination_ssh) = self.tunnels(file.as_ref())?;
+        let reach = |url: &str, ssh: Option<SshSettings>| -> Result<ConnInfo, Error> {
+            let conn = ConnInfo::parse(url)?;
+            match ssh {
+                Some(ssh) => conn.via_ssh(&ssh),
+                None => Ok(conn),
+            }
+        };
         Ok(Invocation {
-            source: ConnInfo::parse(&source)?,
-            destination: ConnInfo::parse(&destination)?,
+            source: reach(&source, source_ssh)?,
+            destination: reach(&destination, destination_ssh)?,
             state,
             specs,
             audit,
@@ -696,6 +766,59 @@ region = "region_code"
             &["id"],
         );
         assert_eq!(format!("{spec:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn ssh_tables_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("p.toml");
+        std::fs::write(
+            &cfg,
+            "[source]\nurl = \"postgres://a@db.internal/src\"\n[source.ssh]\nhost = \"bastion\"\nport = 2222\nuser = \"etl\"\nknown_hosts = \"kh\"\n\
+             [destination]\nurl = \"postgres://a@h/dst\"\n\
+             [[sync]]\nname = \"a\"\ntable = \"t\"\ntarget = \"t\"\nkey = \"id\"\n",
+        )
+        .unwrap();
+        let mut req = Request {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        };
+        let inv = req.resolve().unwrap();
+        assert_eq!(
+            inv.source.to_string(),
+            "postgres://a@db.internal:5432/src via ssh etl@bastion:2222"
+        );
+        assert_eq!(inv.destination.to_string(), "postgres://a@h:5432/dst");
+        let (source, _) = req
+            .tunnels(Some(&(ConfigFile::load(&cfg).unwrap(), cfg.clone())))
+            .unwrap();
+        assert_eq!(source.unwrap().known_hosts, Some(dir.path().join("kh")));
+        // A flag replaces the file's bastion, user and port; key flags apply to both.
+        req.source_ssh = Some("ops@jump".into());
+        req.destination_ssh = Some("jump:2200".into());
+        req.ssh_known_hosts = Some("/k".into());
+        let (source, destination) = req
+            .tunnels(Some(&(ConfigFile::load(&cfg).unwrap(), cfg.clone())))
+            .unwrap();
+        let (source, destination) = (source.unwrap(), destination.unwrap());
+        assert_eq!(
+            (source.host.as_str(), source.port, source.user),
+            ("ops@jump", None, None)
+        );
+        assert_eq!(source.known_hosts, Some("/k".into()));
+        assert_eq!(destination.host, "jump:2200");
+        // Key flags without a bastion are a mistake.
+        let lone = Request {
+            ssh_key: Some("/id".into()),
+            ..Default::default()
+        };
+        let e = lone.tunnels(None).unwrap_err().to_string();
+        assert!(e.contains("need a tunnel"), "{e}");
+        std::fs::write(&cfg, "[source]\nurl = \"x\"\n[source.ssh]\nhots = \"b\"\n").unwrap();
+        assert!(
+            ConfigFile::load(&cfg).is_err(),
+            "unknown keys in [source.ssh]"
+        );
     }
 
     #[test]

@@ -8,13 +8,17 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Config, Connection, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{pg_message, Error};
+use crate::ssh::{Forward, SshSettings, Tunnel, TunnelError, TunnelStream};
 
 /// A connection string with its secret kept out of every rendering.
 #[derive(Clone)]
@@ -22,6 +26,8 @@ pub struct ConnInfo {
     config: Config,
     /// None: `sslmode=disable`.
     tls: Option<rustls::ClientConfig>,
+    /// Sessions go through this SSH bastion.
+    tunnel: Option<Arc<Tunnel>>,
     shown: String,
 }
 
@@ -84,8 +90,25 @@ impl ConnInfo {
         Ok(ConnInfo {
             config,
             tls: crate::tls::client_config(&tls)?,
+            tunnel: None,
             shown,
         })
+    }
+
+    /// The same database, reached through an SSH bastion (see [`crate::ssh`]).
+    pub fn via_ssh(self, ssh: &SshSettings) -> Result<Self, Error> {
+        self.via_ssh_with(ssh, &crate::libpq::process_env)
+    }
+
+    pub(crate) fn via_ssh_with(
+        mut self,
+        ssh: &SshSettings,
+        env: crate::libpq::Lookup<'_>,
+    ) -> Result<Self, Error> {
+        let tunnel = Tunnel::new(ssh, env)?;
+        self.shown = format!("{} via ssh {tunnel}", describe(&self.config));
+        self.tunnel = Some(Arc::new(tunnel));
+        Ok(self)
     }
 
     /// Opens a session with `settings` applied as startup options, and spawns its connection task.
@@ -106,14 +129,13 @@ impl ConnInfo {
             target: self.shown.clone(),
             message: pg_message(&e),
         };
+        if let Some(tunnel) = &self.tunnel {
+            return self.connect_through(tunnel, &config, role).await;
+        }
         let client = match &self.tls {
             None => {
                 let (client, connection) = config.connect(NoTls).await.map_err(connect_err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!("connection closed: {e}");
-                    }
-                });
+                spawn(connection);
                 client
             }
             Some(tls) => {
@@ -121,32 +143,168 @@ impl ConnInfo {
                     .connect(MakeRustlsConnect::new(tls.clone()))
                     .await
                     .map_err(connect_err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!("connection closed: {e}");
-                    }
-                });
+                spawn(connection);
                 client
             }
         };
         Ok(client)
     }
 
-    /// Cancels the statement running on the session `token` belongs to, over the same TLS
-    /// settings the session uses.
-    pub async fn cancel(
+    /// Tries each host of the connection string through `tunnel`, within the connect timeout.
+    async fn connect_through(
         &self,
-        token: &tokio_postgres::CancelToken,
-    ) -> Result<(), tokio_postgres::Error> {
-        match &self.tls {
-            None => token.cancel_query(NoTls).await,
-            Some(tls) => {
-                token
-                    .cancel_query(MakeRustlsConnect::new(tls.clone()))
+        tunnel: &Tunnel,
+        config: &Config,
+        role: &'static str,
+    ) -> Result<Client, Error> {
+        let mut last = None;
+        for (host, port) in hosts(config) {
+            let attempt = self.session_through(tunnel, config, &host, port);
+            let result = match config.get_connect_timeout() {
+                Some(t) => tokio::time::timeout(*t, attempt).await.unwrap_or_else(|_| {
+                    Err(TunnelError {
+                        message: format!("timed out after {} s", t.as_secs()),
+                        config: false,
+                    })
+                }),
+                None => attempt.await,
+            };
+            match result {
+                Ok(client) => return Ok(client),
+                Err(e) if e.config => {
+                    return Err(Error::Config(format!(
+                        "cannot connect to the {role} database {}: {}",
+                        self.shown, e.message
+                    )))
+                }
+                Err(e) => last = Some(e.message),
+            }
+        }
+        Err(Error::Connect {
+            role,
+            target: self.shown.clone(),
+            message: last.unwrap_or_else(|| "no host".into()),
+        })
+    }
+
+    /// One session to `host`:`port` over a new channel through `tunnel`; TLS inside the
+    /// channel names the database's host, so `verify-full` checks it.
+    async fn session_through(
+        &self,
+        tunnel: &Tunnel,
+        config: &Config,
+        host: &Host,
+        port: u16,
+    ) -> Result<Client, TunnelError> {
+        let pg_err = |e: tokio_postgres::Error| TunnelError {
+            message: pg_message(&e),
+            config: false,
+        };
+        let stream = tunnel.open(forward(host, port)).await?;
+        match (&self.tls, host) {
+            (Some(tls), Host::Tcp(name)) => {
+                let connector = tls_for(tls, name)?;
+                let (client, connection) = config
+                    .connect_raw(stream, connector)
                     .await
+                    .map_err(pg_err)?;
+                spawn(connection);
+                Ok(client)
+            }
+            _ => {
+                // libpq never uses TLS over a Unix socket.
+                let mut config = config.clone();
+                if matches!(host, Host::Unix(_)) {
+                    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                }
+                let (client, connection) =
+                    config.connect_raw(stream, NoTls).await.map_err(pg_err)?;
+                spawn(connection);
+                Ok(client)
             }
         }
     }
+
+    /// Cancels the statement running on the session `token` belongs to, over the same TLS
+    /// settings (and SSH bastion) the session uses.
+    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) -> Result<(), Error> {
+        let failed = |message: String| Error::Connect {
+            role: "cancel",
+            target: self.shown.clone(),
+            message,
+        };
+        let pg = |e: tokio_postgres::Error| failed(pg_message(&e));
+        match (&self.tunnel, &self.tls) {
+            (None, None) => token.cancel_query(NoTls).await.map_err(pg),
+            (None, Some(tls)) => token
+                .cancel_query(MakeRustlsConnect::new(tls.clone()))
+                .await
+                .map_err(pg),
+            (Some(tunnel), tls) => {
+                let (host, port) = hosts(&self.config)
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| failed("no host".into()))?;
+                let stream = tunnel
+                    .open(forward(&host, port))
+                    .await
+                    .map_err(|e| failed(e.message))?;
+                match (tls, &host) {
+                    (Some(tls), Host::Tcp(name)) => {
+                        let connector = tls_for(tls, name).map_err(|e| failed(e.message))?;
+                        token.cancel_query_raw(stream, connector).await.map_err(pg)
+                    }
+                    _ => token.cancel_query_raw(stream, NoTls).await.map_err(pg),
+                }
+            }
+        }
+    }
+}
+
+/// The hosts of a connection string with their ports (one port for all, or one each).
+fn hosts(config: &Config) -> Vec<(Host, u16)> {
+    let ports = config.get_ports();
+    config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            (h.clone(), port)
+        })
+        .collect()
+}
+
+/// What the bastion connects to for a host: TCP, or the server's socket file in a directory.
+fn forward(host: &Host, port: u16) -> Forward<'_> {
+    match host {
+        Host::Tcp(name) => Forward::Tcp(name, port),
+        Host::Unix(dir) => Forward::Socket(format!("{}/.s.PGSQL.{port}", dir.display())),
+    }
+}
+
+fn tls_for(
+    tls: &rustls::ClientConfig,
+    name: &str,
+) -> Result<<MakeRustlsConnect as MakeTlsConnect<TunnelStream>>::TlsConnect, TunnelError> {
+    let mut make = MakeRustlsConnect::new(tls.clone());
+    MakeTlsConnect::<TunnelStream>::make_tls_connect(&mut make, name).map_err(|e| TunnelError {
+        message: format!("TLS setup for {name}: {e}"),
+        config: true,
+    })
+}
+
+/// Drives a session's connection on the runtime until it closes.
+fn spawn<S, T>(connection: Connection<S, T>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("connection closed: {e}");
+        }
+    });
 }
 
 /// Applies a setting from the service file or the environment unless the connection string

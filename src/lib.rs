@@ -45,6 +45,7 @@ pub mod snapshot;
 mod source;
 pub mod spec;
 pub mod split;
+pub mod ssh;
 pub mod sync;
 pub(crate) mod tls;
 pub mod tools;

@@ -74,6 +74,19 @@ struct SyncArgs {
     /// Destination connection string (URL or key=value).
     #[arg(long, env = "PGDELTA_DESTINATION_URL", hide_env_values = true)]
     destination: Option<String>,
+    /// Reach the source through this SSH bastion: USER@HOST[:PORT] (config: [source.ssh]).
+    #[arg(long, env = "PGDELTA_SOURCE_SSH", value_name = "USER@HOST[:PORT]")]
+    source_ssh: Option<String>,
+    /// Reach the destination through this SSH bastion (config: [destination.ssh]).
+    #[arg(long, env = "PGDELTA_DESTINATION_SSH", value_name = "USER@HOST[:PORT]")]
+    destination_ssh: Option<String>,
+    /// Private key for the SSH bastions (default: the SSH agent's keys, then ~/.ssh/id_*);
+    /// an encrypted key's passphrase comes from PGDELTA_SSH_KEY_PASSPHRASE.
+    #[arg(long, env = "PGDELTA_SSH_KEY", value_name = "FILE")]
+    ssh_key: Option<PathBuf>,
+    /// known_hosts file the bastions' host keys are checked against (default ~/.ssh/known_hosts).
+    #[arg(long, env = "PGDELTA_SSH_KNOWN_HOSTS", value_name = "FILE")]
+    ssh_known_hosts: Option<PathBuf>,
     /// Source table (schema.table).
     #[arg(long, conflicts_with = "query")]
     table: Option<String>,
@@ -280,6 +293,10 @@ impl SyncArgs {
             only: self.only.clone(),
             source: self.source.clone(),
             destination: self.destination.clone(),
+            source_ssh: self.source_ssh.clone(),
+            destination_ssh: self.destination_ssh.clone(),
+            ssh_key: self.ssh_key.clone(),
+            ssh_known_hosts: self.ssh_known_hosts.clone(),
             state: self.state.clone(),
             audit_schema: self.audit_schema.clone(),
             audit_changes: self.audit_changes,

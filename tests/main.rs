@@ -20,6 +20,8 @@ mod parallel;
 mod rebuild;
 /// Real faults: statement timeouts, bad rows, killed sessions, restarts, signals.
 mod resilience;
+/// SSH tunnels to both databases, against a real sshd: host keys, client keys, the agent.
+mod ssh;
 /// A hot standby source: recovery conflicts retried.
 mod standby;
 /// Table and query models, no-change runs, churn, deletes, insert mode, mapping, dry runs.

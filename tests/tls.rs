@@ -93,7 +93,11 @@ fn make_certs(dir: &Path) {
 }
 
 async fn ssl_in_use(url: &str) -> Result<bool, pgdelta::Error> {
-    let c = ConnInfo::parse(url)?.connect("test", &[]).await?;
+    ssl_in_use_on(ConnInfo::parse(url)?).await
+}
+
+async fn ssl_in_use_on(conn: ConnInfo) -> Result<bool, pgdelta::Error> {
+    let c = conn.connect("test", &[]).await?;
     Ok(c.query_one(
         "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
         &[],
@@ -204,4 +208,22 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
     let a = Env::rows(&src, "SELECT * FROM t ORDER BY id").await;
     let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
     crate::support::assert_rows_equal(&a, &b);
+
+    // Through an SSH bastion, TLS runs inside the channel and checks the database's own name.
+    let sshd = crate::support::sshd::TempSshd::start();
+    let through = |u: String| {
+        ConnInfo::parse(&u)
+            .unwrap()
+            .via_ssh(&sshd.settings())
+            .unwrap()
+    };
+    assert!(ssl_in_use_on(through(url("localhost", "d", &verify_full)))
+        .await
+        .unwrap());
+    let e = ssl_in_use_on(through(url("127.0.0.1", "d", &verify_full)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    assert!(sshd.forwards_to(&format!("target localhost port {port}")) >= 1);
 }

@@ -238,6 +238,11 @@ impl TempPostgres {
         self.port
     }
 
+    /// The directory holding the server's Unix socket (`.s.PGSQL.<port>`).
+    pub fn socket_dir(&self) -> &Path {
+        &self.root
+    }
+
     /// A URL for database `db` as the `postgres` superuser, over TCP on 127.0.0.1.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db)
@@ -377,7 +382,8 @@ fn server_err(path: &Path, what: &str, e: std::io::Error) -> Error {
     Error::Server(format!("cannot {what} {}: {e}", path.display()))
 }
 
-fn free_port() -> Result<u16, Error> {
+/// A TCP port on 127.0.0.1 nothing listens on right now.
+pub fn free_port() -> Result<u16, Error> {
     let l = TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::Server(format!("cannot find a free port: {e}")))?;
     Ok(l.local_addr().map(|a| a.port()).unwrap_or(0))
@@ -426,7 +432,7 @@ pub fn find_bindir() -> Result<PathBuf, Error> {
 }
 
 /// When running as root, the uid/gid of the `postgres` system user (initdb refuses root).
-fn unprivileged_user() -> Result<Option<(u32, u32)>, Error> {
+pub fn unprivileged_user() -> Result<Option<(u32, u32)>, Error> {
     let euid = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
     if euid != 0 {
         return Ok(None);

@@ -13,6 +13,9 @@ use pgdelta::sync::{RunOptions, Summary};
 use pgdelta::tools::pgserver::{Durability, TempPostgres};
 use tokio_postgres::Client;
 
+/// A throwaway OpenSSH server, for the tunnel tests.
+pub(crate) mod sshd;
+
 enum Server {
     Local(TempPostgres),
     External(String),
@@ -46,6 +49,14 @@ pub(crate) fn url_for(db: &str) -> String {
                 .unwrap_or(base.len());
             format!("{}/{db}{query}", &base[..cut])
         }
+    }
+}
+
+/// The Unix socket directory of the test server, when it is the local throwaway one.
+pub(crate) fn socket_dir() -> Option<PathBuf> {
+    match server() {
+        Server::Local(pg) => Some(pg.socket_dir().to_path_buf()),
+        Server::External(_) => None,
     }
 }
 
