@@ -386,31 +386,36 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
     if inv.specs.len() == 1 {
         return run_one(&inv, &inv.specs[0], &opts, &snapshot, a.json).await;
     }
-    run_ordered(&inv, &opts, &snapshot, a.json).await
+    run_ordered(&inv, &inv.specs, &opts, &snapshot, a.json).await
 }
 
 /// Several syncs: up to `jobs` at once, in dependency order (`pgdelta::jobs`): foreign keys
 /// between the targets (a child starts once its parent's writes are done; the parent's deletes
 /// wait for the child) and `after` lists.
-async fn run_ordered(inv: &Invocation, opts: &RunOptions, snapshot: &Snapshot, json: bool) -> i32 {
+async fn run_ordered(
+    inv: &Invocation,
+    specs: &[pgdelta::spec::SyncSpec],
+    opts: &RunOptions,
+    snapshot: &Snapshot,
+    json: bool,
+) -> i32 {
     use pgdelta::jobs::{Order, Phase, RunOrder};
     use std::sync::Arc;
     let order = async {
         let dst = inv.destination.connect("destination", &[]).await?;
-        let fks = pgdelta::jobs::foreign_keys(&dst, &inv.specs).await?;
-        Order::new(&inv.specs, &fks)
+        let fks = pgdelta::jobs::foreign_keys(&dst, specs).await?;
+        Order::new(specs, &fks)
     };
     let order = match order.await {
         Ok(o) => o,
         Err(e) => return report_error(&e, json, None),
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(inv.jobs));
-    let phases: Vec<_> = inv
-        .specs
+    let phases: Vec<_> = specs
         .iter()
         .map(|_| Arc::new(tokio::sync::watch::channel(Phase::Waiting).0))
         .collect();
-    let runs = inv.specs.iter().enumerate().map(|(i, spec)| {
+    let runs = specs.iter().enumerate().map(|(i, spec)| {
         let (order, phases, slots) = (&order, &phases, &slots);
         async move {
             for &p in &order.parents[i] {
@@ -490,8 +495,8 @@ async fn run_one(
     code
 }
 
-/// Schedule mode (`every` / `schedule`): runs each sync when it is due, one run at a time,
-/// until SIGINT/SIGTERM, which finish the batch in flight; a failed run is reported and the
+/// Schedule mode (`every` / `schedule`): runs each sync when it is due, one batch at a time
+/// (syncs due together run as one, in dependency order, up to `jobs` at once), until SIGINT/SIGTERM, which finish the batch in flight; a failed run is reported and the
 /// schedule goes on; occurrences missed while a run went on are skipped with a warning.
 /// Exits 0 once stopped: every run's outcome is in its own report, the run log and the metrics.
 async fn run_scheduled(
@@ -526,29 +531,52 @@ async fn run_scheduled(
         schedules.push((spec, s, first));
     }
     loop {
-        let Some(i) = (0..schedules.len()).min_by_key(|&i| schedules[i].2) else {
+        let Some(due) = schedules.iter().map(|s| s.2).min() else {
             return 0;
         };
-        let (spec, schedule, due) = schedules[i];
+        let batch: Vec<usize> = (0..schedules.len())
+            .filter(|&i| schedules[i].2 == due)
+            .collect();
         let wait = std::time::Duration::from_secs(due.saturating_sub(now()));
         tokio::select! {
             _ = opts.shutdown.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
         }
-        run_one(inv, spec, opts, snapshot, json).await;
+        if let [i] = batch[..] {
+            run_one(inv, schedules[i].0, opts, snapshot, json).await;
+        } else {
+            // Syncs due at the same time run as one batch: in dependency order (foreign keys,
+            // `after` among them), up to `jobs` at once.
+            let names: Vec<&str> = batch
+                .iter()
+                .map(|&i| schedules[i].0.name.as_str())
+                .collect();
+            let specs: Vec<_> = batch
+                .iter()
+                .map(|&i| {
+                    let mut spec = schedules[i].0.clone();
+                    spec.after.retain(|a| names.contains(&a.as_str()));
+                    spec
+                })
+                .collect();
+            run_ordered(inv, &specs, opts, snapshot, json).await;
+        }
         if opts.shutdown.is_cancelled() {
             break;
         }
-        let (next, missed) = schedule.next(due, now());
-        if missed > 0 {
-            tracing::warn!(
-                "sync '{}': the run due at {} ended after its next {missed} occurrence(s): skipped them; next run at {}",
-                spec.name,
-                shown(due),
-                shown(next)
-            );
+        for i in batch {
+            let (spec, schedule, due) = schedules[i];
+            let (next, missed) = schedule.next(due, now());
+            if missed > 0 {
+                tracing::warn!(
+                    "sync '{}': the run due at {} ended after its next {missed} occurrence(s): skipped them; next run at {}",
+                    spec.name,
+                    shown(due),
+                    shown(next)
+                );
+            }
+            schedules[i].2 = next;
         }
-        schedules[i].2 = next;
     }
     eprintln!("pgdelta: stopped; the next start resumes from what was recorded");
     0

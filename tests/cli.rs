@@ -735,6 +735,52 @@ async fn jobs_run_syncs_in_foreign_key_order() {
     assert_eq!(rejected(&o), 0, "{}", text(&o).0);
     same().await;
 
+    // Schedule mode: syncs due together run as one batch, in the same order.
+    env.src
+        .batch_execute(
+            "INSERT INTO customers VALUES (103, 'scheduled'); INSERT INTO orders VALUES (5000, 103, 1);",
+        )
+        .await
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgdelta"));
+    let scheduled = cmd
+        .args([
+            "sync",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+            "--every",
+            "1h",
+        ])
+        .current_dir(env.dir.path())
+        .env("SRC", &env.src_url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut landed = false;
+    for _ in 0..200 {
+        let n: i64 = env
+            .dst
+            .query_one("SELECT count(*) FROM orders WHERE id = 5000", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 1 {
+            landed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Both runs are reported before the process waits for the next hour.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    unsafe { libc::kill(scheduled.id() as i32, libc::SIGTERM) };
+    let o = scheduled.wait_with_output().unwrap();
+    assert!(landed, "{}", text(&o).1);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    assert_eq!(rejected(&o), 0, "{}", text(&o).0);
+    same().await;
+
     // customers after orders, while orders waits for customers' writes: a cycle.
     write_cfg("after = [\"orders\"]\n");
     let o = run(&[]);
