@@ -154,43 +154,57 @@ pub fn write_file(path: &Path, snapshot: &Snapshot) -> Result<(), Error> {
 /// `--metrics-addr`), rendering from the state file's run log at each scrape. One connection
 /// at a time, each bounded by a 5 s timeout: a scraper needs no more.
 pub async fn serve(listener: tokio::net::TcpListener, snapshot: &Snapshot) {
+    use futures_util::StreamExt;
+    // Connections are answered side by side, so a client that connects and sends nothing
+    // holds up no one (each has 5 s to finish); past MAX_CONNECTIONS, new ones wait.
+    const MAX_CONNECTIONS: usize = 16;
+    let mut open = futures_util::stream::FuturesUnordered::new();
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                let n = conn.read(&mut buf).await?;
-                if n == 0 {
-                    break;
+        tokio::select! {
+            accepted = listener.accept(), if open.len() < MAX_CONNECTIONS => {
+                if let Ok((conn, _)) = accepted {
+                    open.push(answer(conn, snapshot));
                 }
-                req.extend_from_slice(&buf[..n]);
             }
-            let line = String::from_utf8_lossy(&req);
-            let mut parts = line.split_whitespace();
-            let (status, body) = match (parts.next(), parts.next()) {
-                (Some("GET"), Some("/metrics")) => match render(snapshot) {
-                    Ok(text) => ("200 OK", text),
-                    Err(e) => ("500 Internal Server Error", format!("{e}\n")),
-                },
-                (Some("GET"), _) => ("404 Not Found", "try /metrics\n".to_string()),
-                _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            conn.write_all(head.as_bytes()).await?;
-            conn.write_all(body.as_bytes()).await?;
-            conn.shutdown().await
-        })
-        .await;
-        if let Ok(Err(e)) = answer {
-            tracing::debug!("metrics connection: {e}");
+            Some(()) = open.next(), if !open.is_empty() => {}
         }
+    }
+}
+
+/// Answers one HTTP request: `GET /metrics`, or an error status.
+async fn answer(mut conn: tokio::net::TcpStream, snapshot: &Snapshot) {
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+            let n = conn.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            req.extend_from_slice(&buf[..n]);
+        }
+        let line = String::from_utf8_lossy(&req);
+        let mut parts = line.split_whitespace();
+        let (status, body) = match (parts.next(), parts.next()) {
+            (Some("GET"), Some("/metrics")) => match render(snapshot) {
+                Ok(text) => ("200 OK", text),
+                Err(e) => ("500 Internal Server Error", format!("{e}\n")),
+            },
+            (Some("GET"), _) => ("404 Not Found", "try /metrics\n".to_string()),
+            _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await?;
+        conn.write_all(body.as_bytes()).await?;
+        conn.shutdown().await
+    })
+    .await;
+    if let Ok(Err(e)) = answer {
+        tracing::debug!("metrics connection: {e}");
     }
 }
 

@@ -535,9 +535,13 @@ async fn every_keeps_syncing_through_failures_until_sigterm() {
     let child = spawn(&state, &["--every", "1s", "--metrics-addr", &addr]);
     wait_for("SELECT count(*) FROM t", 200).await;
     // The metrics, served while it runs.
+    // A client that connects and sends nothing holds up no one.
+    let _idle = std::net::TcpStream::connect(&addr).unwrap();
     let get = |path: &str| {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
         write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut out = String::new();
         c.read_to_string(&mut out).unwrap();
