@@ -72,6 +72,18 @@ macro_rules! outln {
     }};
 }
 
+/// Prints a line on stderr through [`sync::LogWriter`]: the progress status lines on a
+/// terminal are erased first (they come back on their next tick), and the line is written in
+/// one piece, so it never mixes with a redraw.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{}\n", format_args!($($arg)*));
+        let _ = $crate::sync::LogWriter.write_all(line.as_bytes());
+    }};
+}
+
 /// Set once a write to stdout failed (the reader went away); later lines are not attempted.
 #[doc(hidden)]
 pub static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

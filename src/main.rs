@@ -248,7 +248,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("pgdelta: cannot start the runtime: {e}");
+            pgdelta::errln!("pgdelta: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -371,7 +371,7 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
                 return report_error(&e, a.json, None);
             }
         };
-        eprintln!("pgdelta: serving metrics on http://{addr}/metrics");
+        pgdelta::errln!("pgdelta: serving metrics on http://{addr}/metrics");
         return tokio::select! {
             code = run_scheduled(&inv, &opts, &snapshot, a.json) => code,
             () = pgdelta::metrics::serve(listener, &snapshot) => 0,
@@ -523,7 +523,7 @@ async fn run_scheduled(
             return report_error(&e, json, Some(&spec.name));
         };
         let first = s.first(now());
-        eprintln!(
+        pgdelta::errln!(
             "pgdelta: sync '{}' runs {s}; first run at {}",
             spec.name,
             shown(first)
@@ -578,7 +578,7 @@ async fn run_scheduled(
             schedules[i].2 = next;
         }
     }
-    eprintln!("pgdelta: stopped; the next start resumes from what was recorded");
+    pgdelta::errln!("pgdelta: stopped; the next start resumes from what was recorded");
     0
 }
 
@@ -634,15 +634,15 @@ fn print_verify(r: &pgdelta::verify::VerifyReport, json: bool) {
         pgdelta::outln!("{}", serde_json::json!({"type": "verify", "data": r}));
     }
     let s = &r.snapshot;
-    eprintln!(
+    pgdelta::errln!(
         "pgdelta: verify '{}' -> {}: {} source rows, {} target rows: {} missing, {} different, {} extra; snapshot: {} entries, {} match, {} differ, {} gone from the target, {} target rows unknown to it, {} stale (rejected, to retry) ({:.2}s)",
         r.sync, r.target, r.source_rows, r.target_rows, r.missing, r.different, r.extra,
         s.entries, s.matching, s.differing, s.gone_from_target, s.unknown_to_snapshot, s.stale,
         r.duration_s
     );
     match &r.note {
-        Some(why) => eprintln!("  compared by a rebuild of the target's snapshot: {why}"),
-        None => eprintln!("  compared by the sync's snapshot: both tables read at once"),
+        Some(why) => pgdelta::errln!("  compared by a rebuild of the target's snapshot: {why}"),
+        None => pgdelta::errln!("  compared by the sync's snapshot: both tables read at once"),
     }
     for (what, keys) in [
         ("missing", &r.sample_missing),
@@ -653,13 +653,13 @@ fn print_verify(r: &pgdelta::verify::VerifyReport, json: bool) {
         ("unknown to the snapshot", &s.sample_unknown),
     ] {
         if !keys.is_empty() {
-            eprintln!("  sample {what}: {}", keys.join(" | "));
+            pgdelta::errln!("  sample {what}: {}", keys.join(" | "));
         }
     }
     match (&r.repair, r.equal) {
-        (_, true) => eprintln!("  the target equals the model, and the snapshot describes it"),
-        (None, false) => eprintln!("  drift found: run again with --repair to write the fixes"),
-        (Some(fix), false) => eprintln!(
+        (_, true) => pgdelta::errln!("  the target equals the model, and the snapshot describes it"),
+        (None, false) => pgdelta::errln!("  drift found: run again with --repair to write the fixes"),
+        (Some(fix), false) => pgdelta::errln!(
             "  repaired: wrote {} rows, deleted {}, {} rejected; the snapshot was rebuilt from the target",
             fix.written, fix.deleted, fix.rejected
         ),
@@ -686,10 +686,12 @@ fn shutdown_signal() -> CancellationToken {
                 _ = term.recv() => {},
             }
             if n == 0 {
-                eprintln!("pgdelta: stopping: finishing the batches in flight and recording them (signal again to exit at once)");
+                pgdelta::errln!("pgdelta: stopping: finishing the batches in flight and recording them (signal again to exit at once)");
                 tx.cancel();
             } else {
-                eprintln!("pgdelta: exiting now; the next run resumes from what was recorded");
+                pgdelta::errln!(
+                    "pgdelta: exiting now; the next run resumes from what was recorded"
+                );
                 std::process::exit(130);
             }
         }
@@ -706,7 +708,7 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
                 serde_json::json!({"type": "check", "data": {"ok": ok, "check": what, "fix": fix}})
             );
         } else {
-            eprintln!(
+            pgdelta::errln!(
                 "{} {what}{}",
                 if ok { "ok  " } else { "FAIL" },
                 fix.map(|f| format!(": {f}")).unwrap_or_default()
@@ -815,7 +817,7 @@ async fn run_read(a: ReadArgs) -> i32 {
             if a.json {
                 pgdelta::outln!("{}", serde_json::json!({"type": "read", "data": data}));
             }
-            eprintln!(
+            pgdelta::errln!(
                 "pgdelta: read {} MiB with binary COPY in {:.2}s",
                 bytes >> 20,
                 took.as_secs_f64()
@@ -849,7 +851,7 @@ fn run_log(a: LogArgs) -> i32 {
         }
         if !a.json {
             for (name, _meta, len) in snap.syncs()? {
-                eprintln!("sync '{name}': {len} rows in the snapshot");
+                pgdelta::errln!("sync '{name}': {len} rows in the snapshot");
             }
         }
         Ok(())
@@ -857,7 +859,7 @@ fn run_log(a: LogArgs) -> i32 {
     match run() {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("pgdelta: {e:#}");
+            pgdelta::errln!("pgdelta: {e:#}");
             1
         }
     }
@@ -917,7 +919,7 @@ fn print_summary(s: &Summary, json: bool) {
         pgdelta::outln!("{}", serde_json::json!({"type": "summary", "data": s}));
     }
     let verb = if s.dry_run { "would write" } else { "wrote" };
-    eprintln!(
+    pgdelta::errln!(
         "pgdelta: sync '{}' -> {}: read {} rows in {:.2}s ({:.0} rows/s); added {}, changed {}, removed {}{}, unchanged {}; {verb} {} rows{}{}",
         s.sync,
         s.target,
@@ -938,22 +940,26 @@ fn print_summary(s: &Summary, json: bool) {
             0 | 1 => String::new(),
             n => format!(", {n} sessions"),
         };
-        eprintln!(
+        pgdelta::errln!(
             "  read: {}{sessions} ({})",
-            s.read_strategy, s.read_strategy_reason
+            s.read_strategy,
+            s.read_strategy_reason
         );
     }
     for n in &s.notes {
-        eprintln!("  note: {n}");
+        pgdelta::errln!("  note: {n}");
     }
     for r in s.rejected_rows.iter().take(20) {
-        eprintln!(
+        pgdelta::errln!(
             "  rejected {}: {} [{}] {}",
-            r.operation, r.key, r.sqlstate, r.message
+            r.operation,
+            r.key,
+            r.sqlstate,
+            r.message
         );
     }
     if s.rejected > 20 {
-        eprintln!(
+        pgdelta::errln!(
             "  ... {} rejected rows in all: pgdelta log --rejected lists them",
             s.rejected
         );
@@ -965,7 +971,7 @@ fn print_summary(s: &Summary, json: bool) {
             ("removed", &s.sample_removed),
         ] {
             if !keys.is_empty() {
-                eprintln!("  sample {what}: {}", keys.join(" | "));
+                pgdelta::errln!("  sample {what}: {}", keys.join(" | "));
             }
         }
     }
@@ -1000,6 +1006,6 @@ fn report_failure(
         }
         pgdelta::outln!("{}", serde_json::json!({"type": "error", "data": data}));
     }
-    eprintln!("pgdelta: error: {e}");
+    pgdelta::errln!("pgdelta: error: {e}");
     code
 }

@@ -13,8 +13,10 @@
 //! removed rows are only derived from a read that completed.
 
 mod read;
+mod status;
 pub(crate) mod stop;
 mod summary;
+pub use status::LogWriter;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -848,27 +850,6 @@ async fn pipeline(
     })
 }
 
-/// A status line is on the terminal: a log line must clear it first ([`LogWriter`]).
-static STATUS_LINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Writes log lines to stderr, clearing the progress status line first when one is shown (it
-/// is redrawn on its next tick), so a log line never starts after the bar.
-pub struct LogWriter;
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut err = std::io::stderr().lock();
-        if STATUS_LINE.load(std::sync::atomic::Ordering::Relaxed) {
-            err.write_all(b"\r\x1b[2K")?;
-        }
-        err.write_all(buf)?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
-    }
-}
-
 /// Samples rows read every 500 ms (the read timeline) and, when asked, shows progress on
 /// stderr: a status line redrawn in place on a terminal, a plain line every 10 s otherwise.
 async fn progress(
@@ -878,32 +859,20 @@ async fn progress(
     print: bool,
     started: Instant,
 ) {
-    use std::io::{IsTerminal, Write};
-    /// Clears the status line when the task ends (it is aborted when the pipeline ends).
-    struct Clear(bool);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            if self.0 {
-                STATUS_LINE.store(false, std::sync::atomic::Ordering::Relaxed);
-                eprint!("\r\x1b[2K");
-            }
-        }
-    }
-    let bar = print && std::io::stderr().is_terminal();
-    let _clear = Clear(bar);
+    use std::io::IsTerminal;
+    // On a terminal, this sync's status line (erased when the task ends: it is aborted when
+    // the pipeline ends).
+    let line = (print && std::io::stderr().is_terminal()).then(status::StatusLine::new);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     for i in 1u64.. {
         tick.tick().await;
         let n = Progress::get(&p.rows_read);
         let t = started.elapsed().as_secs_f64();
         timeline.lock().expect("not poisoned").push((t as f32, n));
-        if bar {
-            STATUS_LINE.store(true, std::sync::atomic::Ordering::Relaxed);
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[2K{}", progress_line(&name, &p, t, true));
-            let _ = err.flush();
+        if let Some(line) = &line {
+            line.set(progress_line(&name, &p, t, true));
         } else if print && i % 20 == 0 {
-            eprintln!("{}", progress_line(&name, &p, t, false));
+            crate::errln!("{}", progress_line(&name, &p, t, false));
         }
     }
 }
