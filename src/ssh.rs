@@ -201,25 +201,24 @@ impl Tunnel {
             known_hosts: self.known_hosts.clone(),
             problem: seen.clone(),
         };
-        let mut session = match client::connect(
-            self.config.clone(),
-            (self.host.as_str(), self.port),
-            checker,
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                let problem = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
-                return Err(match problem {
-                    Some(message) => TunnelError {
-                        message,
-                        config: true,
-                    },
-                    None => failed(format!("cannot reach the SSH server: {e}")),
-                });
-            }
-        };
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| failed(format!("cannot reach the SSH server: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let mut session =
+            match client::connect_stream(self.config.clone(), QuickAck(tcp), checker).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let problem = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    return Err(match problem {
+                        Some(message) => TunnelError {
+                            message,
+                            config: true,
+                        },
+                        None => failed(format!("cannot reach the SSH server: {e}")),
+                    });
+                }
+            };
         self.authenticate(&mut session).await?;
         Ok(session)
     }
@@ -540,6 +539,64 @@ fn wildcard(pattern: &str, name: &str) -> bool {
         }
     }
     go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// The TCP connection to the bastion, acknowledging what it receives at once.
+///
+/// An sshd that only forwards leaves Nagle's algorithm on, so when it relays a reply in two
+/// small packets the second waits for the first one's ACK, and Linux delays that ACK by up to
+/// 40 ms: measured, a 10-row sync through a tunnel took 0.55 s more than without one, in
+/// 40-44 ms waits. `TCP_QUICKACK` asks the kernel to acknowledge at once; it does not stick,
+/// so it is set again after every read.
+struct QuickAck(tokio::net::TcpStream);
+
+impl QuickAck {
+    fn quickack(&self) {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket, an int option, its size; a failure only means delayed ACKs.
+        unsafe {
+            libc::setsockopt(
+                self.0.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+impl AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let read = Pin::new(&mut self.0).poll_read(cx, buf);
+        if read.is_ready() {
+            self.quickack();
+        }
+        read
+    }
+}
+
+impl AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// A database session's stream through the bastion; holds the SSH connection open.
