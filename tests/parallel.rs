@@ -144,7 +144,8 @@ async fn rows_committed_after_the_run_snapshot_are_not_read_by_any_part() {
                 .src
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
-                     WHERE application_name = 'pgdelta' AND wait_event = 'PgSleep'",
+                     WHERE application_name = 'pgdelta' AND wait_event = 'PgSleep' \
+                     AND datname = current_database()",
                     &[],
                 )
                 .await

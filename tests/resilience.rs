@@ -449,7 +449,7 @@ async fn sigterm_then_resume(flags: &[&str]) {
     let reading: i64 = env
         .src
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgdelta' AND query LIKE 'COPY%' AND state = 'active'",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgdelta' AND query LIKE 'COPY%' AND state = 'active' AND datname = current_database()",
             &[],
         )
         .await

@@ -251,6 +251,7 @@ impl Env {
         &self,
         spec: &SyncSpec,
     ) -> Result<Summary, pgdelta::Error> {
+        self.flush_stats().await;
         let snap = Snapshot::open(&self.state(), 8 << 20)?;
         let pipe = pgdelta::sync::PipelineSettings {
             block_bytes: 4096,
@@ -277,6 +278,7 @@ impl Env {
         spec: &SyncSpec,
         opts: &RunOptions,
     ) -> Result<Summary, pgdelta::Error> {
+        self.flush_stats().await;
         let snap = Snapshot::open(&self.state(), 8 << 20)?;
         pgdelta::sync::run(
             &ConnInfo::parse(&self.src_url)?,
@@ -286,6 +288,17 @@ impl Env {
             &snap,
         )
         .await
+    }
+
+    /// Sends the source test session's pending table statistics to the server. They go at most
+    /// once a second otherwise, so a run could read the counters before this session's writes
+    /// arrive and the next run count them as written since (a change-aware read's estimate of
+    /// a large delta). PostgreSQL 15+; on older servers this does nothing.
+    pub(crate) async fn flush_stats(&self) {
+        let _ = self
+            .src
+            .batch_execute("SELECT pg_stat_force_next_flush()")
+            .await;
     }
 
     /// Every row of `sql` as text, in order: the strongest type-agnostic equality check.
