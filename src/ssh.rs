@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use russh::client::{self, AuthResult, Handle, Msg};
+use russh::client::{self, Handle, Msg};
 use russh::keys::agent::client::AgentClient;
 use russh::keys::agent::AgentIdentity;
 use russh::keys::ssh_key::PublicKey;
@@ -120,7 +120,6 @@ impl Tunnel {
         let config = client::Config {
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
-            nodelay: true,
             // Large COPY streams: a wider window than the default 2 MiB keeps the channel
             // from waiting on window adjustments.
             window_size: 16 << 20,
@@ -215,7 +214,7 @@ impl Tunnel {
                             message,
                             config: true,
                         },
-                        None => failed(format!("cannot reach the SSH server: {e}")),
+                        None => failed(format!("the SSH handshake failed: {e}")),
                     });
                 }
             };
@@ -289,7 +288,7 @@ impl Tunnel {
             .authenticate_publickey(self.user.clone(), PrivateKeyWithHashAlg::new(key, rsa_hash))
             .await
             .map_err(|e| failed(format!("authentication failed: {e}")))?;
-        Ok(matches!(result, AuthResult::Success))
+        Ok(result.success())
     }
 
     fn refused(&self, tried: &str) -> TunnelError {
@@ -545,8 +544,8 @@ fn wildcard(pattern: &str, name: &str) -> bool {
 ///
 /// An sshd that only forwards leaves Nagle's algorithm on, so when it relays a reply in two
 /// small packets the second waits for the first one's ACK, and Linux delays that ACK by up to
-/// 40 ms: measured, a 10-row sync through a tunnel took 0.55 s more than without one, in
-/// 40-44 ms waits. `TCP_QUICKACK` asks the kernel to acknowledge at once; it does not stick,
+/// 40 ms: measured, a 10-row sync through a tunnel took 0.50-0.63 s more than without one,
+/// in waits of about 43 ms; with this, 0.08-0.09 s. `TCP_QUICKACK` asks the kernel to acknowledge at once; it does not stick,
 /// so it is set again after every read.
 struct QuickAck(tokio::net::TcpStream);
 

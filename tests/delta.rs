@@ -469,14 +469,10 @@ async fn delta_reads_across_the_transaction_id_wraparound() {
         let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
         assert_rows_equal(&a, &b);
     };
-    // The test session's table statistics are flushed at most once a second: a run that read
-    // them before the flush would count this session's earlier writes as written since it,
-    // and choose a full read (the statistics guard of "a large delta").
-    let flushed = || async {
-        src.batch_execute("SELECT pg_stat_force_next_flush()")
-            .await
-            .unwrap()
-    };
+    // The test session's table statistics reach the server at most once a second: flushed
+    // before each run, so no run counts this session's earlier writes as written since it
+    // (see `Env::flush_stats`).
+    let flushed = || crate::support::flush_stats(&src);
     flushed().await;
     let s = run();
     assert_eq!(

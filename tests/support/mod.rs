@@ -185,6 +185,13 @@ pub(crate) fn assert_rows_equal(a: &[String], b: &[String]) {
     }
 }
 
+/// Sends `client`'s pending table statistics to the server now (see [`Env::flush_stats`]).
+pub(crate) async fn flush_stats(client: &Client) {
+    let _ = client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await;
+}
+
 /// A source and a destination database of its own for one test.
 pub(crate) struct Env {
     pub src: Client,
@@ -295,10 +302,7 @@ impl Env {
     /// arrive and the next run count them as written since (a change-aware read's estimate of
     /// a large delta). PostgreSQL 15+; on older servers this does nothing.
     pub(crate) async fn flush_stats(&self) {
-        let _ = self
-            .src
-            .batch_execute("SELECT pg_stat_force_next_flush()")
-            .await;
+        flush_stats(&self.src).await;
     }
 
     /// Every row of `sql` as text, in order: the strongest type-agnostic equality check.
