@@ -96,16 +96,8 @@ impl ConnInfo {
     }
 
     /// The same database, reached through an SSH bastion (see [`crate::ssh`]).
-    pub fn via_ssh(self, ssh: &SshSettings) -> Result<Self, Error> {
-        self.via_ssh_with(ssh, &crate::libpq::process_env)
-    }
-
-    pub(crate) fn via_ssh_with(
-        mut self,
-        ssh: &SshSettings,
-        env: crate::libpq::Lookup<'_>,
-    ) -> Result<Self, Error> {
-        let tunnel = Tunnel::new(ssh, env)?;
+    pub fn via_ssh(mut self, ssh: &SshSettings) -> Result<Self, Error> {
+        let tunnel = Tunnel::new(ssh, &crate::libpq::process_env)?;
         self.shown = format!("{} via ssh {tunnel}", describe(&self.config));
         self.tunnel = Some(Arc::new(tunnel));
         Ok(self)
