@@ -35,6 +35,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod hash;
 pub mod jobs;
+mod key_ranges;
 mod libpq;
 pub mod metrics;
 mod plan;

@@ -307,6 +307,81 @@ async fn rejected_rows_are_retried_by_key_although_unchanged() {
     assert_eq!(s.rows_read, 0);
 }
 
+/// Rows that left the model are found from counts per key range: only the keys of the ranges
+/// that lost rows are read. Smallint, integer and bigint keys, negative and far-apart ones; an
+/// insert and a delete in the same range; a new row the destination rejects (it has no entry,
+/// and is read again every run) next to a removed one.
+#[tokio::test]
+async fn removed_rows_are_found_from_counts_per_key_range() {
+    for (ty, far) in [
+        ("smallint", "30000"),
+        ("int", "2000000000"),
+        ("bigint", "1099511627776"),
+    ] {
+        let env = Env::new().await;
+        env.both(&format!(
+            "CREATE TABLE items (id {ty} PRIMARY KEY, name text, qty int)"
+        ))
+        .await;
+        env.dst
+            .batch_execute("ALTER TABLE items ADD CONSTRAINT no_refused CHECK (name <> 'refused')")
+            .await
+            .unwrap();
+        env.src
+            .batch_execute(&format!(
+                "INSERT INTO items SELECT i, 'item ' || i, i % 7 FROM generate_series(-3000, 3000) i; \
+                 INSERT INTO items VALUES ({far}, 'far', 1), (-{far}, 'far', 1)"
+            ))
+            .await
+            .unwrap();
+        let mut spec = env.spec("items", &["id"]);
+        spec.delete = true;
+        spec.full_read_every = FullReadEvery::Never;
+        let accepted = "SELECT * FROM items WHERE name <> 'refused' ORDER BY id";
+        let target = "SELECT * FROM items ORDER BY id";
+        synced(&env, &spec, "full", "").await;
+        // Nothing changed: the counts are cut to the keys (this run's start), nothing is read.
+        let s = synced(&env, &spec, "delta", "").await;
+        assert_eq!((s.rows_read, s.keys_read), (0, None), "{ty}");
+        env.src
+            .batch_execute(&format!(
+                "DELETE FROM items WHERE id IN (-2999, 5, 6, 2500, 3000, {far}); \
+                 INSERT INTO items VALUES (3001, 'new', 1), (3006, 'refused', 1)"
+            ))
+            .await
+            .unwrap();
+        let s = env.sync(&spec).await.unwrap();
+        env.assert_same(accepted, target).await;
+        assert_eq!(s.read_strategy, "delta", "{ty}: {}", s.read_strategy_reason);
+        assert_eq!(
+            (s.added, s.removed, s.deleted, s.rejected),
+            (2, 6, 6, 1),
+            "{ty}"
+        );
+        // Six ranges of about 32 keys each, not the 6,000 keys.
+        let keys = s.keys_read.unwrap();
+        assert!(keys < 400, "{ty}: {keys} keys read");
+        assert!(
+            s.notes.iter().any(|n| n.contains("per key range")),
+            "{ty}: {:?}",
+            s.notes
+        );
+        // The refused row is read again (an added row with no entry) in the range that loses 3001.
+        env.src
+            .batch_execute("DELETE FROM items WHERE id = 3001")
+            .await
+            .unwrap();
+        let s = env.sync(&spec).await.unwrap();
+        env.assert_same(accepted, target).await;
+        assert_eq!(
+            (s.added, s.removed, s.deleted, s.rejected),
+            (1, 1, 1, 1),
+            "{ty}"
+        );
+        assert!(s.keys_read.unwrap() < 100, "{ty}");
+    }
+}
+
 #[tokio::test]
 async fn a_large_delta_a_flag_a_period_and_a_query_read_in_full() {
     let (env, mut spec) = seeded(400).await;

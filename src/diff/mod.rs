@@ -22,6 +22,7 @@ use tokio::sync::mpsc::{Receiver, Sender};
 use crate::batch::{cut, BatchBuilder, CutLimits, WriteBatch};
 use crate::copy::{Block, RowSpan};
 use crate::hash::row_hash;
+use crate::key_ranges::RangeSpec;
 use crate::sink::Sizer;
 use crate::snapshot::{Entry, Reader, SnapshotError};
 use crate::spec::Mode;
@@ -42,6 +43,9 @@ pub(crate) struct DiffConfig {
     pub(crate) samples: usize,
     /// Cut a batch that has waited this long, so sparse changes still flow while reading.
     pub(crate) max_batch_age: Duration,
+    /// Note the key range of every added row (a delta read that may look for removed rows
+    /// by key ranges).
+    pub(crate) ranges: Option<RangeSpec>,
 }
 
 /// Rows of each class.
@@ -69,6 +73,9 @@ pub(crate) struct DiffOutcome {
     pub(crate) null_key_samples: Vec<Vec<u8>>,
     pub(crate) sample_added: Vec<Vec<u8>>,
     pub(crate) sample_changed: Vec<Vec<u8>>,
+    /// With [`DiffConfig::ranges`]: the key range of each added row (`None` once a key was
+    /// not in the ranges' form).
+    pub(crate) added_ranges: Option<Vec<i64>>,
 }
 
 const KEEP_DUPLICATES: usize = 1000;
@@ -85,7 +92,10 @@ pub(crate) fn run(
 ) -> Result<DiffOutcome, SnapshotError> {
     let max_bytes = sizer.settings().max_bytes;
     let mut d = Diff {
-        o: DiffOutcome::default(),
+        o: DiffOutcome {
+            added_ranges: cfg.ranges.as_ref().map(|_| Vec::new()),
+            ..DiffOutcome::default()
+        },
         classifier: Classifier::new(cfg.slots, cfg.rewrite_all, cfg.seed, !cfg.dry_run),
         builder: BatchBuilder::with_capacity(max_bytes + (256 << 10)),
         write_changed: cfg.mode == Mode::Upsert && !cfg.dry_run,
@@ -155,6 +165,12 @@ impl Diff {
             Class::Added => {
                 o.counts.added += 1;
                 sample(&mut o.sample_added, key, samples);
+                if let (Some(kr), Some(ranges)) = (&self.cfg.ranges, &mut o.added_ranges) {
+                    match kr.range_of(key) {
+                        Some(r) => ranges.push(r),
+                        None => o.added_ranges = None,
+                    }
+                }
                 if self.cfg.dry_run {
                     o.added_hashes.push(self.classifier.key_hash(key));
                 } else {

@@ -24,7 +24,7 @@ use crate::conn::ConnInfo;
 use crate::diff::Bitset;
 use crate::error::Error;
 use crate::plan::Plan;
-use crate::snapshot::Reader;
+use crate::snapshot::{Reader, SnapshotError};
 pub(crate) use apply::{ApplyCtx, Rejections, WriteStats};
 pub use apply::{Operation, Rejection, RowClass};
 pub(crate) use destination::{AnyDestination, Destination, NullDestination};
@@ -85,34 +85,49 @@ pub(crate) struct Deleted {
     pub(crate) samples: Vec<Vec<u8>>,
 }
 
-/// Deletes the removed rows, the snapshot entries whose slot is not in `seen`, in batches
-/// through `dest`, each committed batch recorded. The scan runs on a blocking thread and feeds
+/// The rows that left the model.
+pub(crate) enum Removed {
+    /// The snapshot entries whose slot a complete read did not mark.
+    Unseen { reader: Arc<Reader>, seen: Bitset },
+    /// Keys already found removed.
+    Keys(KeyBatch),
+}
+
+impl Removed {
+    /// Sends the removed keys in batches of `per_batch`; stops when the receiver is gone.
+    fn send(self, per_batch: usize, tx: &mpsc::Sender<KeyBatch>) -> Result<(), SnapshotError> {
+        let mut cur = KeyBatch::default();
+        let mut push = |key: &[u8]| {
+            cur.push(key);
+            !(cur.len() >= per_batch && tx.blocking_send(std::mem::take(&mut cur)).is_err())
+        };
+        match self {
+            Removed::Unseen { reader, seen } => {
+                reader.scan(|key, e| seen.contains(e.slot) || push(key))?;
+            }
+            Removed::Keys(keys) => {
+                let _ = (0..keys.len()).all(|i| push(keys.key(i)));
+            }
+        }
+        if !cur.is_empty() {
+            let _ = tx.blocking_send(cur);
+        }
+        Ok(())
+    }
+}
+
+/// Deletes the removed rows in batches through `dest`, each committed batch recorded. The keys
+/// are produced on a blocking thread (a walk of the snapshot for [`Removed::Unseen`]) and feed
 /// the deletes through a bounded channel.
 pub(crate) async fn delete_removed(
     mut dest: AnyDestination,
-    reader: Arc<Reader>,
-    seen: Bitset,
+    removed: Removed,
     ctx: &ApplyCtx,
     samples: usize,
 ) -> Result<Deleted, Error> {
     let per_batch = ctx.sizer.rows().clamp(1000, 50_000);
     let (tx, mut rx) = mpsc::channel::<KeyBatch>(2);
-    let scan = tokio::task::spawn_blocking(move || {
-        let mut cur = KeyBatch::default();
-        let scan = reader.scan(|key, e| {
-            if !seen.contains(e.slot) {
-                cur.push(key);
-                if cur.len() >= per_batch && tx.blocking_send(std::mem::take(&mut cur)).is_err() {
-                    return false;
-                }
-            }
-            true
-        });
-        if !cur.is_empty() {
-            let _ = tx.blocking_send(cur);
-        }
-        scan
-    });
+    let scan = tokio::task::spawn_blocking(move || removed.send(per_batch, &tx));
     let mut out = Deleted {
         stats: WriteStats::default(),
         samples: Vec::new(),

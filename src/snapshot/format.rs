@@ -7,6 +7,7 @@
 //! | `pgdelta/meta` | sync name | JSON [`SyncMeta`]: format, key fingerprint, model fingerprint, next slot |
 //! | `rows/<sync>` | raw key bytes | 20 bytes: 16-byte row hash, then the entry's `u32` slot (little-endian) |
 //! | `free/<sync>` | slot (`u32`) | `()`: slots of removed entries, reused before new ones are minted |
+//! | `ranges/<sync>` | key range (`i64`) | `u64`: entries whose key falls in the range (one integer key only; see below) |
 //! | `pgdelta/runs` | run id (unix µs, bumped on collision) | JSON run record (`pgdelta log`) |
 //! | `pgdelta/rejected` | sync name | JSON list of the rows the destination rejected in the sync's last run |
 //!
@@ -28,6 +29,14 @@
 //! as changed and writes it again, while the entry keeps its slot (and with it removed-row
 //! detection). A new row that was rejected gets no entry at all.
 //!
+//! **Key ranges.** For a model with one integer key, the entries are also counted per range of
+//! `2^shift` key values (`ranges` in the sync's metadata gives the width and the shift), in the
+//! same write transaction as every entry added or removed, so the counts always match the
+//! entries of the same read view. A delta read compares them with the source's rows per range to
+//! find the ranges that lost rows without reading every key ([`crate::key_ranges`]). A file
+//! written by a build without them has no `ranges` in its metadata (and any build that writes
+//! entries rewrites the metadata), so the counts are rebuilt rather than trusted.
+//!
 //! Invariants: an entry describes a row the destination committed (written only after the
 //! destination acknowledged the commit); the state file is a cache of the destination, so
 //! losing it costs a full re-sync, never wrong data.
@@ -44,6 +53,7 @@ pub(super) const REJECTED: TableDefinition<&str, &str> = TableDefinition::new("p
 
 pub(super) type RowsDef<'a> = TableDefinition<'a, &'static [u8], &'static [u8; 20]>;
 pub(super) type FreeDef<'a> = TableDefinition<'a, u32, ()>;
+pub(super) type RangesDef<'a> = TableDefinition<'a, i64, u64>;
 
 /// The hash of a stale entry (see the module doc).
 pub(crate) const STALE_HASH: [u8; 16] = [0; 16];
@@ -53,6 +63,12 @@ pub(super) fn rows_name(sync: &str) -> String {
 }
 pub(super) fn free_name(sync: &str) -> String {
     format!("free/{sync}")
+}
+pub(super) fn ranges_name(sync: &str) -> String {
+    format!("ranges/{sync}")
+}
+pub(super) fn ranges_def(name: &str) -> RangesDef<'_> {
+    TableDefinition::new(name)
 }
 pub(super) fn rows_def(name: &str) -> RowsDef<'_> {
     TableDefinition::new(name)
@@ -105,6 +121,9 @@ pub struct SyncMeta {
     /// when the next run must read in full.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) basis: Option<crate::delta::Basis>,
+    /// How `ranges/<sync>` counts the entries, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ranges: Option<crate::key_ranges::RangeSpec>,
 }
 
 #[cfg(test)]

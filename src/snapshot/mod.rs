@@ -26,8 +26,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::{KeyBatch, WriteBatch};
+use crate::key_ranges::{self, RangeSpec};
 pub(crate) use format::STALE_HASH;
-use format::{rows_def, rows_name, META, REJECTED, RUNS};
+use format::{ranges_def, ranges_name, rows_def, rows_name, META, REJECTED, RUNS};
 pub use format::{Entry, SyncMeta};
 use owner::{Command, Owner};
 
@@ -72,6 +73,9 @@ pub(crate) struct BeginOptions {
     /// The target holds rows: with no entries (or a rebuild that never completed), the entries
     /// are rebuilt from it.
     pub(crate) target_has_rows: bool,
+    /// Count the entries per key range, cut like this unless the recorded counts still fit
+    /// (see [`crate::key_ranges`]); `None`: no counts.
+    pub(crate) ranges: Option<crate::key_ranges::RangeSpec>,
 }
 
 /// What settling a run found: new keys the run recorded twice (duplicates in the model).
@@ -253,8 +257,25 @@ impl Snapshot {
             Some(t) => t.len().map_err(|e| self.err(e))?,
             None => 0,
         };
+        let spec = match open_optional(&txn, META, &self.inner.path)? {
+            Some(meta) => match meta.get(sync).map_err(|e| self.err(e))? {
+                Some(v) => {
+                    serde_json::from_str::<SyncMeta>(v.value())
+                        .map_err(|e| self.err(e))?
+                        .ranges
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let ranges = match spec {
+            Some(spec) => open_optional(&txn, ranges_def(&ranges_name(sync)), &self.inner.path)?
+                .map(|t| (spec, t)),
+            None => None,
+        };
         Ok(Reader {
             table,
+            ranges,
             len,
             path: self.inner.path.clone(),
         })
@@ -491,6 +512,8 @@ fn step<'a>(it: &mut Option<Rows<'a>>) -> Result<Option<Row<'a>>, redb::StorageE
 /// A read-only view of one sync's entries, shareable across threads.
 pub struct Reader {
     table: Option<ReadOnlyTable<&'static [u8], &'static [u8; 20]>>,
+    /// The entries per key range, and how the ranges are cut.
+    ranges: Option<(RangeSpec, ReadOnlyTable<i64, u64>)>,
     len: u64,
     path: String,
 }
@@ -648,6 +671,43 @@ impl Reader {
         Ok(())
     }
 
+    /// How the entries are counted per key range, if they are.
+    pub(crate) fn range_spec(&self) -> Option<RangeSpec> {
+        self.ranges.as_ref().map(|r| r.0)
+    }
+
+    /// The entries per key range in this view, sorted by range.
+    pub(crate) fn range_counts(&self) -> Result<Option<key_ranges::Counts>, SnapshotError> {
+        let Some((_, t)) = &self.ranges else {
+            return Ok(None);
+        };
+        let err = |e: redb::StorageError| self.err(e);
+        let mut out = Vec::with_capacity(t.len().map_err(err)? as usize);
+        for item in t.iter().map_err(err)? {
+            let (r, n) = item.map_err(err)?;
+            out.push((r.value(), n.value()));
+        }
+        Ok(Some(out))
+    }
+
+    /// Calls `f` for every entry with a key in `lo..=hi` (byte order), in key order.
+    pub(crate) fn scan_range(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+        mut f: impl FnMut(&[u8], Entry),
+    ) -> Result<(), SnapshotError> {
+        let Some(t) = &self.table else {
+            return Ok(());
+        };
+        let err = |e: redb::StorageError| self.err(e);
+        for item in t.range::<&[u8]>(lo..=hi).map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            f(k.value(), Entry::decode(v.value()));
+        }
+        Ok(())
+    }
+
     /// Calls `f` for every entry in key order; stops early when `f` returns false.
     pub fn scan(&self, mut f: impl FnMut(&[u8], Entry) -> bool) -> Result<(), SnapshotError> {
         let Some(t) = &self.table else {
@@ -705,8 +765,20 @@ mod tests {
             let snap = Snapshot::open(&dir.path().join("m.redb"), 1 << 20).unwrap();
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let mut model: BTreeMap<Vec<u8>, [u8; 16]> = BTreeMap::new();
-            for ops in runs {
-                let (_, rec) = rt.block_on(snap.begin("m", "k", "r", BeginOptions::default())).unwrap();
+            // Integer keys (some negative), counted per range of 4 values in two runs of three;
+            // the third drops the counts, and the next rebuilds them.
+            let key = |k: u8| {
+                let mut v = 4u32.to_be_bytes().to_vec();
+                v.extend_from_slice(&(i32::from(k) - 20).to_be_bytes());
+                v
+            };
+            let spec = RangeSpec { width: 4, shift: 2 };
+            for (run, ops) in runs.into_iter().enumerate() {
+                let how = BeginOptions {
+                    ranges: (run % 3 != 2).then_some(spec),
+                    ..BeginOptions::default()
+                };
+                let (_, rec) = rt.block_on(snap.begin("m", "k", "r", how)).unwrap();
                 let start = snap.reader("m").unwrap();
                 // As in a real run: every write is recorded before any delete (removed rows
                 // are only derived after the read).
@@ -721,7 +793,7 @@ mod tests {
                     }
                     match o {
                         Op::Write(k, h) => {
-                            let key = vec![k];
+                            let key = key(k);
                             let slot = start.get(&key).unwrap().map(|e| e.slot);
                             let mut c = Committed::default();
                             c.keys.push(&key);
@@ -730,7 +802,7 @@ mod tests {
                             model.insert(key, [h; 16]);
                         }
                         Op::Reject(k) => {
-                            let key = vec![k];
+                            let key = key(k);
                             if let Some(e) = start.get(&key).unwrap() {
                                 rt.block_on(rec.mark_stale(&key, e.slot)).unwrap();
                                 model.insert(key, STALE_HASH);
@@ -738,9 +810,9 @@ mod tests {
                         }
                         Op::Delete(k) => {
                             let mut keys = KeyBatch::default();
-                            keys.push(&[k]);
+                            keys.push(&key(k));
                             rt.block_on(rec.remove(Arc::new(keys), 0..1)).unwrap();
-                            model.remove(&vec![k]);
+                            model.remove(&key(k));
                         }
                     }
                 }
@@ -757,8 +829,56 @@ mod tests {
                 }).unwrap();
                 proptest::prop_assert_eq!(&seen, &model);
                 proptest::prop_assert_eq!(now.len(), model.len() as u64);
+                // The counts follow the entries, cut as proposed or as a rebuild chose.
+                let cut = now.range_spec();
+                proptest::prop_assert_eq!(cut.map(|c| c.width), (run % 3 != 2).then_some(4));
+                let want = cut.map(|c| {
+                    key_ranges::tally(model.keys().map(|k| c.range_of(k).unwrap()).collect())
+                });
+                proptest::prop_assert_eq!(now.range_counts().unwrap(), want);
             }
         }
+    }
+
+    /// Counts per key range begin with the proposed cut while there are no entries; the next
+    /// run re-cuts them where an entry's range holds about 32 entries (dense keys and a few far
+    /// outliers: the outliers do not widen the dense keys' ranges).
+    #[test]
+    fn counts_are_recut_to_hold_about_32_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = Snapshot::open(&dir.path().join("r.redb"), 1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let key = |v: i64| {
+            let mut k = 8u32.to_be_bytes().to_vec();
+            k.extend_from_slice(&v.to_be_bytes());
+            k
+        };
+        let how = BeginOptions {
+            ranges: Some(RangeSpec { width: 8, shift: 0 }),
+            ..BeginOptions::default()
+        };
+        let (_, rec) = rt.block_on(snap.begin("r", "k", "r", how)).unwrap();
+        let mut c = Committed::default();
+        for v in (0..8192).chain((0..16).map(|i| (1 << 40) + (i << 30))) {
+            c.keys.push(&key(v));
+            c.entries.push(([1; 16], None));
+        }
+        rt.block_on(rec.record(c)).unwrap();
+        rt.block_on(rec.settle(Vec::new())).unwrap();
+        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+        let r = snap.reader("r").unwrap();
+        assert_eq!(r.range_spec().map(|s| s.shift), Some(0));
+        assert_eq!(r.range_counts().unwrap().map(|c| c.len()), Some(8208));
+        drop(r);
+        let (_, rec) = rt.block_on(snap.begin("r", "k", "r", how)).unwrap();
+        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+        let r = snap.reader("r").unwrap();
+        assert_eq!(r.range_spec().map(|s| s.shift), Some(5));
+        let counts = r.range_counts().unwrap().unwrap();
+        assert_eq!(counts.len(), 256 + 16);
+        assert_eq!(counts.iter().map(|c| c.1).sum::<u64>(), 8208);
     }
 
     /// A new key recorded twice in one run is a duplicate in the model: settling reports it and

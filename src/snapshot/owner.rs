@@ -26,12 +26,13 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::format::{
-    free_def, free_name, rows_def, rows_name, Entry, SyncMeta, FORMAT, META, REJECTED, RUNS,
-    STALE_HASH,
+    free_def, free_name, ranges_def, ranges_name, rows_def, rows_name, Entry, SyncMeta, FORMAT,
+    META, REJECTED, RUNS, STALE_HASH,
 };
 use super::{Begin, BeginOptions, Committed, RecorderStats, Settled, SnapshotError};
 use crate::batch::KeyBatch;
 use crate::delta::Basis;
+use crate::key_ranges::{self, RangeSpec, PER_RANGE};
 
 /// A transaction ends after this many operations, bounding redb's dirty pages in memory
 /// (scattered updates can dirty one 4 KiB page each). Such commits are not fsynced ...
@@ -295,12 +296,25 @@ impl Owner {
         let free_n = free_name(&sync);
         let mut rows = txn.open_table(rows_def(&rows_n)).map_err(|e| err(&e))?;
         let mut free = txn.open_table(free_def(&free_n)).map_err(|e| err(&e))?;
+        let spec = run.meta.ranges;
         let mut slots = Slots {
             run,
             free: &mut free,
             err: &err,
         };
-        match cmd {
+        // Entries added (+1) and removed (-1), by key range, written to `ranges/<sync>` below.
+        // A key not in the spec's form (never seen: the key fingerprint fixes its type) drops
+        // the counts rather than leave them wrong.
+        let (mut counted, mut broken): (Vec<(i64, i64)>, bool) = (Vec::new(), false);
+        let mut count = |key: &[u8], d: i64| {
+            if let Some(spec) = spec {
+                match spec.range_of(key) {
+                    Some(r) => counted.push((r, d)),
+                    None => broken = true,
+                }
+            }
+        };
+        let done = match cmd {
             Command::Record { rows: c, .. } => {
                 for (i, &(hash, slot)) in c.entries.iter().enumerate() {
                     let key = c.keys.key(i);
@@ -312,6 +326,9 @@ impl Owner {
                         .insert(key, &Entry { hash, slot }.encode())
                         .map_err(|e| err(&e))?
                         .map(|v| Entry::decode(v.value()));
+                    if old.is_none() {
+                        count(key, 1);
+                    }
                     if let Some(old) = old {
                         if old.slot != slot {
                             // Keep the slot of the replaced entry from leaking.
@@ -330,7 +347,7 @@ impl Owner {
                     }
                 }
                 slots.run.stats.upserted += c.keys.len() as u64;
-                Ok(c.keys.len())
+                c.keys.len()
             }
             Command::Remove { keys, rows: r, .. } => {
                 let n = r.len();
@@ -338,21 +355,38 @@ impl Owner {
                     if let Some(old) = rows.remove(keys.key(i)).map_err(|e| err(&e))? {
                         slots.release(Entry::decode(old.value()).slot)?;
                         slots.run.stats.removed += 1;
+                        count(keys.key(i), -1);
                     }
                 }
-                Ok(n)
+                n
             }
             Command::MarkStale { key, slot, .. } => {
                 let stale = Entry {
                     hash: STALE_HASH,
                     slot,
                 };
-                rows.insert(key.as_slice(), &stale.encode())
+                let old = rows
+                    .insert(key.as_slice(), &stale.encode())
                     .map_err(|e| err(&e))?;
-                Ok(1)
+                if old.is_none() {
+                    count(&key, 1);
+                }
+                1
             }
             _ => unreachable!("only row records are applied"),
+        };
+        let ranges_n = ranges_name(&sync);
+        if broken {
+            txn.delete_table(ranges_def(&ranges_n))
+                .map_err(|e| err(&e))?;
+            if let Some(run) = self.runs.get_mut(&sync) {
+                run.meta.ranges = None;
+            }
+        } else if !counted.is_empty() {
+            let mut ranges = txn.open_table(ranges_def(&ranges_n)).map_err(|e| err(&e))?;
+            add_counts(&mut ranges, counted).map_err(|e| err(&e))?;
         }
+        Ok(done)
     }
 
     /// Serves a control command; each makes everything before it durable.
@@ -466,6 +500,7 @@ impl Owner {
                 }
                 meta.rebuild_pending = true;
             }
+            meta.ranges = reconcile_ranges(txn, sync, meta.ranges, how.ranges)?;
             if meta.row_fp.is_none() {
                 // No entries exist yet under this key: whatever this run records is written under
                 // the current model, so an interrupted first run resumes instead of rewriting.
@@ -599,10 +634,153 @@ impl Owner {
     }
 }
 
-/// Drops a sync's entries and free slots.
+/// Drops a sync's entries, free slots and counts per key range.
 fn clear_entries(txn: &WriteTransaction, sync: &str) {
     let _ = txn.delete_table(rows_def(&rows_name(sync)));
     let _ = txn.delete_table(free_def(&free_name(sync)));
+    let _ = txn.delete_table(ranges_def(&ranges_name(sync)));
+}
+
+/// Adds the (range, change) pairs to the counts; a range whose count reaches 0 is dropped.
+fn add_counts(
+    ranges: &mut redb::Table<'_, i64, u64>,
+    mut changes: Vec<(i64, i64)>,
+) -> Result<(), redb::Error> {
+    changes.sort_unstable_by_key(|c| c.0);
+    let mut i = 0;
+    while i < changes.len() {
+        let r = changes[i].0;
+        let mut d = 0i64;
+        while i < changes.len() && changes[i].0 == r {
+            d += changes[i].1;
+            i += 1;
+        }
+        if d == 0 {
+            continue;
+        }
+        let now = ranges.get(r)?.map_or(0, |v| v.value());
+        match now.checked_add_signed(d).filter(|&n| n > 0) {
+            Some(n) => {
+                ranges.insert(r, n)?;
+            }
+            None => {
+                ranges.remove(r)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The key ranges the sync's entries are counted by from this run on. The recorded counts are
+/// kept while they fit: the same key width, counts that add up to the entries, and an entry's
+/// range holding within 4 times [`PER_RANGE`] entries (or few entries in all). Otherwise they
+/// are rebuilt, cut where an entry's range holds nearest [`PER_RANGE`] entries (two walks of
+/// the entries), or, with no entries yet, cut as `proposed` (from the source's key spread). No
+/// proposal (a model whose key is not one integer with a unique index): no counts.
+fn reconcile_ranges(
+    txn: &WriteTransaction,
+    sync: &str,
+    recorded: Option<RangeSpec>,
+    proposed: Option<RangeSpec>,
+) -> Result<Option<RangeSpec>, redb::Error> {
+    let name = ranges_name(sync);
+    let Some(proposed) = proposed else {
+        let _ = txn.delete_table(ranges_def(&name));
+        return Ok(None);
+    };
+    let rows = txn.open_table(rows_def(&rows_name(sync)))?;
+    let entries = rows.len()?;
+    if let Some(rec) = recorded.filter(|r| r.width == proposed.width) {
+        let counts = txn.open_table(ranges_def(&name))?;
+        let (mut n, mut sq) = (0u64, 0f64);
+        for item in counts.iter()? {
+            let c = item?.1.value();
+            n += c;
+            sq += (c as f64) * (c as f64);
+        }
+        let held = if n == 0 { PER_RANGE } else { sq / n as f64 };
+        let fits = (PER_RANGE / 4.0..=PER_RANGE * 4.0).contains(&held) || n < 4096;
+        if n == entries && fits {
+            return Ok(Some(rec));
+        }
+    }
+    txn.delete_table(ranges_def(&name))?;
+    let mut table = txn.open_table(ranges_def(&name))?;
+    if entries == 0 {
+        return Ok(Some(proposed));
+    }
+    let Some(shift) = best_shift(&rows, proposed.width)? else {
+        drop(table);
+        txn.delete_table(ranges_def(&name))?;
+        return Ok(None);
+    };
+    let spec = RangeSpec { shift, ..proposed };
+    tracing::info!(
+        "sync '{sync}': counting the snapshot's {entries} entries per key range (ranges of 2^{shift} values; recorded: {recorded:?}), once"
+    );
+    let mut counts: Vec<(i64, u64)> = Vec::new();
+    for item in rows.iter()? {
+        if let Some(r) = spec.range_of(item?.0.value()) {
+            key_ranges::bump(&mut counts, r, 1);
+        }
+    }
+    for (r, n) in tally_runs(counts) {
+        table.insert(r, n)?;
+    }
+    Ok(Some(spec))
+}
+
+/// The shift at which an entry's range holds nearest [`PER_RANGE`] entries (weighted by
+/// entries), from one walk of the entries in key order; `None` when a key is not an integer of
+/// `width` bytes. For each shift, the walk adds up the squared lengths of the runs of keys
+/// sharing a range; a key that starts no new range at one shift starts none at any coarser one,
+/// so each key costs only the shifts where it does.
+fn best_shift(
+    rows: &redb::Table<'_, &'static [u8], &'static [u8; 20]>,
+    width: u8,
+) -> Result<Option<u32>, redb::Error> {
+    const SHIFTS: usize = 63;
+    let values = RangeSpec { width, shift: 0 };
+    let (mut start, mut sq) = ([0u64; SHIFTS], [0f64; SHIFTS]);
+    let (mut n, mut last) = (0u64, None::<i64>);
+    for item in rows.iter()? {
+        let Some(v) = values.value(item?.0.value()) else {
+            return Ok(None);
+        };
+        if let Some(p) = last {
+            let mut s = 0;
+            while s < SHIFTS && (p >> s) != (v >> s) {
+                let len = (n - start[s]) as f64;
+                sq[s] += len * len;
+                start[s] = n;
+                s += 1;
+            }
+        }
+        last = Some(v);
+        n += 1;
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    let held = |s: usize| {
+        let len = (n - start[s]) as f64;
+        (sq[s] + len * len) / n as f64
+    };
+    let miss = |s: usize| (held(s) / PER_RANGE).log2().abs();
+    Ok((0..SHIFTS)
+        .min_by(|&a, &b| miss(a).total_cmp(&miss(b)))
+        .map(|s| s as u32))
+}
+
+/// Merges the counts of runs of the same range (a walk in byte order meets the negative keys'
+/// ranges after the positive ones, each range in one run).
+fn tally_runs(mut counts: Vec<(i64, u64)>) -> Vec<(i64, u64)> {
+    counts.sort_unstable_by_key(|c| c.0);
+    let mut out: Vec<(i64, u64)> = Vec::with_capacity(counts.len());
+    for (r, n) in counts {
+        key_ranges::bump(&mut out, r, n);
+    }
+    out
 }
 
 /// Slot allocation for one run, inside one transaction.

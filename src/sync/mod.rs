@@ -25,12 +25,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditSettings, ChangeLog};
-use crate::batch::WriteBatch;
+use crate::batch::{KeyBatch, WriteBatch};
 use crate::conn::ConnInfo;
 use crate::copy::Block;
 use crate::delta::{self, Decision, SourceState};
 use crate::diff::{self, Bitset, DiffConfig, DiffOutcome};
 use crate::error::{join_err, Error};
+use crate::key_ranges;
 use crate::plan::{plan, Plan};
 use crate::sink::BatchSettings;
 use crate::sink::{
@@ -349,6 +350,7 @@ async fn stages(
         seed: random_seed(),
         samples: if dry_run { 10 } else { 5 },
         max_batch_age: Duration::from_secs(1),
+        ranges: None,
     };
     let read = read::Inputs {
         env,
@@ -468,6 +470,7 @@ async fn rebuild_from_target(
         seed: random_seed(),
         samples: 0,
         max_batch_age: Duration::from_secs(1),
+        ranges: None,
     };
     let null = vec![AnyDestination::Null(NullDestination)];
     let piped = pipeline(&env, read, null, &empty, cfg, &rctx, None).await?;
@@ -497,6 +500,7 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
             plan.target
         ));
     }
+    notes.extend(r.keys_note.clone());
     notes.extend(r.removal.note.clone());
     notes.extend(r.missed.clone());
     let written = match env.opts.dry_run {
@@ -536,6 +540,7 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
             counted_s: r.counted_s,
             keys_read_s: r.keys_read_s,
         },
+        keys_read: r.keys_read,
         timelines,
         notes,
         samples: [
@@ -648,10 +653,21 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
             .map(|n| n / spec.shard.map_or(1, |s| u64::from(s.count))),
         _ => None,
     };
+    let ranges = match (&plan.table, source_state.is_some()) {
+        (Some(t), true) => {
+            let rows = match estimated_rows {
+                Some(n) => Some(n),
+                None => estimate_rows(&src, t.oid).await,
+            };
+            key_ranges::propose(&src, &plan, rows).await
+        }
+        _ => None,
+    };
     let how = BeginOptions {
         full_resync: env.opts.full_resync,
         clear: env.opts.rebuild_state,
         target_has_rows: !plan.target_empty,
+        ranges,
     };
     let (mut begin, recorder) = snapshot
         .begin(name, &plan.key_fp, &plan.row_fp, how)
@@ -763,8 +779,8 @@ struct Piped {
 /// Runs the source read, the diff and the writers, connected by bounded channels, until the
 /// read ends and every batch is applied (or the run stops). Errors, most specific first: a
 /// writer's failure stops the diff, which stops the reader, so the writer's error is the one.
-/// `diffed`, when given, gets the count of added rows as soon as the diff has seen every row
-/// (the writers may still be busy): a delta read starts its key read then.
+/// `diffed`, when given, gets the added rows as soon as the diff has seen every row (the
+/// writers may still be busy): a delta read starts its key read then.
 async fn pipeline(
     env: &RunEnv<'_>,
     read: Read,
@@ -772,7 +788,7 @@ async fn pipeline(
     reader: &Arc<Reader>,
     cfg: DiffConfig,
     ctx: &Arc<ApplyCtx>,
-    diffed: Option<tokio::sync::oneshot::Sender<u64>>,
+    diffed: Option<tokio::sync::oneshot::Sender<Diffed>>,
 ) -> Result<Piped, Error> {
     let (spec, opts, pipe) = (env.spec, env.opts, env.pipe);
     let (block_tx, block_rx) = mpsc::channel::<Block>(pipe.block_queue);
@@ -792,9 +808,12 @@ async fn pipeline(
     let diff_task = {
         let (reader, sizer) = (reader.clone(), ctx.sizer.clone());
         tokio::task::spawn_blocking(move || {
-            let out = diff::run(block_rx, batch_tx, reader, sizer, cfg);
-            if let (Some(tx), Ok(o)) = (diffed, &out) {
-                let _ = tx.send(o.counts.added);
+            let mut out = diff::run(block_rx, batch_tx, reader, sizer, cfg);
+            if let (Some(tx), Ok(o)) = (diffed, &mut out) {
+                let _ = tx.send(Diffed {
+                    added: o.counts.added,
+                    ranges: o.added_ranges.take(),
+                });
             }
             out
         })
@@ -1004,9 +1023,25 @@ async fn settle(
 }
 
 /// The snapshot entries a complete read met: the rest left the model.
+#[derive(Default)]
 struct Seen {
     slots: Bitset,
     entries: u64,
+}
+
+/// The added rows of a diff that has seen every row.
+struct Diffed {
+    added: u64,
+    /// Their key ranges, when the diff noted them.
+    ranges: Option<Vec<i64>>,
+}
+
+/// What a complete read found out about the rows that left the model.
+enum Gone {
+    /// The entries it saw: the others left.
+    Unseen(Seen),
+    /// The keys that left (found by key ranges).
+    Keys(KeyBatch),
 }
 
 /// What happened to the rows that left the model.
@@ -1018,13 +1053,13 @@ struct Removal {
     note: Option<String>,
 }
 
-/// Removed rows are the snapshot entries this complete read did not see. They are deleted
-/// (deletes on, under the delete guard), sampled (dry run), or kept with a note; never when
-/// the model had errors.
+/// Removed rows are the snapshot entries this complete read did not see (or the keys it found
+/// gone). They are deleted (deletes on, under the delete guard), sampled (dry run), or kept
+/// with a note; never when the model had errors.
 async fn remove(
     env: &RunEnv<'_>,
     reader: &Arc<Reader>,
-    seen: &Seen,
+    gone: Gone,
     ctx: &ApplyCtx,
     model_ok: bool,
 ) -> Result<Removal, Error> {
@@ -1033,7 +1068,10 @@ async fn remove(
         o.writes_done();
     }
     let synced = reader.len();
-    let removed = synced.saturating_sub(seen.entries);
+    let removed = match &gone {
+        Gone::Unseen(seen) => synced.saturating_sub(seen.entries),
+        Gone::Keys(keys) => keys.len() as u64,
+    };
     let mut out = Removal {
         removed,
         ..Default::default()
@@ -1071,8 +1109,14 @@ async fn remove(
         }
     };
     let samples = if opts.dry_run { 10 } else { 0 };
-    let deleted =
-        sink::delete_removed(dest, reader.clone(), seen.slots.clone(), ctx, samples).await?;
+    let removed = match gone {
+        Gone::Unseen(seen) => sink::Removed::Unseen {
+            reader: reader.clone(),
+            seen: seen.slots,
+        },
+        Gone::Keys(keys) => sink::Removed::Keys(keys),
+    };
+    let deleted = sink::delete_removed(dest, removed, ctx, samples).await?;
     out.stats = deleted.stats;
     out.samples = deleted.samples;
     Ok(out)

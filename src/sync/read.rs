@@ -18,12 +18,15 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::{
-    completed, pipeline, remove, settle, Piped, Removal, RunEnv, RunInfo, Seen, StopReason,
+    completed, pipeline, remove, settle, Diffed, Gone, Piped, Removal, RunEnv, RunInfo, Seen,
+    StopReason,
 };
+use crate::batch::KeyBatch;
 use crate::copy::{has_null, Block};
 use crate::delta::{self, Decision, ReadStrategy};
 use crate::diff::{Bitset, DiffConfig};
 use crate::error::Error;
+use crate::key_ranges::{self, KeyRanges};
 use crate::plan::{Plan, SourceTable};
 use crate::sink::{self, AnyDestination, ApplyCtx, Operation};
 use crate::snapshot::{Reader, Recorder, Snapshot, SnapshotError};
@@ -56,6 +59,9 @@ pub(super) struct ReadOutcome {
     /// Delta reads: when the count ended, and the key read (seconds since the run began).
     pub(super) counted_s: Option<f64>,
     pub(super) keys_read_s: Option<f64>,
+    /// Delta reads that looked for removed rows: the keys read to find them, and how.
+    pub(super) keys_read: Option<u64>,
+    pub(super) keys_note: Option<String>,
     /// A full read found changed rows a delta read would have missed (a bug signal).
     pub(super) missed: Option<String>,
 }
@@ -227,7 +233,14 @@ impl Inputs<'_> {
             slots: std::mem::take(&mut piped.diff.seen),
             entries: piped.diff.seen_entries,
         };
-        let removal = remove(env, &reader, &seen, ctx, model_errors.is_empty()).await?;
+        let removal = remove(
+            env,
+            &reader,
+            Gone::Unseen(seen),
+            ctx,
+            model_errors.is_empty(),
+        )
+        .await?;
         let missed = match info.decision.check_since {
             Some(since) => self.check_premise(info, since, &piped).await?,
             None => None,
@@ -239,6 +252,8 @@ impl Inputs<'_> {
             removal,
             counted_s: None,
             keys_read_s: None,
+            keys_read: None,
+            keys_note: None,
             missed,
         })
     }
@@ -354,6 +369,13 @@ impl Inputs<'_> {
                 delta::read_by_key(&self.session, plan, table, &retry, Some(&cond), name).await?,
             ],
         };
+        let ranges = reader
+            .range_spec()
+            .and_then(|spec| KeyRanges::new(plan, table, spec));
+        let cfg = DiffConfig {
+            ranges: ranges.as_ref().map(|k| k.spec),
+            ..cfg
+        };
         // The count ran in the read's snapshot: no written row means an empty COPY, skipped.
         let read = match counts.changed > 0 {
             true => {
@@ -362,15 +384,24 @@ impl Inputs<'_> {
             }
             false => self.read(None, prelude),
         };
-        // The key read, when rows may have left the model, runs on this session as soon as the
-        // diff has seen every row (the COPY above has ended), while the writers finish.
+        // Finding the removed rows, when rows may have left the model, runs on this session as
+        // soon as the diff has seen every row (the COPY above has ended), while the writers
+        // finish: by key ranges where the key allows, else by reading every key.
         let (diffed, added_rx) = tokio::sync::oneshot::channel();
         let keys = async {
-            let added = added_rx.await.ok()?;
-            if table.unique_key && counts.total == entries + added {
+            let added: Diffed = added_rx.await.ok()?;
+            if table.unique_key && counts.total == entries + added.added {
                 return None;
             }
-            let scan = self.scan_keys(plan, table, reader).await;
+            let scan = match (&ranges, added.ranges) {
+                (Some(kr), Some(a)) => self.removed_by_ranges(plan, table, reader, kr, a).await,
+                _ => Ok(None),
+            };
+            let scan = match scan {
+                Ok(Some(scan)) => Ok(scan),
+                Ok(None) => self.scan_keys(plan, table, reader).await,
+                Err(e) => Err(e),
+            };
             Some((scan, env.started.elapsed().as_secs_f64()))
         };
         let (piped, keys) = tokio::join!(
@@ -382,9 +413,9 @@ impl Inputs<'_> {
         let (duplicates, model_errors) =
             settle(self.recorder, &mut piped.diff, plan, env.opts.dry_run).await?;
         let added = piped.diff.counts.added;
-        let (removal, keys_read_s) = match keys {
+        let (removal, keys_read_s, keys_read, keys_note) = match keys {
             // No row left the model: the count equals the entries plus the added rows.
-            None => (Removal::default(), None),
+            None => (Removal::default(), None, None, None),
             Some((scan, at)) => {
                 let scan = scan?;
                 let problem = scan.problem.clone().or_else(|| {
@@ -400,8 +431,8 @@ impl Inputs<'_> {
                         writers: None,
                     });
                 }
-                let removal = remove(env, reader, &scan.seen, ctx, model_errors.is_empty()).await?;
-                (removal, Some(at))
+                let removal = remove(env, reader, scan.gone, ctx, model_errors.is_empty()).await?;
+                (removal, Some(at), Some(scan.keys), scan.note)
             }
         };
         Ok(DeltaEnd::Done(ReadOutcome {
@@ -411,23 +442,43 @@ impl Inputs<'_> {
             removal,
             counted_s,
             keys_read_s,
+            keys_read,
+            keys_note,
             missed: None,
         }))
     }
 
     /// Reads the model's keys only, in the read's transaction, and marks the snapshot entries
-    /// they match.
+    /// they match: the entries left unmarked are the removed rows.
     async fn scan_keys(
         &self,
         plan: &Arc<Plan>,
         table: &SourceTable,
         reader: &Arc<Reader>,
     ) -> Result<KeyScan, Error> {
+        let list = table.exprs[..plan.nkey].join(", ");
+        let read = self.read_table(table, &list, None, Vec::new()).await?;
+        let k = self.read_keys(read, plan, reader).await?;
+        Ok(KeyScan {
+            gone: Gone::Unseen(k.seen),
+            keys: k.keys,
+            unknown: k.unknown,
+            problem: k.problem,
+            note: None,
+        })
+    }
+
+    /// Runs a key-only `read` (the plan's key columns) and marks the snapshot entries its keys
+    /// match.
+    async fn read_keys(
+        &self,
+        read: Read,
+        plan: &Arc<Plan>,
+        reader: &Arc<Reader>,
+    ) -> Result<KeysRead, Error> {
         let (env, ctx, name) = (self.env, self.ctx, &self.env.spec.name);
         let mut keys_only = (**plan).clone();
         keys_only.columns.truncate(plan.nkey);
-        let list = table.exprs[..plan.nkey].join(", ");
-        let read = self.read_table(table, &list, None, Vec::new()).await?;
         let reader = reader.clone();
         let (stats, scan) = crate::source::read_into(
             read,
@@ -450,6 +501,120 @@ impl Inputs<'_> {
         }
         Ok(scan?)
     }
+
+    /// Finds the removed rows from counts per key range (see [`crate::key_ranges`]): the
+    /// model's rows per range on the source and the snapshot's entries per range, at once;
+    /// then the keys of the ranges that lost rows only. `None` when the counts do not settle
+    /// it (a range holds more rows than it should, or too many ranges lost rows): read every
+    /// key instead.
+    async fn removed_by_ranges(
+        &self,
+        plan: &Arc<Plan>,
+        table: &SourceTable,
+        reader: &Arc<Reader>,
+        kr: &KeyRanges,
+        added: Vec<i64>,
+    ) -> Result<Option<KeyScan>, Error> {
+        let name = &self.env.spec.name;
+        // On every session of a split read, a part at a time; else one statement.
+        let mut clients = vec![self.session.clone()];
+        let sqls: Vec<String> = match self.split {
+            Some(split) => {
+                clients.extend(split.helpers().await?.iter().cloned());
+                let parts = split.parts.iter();
+                parts.map(|p| kr.count_sql(table, Some(p))).collect()
+            }
+            None => vec![kr.count_sql(table, None)],
+        };
+        let now = key_ranges::count_all(&clients, sqls, name).await?;
+        let entries = reader.range_counts()?;
+        let (Some(now), Some(entries)) = (now, entries) else {
+            tracing::debug!(
+                "sync '{name}': a NULL key in the counts per key range: reading every key"
+            );
+            return Ok(None);
+        };
+        let (ranges, rows) = match key_ranges::compare(now, entries, key_ranges::tally(added)) {
+            key_ranges::Compared::Lost { ranges, rows } => (ranges, rows),
+            key_ranges::Compared::Excess { range } => {
+                tracing::debug!("sync '{name}': key range {range} holds more rows than recorded: reading every key");
+                return Ok(None);
+            }
+        };
+        if ranges.len() as f64 * key_ranges::PER_RANGE > reader.len() as f64 / 4.0 {
+            tracing::debug!(
+                "sync '{name}': {} key ranges lost rows: reading every key is cheaper",
+                ranges.len()
+            );
+            return Ok(None);
+        }
+        let KeysRead {
+            seen,
+            keys,
+            unknown,
+            problem,
+        } = match ranges.is_empty() {
+            true => KeysRead {
+                seen: Seen::default(),
+                keys: 0,
+                unknown: 0,
+                problem: None,
+            },
+            false => {
+                let read = self.read(Some(kr.keys_sql(table, &ranges)), Vec::new());
+                self.read_keys(read, plan, reader).await?
+            }
+        };
+        let gone = {
+            let (reader, kr, ranges) = (reader.clone(), kr.clone(), ranges.clone());
+            tokio::task::spawn_blocking(move || unseen_in(&reader, &kr, &ranges, &seen.slots))
+                .await
+                .map_err(crate::error::join_err)??
+        };
+        if gone.len() as u64 != rows {
+            tracing::debug!(
+                "sync '{name}': the key ranges lost {rows} rows but {} of their entries were not read: reading every key",
+                gone.len()
+            );
+            return Ok(None);
+        }
+        tracing::debug!(
+            "sync '{name}': {rows} removed rows found in {} key ranges of 2^{} values",
+            ranges.len(),
+            kr.spec.shift
+        );
+        let note = format!(
+            "rows left the model: found from the rows per key range, reading the keys of the {} ranges (of {} values each) that lost rows, {keys} keys, instead of every key",
+            ranges.len(),
+            1u64 << kr.spec.shift
+        );
+        Ok(Some(KeyScan {
+            gone: Gone::Keys(gone),
+            keys,
+            unknown,
+            problem,
+            note: Some(note),
+        }))
+    }
+}
+
+/// The keys of the entries in `ranges` whose slots are not in `seen`.
+fn unseen_in(
+    reader: &Reader,
+    kr: &KeyRanges,
+    ranges: &[i64],
+    seen: &Bitset,
+) -> Result<KeyBatch, SnapshotError> {
+    let mut gone = KeyBatch::default();
+    for &r in ranges {
+        let (lo, hi) = kr.spec.raw_bounds(r);
+        reader.scan_range(&lo, &hi, |key, e| {
+            if !seen.contains(e.slot) {
+                gone.push(key);
+            }
+        })?;
+    }
+    Ok(gone)
 }
 
 /// The raw keys of the rows the destination rejected this run (to re-read by key next run),
@@ -467,19 +632,35 @@ pub(super) fn retry_keys(ctx: &ApplyCtx) -> Option<Vec<Vec<u8>>> {
 
 /// What a key-only read found.
 struct KeyScan {
-    seen: Seen,
+    gone: Gone,
+    /// Keys read.
+    keys: u64,
+    /// How the removed rows were found, when not by reading every key.
+    note: Option<String>,
     /// Keys not in the snapshot.
     unknown: u64,
     /// A key met twice or a NULL key: the model needs the full read's checks.
     problem: Option<String>,
 }
 
-fn scan(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<KeyScan, SnapshotError> {
-    let mut out = KeyScan {
+/// What a key-only read saw.
+struct KeysRead {
+    seen: Seen,
+    /// Keys read.
+    keys: u64,
+    /// Keys not in the snapshot.
+    unknown: u64,
+    /// A key met twice or a NULL key: the model needs the full read's checks.
+    problem: Option<String>,
+}
+
+fn scan(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<KeysRead, SnapshotError> {
+    let mut out = KeysRead {
         seen: Seen {
             slots: Bitset::with_len(reader.len() as usize),
             entries: 0,
         },
+        keys: 0,
         unknown: 0,
         problem: None,
     };
@@ -487,6 +668,7 @@ fn scan(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<KeyScan, Snaps
     while let Some(block) = rx.blocking_recv() {
         let data = &block.data[..];
         let keys: Vec<&[u8]> = block.rows.iter().map(|r| r.key(data)).collect();
+        out.keys += keys.len() as u64;
         reader.get_many(&keys, &mut found)?;
         for (key, entry) in keys.iter().zip(&found) {
             match entry {

@@ -45,6 +45,10 @@ pub struct Summary {
     /// Rows of the target recorded into an empty snapshot before the read (a new or lost state
     /// file over a filled target, or `--rebuild-state`); 0 when the snapshot was used as it was.
     pub rebuilt_from_target: u64,
+    /// Delta reads that looked for removed rows: the keys read to find them (every key, or
+    /// only those of the key ranges that lost rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_read: Option<u64>,
     /// Removed rows deleted from the destination (0 unless deletes are on).
     pub deleted: u64,
     pub rejected: u64,
@@ -208,6 +212,7 @@ pub(crate) struct Parts<'a> {
     pub(crate) latency_ms: [f32; 3],
     pub(crate) timeouts: (Option<String>, Option<u64>),
     pub(crate) phases: Phases,
+    pub(crate) keys_read: Option<u64>,
     pub(crate) timelines: Option<(BatchTimeline, ReadTimeline)>,
     pub(crate) notes: Vec<String>,
     /// Sample keys added, changed, removed.
@@ -236,6 +241,7 @@ impl Summary {
             unchanged: p.counts.unchanged,
             removed: p.removed,
             rebuilt_from_target: p.rebuilt,
+            keys_read: p.keys_read,
             deleted: p.written.deleted,
             rejected: p.rejections.count,
             rejected_added: p.rejections.added,
