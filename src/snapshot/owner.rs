@@ -308,9 +308,11 @@ impl Owner {
         let (mut counted, mut broken): (Vec<(i64, i64)>, bool) = (Vec::new(), false);
         let mut count = |key: &[u8], d: i64| {
             if let Some(spec) = spec {
-                match spec.range_of(key) {
-                    Some(r) => counted.push((r, d)),
-                    None => broken = true,
+                // Keys come mostly in key order: runs in one range add up here.
+                match (spec.range_of(key), counted.last_mut()) {
+                    (Some(r), Some(last)) if last.0 == r => last.1 += d,
+                    (Some(r), _) => counted.push((r, d)),
+                    (None, _) => broken = true,
                 }
             }
         };

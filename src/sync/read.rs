@@ -393,8 +393,15 @@ impl Inputs<'_> {
             if table.unique_key && counts.total == entries + added.added {
                 return None;
             }
+            // With a unique key, the count says how many rows left: when so many that their
+            // ranges' keys would come near every key, every key is read without counting.
+            let left = (entries + added.added).saturating_sub(counts.total);
+            let few = left as f64 * key_ranges::PER_RANGE <= entries as f64 / 4.0;
             let scan = match (&ranges, added.ranges) {
-                (Some(kr), Some(a)) => self.removed_by_ranges(plan, table, reader, kr, a).await,
+                (Some(kr), Some(a)) if few && left > 0 => {
+                    self.removed_by_ranges(plan, table, reader, kr, (a, left))
+                        .await
+                }
                 _ => Ok(None),
             };
             let scan = match scan {
@@ -502,18 +509,19 @@ impl Inputs<'_> {
         Ok(scan?)
     }
 
-    /// Finds the removed rows from counts per key range (see [`crate::key_ranges`]): the
-    /// model's rows per range on the source and the snapshot's entries per range, at once;
-    /// then the keys of the ranges that lost rows only. `None` when the counts do not settle
-    /// it (a range holds more rows than it should, or too many ranges lost rows): read every
-    /// key instead.
+    /// Finds the `left` rows that left the model from counts per key range (see
+    /// [`crate::key_ranges`]): the model's rows per range on the source against the snapshot's
+    /// entries per range (kept in the state file) plus the rows added, then the keys of the
+    /// ranges that lost rows only. `None` when the counts do not settle it (a range holds more
+    /// rows than it should, the ranges lost other than `left` rows, too many ranges lost rows):
+    /// read every key instead.
     async fn removed_by_ranges(
         &self,
         plan: &Arc<Plan>,
         table: &SourceTable,
         reader: &Arc<Reader>,
         kr: &KeyRanges,
-        added: Vec<i64>,
+        (added, left): (Vec<i64>, u64),
     ) -> Result<Option<KeyScan>, Error> {
         let name = &self.env.spec.name;
         // On every session of a split read, a part at a time; else one statement.
@@ -541,6 +549,12 @@ impl Inputs<'_> {
                 return Ok(None);
             }
         };
+        if rows != left {
+            tracing::debug!(
+                "sync '{name}': the key ranges lost {rows} rows where the count says {left}: reading every key"
+            );
+            return Ok(None);
+        }
         if ranges.len() as f64 * key_ranges::PER_RANGE > reader.len() as f64 / 4.0 {
             tracing::debug!(
                 "sync '{name}': {} key ranges lost rows: reading every key is cheaper",
@@ -553,17 +567,9 @@ impl Inputs<'_> {
             keys,
             unknown,
             problem,
-        } = match ranges.is_empty() {
-            true => KeysRead {
-                seen: Seen::default(),
-                keys: 0,
-                unknown: 0,
-                problem: None,
-            },
-            false => {
-                let read = self.read(Some(kr.keys_sql(table, &ranges)), Vec::new());
-                self.read_keys(read, plan, reader).await?
-            }
+        } = {
+            let read = self.read(Some(kr.keys_sql(table, &ranges)), Vec::new());
+            self.read_keys(read, plan, reader).await?
         };
         let gone = {
             let (reader, kr, ranges) = (reader.clone(), kr.clone(), ranges.clone());
