@@ -7,7 +7,8 @@
 //!
 //! - `now`: the model's rows in the range, from one grouped count on the source in the read's
 //!   snapshot;
-//! - `entries`: the snapshot's entries in the range, from one walk of the snapshot;
+//! - `entries`: the snapshot's entries in the range, counted in the state file as entries are
+//!   added and removed;
 //! - `added`: the rows this run's delta read found with keys not in the snapshot.
 //!
 //! With a unique key, and rows that enter the model only by being written (the premise of the
@@ -221,12 +222,7 @@ pub(crate) async fn count_all(
             None => return Ok(None),
         }
     }
-    parts.sort_unstable_by_key(|c| c.0);
-    let mut out: Counts = Vec::with_capacity(parts.len());
-    for (r, n) in parts {
-        bump(&mut out, r, n);
-    }
-    Ok(Some(out))
+    Ok(Some(merge(parts)))
 }
 
 /// Runs one grouped count in the client's transaction (with room to hash every range in
@@ -265,14 +261,17 @@ async fn count(client: &Client, sql: &str, sync: &str) -> Result<Option<Counts>,
 }
 
 /// Sorted counts of the given ranges (one per row).
-pub(crate) fn tally(mut ranges: Vec<i64>) -> Counts {
-    ranges.sort_unstable();
-    let mut out: Counts = Vec::new();
-    for r in ranges {
-        match out.last_mut() {
-            Some((last, n)) if *last == r => *n += 1,
-            _ => out.push((r, 1)),
-        }
+pub(crate) fn tally(ranges: Vec<i64>) -> Counts {
+    merge(ranges.into_iter().map(|r| (r, 1)).collect())
+}
+
+/// Counts in any order, with a range met more than once, as sorted counts with one total per
+/// range.
+pub(crate) fn merge(mut counts: Counts) -> Counts {
+    counts.sort_unstable_by_key(|c| c.0);
+    let mut out: Counts = Vec::with_capacity(counts.len());
+    for (r, n) in counts {
+        bump(&mut out, r, n);
     }
     out
 }
@@ -296,23 +295,11 @@ pub(crate) enum Compared {
 }
 
 /// Compares the model's rows per range `now` with `entries + added` (each sorted or not).
-pub(crate) fn compare(mut now: Counts, mut entries: Counts, added: Counts) -> Compared {
-    now.sort_unstable();
-    entries.sort_unstable();
-    // Merge the snapshot's entries and the added rows into what each range should hold.
-    let mut expected: Counts = Vec::with_capacity(entries.len() + added.len());
-    let (mut i, mut j) = (0, 0);
-    while i < entries.len() || j < added.len() {
-        let take_e = j >= added.len() || (i < entries.len() && entries[i].0 <= added[j].0);
-        let (r, n) = if take_e {
-            i += 1;
-            entries[i - 1]
-        } else {
-            j += 1;
-            added[j - 1]
-        };
-        bump(&mut expected, r, n);
-    }
+pub(crate) fn compare(now: Counts, mut entries: Counts, added: Counts) -> Compared {
+    let now = merge(now);
+    // What each range should hold: the snapshot's entries and the added rows.
+    entries.extend(added);
+    let expected = merge(entries);
     let (mut lost, mut rows) = (Vec::new(), 0u64);
     let (mut i, mut j) = (0, 0);
     loop {

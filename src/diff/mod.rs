@@ -165,8 +165,8 @@ impl Diff {
             Class::Added => {
                 o.counts.added += 1;
                 sample(&mut o.sample_added, key, samples);
-                if let (Some(kr), Some(ranges)) = (&self.cfg.ranges, &mut o.added_ranges) {
-                    match kr.range_of(key) {
+                if let (Some(spec), Some(ranges)) = (&self.cfg.ranges, &mut o.added_ranges) {
+                    match spec.range_of(key) {
                         Some(r) => ranges.push(r),
                         None => o.added_ranges = None,
                     }

@@ -720,13 +720,14 @@ fn reconcile_ranges(
     tracing::info!(
         "sync '{sync}': counting the snapshot's {entries} entries per key range (ranges of 2^{shift} values; recorded: {recorded:?}), once"
     );
-    let mut counts: Vec<(i64, u64)> = Vec::new();
+    let mut counts: key_ranges::Counts = Vec::new();
     for item in rows.iter()? {
         if let Some(r) = spec.range_of(item?.0.value()) {
             key_ranges::bump(&mut counts, r, 1);
         }
     }
-    for (r, n) in tally_runs(counts) {
+    // A walk in byte order meets the negative keys' ranges after the positive ones.
+    for (r, n) in key_ranges::merge(counts) {
         table.insert(r, n)?;
     }
     Ok(Some(spec))
@@ -772,17 +773,6 @@ fn best_shift(
     Ok((0..SHIFTS)
         .min_by(|&a, &b| miss(a).total_cmp(&miss(b)))
         .map(|s| s as u32))
-}
-
-/// Merges the counts of runs of the same range (a walk in byte order meets the negative keys'
-/// ranges after the positive ones, each range in one run).
-fn tally_runs(mut counts: Vec<(i64, u64)>) -> Vec<(i64, u64)> {
-    counts.sort_unstable_by_key(|c| c.0);
-    let mut out: Vec<(i64, u64)> = Vec::with_capacity(counts.len());
-    for (r, n) in counts {
-        key_ranges::bump(&mut out, r, n);
-    }
-    out
 }
 
 /// Slot allocation for one run, inside one transaction.

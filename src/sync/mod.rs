@@ -1023,7 +1023,6 @@ async fn settle(
 }
 
 /// The snapshot entries a complete read met: the rest left the model.
-#[derive(Default)]
 struct Seen {
     slots: Bitset,
     entries: u64,
