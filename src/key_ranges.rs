@@ -3,19 +3,22 @@
 //! A delta read learns from one count that rows left the model, not which. Reading every key
 //! answers that, and at 10M rows it is most of a 1% churn run. For a single integer key,
 //! pgdelta cuts the key space into ranges of `2^shift` values (about [`PER_RANGE`] entries
-//! each) and compares, per range, three numbers:
+//! each) and compares, per range, three [`Tally`]s (how many keys, and the sum of their
+//! offsets in the range):
 //!
-//! - `now`: the model's rows in the range, from one grouped count on the source in the read's
+//! - `now`: the model's rows in the range, from one grouped query on the source in the read's
 //!   snapshot;
-//! - `entries`: the snapshot's entries in the range, counted in the state file as entries are
+//! - `entries`: the snapshot's entries in the range, kept in the state file as entries are
 //!   added and removed;
 //! - `added`: the rows this run's delta read found with keys not in the snapshot.
 //!
 //! With a unique key, and rows that enter the model only by being written (the premise of the
-//! delta read), `now = entries - removed + added` in every range. So a range lost rows exactly
-//! when `now < entries + added`, and only those ranges' keys are read, through the key's index.
-//! A range with `now > entries + added` breaks the premise: the run reads every key, as before,
-//! which reports it.
+//! delta read), `now = entries - removed + added` in every range, for the counts and for the
+//! sums alike. So a range lost rows exactly when `now < entries + added`. A range that lost
+//! one row names it: its offset is the difference of the sums. Only the ranges that lost more
+//! are read, through the key's index, with the named keys beside them, so every key deleted is
+//! one the source was seen not to hold. A range with `now > entries + added` breaks the premise:
+//! the run reads every key, as before, which reports it.
 
 use std::sync::Arc;
 
@@ -65,16 +68,27 @@ impl RangeSpec {
         })
     }
 
-    /// The range a raw key falls in.
-    #[inline]
-    pub(crate) fn range_of(&self, key: &[u8]) -> Option<i64> {
-        self.value(key).map(|v| v >> self.shift)
-    }
-
     /// The first and last value of range `r`.
     pub(crate) fn bounds(&self, r: i64) -> (i64, i64) {
         let lo = r << self.shift;
-        (lo, lo | ((1i64 << self.shift) - 1))
+        (lo, lo | self.mask())
+    }
+
+    /// The offsets within a range: `value & mask`.
+    fn mask(&self) -> i64 {
+        (1i64 << self.shift) - 1
+    }
+
+    /// The range of `v` and its tally as one key there.
+    pub(crate) fn tally_of(&self, v: i64) -> (i64, Tally) {
+        let sum = (v & self.mask()) as u64;
+        (v >> self.shift, Tally { n: 1, sum })
+    }
+
+    /// True when `v` is a value of the key's type.
+    fn fits(&self, v: i64) -> bool {
+        let drop = 64 - 8 * u32::from(self.width);
+        (i64::MIN >> drop..=i64::MAX >> drop).contains(&v)
     }
 
     /// The raw keys bounding range `r` in the snapshot's byte order (clamped to the type).
@@ -83,7 +97,8 @@ impl RangeSpec {
         (self.raw(lo), self.raw(hi))
     }
 
-    fn raw(&self, v: i64) -> Vec<u8> {
+    /// The raw key of value `v` (clamped to the type).
+    pub(crate) fn raw(&self, v: i64) -> Vec<u8> {
         let width = usize::from(self.width);
         let drop = 64 - 8 * width as u32;
         let (min, max) = (i64::MIN >> drop, i64::MAX >> drop);
@@ -159,41 +174,80 @@ impl KeyRanges {
         })
     }
 
-    /// `SELECT range, count(*)` over the model (or one part of a split read), grouped: its rows
-    /// per range now.
+    /// `SELECT range, count(*), sum(offset)` over the model (or one part of a split read),
+    /// grouped: its rows per range now. The sum is taken modulo 2^63 (it fits an int8).
     pub(crate) fn count_sql(
         &self,
         table: &SourceTable,
         part: Option<&crate::split::Part>,
     ) -> String {
+        let (e, shift, mask) = (&self.expr, self.spec.shift, self.spec.mask());
         let inner = table.select_part(
-            &format!("({})::int8 >> {} AS r", self.expr, self.spec.shift),
+            &format!("({e})::int8 >> {shift} AS r, ({e})::int8 & {mask} AS o"),
             None,
             part,
         );
-        format!("SELECT r, count(*)::int8 FROM ({inner}) AS k GROUP BY r")
+        format!(
+            "SELECT r, count(*)::int8, (sum(o) % 9223372036854775808)::int8 FROM ({inner}) AS k GROUP BY r"
+        )
     }
 
-    /// The model's keys in the given ranges, each range read through the key's index.
-    pub(crate) fn keys_sql(&self, table: &SourceTable, ranges: &[i64]) -> String {
-        let los: Vec<String> = ranges
-            .iter()
-            .map(|&r| self.spec.bounds(r).0.to_string())
-            .collect();
-        let mask = (1i64 << self.spec.shift) - 1;
-        let conds: Vec<String> = table.filter.iter().map(|f| format!("({f})")).collect();
-        format!(
-            "SELECT {e} FROM {t} AS src JOIN unnest('{{{}}}'::int8[]) AS pgdelta_range(lo) ON {e} BETWEEN pgdelta_range.lo AND pgdelta_range.lo + {mask}{w}",
-            los.join(","),
-            e = self.expr,
-            t = table.quoted,
-            w = crate::plan::where_clause(&conds),
-        )
+    /// The model's keys in the given ranges, each range read through the key's index, and
+    /// which of the given `keys` it holds.
+    pub(crate) fn keys_sql(&self, table: &SourceTable, ranges: &[i64], keys: &[i64]) -> String {
+        let e = &self.expr;
+        let list = |v: &mut dyn Iterator<Item = i64>| {
+            let v: Vec<String> = v.map(|x| x.to_string()).collect();
+            format!("'{{{}}}'::int8[]", v.join(","))
+        };
+        let mut parts = Vec::new();
+        if !ranges.is_empty() {
+            let los = list(&mut ranges.iter().map(|&r| self.spec.bounds(r).0));
+            let conds: Vec<String> = table.filter.iter().map(|f| format!("({f})")).collect();
+            parts.push(format!(
+                "SELECT {e} FROM {t} AS src JOIN unnest({los}) AS pgdelta_range(lo) ON {e} BETWEEN pgdelta_range.lo AND pgdelta_range.lo + {mask}{w}",
+                t = table.quoted,
+                mask = self.spec.mask(),
+                w = crate::plan::where_clause(&conds),
+            ));
+        }
+        if !keys.is_empty() {
+            let cond = format!("{e} = ANY({})", list(&mut keys.iter().copied()));
+            parts.push(table.select_part(e, Some(&cond), None));
+        }
+        parts.join(" UNION ALL ")
     }
 }
 
-/// Per-range counts, sorted by range.
-pub(crate) type Counts = Vec<(i64, u64)>;
+/// The keys of one range: how many, and the sum of their offsets in the range (wrapping).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) n: u64,
+    pub(crate) sum: u64,
+}
+
+impl Tally {
+    pub(crate) fn add(self, o: Tally) -> Tally {
+        Tally {
+            n: self.n + o.n,
+            sum: self.sum.wrapping_add(o.sum),
+        }
+    }
+
+    /// `self` less `o`, the sum wrapping (`n` must be at least `o.n`).
+    pub(crate) fn sub(self, o: Tally) -> Tally {
+        Tally {
+            n: self.n - o.n,
+            sum: self.sum.wrapping_sub(o.sum),
+        }
+    }
+}
+
+/// Sums are compared modulo 2^63: the source's come modulo 2^63.
+const SUM_BITS: u64 = u64::MAX >> 1;
+
+/// Per-range tallies, sorted by range.
+pub(crate) type Counts = Vec<(i64, Tally)>;
 
 /// Runs the grouped counts of [`KeyRanges::count_sql`], one per statement, on the given
 /// sessions (all in transactions under the same snapshot), each taking the next statement when
@@ -215,7 +269,7 @@ pub(crate) async fn count_all(
         }
         Ok::<_, Error>(Some(all))
     });
-    let mut parts: Vec<(i64, u64)> = Vec::new();
+    let mut parts: Counts = Vec::new();
     for r in futures_util::future::join_all(work).await {
         match r? {
             Some(all) => parts.extend(all.into_iter().flatten()),
@@ -242,27 +296,29 @@ async fn count(client: &Client, sql: &str, sync: &str) -> Result<Option<Counts>,
     while let Some(chunk) = stream.next().await {
         data.extend_from_slice(&chunk.map_err(fail)?);
     }
-    let block = copy::frame_all(&data, 2, 1)
+    let block = copy::frame_all(&data, 3, 1)
         .map_err(|e| Error::Internal(format!("framing the counts per key range: {e}")))?;
     let mut out = Vec::with_capacity(block.rows.len());
     for row in &block.rows {
         let mut f = copy::fields(&row.tuple(&block.data)[2..]);
-        let (Some(Some(r)), Some(Some(n))) = (f.next(), f.next()) else {
+        let (Some(Some(r)), Some(Some(n)), Some(Some(sum))) = (f.next(), f.next(), f.next()) else {
             return Ok(None);
         };
-        let (Ok(r), Ok(n)) = (<[u8; 8]>::try_from(r), <[u8; 8]>::try_from(n)) else {
+        let int8 = |v: &[u8]| <[u8; 8]>::try_from(v).map(i64::from_be_bytes);
+        let (Ok(r), Ok(n), Ok(sum)) = (int8(r), int8(n), int8(sum)) else {
             return Err(Error::Internal(
-                "a count per key range is not two int8".into(),
+                "a count per key range is not three int8".into(),
             ));
         };
-        out.push((i64::from_be_bytes(r), i64::from_be_bytes(n) as u64));
+        let (n, sum) = (n as u64, sum as u64);
+        out.push((r, Tally { n, sum }));
     }
     Ok(Some(out))
 }
 
-/// Sorted counts of the given ranges (one per row).
-pub(crate) fn tally(ranges: Vec<i64>) -> Counts {
-    merge(ranges.into_iter().map(|r| (r, 1)).collect())
+/// Sorted tallies of the given key values.
+pub(crate) fn tally(spec: &RangeSpec, values: &[i64]) -> Counts {
+    merge(values.iter().map(|&v| spec.tally_of(v)).collect())
 }
 
 /// Counts in any order, with a range met more than once, as sorted counts with one total per
@@ -270,37 +326,48 @@ pub(crate) fn tally(ranges: Vec<i64>) -> Counts {
 pub(crate) fn merge(mut counts: Counts) -> Counts {
     counts.sort_unstable_by_key(|c| c.0);
     let mut out: Counts = Vec::with_capacity(counts.len());
-    for (r, n) in counts {
-        bump(&mut out, r, n);
+    for (r, t) in counts {
+        bump(&mut out, r, t);
     }
     out
 }
 
-/// Adds `n` to range `r` of counts that arrive mostly in order (a walk in byte order).
-pub(crate) fn bump(counts: &mut Counts, r: i64, n: u64) {
+/// Adds `t` to range `r` of tallies that arrive mostly in order (a walk in byte order).
+pub(crate) fn bump(counts: &mut Counts, r: i64, t: Tally) {
     match counts.last_mut() {
-        Some((last, c)) if *last == r => *c += n,
-        _ => counts.push((r, n)),
+        Some((last, c)) if *last == r => *c = c.add(t),
+        _ => counts.push((r, t)),
     }
 }
 
 /// What comparing the counts found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Compared {
-    /// The ranges that lost rows, and how many rows they lost in all.
-    Lost { ranges: Vec<i64>, rows: u64 },
+    /// How many rows the ranges lost in all: the keys named by the ranges that lost one row,
+    /// and the ranges that lost more (their keys are to be read).
+    Lost {
+        ranges: Vec<i64>,
+        keys: Vec<i64>,
+        rows: u64,
+    },
     /// A range holds more rows than the snapshot's entries plus the added rows: rows entered
     /// the model without being written.
     Excess { range: i64 },
 }
 
 /// Compares the model's rows per range `now` with `entries + added` (each sorted or not).
-pub(crate) fn compare(now: Counts, mut entries: Counts, added: Counts) -> Compared {
+pub(crate) fn compare(
+    spec: &RangeSpec,
+    now: Counts,
+    mut entries: Counts,
+    added: Counts,
+) -> Compared {
     let now = merge(now);
     // What each range should hold: the snapshot's entries and the added rows.
     entries.extend(added);
     let expected = merge(entries);
-    let (mut lost, mut rows) = (Vec::new(), 0u64);
+    let (mut lost, mut keys, mut rows) = (Vec::new(), Vec::new(), 0u64);
+    let none = Tally::default();
     let (mut i, mut j) = (0, 0);
     loop {
         let (have, want) = match (now.get(i), expected.get(j)) {
@@ -312,27 +379,39 @@ pub(crate) fn compare(now: Counts, mut entries: Counts, added: Counts) -> Compar
             }
             (Some(&(r, n)), Some(&(e, _))) if r < e => {
                 i += 1;
-                ((r, n), 0)
+                ((r, n), none)
             }
             (Some(&(r, n)), None) => {
                 i += 1;
-                ((r, n), 0)
+                ((r, n), none)
             }
             (_, Some(&(e, m))) => {
                 j += 1;
-                ((e, 0), m)
+                ((e, none), m)
             }
         };
         let ((r, n), m) = (have, want);
-        if n > m {
+        if n.n > m.n {
             return Compared::Excess { range: r };
         }
-        if n < m {
-            lost.push(r);
-            rows += m - n;
+        if n.n == m.n {
+            continue;
+        }
+        let gone = m.sub(n);
+        rows += gone.n;
+        // One row gone: its offset is what the sums lack.
+        let named =
+            (gone.n == 1).then(|| spec.bounds(r).0.wrapping_add((gone.sum & SUM_BITS) as i64));
+        match named {
+            Some(v) if gone.sum & SUM_BITS <= spec.mask() as u64 && spec.fits(v) => keys.push(v),
+            _ => lost.push(r),
         }
     }
-    Compared::Lost { ranges: lost, rows }
+    Compared::Lost {
+        ranges: lost,
+        keys,
+        rows,
+    }
 }
 
 #[cfg(test)]
@@ -354,7 +433,7 @@ mod tests {
             for v in [-300i64, -9, -8, -1, 0, 7, 8, 300] {
                 let key = raw(width, v);
                 assert_eq!(k.value(&key), Some(v));
-                let r = k.range_of(&key).unwrap();
+                let r = k.tally_of(k.value(&key).unwrap()).0;
                 let (lo, hi) = k.raw_bounds(r);
                 assert!(lo <= key && key <= hi, "{width} {v}");
                 let (a, b) = k.bounds(r);
@@ -378,26 +457,91 @@ mod tests {
     }
 
     #[test]
-    fn compare_finds_the_ranges_that_lost_rows() {
-        let now = vec![(0, 30), (2, 32), (5, 1)];
-        let entries = vec![(0, 32), (1, 4), (2, 32)];
-        let added = tally(vec![5, 0]);
+    fn compare_names_lone_losses_and_finds_the_ranges_that_lost_more() {
+        let spec = kr(8, 3);
+        // Ranges of 8 values. The source lost -6 (range -1) and 3 (range 0), one each; 17 and
+        // 18 (both range 2); and 40 (range 5, which gained 41 as a new row). -20 is new, in a
+        // range of its own.
+        let entries: Vec<i64> = vec![-7, -6, 1, 2, 3, 16, 17, 18, 19, 40];
+        let added: Vec<i64> = vec![-20, 41];
+        let gone = [-6, 3, 17, 18, 40];
+        let now: Vec<i64> = entries
+            .iter()
+            .chain(&added)
+            .copied()
+            .filter(|v| !gone.contains(v))
+            .collect();
+        let (now, entries, added) = (
+            tally(&spec, &now),
+            tally(&spec, &entries),
+            tally(&spec, &added),
+        );
         assert_eq!(
-            compare(now, entries, added),
+            compare(&spec, now.clone(), entries.clone(), added.clone()),
             Compared::Lost {
-                ranges: vec![0, 1],
-                rows: 7
+                ranges: vec![2],
+                keys: vec![-6, 3, 40],
+                rows: 5
             }
         );
+        // The source's sums come modulo 2^63.
+        let modded: Counts = now
+            .iter()
+            .map(|&(r, t)| {
+                (
+                    r,
+                    Tally {
+                        sum: t.sum & SUM_BITS,
+                        ..t
+                    },
+                )
+            })
+            .collect();
         assert_eq!(
-            compare(vec![(3, 2)], vec![(3, 1)], Vec::new()),
-            Compared::Excess { range: 3 }
+            compare(&spec, modded, entries.clone(), added.clone()),
+            compare(&spec, now, entries.clone(), added.clone())
         );
+        // A range holding more than it should breaks the premise.
         assert_eq!(
-            compare(vec![(-1, 2), (1, 1)], vec![(1, 1), (-1, 2)], Vec::new()),
+            compare(
+                &spec,
+                tally(&spec, &[1, 2, 4]),
+                tally(&spec, &[1, 2]),
+                Vec::new()
+            ),
+            Compared::Excess { range: 0 }
+        );
+        // Equal tallies, in any order: nothing lost.
+        let t = tally(&spec, &[-9, 9]);
+        let mut rev = t.clone();
+        rev.reverse();
+        assert_eq!(
+            compare(&spec, t, rev, Vec::new()),
             Compared::Lost {
                 ranges: Vec::new(),
+                keys: Vec::new(),
                 rows: 0
+            }
+        );
+        // A sum that names no value of the range (the premise broke): the range is read.
+        let odd = vec![(0, Tally { n: 1, sum: 100 })];
+        assert_eq!(
+            compare(&spec, Vec::new(), odd, Vec::new()),
+            Compared::Lost {
+                ranges: vec![0],
+                keys: Vec::new(),
+                rows: 1
+            }
+        );
+        // A named value outside the key's type is not taken either.
+        let wide = kr(2, 20);
+        let odd = vec![(0, Tally { n: 1, sum: 40_000 })];
+        assert_eq!(
+            compare(&wide, Vec::new(), odd, Vec::new()),
+            Compared::Lost {
+                ranges: vec![0],
+                keys: Vec::new(),
+                rows: 1
             }
         );
     }

@@ -73,9 +73,9 @@ pub(crate) struct DiffOutcome {
     pub(crate) null_key_samples: Vec<Vec<u8>>,
     pub(crate) sample_added: Vec<Vec<u8>>,
     pub(crate) sample_changed: Vec<Vec<u8>>,
-    /// With [`DiffConfig::ranges`]: the key range of each added row (`None` once a key was
-    /// not in the ranges' form).
-    pub(crate) added_ranges: Option<Vec<i64>>,
+    /// With [`DiffConfig::ranges`]: the key of each added row, as an integer (`None` once a
+    /// key was not in the ranges' form).
+    pub(crate) added_keys: Option<Vec<i64>>,
 }
 
 const KEEP_DUPLICATES: usize = 1000;
@@ -93,7 +93,7 @@ pub(crate) fn run(
     let max_bytes = sizer.settings().max_bytes;
     let mut d = Diff {
         o: DiffOutcome {
-            added_ranges: cfg.ranges.as_ref().map(|_| Vec::new()),
+            added_keys: cfg.ranges.as_ref().map(|_| Vec::new()),
             ..DiffOutcome::default()
         },
         classifier: Classifier::new(cfg.slots, cfg.rewrite_all, cfg.seed, !cfg.dry_run),
@@ -165,10 +165,10 @@ impl Diff {
             Class::Added => {
                 o.counts.added += 1;
                 sample(&mut o.sample_added, key, samples);
-                if let (Some(spec), Some(ranges)) = (&self.cfg.ranges, &mut o.added_ranges) {
-                    match spec.range_of(key) {
-                        Some(r) => ranges.push(r),
-                        None => o.added_ranges = None,
+                if let (Some(spec), Some(keys)) = (&self.cfg.ranges, &mut o.added_keys) {
+                    match spec.value(key) {
+                        Some(v) => keys.push(v),
+                        None => o.added_keys = None,
                     }
                 }
                 if self.cfg.dry_run {

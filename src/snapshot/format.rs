@@ -7,7 +7,7 @@
 //! | `pgdelta/meta` | sync name | JSON [`SyncMeta`]: format, key fingerprint, model fingerprint, next slot |
 //! | `rows/<sync>` | raw key bytes | 20 bytes: 16-byte row hash, then the entry's `u32` slot (little-endian) |
 //! | `free/<sync>` | slot (`u32`) | `()`: slots of removed entries, reused before new ones are minted |
-//! | `ranges/<sync>` | key range (`i64`) | `u64`: entries whose key falls in the range (one integer key only; see below) |
+//! | `key_ranges/<sync>` | key range (`i64`) | `(u64, u64)`: entries whose key falls in the range, and the sum of their keys' offsets in it, wrapping (one integer key only; see below) |
 //! | `pgdelta/runs` | run id (unix µs, bumped on collision) | JSON run record (`pgdelta log`) |
 //! | `pgdelta/rejected` | sync name | JSON list of the rows the destination rejected in the sync's last run |
 //!
@@ -30,12 +30,14 @@
 //! detection). A new row that was rejected gets no entry at all.
 //!
 //! **Key ranges.** For a model with one integer key, the entries are also counted per range of
-//! `2^shift` key values (`ranges` in the sync's metadata gives the width and the shift), in the
-//! same write transaction as every entry added or removed, so the counts always match the
-//! entries of the same read view. A delta read compares them with the source's rows per range to
-//! find the ranges that lost rows without reading every key ([`crate::key_ranges`]). A file
-//! written by a build without them has no `ranges` in its metadata (and any build that writes
-//! entries rewrites the metadata), so the counts are rebuilt rather than trusted.
+//! `2^shift` key values (`ranges` in the sync's metadata gives the width and the shift), with
+//! the sum of their offsets in the range (`key - first key of the range`), in the same write
+//! transaction as every entry added or removed, so the tallies always match the entries of the
+//! same read view. A delta read compares them with the source's rows per range to find the rows
+//! that left without reading every key ([`crate::key_ranges`]). A file written by a build
+//! without them has no `ranges` in its metadata (and any build that writes entries rewrites the
+//! metadata), so the tallies are rebuilt rather than trusted; the counts without sums of earlier
+//! builds (`ranges/<sync>`, `u64` values) are dropped and rebuilt the same way.
 //!
 //! Invariants: an entry describes a row the destination committed (written only after the
 //! destination acknowledged the commit); the state file is a cache of the destination, so
@@ -53,7 +55,9 @@ pub(super) const REJECTED: TableDefinition<&str, &str> = TableDefinition::new("p
 
 pub(super) type RowsDef<'a> = TableDefinition<'a, &'static [u8], &'static [u8; 20]>;
 pub(super) type FreeDef<'a> = TableDefinition<'a, u32, ()>;
-pub(super) type RangesDef<'a> = TableDefinition<'a, i64, u64>;
+/// The value of one key range: its entries and the wrapping sum of their keys' offsets.
+pub(super) type RangeValue = (u64, u64);
+pub(super) type RangesDef<'a> = TableDefinition<'a, i64, RangeValue>;
 
 /// The hash of a stale entry (see the module doc).
 pub(crate) const STALE_HASH: [u8; 16] = [0; 16];
@@ -65,6 +69,11 @@ pub(super) fn free_name(sync: &str) -> String {
     format!("free/{sync}")
 }
 pub(super) fn ranges_name(sync: &str) -> String {
+    format!("key_ranges/{sync}")
+}
+/// The counts without sums that builds before `key_ranges/<sync>` kept (only ever deleted:
+/// deleting goes by the name alone).
+pub(super) fn old_ranges_name(sync: &str) -> String {
     format!("ranges/{sync}")
 }
 pub(super) fn ranges_def(name: &str) -> RangesDef<'_> {

@@ -513,7 +513,7 @@ fn step<'a>(it: &mut Option<Rows<'a>>) -> Result<Option<Row<'a>>, redb::StorageE
 pub struct Reader {
     table: Option<ReadOnlyTable<&'static [u8], &'static [u8; 20]>>,
     /// The entries per key range, and how the ranges are cut.
-    ranges: Option<(RangeSpec, ReadOnlyTable<i64, u64>)>,
+    ranges: Option<(RangeSpec, ReadOnlyTable<i64, format::RangeValue>)>,
     len: u64,
     path: String,
 }
@@ -676,7 +676,8 @@ impl Reader {
         self.ranges.as_ref().map(|r| r.0)
     }
 
-    /// The entries per key range in this view, sorted by range.
+    /// The entries per key range in this view (how many, and their offsets' sum), sorted by
+    /// range.
     pub(crate) fn range_counts(&self) -> Result<Option<key_ranges::Counts>, SnapshotError> {
         let Some((_, t)) = &self.ranges else {
             return Ok(None);
@@ -684,8 +685,9 @@ impl Reader {
         let err = |e: redb::StorageError| self.err(e);
         let mut out = Vec::with_capacity(t.len().map_err(err)? as usize);
         for item in t.iter().map_err(err)? {
-            let (r, n) = item.map_err(err)?;
-            out.push((r.value(), n.value()));
+            let (r, v) = item.map_err(err)?;
+            let (n, sum) = v.value();
+            out.push((r.value(), key_ranges::Tally { n, sum }));
         }
         Ok(Some(out))
     }
@@ -833,7 +835,8 @@ mod tests {
                 let cut = now.range_spec();
                 proptest::prop_assert_eq!(cut.map(|c| c.width), (run % 3 != 2).then_some(4));
                 let want = cut.map(|c| {
-                    key_ranges::tally(model.keys().map(|k| c.range_of(k).unwrap()).collect())
+                    let values: Vec<i64> = model.keys().map(|k| c.value(k).unwrap()).collect();
+                    key_ranges::tally(&c, &values)
                 });
                 proptest::prop_assert_eq!(now.range_counts().unwrap(), want);
             }
@@ -878,7 +881,12 @@ mod tests {
         assert_eq!(r.range_spec().map(|s| s.shift), Some(5));
         let counts = r.range_counts().unwrap().unwrap();
         assert_eq!(counts.len(), 256 + 16);
-        assert_eq!(counts.iter().map(|c| c.1).sum::<u64>(), 8208);
+        assert_eq!(counts.iter().map(|c| c.1.n).sum::<u64>(), 8208);
+        // Each range's sum of offsets: 0 + 1 + ... + 31 for the dense keys, 0 for each outlier
+        // (alone at the start of its range).
+        let sums: Vec<u64> = counts.iter().map(|c| c.1.sum).collect();
+        assert_eq!(sums.iter().filter(|&&s| s == 496).count(), 256);
+        assert_eq!(sums.iter().filter(|&&s| s == 0).count(), 16);
     }
 
     /// A new key recorded twice in one run is a duplicate in the model: settling reports it and

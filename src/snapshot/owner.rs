@@ -26,8 +26,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::format::{
-    free_def, free_name, ranges_def, ranges_name, rows_def, rows_name, Entry, SyncMeta, FORMAT,
-    META, REJECTED, RUNS, STALE_HASH,
+    free_def, free_name, old_ranges_name, ranges_def, ranges_name, rows_def, rows_name, Entry,
+    SyncMeta, FORMAT, META, REJECTED, RUNS, STALE_HASH,
 };
 use super::{Begin, BeginOptions, Committed, RecorderStats, Settled, SnapshotError};
 use crate::batch::KeyBatch;
@@ -302,18 +302,27 @@ impl Owner {
             free: &mut free,
             err: &err,
         };
-        // Entries added (+1) and removed (-1), by key range, written to `ranges/<sync>` below.
-        // A key not in the spec's form (never seen: the key fingerprint fixes its type) drops
-        // the counts rather than leave them wrong.
-        let (mut counted, mut broken): (Vec<(i64, i64)>, bool) = (Vec::new(), false);
-        let mut count = |key: &[u8], d: i64| {
-            if let Some(spec) = spec {
-                // Keys come mostly in key order: runs in one range add up here.
-                match (spec.range_of(key), counted.last_mut()) {
-                    (Some(r), Some(last)) if last.0 == r => last.1 += d,
-                    (Some(r), _) => counted.push((r, d)),
-                    (None, _) => broken = true,
-                }
+        // Entries added (+1) and removed (-1), by key range, with their offsets in the range
+        // (wrapping), written to `key_ranges/<sync>` below. A key not in the spec's form (never
+        // seen: the key fingerprint fixes its type) drops the tallies rather than leave them
+        // wrong.
+        let (mut changes, mut broken): (Vec<Change>, bool) = (Vec::new(), false);
+        let mut count = |key: &[u8], add: bool| {
+            let Some(spec) = spec else { return };
+            let Some(v) = spec.value(key) else {
+                broken = true;
+                return;
+            };
+            let (r, t) = spec.tally_of(v);
+            let (n, sum) = if add {
+                (1, t.sum)
+            } else {
+                (-1, t.sum.wrapping_neg())
+            };
+            // Keys come mostly in key order: runs in one range add up here.
+            match changes.last_mut() {
+                Some(last) if last.0 == r => *last = (r, last.1 + n, last.2.wrapping_add(sum)),
+                _ => changes.push((r, n, sum)),
             }
         };
         let done = match cmd {
@@ -329,7 +338,7 @@ impl Owner {
                         .map_err(|e| err(&e))?
                         .map(|v| Entry::decode(v.value()));
                     if old.is_none() {
-                        count(key, 1);
+                        count(key, true);
                     }
                     if let Some(old) = old {
                         if old.slot != slot {
@@ -357,7 +366,7 @@ impl Owner {
                     if let Some(old) = rows.remove(keys.key(i)).map_err(|e| err(&e))? {
                         slots.release(Entry::decode(old.value()).slot)?;
                         slots.run.stats.removed += 1;
-                        count(keys.key(i), -1);
+                        count(keys.key(i), false);
                     }
                 }
                 n
@@ -371,7 +380,7 @@ impl Owner {
                     .insert(key.as_slice(), &stale.encode())
                     .map_err(|e| err(&e))?;
                 if old.is_none() {
-                    count(&key, 1);
+                    count(&key, true);
                 }
                 1
             }
@@ -384,9 +393,9 @@ impl Owner {
             if let Some(run) = self.runs.get_mut(&sync) {
                 run.meta.ranges = None;
             }
-        } else if !counted.is_empty() {
+        } else if !changes.is_empty() {
             let mut ranges = txn.open_table(ranges_def(&ranges_n)).map_err(|e| err(&e))?;
-            add_counts(&mut ranges, counted).map_err(|e| err(&e))?;
+            add_counts(&mut ranges, changes).map_err(|e| err(&e))?;
         }
         Ok(done)
     }
@@ -636,34 +645,40 @@ impl Owner {
     }
 }
 
-/// Drops a sync's entries, free slots and counts per key range.
+/// Drops a sync's entries, free slots and tallies per key range.
 fn clear_entries(txn: &WriteTransaction, sync: &str) {
     let _ = txn.delete_table(rows_def(&rows_name(sync)));
     let _ = txn.delete_table(free_def(&free_name(sync)));
     let _ = txn.delete_table(ranges_def(&ranges_name(sync)));
+    let _ = txn.delete_table(ranges_def(&old_ranges_name(sync)));
 }
 
-/// Adds the (range, change) pairs to the counts; a range whose count reaches 0 is dropped.
+/// A change to one range's tally: (range, entries added less removed, offsets added less
+/// removed, wrapping).
+type Change = (i64, i64, u64);
+
+/// Applies the changes to the tallies; a range left with no entry is dropped.
 fn add_counts(
-    ranges: &mut redb::Table<'_, i64, u64>,
-    mut changes: Vec<(i64, i64)>,
+    ranges: &mut redb::Table<'_, i64, super::format::RangeValue>,
+    mut changes: Vec<Change>,
 ) -> Result<(), redb::Error> {
     changes.sort_unstable_by_key(|c| c.0);
     let mut i = 0;
     while i < changes.len() {
         let r = changes[i].0;
-        let mut d = 0i64;
+        let (mut dn, mut dsum) = (0i64, 0u64);
         while i < changes.len() && changes[i].0 == r {
-            d += changes[i].1;
+            dn += changes[i].1;
+            dsum = dsum.wrapping_add(changes[i].2);
             i += 1;
         }
-        if d == 0 {
+        if dn == 0 && dsum == 0 {
             continue;
         }
-        let now = ranges.get(r)?.map_or(0, |v| v.value());
-        match now.checked_add_signed(d).filter(|&n| n > 0) {
+        let (n, sum) = ranges.get(r)?.map_or((0, 0), |v| v.value());
+        match n.checked_add_signed(dn).filter(|&n| n > 0) {
             Some(n) => {
-                ranges.insert(r, n)?;
+                ranges.insert(r, (n, sum.wrapping_add(dsum)))?;
             }
             None => {
                 ranges.remove(r)?;
@@ -673,7 +688,7 @@ fn add_counts(
     Ok(())
 }
 
-/// The key ranges the sync's entries are counted by from this run on. The recorded counts are
+/// The key ranges the sync's entries are tallied by from this run on. The recorded tallies are
 /// kept while they fit: the same key width, counts that add up to the entries, and an entry's
 /// range holding within 4 times [`PER_RANGE`] entries (or few entries in all). Otherwise they
 /// are rebuilt, cut where an entry's range holds nearest [`PER_RANGE`] entries (two walks of
@@ -686,6 +701,7 @@ fn reconcile_ranges(
     proposed: Option<RangeSpec>,
 ) -> Result<Option<RangeSpec>, redb::Error> {
     let name = ranges_name(sync);
+    let _ = txn.delete_table(ranges_def(&old_ranges_name(sync)));
     let Some(proposed) = proposed else {
         let _ = txn.delete_table(ranges_def(&name));
         return Ok(None);
@@ -696,7 +712,7 @@ fn reconcile_ranges(
         let counts = txn.open_table(ranges_def(&name))?;
         let (mut n, mut sq) = (0u64, 0f64);
         for item in counts.iter()? {
-            let c = item?.1.value();
+            let c = item?.1.value().0;
             n += c;
             sq += (c as f64) * (c as f64);
         }
@@ -722,13 +738,14 @@ fn reconcile_ranges(
     );
     let mut counts: key_ranges::Counts = Vec::new();
     for item in rows.iter()? {
-        if let Some(r) = spec.range_of(item?.0.value()) {
-            key_ranges::bump(&mut counts, r, 1);
+        if let Some(v) = spec.value(item?.0.value()) {
+            let (r, t) = spec.tally_of(v);
+            key_ranges::bump(&mut counts, r, t);
         }
     }
     // A walk in byte order meets the negative keys' ranges after the positive ones.
-    for (r, n) in key_ranges::merge(counts) {
-        table.insert(r, n)?;
+    for (r, t) in key_ranges::merge(counts) {
+        table.insert(r, (t.n, t.sum))?;
     }
     Ok(Some(spec))
 }

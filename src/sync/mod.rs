@@ -812,7 +812,7 @@ async fn pipeline(
             if let (Some(tx), Ok(o)) = (diffed, &mut out) {
                 let _ = tx.send(Diffed {
                     added: o.counts.added,
-                    ranges: o.added_ranges.take(),
+                    keys: o.added_keys.take(),
                 });
             }
             out
@@ -1031,8 +1031,8 @@ struct Seen {
 /// The added rows of a diff that has seen every row.
 struct Diffed {
     added: u64,
-    /// Their key ranges, when the diff noted them.
-    ranges: Option<Vec<i64>>,
+    /// Their keys as integers, when the diff noted them (for the key ranges).
+    keys: Option<Vec<i64>>,
 }
 
 /// What a complete read found out about the rows that left the model.

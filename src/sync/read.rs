@@ -29,7 +29,7 @@ use crate::error::Error;
 use crate::key_ranges::{self, KeyRanges};
 use crate::plan::{Plan, SourceTable};
 use crate::sink::{self, AnyDestination, ApplyCtx, Operation};
-use crate::snapshot::{Reader, Recorder, Snapshot, SnapshotError};
+use crate::snapshot::{Entry, Reader, Recorder, Snapshot, SnapshotError};
 use crate::source::{Read, ReadEnd, ReadOf};
 use crate::split::Split;
 
@@ -376,6 +376,14 @@ impl Inputs<'_> {
             ranges: ranges.as_ref().map(|k| k.spec),
             ..cfg
         };
+        // Rows may have left when the model holds fewer rows than the entries plus every row
+        // written: the rows per key range are then counted beside the read, on a session of
+        // their own, so they are ready when the diff is.
+        let maybe_left = counts.total < entries + counts.changed + retry.len() as u64;
+        let mut side = match (&ranges, self.split) {
+            (Some(kr), Some(split)) if maybe_left => self.side_count(split, kr, table).await,
+            _ => None,
+        };
         // The count ran in the read's snapshot: no written row means an empty COPY, skipped.
         let read = match counts.changed > 0 {
             true => {
@@ -397,9 +405,10 @@ impl Inputs<'_> {
             // ranges' keys would come near every key, every key is read without counting.
             let left = (entries + added.added).saturating_sub(counts.total);
             let few = left as f64 * key_ranges::PER_RANGE <= entries as f64 / 4.0;
-            let scan = match (&ranges, added.ranges) {
+            let scan = match (&ranges, added.keys) {
                 (Some(kr), Some(a)) if few && left > 0 => {
-                    self.removed_by_ranges(plan, table, reader, kr, (a, left))
+                    let side = side.take();
+                    self.removed_by_ranges(plan, table, reader, kr, side, (a, left))
                         .await
                 }
                 _ => Ok(None),
@@ -415,6 +424,10 @@ impl Inputs<'_> {
             pipeline(env, read, writers, reader, cfg, ctx, Some(diffed)),
             keys
         );
+        if let Some(side) = side {
+            // Not needed after all (no row left, or the read failed).
+            side.stop(env.source).await;
+        }
         let mut piped = piped?;
         completed(&ctx.stop, &piped, name)?;
         let (duplicates, model_errors) =
@@ -509,47 +522,61 @@ impl Inputs<'_> {
         Ok(scan?)
     }
 
-    /// Finds the `left` rows that left the model from counts per key range (see
+    /// Finds the `left` rows that left the model from tallies per key range (see
     /// [`crate::key_ranges`]): the model's rows per range on the source against the snapshot's
-    /// entries per range (kept in the state file) plus the rows added, then the keys of the
-    /// ranges that lost rows only. `None` when the counts do not settle it (a range holds more
-    /// rows than it should, the ranges lost other than `left` rows, too many ranges lost rows):
-    /// read every key instead.
+    /// entries per range (kept in the state file) plus the rows added. A range that lost one row
+    /// names its key; the keys of the ranges that lost more are read, with the named keys
+    /// beside them (a named key the source still holds, or no entry holds, fails the check
+    /// below). `None` when the tallies do not settle it (a range holds more rows than it should,
+    /// the ranges lost other than `left` rows, too many ranges lost rows): read every key
+    /// instead.
     async fn removed_by_ranges(
         &self,
         plan: &Arc<Plan>,
         table: &SourceTable,
         reader: &Arc<Reader>,
         kr: &KeyRanges,
+        side: Option<SideCount>,
         (added, left): (Vec<i64>, u64),
     ) -> Result<Option<KeyScan>, Error> {
         let name = &self.env.spec.name;
-        // On every session of a split read, a part at a time; else one statement.
-        let mut clients = vec![self.session.clone()];
-        let sqls: Vec<String> = match self.split {
-            Some(split) => {
-                clients.extend(split.helpers().await?.iter().cloned());
-                let parts = split.parts.iter();
-                parts.map(|p| kr.count_sql(table, Some(p))).collect()
+        let t0 = std::time::Instant::now();
+        let now = match side {
+            Some(side) => side.task.await.map_err(crate::error::join_err)??,
+            None => {
+                // On every session of a split read, a part at a time; else one statement.
+                let mut clients = vec![self.session.clone()];
+                let sqls: Vec<String> = match self.split {
+                    Some(split) => {
+                        clients.extend(split.helpers().await?.iter().cloned());
+                        let parts = split.parts.iter();
+                        parts.map(|p| kr.count_sql(table, Some(p))).collect()
+                    }
+                    None => vec![kr.count_sql(table, None)],
+                };
+                key_ranges::count_all(&clients, sqls, name).await?
             }
-            None => vec![kr.count_sql(table, None)],
         };
-        let now = key_ranges::count_all(&clients, sqls, name).await?;
         let entries = reader.range_counts()?;
+        tracing::debug!(
+            "sync '{name}': rows per key range ready {:.2}s after the diff",
+            t0.elapsed().as_secs_f64()
+        );
         let (Some(now), Some(entries)) = (now, entries) else {
             tracing::debug!(
                 "sync '{name}': a NULL key in the counts per key range: reading every key"
             );
             return Ok(None);
         };
-        let (ranges, rows) = match key_ranges::compare(now, entries, key_ranges::tally(added)) {
-            key_ranges::Compared::Lost { ranges, rows } => (ranges, rows),
+        let added = key_ranges::tally(&kr.spec, &added);
+        let (ranges, named, rows) = match key_ranges::compare(&kr.spec, now, entries, added) {
+            key_ranges::Compared::Lost { ranges, keys, rows } => (ranges, keys, rows),
             key_ranges::Compared::Excess { range } => {
                 tracing::debug!("sync '{name}': key range {range} holds more rows than recorded: reading every key");
                 return Ok(None);
             }
         };
-        if rows != left {
+        if rows != left || rows == 0 {
             tracing::debug!(
                 "sync '{name}': the key ranges lost {rows} rows where the count says {left}: reading every key"
             );
@@ -568,14 +595,17 @@ impl Inputs<'_> {
             unknown,
             problem,
         } = {
-            let read = self.read(Some(kr.keys_sql(table, &ranges)), Vec::new());
+            let read = self.read(Some(kr.keys_sql(table, &ranges, &named)), Vec::new());
             self.read_keys(read, plan, reader).await?
         };
         let gone = {
             let (reader, kr, ranges) = (reader.clone(), kr.clone(), ranges.clone());
-            tokio::task::spawn_blocking(move || unseen_in(&reader, &kr, &ranges, &seen.slots))
-                .await
-                .map_err(crate::error::join_err)??
+            let named = named.clone();
+            tokio::task::spawn_blocking(move || {
+                unseen_in(&reader, &kr, &ranges, &named, &seen.slots)
+            })
+            .await
+            .map_err(crate::error::join_err)??
         };
         if gone.len() as u64 != rows {
             tracing::debug!(
@@ -585,14 +615,18 @@ impl Inputs<'_> {
             return Ok(None);
         }
         tracing::debug!(
-            "sync '{name}': {rows} removed rows found in {} key ranges of 2^{} values",
-            ranges.len(),
-            kr.spec.shift
+            "sync '{name}': {rows} removed rows found in {} key ranges of 2^{} values ({} named by their range's sums)",
+            ranges.len() + named.len(),
+            kr.spec.shift,
+            named.len()
         );
         let note = format!(
-            "rows left the model: found from the rows per key range, reading the keys of the {} ranges (of {} values each) that lost rows, {keys} keys, instead of every key",
+            "rows left the model: found from the rows per key range ({} values each), {} named by their range's key sums and checked by key, {} by reading the keys of the {} range{} that lost more; {keys} keys read instead of every key",
+            1u64 << kr.spec.shift,
+            named.len(),
+            rows - named.len() as u64,
             ranges.len(),
-            1u64 << kr.spec.shift
+            if ranges.len() == 1 { "" } else { "s" },
         );
         Ok(Some(KeyScan {
             gone: Gone::Keys(gone),
@@ -604,21 +638,75 @@ impl Inputs<'_> {
     }
 }
 
-/// The keys of the entries in `ranges` whose slots are not in `seen`.
+/// The model's rows per key range, counted on a session of its own beside the read.
+struct SideCount {
+    task: tokio::task::JoinHandle<Result<Option<key_ranges::Counts>, Error>>,
+    cancel: tokio_postgres::CancelToken,
+}
+
+impl SideCount {
+    /// Cancels the count if it still runs (the server would finish it otherwise).
+    async fn stop(self, source: &crate::conn::ConnInfo) {
+        if !self.task.is_finished() {
+            let _ = source.cancel(&self.cancel).await;
+        }
+        self.task.abort();
+    }
+}
+
+impl Inputs<'_> {
+    /// Starts counting the model's rows per key range on a new session in the read's snapshot,
+    /// a part at a time. `None` when no session can be opened (the count then runs after the
+    /// read, on its sessions).
+    async fn side_count(
+        &self,
+        split: &Split,
+        kr: &KeyRanges,
+        table: &SourceTable,
+    ) -> Option<SideCount> {
+        let name = self.env.spec.name.clone();
+        let client = match split.side_session().await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::debug!(
+                    "sync '{name}': no session to count the key ranges beside the read: {e}"
+                );
+                return None;
+            }
+        };
+        let cancel = client.cancel_token();
+        let sqls: Vec<String> = split
+            .parts
+            .iter()
+            .map(|p| kr.count_sql(table, Some(p)))
+            .collect();
+        let task = tokio::spawn(async move { key_ranges::count_all(&[client], sqls, &name).await });
+        Some(SideCount { task, cancel })
+    }
+}
+
+/// The keys of the entries in `ranges`, and of the entries of the `named` keys, whose slots
+/// are not in `seen`.
 fn unseen_in(
     reader: &Reader,
     kr: &KeyRanges,
     ranges: &[i64],
+    named: &[i64],
     seen: &Bitset,
 ) -> Result<KeyBatch, SnapshotError> {
     let mut gone = KeyBatch::default();
+    let mut unseen = |key: &[u8], e: Entry| {
+        if !seen.contains(e.slot) {
+            gone.push(key);
+        }
+    };
     for &r in ranges {
         let (lo, hi) = kr.spec.raw_bounds(r);
-        reader.scan_range(&lo, &hi, |key, e| {
-            if !seen.contains(e.slot) {
-                gone.push(key);
-            }
-        })?;
+        reader.scan_range(&lo, &hi, &mut unseen)?;
+    }
+    for &v in named {
+        let key = kr.spec.raw(v);
+        reader.scan_range(&key, &key, &mut unseen)?;
     }
     Ok(gone)
 }
