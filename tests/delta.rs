@@ -512,7 +512,8 @@ async fn random_interleavings_keep_the_destination_equal_to_the_source() {
 
 /// Transaction ids wrap around 2^32: a server set just below the wrap (`pg_resetwal -x`), rows
 /// written before and after it, runs on both sides of it. The recorded 64-bit ids and the
-/// 32-bit `xmin` window still select exactly the rows written since the last run.
+/// 32-bit `xmin` window still select exactly the rows written since the last run, whether the
+/// window is matched as a list of ids (short windows) or compared as numbers (long ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_reads_across_the_transaction_id_wraparound() {
     use pgdelta::tools::pgserver::{Durability, TempPostgres};
@@ -617,6 +618,29 @@ async fn delta_reads_across_the_transaction_id_wraparound() {
             s["written"].as_i64()
         ),
         (Some("delta"), Some(1), Some(1)),
+        "{s}"
+    );
+    check().await;
+    // A window longer than pgdelta matches as a list of ids (20,000 transactions): compared
+    // as numbers instead, with the same rows selected.
+    src.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..20000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    src.batch_execute("UPDATE t SET v = 0 WHERE id = 8; DELETE FROM t WHERE id = 9")
+        .await
+        .unwrap();
+    flushed().await;
+    let s = run();
+    assert_eq!(
+        (
+            s["read_strategy"].as_str(),
+            s["rows_read"].as_i64(),
+            s["written"].as_i64(),
+            s["deleted"].as_i64()
+        ),
+        (Some("delta"), Some(1), Some(1), Some(1)),
         "{s}"
     );
     check().await;

@@ -277,7 +277,7 @@ impl Inputs<'_> {
         if c.added + c.changed == 0 {
             return Ok(None);
         }
-        let cond = delta::xmin_condition(since, state.xmax);
+        let cond = delta::xmin_condition(since, state.xmax, state.hashes_lists);
         let written = delta::count(&self.session, table, &cond, name)
             .await?
             .changed;
@@ -323,7 +323,7 @@ impl Inputs<'_> {
         let (Some(table), Some(state)) = (&plan.table, &info.source_state) else {
             return Err(Error::Internal("a delta read without a table".into()));
         };
-        let cond = delta::xmin_condition(since, state.xmax);
+        let cond = delta::xmin_condition(since, state.xmax, state.hashes_lists);
         let counts = delta::count(&self.session, table, &cond, name).await?;
         let counted_s = Some(env.started.elapsed().as_secs_f64());
         let entries = reader.len();
