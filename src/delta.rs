@@ -64,6 +64,9 @@ pub(crate) struct Basis {
     pub(crate) retry: Vec<String>,
     /// Rows inserted, updated or deleted in the table per the statistics when read, if known.
     pub(crate) writes: Option<i64>,
+    /// Rows deleted from the table per the statistics when read, if known.
+    #[serde(default)]
+    pub(crate) deletes: Option<i64>,
 }
 
 impl Basis {
@@ -95,6 +98,20 @@ pub(crate) struct SourceState {
     pub(crate) server: String,
     pub(crate) relations: Vec<(u32, u32)>,
     pub(crate) writes: Option<i64>,
+    pub(crate) deletes: Option<i64>,
+}
+
+impl SourceState {
+    /// Whether rows may have been deleted from the table since `basis` was read, by the
+    /// table's statistics: a hint, not a proof (they lag up to a second, and a reset changes
+    /// them too, which counts as "may"). With a where condition an update can take a row out
+    /// of the model without a delete, so it is always "may".
+    pub(crate) fn may_have_deleted(&self, basis: &Basis, table: &SourceTable) -> bool {
+        match (basis.deletes, self.deletes) {
+            (Some(then), Some(now)) if table.filter.is_none() => now != then,
+            _ => true,
+        }
+    }
 }
 
 /// How this run reads the model.
@@ -387,7 +404,8 @@ pub(crate) async fn begin(
         .query(
             "SELECT c.oid::int8, c.relfilenode::int8, \
                     (SELECT s.n_tup_ins + s.n_tup_upd + s.n_tup_del FROM pg_stat_all_tables s \
-                      WHERE s.relid = c.oid)::int8 \
+                      WHERE s.relid = c.oid)::int8, \
+                    (SELECT s.n_tup_del FROM pg_stat_all_tables s WHERE s.relid = c.oid)::int8 \
              FROM pg_class c WHERE c.oid = $1::int8::oid \
                 OR c.oid IN (SELECT relid FROM pg_partition_tree($1::int8::oid::regclass)) \
              ORDER BY c.oid",
@@ -395,10 +413,12 @@ pub(crate) async fn begin(
         )
         .await
         .map_err(|e| fail("cannot read the table's partitions", e))?;
-    let writes = rels
-        .iter()
-        .map(|r| r.get::<_, Option<i64>>(2))
-        .try_fold(0i64, |acc, w| w.map(|w| acc + w));
+    let stat = |i: usize| -> Option<i64> {
+        rels.iter()
+            .map(|r| r.get::<_, Option<i64>>(i))
+            .try_fold(0i64, |acc, w| w.map(|w| acc + w))
+    };
+    let (writes, deletes) = (stat(2), stat(3));
     let next = writers.get::<_, i64>(0) as u64;
     let since = writers
         .get::<_, Vec<i64>>(1)
@@ -418,6 +438,7 @@ pub(crate) async fn begin(
             .map(|r| (r.get::<_, i64>(0) as u32, r.get::<_, i64>(1) as u32))
             .collect(),
         writes,
+        deletes,
     }))
 }
 
@@ -594,6 +615,7 @@ pub(crate) fn next_basis(
         delta_runs,
         retry: retry.iter().map(|k| hex(k)).collect(),
         writes: state.writes,
+        deletes: state.deletes,
     }
 }
 
@@ -624,6 +646,7 @@ mod tests {
             server: "42:00000001".into(),
             relations: vec![(1, 1)],
             writes: Some(1000),
+            deletes: Some(10),
         }
     }
 
@@ -639,6 +662,7 @@ mod tests {
             delta_runs: 0,
             retry: Vec::new(),
             writes: Some(990),
+            deletes: Some(10),
         }
     }
 
@@ -755,6 +779,30 @@ mod tests {
                 (1u64 << 32) - 10
             )
         );
+    }
+
+    #[test]
+    fn deletes_since_the_basis_come_from_the_statistics_as_a_hint() {
+        let (t, b) = (table(), basis());
+        assert!(!state().may_have_deleted(&b, &t));
+        let with = |deletes| SourceState { deletes, ..state() };
+        assert!(with(Some(11)).may_have_deleted(&b, &t));
+        // Statistics reset: any difference counts.
+        assert!(with(Some(0)).may_have_deleted(&b, &t));
+        assert!(with(None).may_have_deleted(&b, &t));
+        // A basis from before the field: unknown.
+        let old = Basis {
+            deletes: None,
+            ..basis()
+        };
+        assert!(state().may_have_deleted(&old, &t));
+        // An update can take a row out of a filtered model without a delete.
+        let filtered = SourceTable {
+            filter: Some("v > 0".into()),
+            ..table()
+        };
+        assert!(!with(Some(10)).may_have_deleted(&b, &t));
+        assert!(with(Some(10)).may_have_deleted(&b, &filtered));
     }
 
     #[test]

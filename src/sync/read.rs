@@ -377,9 +377,16 @@ impl Inputs<'_> {
             ..cfg
         };
         // Rows may have left when the model holds fewer rows than the entries plus every row
-        // written: the rows per key range are then counted beside the read, on a session of
-        // their own, so they are ready when the diff is.
-        let maybe_left = counts.total < entries + counts.changed + retry.len() as u64;
+        // written (updates included), and, by the table's statistics, rows were deleted: the
+        // rows per key range are then counted beside the read, on a session of their own, so
+        // they are ready when the diff is. Otherwise, if rows left after all, they are counted
+        // after the read.
+        let maybe_left = counts.total < entries + counts.changed + retry.len() as u64
+            && info
+                .begin
+                .basis
+                .as_ref()
+                .is_none_or(|b| state.may_have_deleted(b, table));
         let mut side = match (&ranges, self.split) {
             (Some(kr), Some(split)) if maybe_left => self.side_count(split, kr, table).await,
             _ => None,
