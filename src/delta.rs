@@ -403,10 +403,9 @@ pub(crate) async fn begin(
     let rels = client
         .query(
             "SELECT c.oid::int8, c.relfilenode::int8, \
-                    (SELECT s.n_tup_ins + s.n_tup_upd + s.n_tup_del FROM pg_stat_all_tables s \
-                      WHERE s.relid = c.oid)::int8, \
-                    (SELECT s.n_tup_del FROM pg_stat_all_tables s WHERE s.relid = c.oid)::int8 \
-             FROM pg_class c WHERE c.oid = $1::int8::oid \
+                    (s.n_tup_ins + s.n_tup_upd + s.n_tup_del)::int8, s.n_tup_del::int8 \
+             FROM pg_class c LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid \
+             WHERE c.oid = $1::int8::oid \
                 OR c.oid IN (SELECT relid FROM pg_partition_tree($1::int8::oid::regclass)) \
              ORDER BY c.oid",
             &[&(table.oid as i64)],

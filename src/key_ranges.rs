@@ -227,10 +227,19 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
+    /// Both fields wrap, so tallies also carry changes: a removed key is a [`Tally::neg`].
     pub(crate) fn add(self, o: Tally) -> Tally {
         Tally {
-            n: self.n + o.n,
+            n: self.n.wrapping_add(o.n),
             sum: self.sum.wrapping_add(o.sum),
+        }
+    }
+
+    /// The change that takes `self` away again.
+    pub(crate) fn neg(self) -> Tally {
+        Tally {
+            n: self.n.wrapping_neg(),
+            sum: self.sum.wrapping_neg(),
         }
     }
 

@@ -150,12 +150,9 @@ impl Split {
         Ok(opened)
     }
 
-    /// One more session in a transaction on the run's snapshot, for work beside the read.
-    pub(crate) async fn side_session(&self) -> Result<Client, Error> {
-        self.open_helper().await
-    }
-
-    async fn open_helper(&self) -> Result<Client, Error> {
+    /// A new session in a transaction on the run's snapshot: a helper of the read, or one for
+    /// work beside it.
+    pub(crate) async fn open_helper(&self) -> Result<Client, Error> {
         let client = self.conn.connect("source", &self.settings).await?;
         let sql = format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",

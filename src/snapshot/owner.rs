@@ -306,7 +306,7 @@ impl Owner {
         // (wrapping), written to `key_ranges/<sync>` below. A key not in the spec's form (never
         // seen: the key fingerprint fixes its type) drops the tallies rather than leave them
         // wrong.
-        let (mut changes, mut broken): (Vec<Change>, bool) = (Vec::new(), false);
+        let (mut changes, mut broken): (key_ranges::Counts, bool) = (Vec::new(), false);
         let mut count = |key: &[u8], add: bool| {
             let Some(spec) = spec else { return };
             let Some(v) = spec.value(key) else {
@@ -314,16 +314,8 @@ impl Owner {
                 return;
             };
             let (r, t) = spec.tally_of(v);
-            let (n, sum) = if add {
-                (1, t.sum)
-            } else {
-                (-1, t.sum.wrapping_neg())
-            };
             // Keys come mostly in key order: runs in one range add up here.
-            match changes.last_mut() {
-                Some(last) if last.0 == r => *last = (r, last.1 + n, last.2.wrapping_add(sum)),
-                _ => changes.push((r, n, sum)),
-            }
+            key_ranges::bump(&mut changes, r, if add { t } else { t.neg() });
         };
         let done = match cmd {
             Command::Record { rows: c, .. } => {
@@ -653,32 +645,21 @@ fn clear_entries(txn: &WriteTransaction, sync: &str) {
     let _ = txn.delete_table(ranges_def(&old_ranges_name(sync)));
 }
 
-/// A change to one range's tally: (range, entries added less removed, offsets added less
-/// removed, wrapping).
-type Change = (i64, i64, u64);
-
-/// Applies the changes to the tallies; a range left with no entry is dropped.
+/// Applies the changes (tallies of keys added, and [`key_ranges::Tally::neg`] of keys removed)
+/// to the tallies; a range left with no entry is dropped.
 fn add_counts(
     ranges: &mut redb::Table<'_, i64, super::format::RangeValue>,
-    mut changes: Vec<Change>,
+    changes: key_ranges::Counts,
 ) -> Result<(), redb::Error> {
-    changes.sort_unstable_by_key(|c| c.0);
-    let mut i = 0;
-    while i < changes.len() {
-        let r = changes[i].0;
-        let (mut dn, mut dsum) = (0i64, 0u64);
-        while i < changes.len() && changes[i].0 == r {
-            dn += changes[i].1;
-            dsum = dsum.wrapping_add(changes[i].2);
-            i += 1;
-        }
-        if dn == 0 && dsum == 0 {
+    for (r, d) in key_ranges::merge(changes) {
+        if d == key_ranges::Tally::default() {
             continue;
         }
         let (n, sum) = ranges.get(r)?.map_or((0, 0), |v| v.value());
-        match n.checked_add_signed(dn).filter(|&n| n > 0) {
+        // `d.n` wraps: read as signed, it is the entries added less removed.
+        match n.checked_add_signed(d.n as i64).filter(|&n| n > 0) {
             Some(n) => {
-                ranges.insert(r, (n, sum.wrapping_add(dsum)))?;
+                ranges.insert(r, (n, sum.wrapping_add(d.sum)))?;
             }
             None => {
                 ranges.remove(r)?;

@@ -328,10 +328,8 @@ impl Inputs<'_> {
         let counted_s = Some(env.started.elapsed().as_secs_f64());
         let entries = reader.len();
         // `decide` chose the delta only with a basis whose retry keys are whole.
-        let retry = info
-            .begin
-            .basis
-            .as_ref()
+        let basis = info.begin.basis.as_ref();
+        let retry = basis
             .and_then(|b| b.retry_keys(plan.nkey))
             .ok_or_else(|| Error::Internal("a delta read without readable retry keys".into()))?;
         let share = env.spec.delta_max_share;
@@ -382,11 +380,7 @@ impl Inputs<'_> {
         // they are ready when the diff is. Otherwise, if rows left after all, they are counted
         // after the read.
         let maybe_left = counts.total < entries + counts.changed + retry.len() as u64
-            && info
-                .begin
-                .basis
-                .as_ref()
-                .is_none_or(|b| state.may_have_deleted(b, table));
+            && basis.is_none_or(|b| state.may_have_deleted(b, table));
         let mut side = match (&ranges, self.split) {
             (Some(kr), Some(split)) if maybe_left => self.side_count(split, kr, table).await,
             _ => None,
@@ -553,14 +547,10 @@ impl Inputs<'_> {
             None => {
                 // On every session of a split read, a part at a time; else one statement.
                 let mut clients = vec![self.session.clone()];
-                let sqls: Vec<String> = match self.split {
-                    Some(split) => {
-                        clients.extend(split.helpers().await?.iter().cloned());
-                        let parts = split.parts.iter();
-                        parts.map(|p| kr.count_sql(table, Some(p))).collect()
-                    }
-                    None => vec![kr.count_sql(table, None)],
-                };
+                if let Some(split) = self.split {
+                    clients.extend(split.helpers().await?.iter().cloned());
+                }
+                let sqls = count_sqls(kr, table, self.split);
                 key_ranges::count_all(&clients, sqls, name).await?
             }
         };
@@ -672,7 +662,7 @@ impl Inputs<'_> {
         table: &SourceTable,
     ) -> Option<SideCount> {
         let name = self.env.spec.name.clone();
-        let client = match split.side_session().await {
+        let client = match split.open_helper().await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::debug!(
@@ -682,13 +672,21 @@ impl Inputs<'_> {
             }
         };
         let cancel = client.cancel_token();
-        let sqls: Vec<String> = split
+        let sqls = count_sqls(kr, table, Some(split));
+        let task = tokio::spawn(async move { key_ranges::count_all(&[client], sqls, &name).await });
+        Some(SideCount { task, cancel })
+    }
+}
+
+/// The grouped counts per key range of the model: one per part of a split read, else one.
+fn count_sqls(kr: &KeyRanges, table: &SourceTable, split: Option<&Split>) -> Vec<String> {
+    match split {
+        Some(split) => split
             .parts
             .iter()
             .map(|p| kr.count_sql(table, Some(p)))
-            .collect();
-        let task = tokio::spawn(async move { key_ranges::count_all(&[client], sqls, &name).await });
-        Some(SideCount { task, cancel })
+            .collect(),
+        None => vec![kr.count_sql(table, None)],
     }
 }
 
