@@ -312,7 +312,7 @@ const XID_LIST_MAX: u64 = 16_384;
 ///
 /// A short window, on a server that hashes constant arrays (`hashes_lists`), is the list of
 /// its ids: `xmin = ANY('{...}'::xid[])` is one hash probe per row, where the comparison
-/// below formats every row's `xmin` as text and parses it back (0.6-0.8 s per 10M rows,
+/// below formats every row's `xmin` as text and parses it back (0.7-1.1 s per 10M rows,
 /// measured). Otherwise both ends are bounded: after a wraparound, rows written before it
 /// (frozen or not, they keep their raw `xmin`) have numerically larger ids than the window
 /// and must not match.
