@@ -112,6 +112,14 @@ impl SourceState {
             _ => true,
         }
     }
+
+    /// Rows inserted, updated or deleted in the table since `basis` was read, by the table's
+    /// statistics (a hint, as above: updates of one row count each time, and they lag).
+    /// `None` when unknown or when the statistics went backwards (a reset).
+    pub(crate) fn written_since(&self, basis: &Basis) -> Option<u64> {
+        let (then, now) = (basis.writes?, self.writes?);
+        u64::try_from(now - then).ok()
+    }
 }
 
 /// How this run reads the model.
@@ -290,11 +298,8 @@ fn policy(i: &Inputs<'_>, b: &Basis) -> Option<(String, bool)> {
         }
         _ => {}
     }
-    let (Some(then), Some(now)) = (b.writes, i.state.and_then(|s| s.writes)) else {
-        return None;
-    };
-    let written = now - then;
-    (written >= 0 && written as f64 > i.max_share * i.entries as f64).then(|| (format!(
+    let written = i.state?.written_since(b)?;
+    (written as f64 > i.max_share * i.entries as f64).then(|| (format!(
         "the table's statistics count about {written} rows written since the last run, more than delta_max_share ({}) of {} rows: a full read is as fast",
         i.max_share, i.entries
     ), false))

@@ -20,8 +20,6 @@
 //! one the source was seen not to hold. A range with `now > entries + added` breaks the premise:
 //! the run reads every key, as before, which reports it.
 
-use std::sync::Arc;
-
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
@@ -258,39 +256,9 @@ const SUM_BITS: u64 = u64::MAX >> 1;
 /// Per-range tallies, sorted by range.
 pub(crate) type Counts = Vec<(i64, Tally)>;
 
-/// Runs the grouped counts of [`KeyRanges::count_sql`], one per statement, on the given
-/// sessions (all in transactions under the same snapshot), each taking the next statement when
-/// it is free: the model's rows per range, summed, or `None` when a key was NULL.
-pub(crate) async fn count_all(
-    clients: &[Arc<Client>],
-    sqls: Vec<String>,
-    sync: &str,
-) -> Result<Option<Counts>, Error> {
-    let queue = std::sync::Mutex::new(sqls);
-    let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    let work = clients.iter().map(|c| async {
-        let mut all: Vec<Counts> = Vec::new();
-        while let Some(sql) = next() {
-            match count(c, &sql, sync).await? {
-                Some(counts) => all.push(counts),
-                None => return Ok(None),
-            }
-        }
-        Ok::<_, Error>(Some(all))
-    });
-    let mut parts: Counts = Vec::new();
-    for r in futures_util::future::join_all(work).await {
-        match r? {
-            Some(all) => parts.extend(all.into_iter().flatten()),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(merge(parts)))
-}
-
 /// Runs one grouped count in the client's transaction (with room to hash every range in
 /// memory, and no JIT for a query this short); `None` when a key was NULL.
-async fn count(client: &Client, sql: &str, sync: &str) -> Result<Option<Counts>, Error> {
+pub(crate) async fn count(client: &Client, sql: &str, sync: &str) -> Result<Option<Counts>, Error> {
     let fail = |e| Error::source_read(sync, "counting the model's rows per key range", &e);
     client
         .batch_execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")

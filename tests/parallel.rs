@@ -41,12 +41,17 @@ async fn synced(env: &Env, spec: &SyncSpec) -> Summary {
     s
 }
 
-fn split_note(s: &Summary) -> &str {
+/// The summary's first note containing `needle`, or "".
+fn note<'a>(s: &'a Summary, needle: &str) -> &'a str {
     s.notes
         .iter()
-        .find(|n| n.contains("sessions in"))
+        .find(|n| n.contains(needle))
         .map(String::as_str)
         .unwrap_or("")
+}
+
+fn split_note(s: &Summary) -> &str {
+    note(s, "sessions in")
 }
 
 #[tokio::test]
@@ -82,19 +87,61 @@ async fn a_split_read_reads_every_row_once_and_derives_deletes() {
     assert_eq!(s.written, 15);
 }
 
+/// Rows inserted, updated and deleted in `items` by the source's statistics.
+async fn writes(env: &Env) -> i64 {
+    env.src
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    env.src
+        .query_one(
+            "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::int8 \
+             FROM pg_stat_user_tables WHERE relname = 'items'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Runs `sql` on the source and waits until the statistics count its `n` writes (they lag
+/// the commit by up to a second), so the run that follows counts beside its read.
+async fn written(env: &Env, sql: &str, n: i64) {
+    let before = writes(env).await;
+    env.src.batch_execute(sql).await.unwrap();
+    for _ in 0..300 {
+        if writes(env).await >= before + n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the statistics never counted {n} writes of: {sql}");
+}
+
+fn counted_beside(s: &Summary) -> &str {
+    note(s, "beside the read, on a session of its own")
+}
+
 #[tokio::test]
 async fn a_delta_read_and_its_key_read_split_too() {
     let (env, mut spec) = seeded(10_000).await;
     spec.full_read_every = FullReadEvery::Never;
     synced(&env, &spec).await;
-    env.src
-        .batch_execute(
-            "UPDATE items SET qty = -1 WHERE id % 500 = 0; \
-             DELETE FROM items WHERE id IN (7, 8, 9, 5001)",
-        )
-        .await
-        .unwrap();
+    written(
+        &env,
+        "UPDATE items SET qty = -1 WHERE id % 500 = 0; \
+         DELETE FROM items WHERE id IN (7, 8, 9, 5001)",
+        24,
+    )
+    .await;
     let s = synced(&env, &spec).await;
+    // The statistics count writes: no count before the read; the rows per key range are
+    // counted beside it (deletes among the writes).
+    assert!(
+        counted_beside(&s).contains("per key range"),
+        "{:?}",
+        s.notes
+    );
     assert_eq!(
         (s.read_strategy.as_str(), s.read_sessions, s.rows_read),
         ("delta", 3, 20)
@@ -115,14 +162,83 @@ async fn a_delta_read_and_its_key_read_split_too() {
         (s.read_strategy.as_str(), s.read_sessions, s.rows_read),
         ("delta", 1, 0)
     );
+    assert_eq!(counted_beside(&s), "");
+    // Updates only: the model's rows are counted beside the read, in all (no row left).
+    written(&env, "UPDATE items SET qty = -2 WHERE id % 1000 = 0", 10).await;
+    let s = synced(&env, &spec).await;
+    assert_eq!(
+        (s.read_strategy.as_str(), s.rows_read, s.changed, s.removed),
+        ("delta", 10, 10, 0)
+    );
+    let note = counted_beside(&s);
+    assert!(
+        !note.is_empty() && !note.contains("per key range"),
+        "{:?}",
+        s.notes
+    );
+    // An update and a delete the statistics count only as updates (the delete lags: the
+    // statistics are a hint): the count beside the read says no more than the model's rows;
+    // the removed row is still found, after the read.
+    written(&env, "UPDATE items SET qty = -3 WHERE id = 4000", 1).await;
+    env.src
+        .batch_execute("DELETE FROM items WHERE id = 4001")
+        .await
+        .unwrap();
+    let s = synced(&env, &spec).await;
+    assert_eq!(
+        (s.read_strategy.as_str(), s.changed, s.removed, s.deleted),
+        ("delta", 1, 1, 1),
+        "{:?}",
+        s.notes
+    );
+}
+
+/// Rows that enter the model without being written (a `where` condition reading another
+/// table), found by the count beside the read: the run reads in full instead, in the same
+/// transaction, and the destination ends equal to the model.
+#[tokio::test]
+async fn rows_entering_unwritten_are_caught_by_the_count_beside_the_read() {
+    let (env, mut spec) = seeded(10_000).await;
+    env.src
+        .batch_execute("CREATE TABLE lim (n int); INSERT INTO lim VALUES (9000)")
+        .await
+        .unwrap();
+    spec.filter = Some("id <= (SELECT n FROM lim)".into());
+    spec.full_read_every = FullReadEvery::Never;
+    let model = "SELECT * FROM items WHERE id <= (SELECT n FROM lim) ORDER BY id";
+    let target = "SELECT * FROM items ORDER BY id";
+    env.sync(&spec).await.unwrap();
+    env.assert_same(model, target).await;
+    env.src
+        .batch_execute("UPDATE lim SET n = 9500")
+        .await
+        .unwrap();
+    written(&env, "UPDATE items SET qty = -1 WHERE id % 1000 = 0", 10).await;
+    let s = env.sync(&spec).await.unwrap();
+    env.assert_same(model, target).await;
+    assert!(
+        counted_beside(&s).contains("per key range"),
+        "{:?} {}",
+        s.notes,
+        s.read_strategy_reason
+    );
+    assert_eq!(s.read_strategy, "full", "{}", s.read_strategy_reason);
+    assert!(
+        s.read_strategy_reason
+            .contains("rows entered it without being written"),
+        "{}",
+        s.read_strategy_reason
+    );
+    assert_eq!((s.added, s.changed), (500, 9));
 }
 
 /// Helper sessions open when the first part is read, after the run's snapshot was taken (in a
-/// delta run, after the count): a helper that did not import the run's snapshot would see rows
-/// committed in between. Here the count waits a second (the `where` condition sleeps, during
-/// the count only), every row is deleted and committed meanwhile, and the delta read must still
-/// read the 200 rows updated before the run, spread over every part (HOT updates keep them on
-/// their pages).
+/// delta run, after the count, or beside it): a helper that did not import the run's snapshot
+/// would see rows committed in between. Here the count waits a second (the `where` condition
+/// sleeps, during the count only: before the read, or on the session counting beside it), every
+/// row is deleted and committed meanwhile, and the delta read must still read the 200 rows
+/// updated before the run, spread over every part (HOT updates keep them on their pages), and
+/// the count must still find every row (else the run would delete them).
 #[tokio::test]
 async fn rows_committed_after_the_run_snapshot_are_not_read_by_any_part() {
     let (env, mut spec) = seeded(10_000).await;

@@ -500,6 +500,7 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
             plan.target
         ));
     }
+    notes.extend(r.count_note.clone());
     notes.extend(r.keys_note.clone());
     notes.extend(r.removal.note.clone());
     notes.extend(r.missed.clone());
@@ -810,8 +811,10 @@ async fn pipeline(
         tokio::task::spawn_blocking(move || {
             let mut out = diff::run(block_rx, batch_tx, reader, sizer, cfg);
             if let (Some(tx), Ok(o)) = (diffed, &mut out) {
+                let c = &o.counts;
                 let _ = tx.send(Diffed {
-                    added: o.counts.added,
+                    rows: c.added + c.changed + c.unchanged + c.duplicates + c.null_keys,
+                    added: c.added,
                     keys: o.added_keys.take(),
                 });
             }
@@ -1030,6 +1033,8 @@ struct Seen {
 
 /// The added rows of a diff that has seen every row.
 struct Diffed {
+    /// Rows the diff saw, and how many of them were added.
+    rows: u64,
     added: u64,
     /// Their keys as integers, when the diff noted them (for the key ranges).
     keys: Option<Vec<i64>>,

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! full    COPY (model)                      -> diff -> writers; removed = entries not seen
-//! delta   count(changed), count(*)          one scan, in the read's transaction
+//! delta   count(changed), count(*)          one scan, in the read's transaction (or, on a
+//!                                           split read of a table the statistics say was
+//!                                           written, count(*) beside the read instead)
 //!         rejected rows re-read by key  \
 //!         COPY (model WHERE xmin >= since)  -> diff -> writers
 //!         count = entries + added?          yes: no row left the model
@@ -62,6 +64,8 @@ pub(super) struct ReadOutcome {
     /// Delta reads that looked for removed rows: the keys read to find them, and how.
     pub(super) keys_read: Option<u64>,
     pub(super) keys_note: Option<String>,
+    /// Delta reads that counted the model's rows beside the read: how.
+    pub(super) count_note: Option<String>,
     /// A full read found changed rows a delta read would have missed (a bug signal).
     pub(super) missed: Option<String>,
 }
@@ -69,11 +73,13 @@ pub(super) struct ReadOutcome {
 /// How a delta read ended.
 enum DeltaEnd {
     Done(ReadOutcome),
-    /// Read in full instead: why, what the delta already did, and the writers if unused.
+    /// Read in full instead: why, what the delta already did, the writers if unused, and how
+    /// the delta counted the model's rows.
     Full {
         reason: String,
         first: Option<Piped>,
         writers: Option<Vec<AnyDestination>>,
+        note: Option<String>,
     },
 }
 
@@ -97,9 +103,13 @@ impl Inputs<'_> {
                         reason,
                         first,
                         writers,
+                        note,
                     } => {
-                        self.instead(info, reason, first, writers, reader, cfg)
-                            .await?
+                        let mut out = self
+                            .instead(info, reason, first, writers, reader, cfg)
+                            .await?;
+                        out.count_note = note;
+                        out
                     }
                 }
             }
@@ -254,6 +264,7 @@ impl Inputs<'_> {
             keys_read_s: None,
             keys_read: None,
             keys_note: None,
+            count_note: None,
             missed,
         })
     }
@@ -324,49 +335,12 @@ impl Inputs<'_> {
             return Err(Error::Internal("a delta read without a table".into()));
         };
         let cond = delta::xmin_condition(since, state.xmax, state.hashes_lists);
-        let counts = delta::count(&self.session, table, &cond, name).await?;
-        let counted_s = Some(env.started.elapsed().as_secs_f64());
         let entries = reader.len();
         // `decide` chose the delta only with a basis whose retry keys are whole.
         let basis = info.begin.basis.as_ref();
         let retry = basis
             .and_then(|b| b.retry_keys(plan.nkey))
             .ok_or_else(|| Error::Internal("a delta read without readable retry keys".into()))?;
-        let share = env.spec.delta_max_share;
-        let full = |reason: String, writers| {
-            Ok(DeltaEnd::Full {
-                reason,
-                first: None,
-                writers: Some(writers),
-            })
-        };
-        if counts.changed as f64 > share * counts.total.max(1) as f64 {
-            return full(
-                format!(
-                    "{} of the model's {} rows were written since the last run, more than delta_max_share ({share}): a full read is as fast",
-                    counts.changed, counts.total
-                ),
-                writers,
-            );
-        }
-        if table.unique_key && counts.total > entries + counts.changed + retry.len() as u64 {
-            return full(
-                format!(
-                    "the model has {} rows, more than the snapshot's {entries} entries plus {} rows written since the last run: rows entered it without being written (a where condition on something other than the row's own columns?)",
-                    counts.total, counts.changed
-                ),
-                writers,
-            );
-        }
-        ctx.progress
-            .expected_rows
-            .store(counts.changed + retry.len() as u64, Ordering::Relaxed);
-        let prelude = match retry.is_empty() {
-            true => Vec::new(),
-            false => vec![
-                delta::read_by_key(&self.session, plan, table, &retry, Some(&cond), name).await?,
-            ],
-        };
         let ranges = reader
             .range_spec()
             .and_then(|spec| KeyRanges::new(plan, table, spec));
@@ -374,19 +348,79 @@ impl Inputs<'_> {
             ranges: ranges.as_ref().map(|k| k.spec),
             ..cfg
         };
-        // Rows may have left when the model holds fewer rows than the entries plus every row
-        // written (updates included), and, by the table's statistics, rows were deleted: the
-        // rows per key range are then counted beside the read, on a session of their own, so
-        // they are ready when the diff is. Otherwise, if rows left after all, they are counted
-        // after the read.
-        let maybe_left = counts.total < entries + counts.changed + retry.len() as u64
-            && basis.is_none_or(|b| state.may_have_deleted(b, table));
-        let mut side = match (&ranges, self.split) {
-            (Some(kr), Some(split)) if maybe_left => self.side_count(split, kr, table).await,
+        // Rows may have left when, by the table's statistics, rows were deleted (or, with a
+        // where condition, written at all): their rows per key range are then counted.
+        let may_have_left = basis.is_none_or(|b| state.may_have_deleted(b, table));
+        // When the statistics say rows were written and the read is split, the model's rows
+        // are counted beside the read, on a session of their own (per key range when rows may
+        // have left), instead of in a scan before it: the read starts at once. Otherwise (a
+        // quiet table: most runs find nothing) one scan before the read counts the rows
+        // written and the model's rows, and an empty delta is that scan alone.
+        let written = basis
+            .and_then(|b| state.written_since(b))
+            .filter(|&w| w > 0);
+        let mut side = match (self.split, written) {
+            (Some(split), Some(_)) => {
+                let kr = ranges.as_ref().filter(|_| may_have_left);
+                self.side_count(split, kr, table).await
+            }
             _ => None,
         };
-        // The count ran in the read's snapshot: no written row means an empty COPY, skipped.
-        let read = match counts.changed > 0 {
+        let count_note = side.as_ref().map(|side| {
+            format!(
+                "the table's statistics count about {} rows written since the last run: the model's rows were counted {}beside the read, on a session of its own",
+                written.unwrap_or(0),
+                if side.queue.per_range { "per key range " } else { "" }
+            )
+        });
+        let counts = match side {
+            Some(_) => None,
+            None => Some(delta::count(&self.session, table, &cond, name).await?),
+        };
+        let counted_s = counts.map(|_| env.started.elapsed().as_secs_f64());
+        if let Some(counts) = counts {
+            let share = env.spec.delta_max_share;
+            let entered = entered(table, counts.total, entries, counts.changed, retry.len());
+            let reason = match counts.changed as f64 > share * counts.total.max(1) as f64 {
+                true => Some(format!(
+                    "{} of the model's {} rows were written since the last run, more than delta_max_share ({share}): a full read is as fast",
+                    counts.changed, counts.total
+                )),
+                false => entered,
+            };
+            if let Some(reason) = reason {
+                return Ok(DeltaEnd::Full {
+                    reason,
+                    first: None,
+                    writers: Some(writers),
+                    note: None,
+                });
+            }
+            // Rows may have left: the model holds fewer rows than the entries plus every row
+            // written (updates included). On a split read their rows per key range are
+            // counted beside the read, so they are ready when the diff is; otherwise, if rows
+            // left after all, they are counted after the read.
+            let fewer = counts.total < entries + counts.changed + retry.len() as u64;
+            side = match (&ranges, self.split) {
+                (Some(kr), Some(split)) if fewer && may_have_left => {
+                    self.side_count(split, Some(kr), table).await
+                }
+                _ => None,
+            };
+        }
+        let expected = counts.map_or(written.unwrap_or(0), |c| c.changed);
+        ctx.progress
+            .expected_rows
+            .store(expected + retry.len() as u64, Ordering::Relaxed);
+        let prelude = match retry.is_empty() {
+            true => Vec::new(),
+            false => vec![
+                delta::read_by_key(&self.session, plan, table, &retry, Some(&cond), name).await?,
+            ],
+        };
+        let retried: u64 = prelude.iter().map(|b| b.rows.len() as u64).sum();
+        // A count in the read's snapshot that found no written row means an empty COPY: skipped.
+        let read = match counts.is_none_or(|c| c.changed > 0) {
             true => {
                 self.read_table(table, &table.list(), Some(&cond), prelude)
                     .await?
@@ -396,30 +430,55 @@ impl Inputs<'_> {
         // Finding the removed rows, when rows may have left the model, runs on this session as
         // soon as the diff has seen every row (the COPY above has ended), while the writers
         // finish: by key ranges where the key allows, else by reading every key.
-        let (diffed, added_rx) = tokio::sync::oneshot::channel();
+        let (diffed, added_rx) = tokio::sync::oneshot::channel::<Diffed>();
         let keys = async {
-            let added: Diffed = added_rx.await.ok()?;
-            if table.unique_key && counts.total == entries + added.added {
-                return None;
+            let Ok(added) = added_rx.await else {
+                // The diff failed: the pipeline says why.
+                return Ok(Left::Unknown);
+            };
+            // The model's rows: counted before the read, or beside it (then checked as the
+            // count before the read would have been, the rows written being the rows read).
+            let (total, mut counted, counted_s) = match counts {
+                Some(c) => (c.total, None, None),
+                None => {
+                    let (total, counted) = self.total_beside(side.take(), table, &cond).await?;
+                    let at = env.started.elapsed().as_secs_f64();
+                    let changed = added.rows.saturating_sub(retried);
+                    if let Some(reason) = entered(table, total, entries, changed, retry.len()) {
+                        return Ok(Left::Unprovable(reason));
+                    }
+                    (total, counted, Some(at))
+                }
+            };
+            if table.unique_key && total == entries + added.added {
+                return Ok(Left::None(counted_s));
             }
             // With a unique key, the count says how many rows left: when so many that their
             // ranges' keys would come near every key, every key is read without counting.
-            let left = (entries + added.added).saturating_sub(counts.total);
+            let left = (entries + added.added).saturating_sub(total);
             let few = left as f64 * key_ranges::PER_RANGE <= entries as f64 / 4.0;
             let scan = match (&ranges, added.keys) {
                 (Some(kr), Some(a)) if few && left > 0 => {
-                    let side = side.take();
-                    self.removed_by_ranges(plan, table, reader, kr, side, (a, left))
-                        .await
+                    let counted = match (counted.take(), side.take()) {
+                        (Some(c), _) => Some(c),
+                        (None, Some(side)) => Some(side.join(&self.sessions().await?, name).await?),
+                        (None, None) => None,
+                    };
+                    self.removed_by_ranges(plan, table, reader, kr, counted, (a, left))
+                        .await?
                 }
-                _ => Ok(None),
+                _ => None,
             };
             let scan = match scan {
-                Ok(Some(scan)) => Ok(scan),
-                Ok(None) => self.scan_keys(plan, table, reader).await,
-                Err(e) => Err(e),
+                Some(scan) => scan,
+                None => self.scan_keys(plan, table, reader).await?,
             };
-            Some((scan, env.started.elapsed().as_secs_f64()))
+            let at = env.started.elapsed().as_secs_f64();
+            Ok::<_, Error>(Left::Found {
+                scan,
+                at,
+                counted_s,
+            })
         };
         let (piped, keys) = tokio::join!(
             pipeline(env, read, writers, reader, cfg, ctx, Some(diffed)),
@@ -431,14 +490,29 @@ impl Inputs<'_> {
         }
         let mut piped = piped?;
         completed(&ctx.stop, &piped, name)?;
+        let keys = keys?;
+        if let Left::Unprovable(reason) = keys {
+            return Ok(DeltaEnd::Full {
+                reason,
+                first: Some(piped),
+                writers: None,
+                note: count_note,
+            });
+        }
         let (duplicates, model_errors) =
             settle(self.recorder, &mut piped.diff, plan, env.opts.dry_run).await?;
         let added = piped.diff.counts.added;
-        let (removal, keys_read_s, keys_read, keys_note) = match keys {
+        let (removal, counted_s, keys_read_s, keys_read, keys_note) = match keys {
+            Left::Unknown | Left::Unprovable(_) => {
+                (Removal::default(), counted_s, None, None, None)
+            }
             // No row left the model: the count equals the entries plus the added rows.
-            None => (Removal::default(), None, None, None),
-            Some((scan, at)) => {
-                let scan = scan?;
+            Left::None(at) => (Removal::default(), counted_s.or(at), None, None, None),
+            Left::Found {
+                scan,
+                at,
+                counted_s: beside,
+            } => {
                 let problem = scan.problem.clone().or_else(|| {
                     (scan.unknown > added).then(|| format!(
                         "the key read found {} keys neither in the snapshot nor among the {added} new rows read: rows entered the model without being written (a where condition on something other than the row's own columns?)",
@@ -450,10 +524,12 @@ impl Inputs<'_> {
                         reason,
                         first: Some(piped),
                         writers: None,
+                        note: count_note,
                     });
                 }
                 let removal = remove(env, reader, scan.gone, ctx, model_errors.is_empty()).await?;
-                (removal, Some(at), Some(scan.keys), scan.note)
+                let counted_s = counted_s.or(beside);
+                (removal, counted_s, Some(at), Some(scan.keys), scan.note)
             }
         };
         Ok(DeltaEnd::Done(ReadOutcome {
@@ -465,8 +541,43 @@ impl Inputs<'_> {
             keys_read_s,
             keys_read,
             keys_note,
+            count_note,
             missed: None,
         }))
+    }
+
+    /// The read's sessions: this one, and the helpers of a split read.
+    async fn sessions(&self) -> Result<Vec<Arc<tokio_postgres::Client>>, Error> {
+        let mut clients = vec![self.session.clone()];
+        if let Some(split) = self.split {
+            clients.extend(split.helpers().await?.iter().cloned());
+        }
+        Ok(clients)
+    }
+
+    /// The model's rows, counted beside the read (per key range, or in all; counted now on
+    /// the read's session when the count per range met a NULL key), and the counts per range.
+    async fn total_beside(
+        &self,
+        side: Option<SideCount>,
+        table: &SourceTable,
+        cond: &str,
+    ) -> Result<(u64, Option<Counted>), Error> {
+        let counted = match side {
+            Some(side) => Some(
+                side.join(&self.sessions().await?, &self.env.spec.name)
+                    .await?,
+            ),
+            None => None,
+        };
+        match counted.as_ref().and_then(Counted::total) {
+            Some(total) => Ok((total, counted)),
+            None => {
+                let name = &self.env.spec.name;
+                let total = delta::count(&self.session, table, cond, name).await?.total;
+                Ok((total, counted))
+            }
+        }
     }
 
     /// Reads the model's keys only, in the read's transaction, and marks the snapshot entries
@@ -537,21 +648,20 @@ impl Inputs<'_> {
         table: &SourceTable,
         reader: &Arc<Reader>,
         kr: &KeyRanges,
-        side: Option<SideCount>,
+        counted: Option<Counted>,
         (added, left): (Vec<i64>, u64),
     ) -> Result<Option<KeyScan>, Error> {
         let name = &self.env.spec.name;
         let t0 = std::time::Instant::now();
-        let now = match side {
-            Some(side) => side.task.await.map_err(crate::error::join_err)??,
-            None => {
+        let now = match counted {
+            Some(Counted::Ranges(now)) => now,
+            _ => {
                 // On every session of a split read, a part at a time; else one statement.
-                let mut clients = vec![self.session.clone()];
-                if let Some(split) = self.split {
-                    clients.extend(split.helpers().await?.iter().cloned());
+                let queue = CountQueue::new(count_sqls(kr, table, self.split), true);
+                match queue.run(&self.sessions().await?, name).await? {
+                    Counted::Ranges(now) => now,
+                    Counted::Total(_) => None,
                 }
-                let sqls = count_sqls(kr, table, self.split);
-                key_ranges::count_all(&clients, sqls, name).await?
             }
         };
         let entries = reader.range_counts()?;
@@ -635,15 +745,119 @@ impl Inputs<'_> {
     }
 }
 
-/// The model's rows per key range, counted on a session of its own beside the read.
+/// The model's rows, counted on a session of its own beside the read, a part at a time.
 struct SideCount {
-    task: tokio::task::JoinHandle<Result<Option<key_ranges::Counts>, Error>>,
+    task: tokio::task::JoinHandle<Result<Counted, Error>>,
     cancel: tokio_postgres::CancelToken,
+    queue: Arc<CountQueue>,
+}
+
+/// What was counted.
+enum Counted {
+    /// The model's rows.
+    Total(u64),
+    /// The model's rows per key range; `None` when a key was NULL.
+    Ranges(Option<key_ranges::Counts>),
+}
+
+impl Counted {
+    fn total(&self) -> Option<u64> {
+        match self {
+            Counted::Total(n) => Some(*n),
+            Counted::Ranges(Some(c)) => Some(c.iter().map(|(_, t)| t.n).sum()),
+            Counted::Ranges(None) => None,
+        }
+    }
+
+    /// Both counts together (the tallies per range merged).
+    fn and(self, other: Counted) -> Counted {
+        match (self, other) {
+            (Counted::Total(a), Counted::Total(b)) => Counted::Total(a + b),
+            (Counted::Ranges(Some(mut a)), Counted::Ranges(Some(b))) => {
+                a.extend(b);
+                Counted::Ranges(Some(key_ranges::merge(a)))
+            }
+            _ => Counted::Ranges(None),
+        }
+    }
+}
+
+/// Counting statements, one per part of the model, each taken by whichever session is free.
+struct CountQueue {
+    sqls: std::sync::Mutex<Vec<String>>,
+    /// Grouped counts per key range, else `count(*)`.
+    per_range: bool,
+}
+
+impl CountQueue {
+    fn new(sqls: Vec<String>, per_range: bool) -> CountQueue {
+        CountQueue {
+            sqls: std::sync::Mutex::new(sqls),
+            per_range,
+        }
+    }
+
+    fn none(&self) -> Counted {
+        match self.per_range {
+            true => Counted::Ranges(Some(Vec::new())),
+            false => Counted::Total(0),
+        }
+    }
+
+    /// Runs the statements left on the given sessions (all in transactions under the read's
+    /// snapshot) until none is left: what they counted.
+    async fn run(
+        &self,
+        clients: &[Arc<tokio_postgres::Client>],
+        sync: &str,
+    ) -> Result<Counted, Error> {
+        let next = || self.sqls.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let work = clients.iter().map(|c| async {
+            let mut counted = self.none();
+            while let Some(sql) = next() {
+                let part = match self.per_range {
+                    true => Counted::Ranges(key_ranges::count(c, &sql, sync).await?),
+                    false => {
+                        let row = c.query_one(&sql, &[]).await.map_err(|e| {
+                            Error::source_read(sync, "counting the model's rows", &e)
+                        })?;
+                        Counted::Total(row.get::<_, i64>(0) as u64)
+                    }
+                };
+                counted = counted.and(part);
+            }
+            Ok::<_, Error>(counted)
+        });
+        let mut counted = self.none();
+        for part in futures_util::future::join_all(work).await {
+            counted = counted.and(part?);
+        }
+        Ok(counted)
+    }
 }
 
 impl SideCount {
+    /// What the side session counted, with the given sessions (free now: the read has
+    /// ended) taking the parts it has not begun.
+    async fn join(
+        self,
+        free: &[Arc<tokio_postgres::Client>],
+        sync: &str,
+    ) -> Result<Counted, Error> {
+        let (mine, helped) = tokio::join!(
+            async { self.task.await.map_err(crate::error::join_err)? },
+            self.queue.run(free, sync)
+        );
+        Ok(mine?.and(helped?))
+    }
+
     /// Cancels the count if it still runs (the server would finish it otherwise).
     async fn stop(self, source: &crate::conn::ConnInfo) {
+        self.queue
+            .sqls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         if !self.task.is_finished() {
             let _ = source.cancel(&self.cancel).await;
         }
@@ -651,30 +865,74 @@ impl SideCount {
     }
 }
 
+/// What a delta read found out about the rows that left the model.
+enum Left {
+    /// Nothing: the diff failed (the pipeline says why).
+    Unknown,
+    /// No row left (and when the rows were counted beside the read).
+    None(Option<f64>),
+    /// The counts beside the read do not prove the delta complete: why.
+    Unprovable(String),
+    /// The rows that left, when they were known, and when the rows were counted beside the read.
+    Found {
+        scan: KeyScan,
+        at: f64,
+        counted_s: Option<f64>,
+    },
+}
+
+/// Why a model of `total` rows cannot be the snapshot's entries less the rows that left plus
+/// the rows written: more rows than that entered it without being written.
+fn entered(
+    table: &SourceTable,
+    total: u64,
+    entries: u64,
+    changed: u64,
+    retry: usize,
+) -> Option<String> {
+    (table.unique_key && total > entries + changed + retry as u64).then(|| format!(
+        "the model has {total} rows, more than the snapshot's {entries} entries plus {changed} rows written since the last run: rows entered it without being written (a where condition on something other than the row's own columns?)"
+    ))
+}
+
 impl Inputs<'_> {
-    /// Starts counting the model's rows per key range on a new session in the read's snapshot,
-    /// a part at a time. `None` when no session can be opened (the count then runs after the
-    /// read, on its sessions).
+    /// Starts counting the model's rows (per key range, with `kr`) on a new session in the
+    /// read's snapshot, a part at a time. `None` when no session can be opened (the rows are
+    /// then counted on the read's sessions).
     async fn side_count(
         &self,
         split: &Split,
-        kr: &KeyRanges,
+        kr: Option<&KeyRanges>,
         table: &SourceTable,
     ) -> Option<SideCount> {
         let name = self.env.spec.name.clone();
         let client = match split.open_helper().await {
             Ok(c) => Arc::new(c),
             Err(e) => {
-                tracing::debug!(
-                    "sync '{name}': no session to count the key ranges beside the read: {e}"
-                );
+                tracing::debug!("sync '{name}': no session to count the rows beside the read: {e}");
                 return None;
             }
         };
         let cancel = client.cancel_token();
-        let sqls = count_sqls(kr, table, Some(split));
-        let task = tokio::spawn(async move { key_ranges::count_all(&[client], sqls, &name).await });
-        Some(SideCount { task, cancel })
+        let queue = Arc::new(match kr {
+            Some(kr) => CountQueue::new(count_sqls(kr, table, Some(split)), true),
+            None => {
+                let sqls = split
+                    .parts
+                    .iter()
+                    .map(|p| table.select_part("count(*)::int8", None, Some(p)));
+                CountQueue::new(sqls.collect(), false)
+            }
+        });
+        let task = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.run(&[client], &name).await })
+        };
+        Some(SideCount {
+            task,
+            cancel,
+            queue,
+        })
     }
 }
 
