@@ -237,20 +237,13 @@ impl Inputs<'_> {
         let read = self.read_model(&info.plan).await?;
         let mut piped = pipeline(env, read, writers, &reader, cfg, ctx, None).await?;
         completed(&ctx.stop, &piped, &env.spec.name)?;
-        let (duplicates, model_errors) =
-            settle(self.recorder, &mut piped.diff, &info.plan, env.opts.dry_run).await?;
         let seen = Seen {
             slots: std::mem::take(&mut piped.diff.seen),
             entries: piped.diff.seen_entries,
         };
-        let removal = remove(
-            env,
-            &reader,
-            Gone::Unseen(seen),
-            ctx,
-            model_errors.is_empty(),
-        )
-        .await?;
+        let (duplicates, model_errors, removal) = self
+            .settle_and_remove(&info.plan, &reader, &mut piped, Some(Gone::Unseen(seen)))
+            .await?;
         let missed = match info.decision.check_since {
             Some(since) => self.check_premise(info, since, &piped).await?,
             None => None,
@@ -490,24 +483,12 @@ impl Inputs<'_> {
         }
         let mut piped = piped?;
         completed(&ctx.stop, &piped, name)?;
-        let keys = keys?;
-        if let Left::Unprovable(reason) = keys {
-            return Ok(DeltaEnd::Full {
-                reason,
-                first: Some(piped),
-                writers: None,
-                note: count_note,
-            });
-        }
-        let (duplicates, model_errors) =
-            settle(self.recorder, &mut piped.diff, plan, env.opts.dry_run).await?;
         let added = piped.diff.counts.added;
-        let (removal, counted_s, keys_read_s, keys_read, keys_note) = match keys {
-            Left::Unknown | Left::Unprovable(_) => {
-                (Removal::default(), counted_s, None, None, None)
-            }
+        let (gone, counted_s, keys_read_s, keys_read, keys_note, full) = match keys? {
+            Left::Unknown => (None, counted_s, None, None, None, None),
+            Left::Unprovable(reason) => (None, counted_s, None, None, None, Some(reason)),
             // No row left the model: the count equals the entries plus the added rows.
-            Left::None(at) => (Removal::default(), counted_s.or(at), None, None, None),
+            Left::None(at) => (None, counted_s.or(at), None, None, None, None),
             Left::Found {
                 scan,
                 at,
@@ -519,19 +500,31 @@ impl Inputs<'_> {
                         scan.unknown
                     ))
                 });
-                if let Some(reason) = problem {
-                    return Ok(DeltaEnd::Full {
-                        reason,
-                        first: Some(piped),
-                        writers: None,
-                        note: count_note,
-                    });
-                }
-                let removal = remove(env, reader, scan.gone, ctx, model_errors.is_empty()).await?;
                 let counted_s = counted_s.or(beside);
-                (removal, counted_s, Some(at), Some(scan.keys), scan.note)
+                (
+                    Some(scan.gone),
+                    counted_s,
+                    Some(at),
+                    Some(scan.keys),
+                    scan.note,
+                    problem,
+                )
             }
         };
+        if let Some(reason) = full {
+            // The full read that follows takes a new view of the snapshot: it must hold
+            // every row this pass wrote.
+            settle(self.recorder, &mut piped.diff, plan, env.opts.dry_run).await?;
+            return Ok(DeltaEnd::Full {
+                reason,
+                first: Some(piped),
+                writers: None,
+                note: count_note,
+            });
+        }
+        let (duplicates, model_errors, removal) = self
+            .settle_and_remove(plan, reader, &mut piped, gone)
+            .await?;
         Ok(DeltaEnd::Done(ReadOutcome {
             piped,
             duplicates,
@@ -544,6 +537,43 @@ impl Inputs<'_> {
             count_note,
             missed: None,
         }))
+    }
+
+    /// Settles the diff with the snapshot (duplicate keys, NULL keys: the model's errors) and
+    /// removes the rows that left (`gone`), unless the model had errors. A table model whose
+    /// key is unique and NOT NULL in the source, read with no duplicate or NULL key met by the
+    /// diff, cannot have model errors: its deletes then do not wait for the snapshot thread
+    /// to record every row written (it lags the destination's commits), both run at once.
+    async fn settle_and_remove(
+        &self,
+        plan: &Plan,
+        reader: &Arc<Reader>,
+        piped: &mut Piped,
+        gone: Option<Gone>,
+    ) -> Result<(u64, Vec<String>, Removal), Error> {
+        let (env, ctx) = (self.env, self.ctx);
+        let dry_run = env.opts.dry_run;
+        let c = &piped.diff.counts;
+        let clean = plan.table.as_ref().is_some_and(|t| t.unique_key)
+            && c.duplicates == 0
+            && c.null_keys == 0
+            && piped.diff.duplicate_keys.is_empty();
+        let Some(gone) = gone else {
+            let (duplicates, errors) =
+                settle(self.recorder, &mut piped.diff, plan, dry_run).await?;
+            return Ok((duplicates, errors, Removal::default()));
+        };
+        if clean {
+            let (settled, removal) = tokio::join!(
+                settle(self.recorder, &mut piped.diff, plan, dry_run),
+                remove(env, reader, gone, ctx, true)
+            );
+            let (duplicates, errors) = settled?;
+            return Ok((duplicates, errors, removal?));
+        }
+        let (duplicates, errors) = settle(self.recorder, &mut piped.diff, plan, dry_run).await?;
+        let removal = remove(env, reader, gone, ctx, errors.is_empty()).await?;
+        Ok((duplicates, errors, removal))
     }
 
     /// The read's sessions: this one, and the helpers of a split read.
