@@ -780,7 +780,7 @@ struct Piped {
 /// Runs the source read, the diff and the writers, connected by bounded channels, until the
 /// read ends and every batch is applied (or the run stops). Errors, most specific first: a
 /// writer's failure stops the diff, which stops the reader, so the writer's error is the one.
-/// `diffed`, when given, gets the added rows as soon as the diff has seen every row (the
+/// `diffed`, when given, gets the added rows as soon as the read and the diff have ended (the
 /// writers may still be busy): a delta read starts its key read then.
 async fn pipeline(
     env: &RunEnv<'_>,
@@ -808,18 +808,7 @@ async fn pipeline(
     );
     let diff_task = {
         let (reader, sizer) = (reader.clone(), ctx.sizer.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut out = diff::run(block_rx, batch_tx, reader, sizer, cfg);
-            if let (Some(tx), Ok(o)) = (diffed, &mut out) {
-                let c = &o.counts;
-                let _ = tx.send(Diffed {
-                    rows: c.added + c.changed + c.unchanged + c.duplicates + c.null_keys,
-                    added: c.added,
-                    keys: o.added_keys.take(),
-                });
-            }
-            out
-        })
+        tokio::task::spawn_blocking(move || diff::run(block_rx, batch_tx, reader, sizer, cfg))
     };
     let batches = Arc::new(tokio::sync::Mutex::new(batch_rx));
     let write_tasks: Vec<_> = writers
@@ -845,7 +834,18 @@ async fn pipeline(
 
     let read_result = read_task.await.map_err(join_err)?;
     let read_s = env.started.elapsed().as_secs_f64();
-    let diff_result = diff_task.await.map_err(join_err)?;
+    let mut diff_result = diff_task.await.map_err(join_err)?;
+    if let (Some(tx), Ok(o)) = (diffed, &mut diff_result) {
+        let c = &o.counts;
+        let complete = matches!(&read_result, Ok(r) if r.end == ReadEnd::Complete);
+        let _ = tx.send(Diffed {
+            rows: c.added + c.changed + c.unchanged + c.duplicates + c.null_keys,
+            added: c.added,
+            keys: o.added_keys.take(),
+            complete: complete && !ctx.stop.is_stopped(),
+            clean: c.duplicates == 0 && c.null_keys == 0 && o.duplicate_keys.is_empty(),
+        });
+    }
     let mut written = Ok(WriteStats::default());
     for t in write_tasks {
         let r = t.await.map_err(join_err)?;
@@ -1038,6 +1038,10 @@ struct Diffed {
     added: u64,
     /// Their keys as integers, when the diff noted them (for the key ranges).
     keys: Option<Vec<i64>>,
+    /// The read completed (every part to its end, no stop), and the diff met no duplicate
+    /// and no NULL key.
+    complete: bool,
+    clean: bool,
 }
 
 /// What a complete read found out about the rows that left the model.

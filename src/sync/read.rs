@@ -467,6 +467,29 @@ impl Inputs<'_> {
                 None => self.scan_keys(plan, table, reader).await?,
             };
             let at = env.started.elapsed().as_secs_f64();
+            // The rows that left are deleted now, beside the writers still committing, when
+            // nothing can hold them back: the read completed, the model cannot have errors
+            // (a unique, NOT NULL key, and the diff met no duplicate nor NULL key), the key
+            // read found nothing unaccounted for, and no other sync orders this one's deletes.
+            let (o, spec) = (env.opts, env.spec);
+            let early = added.complete
+                && added.clean
+                && table.unique_key
+                && spec.delete
+                && !o.dry_run
+                && o.order.is_none()
+                && scan.problem.is_none()
+                && scan.unknown <= added.added;
+            if early {
+                let removal = remove(env, reader, scan.gone, ctx, true).await?;
+                return Ok(Left::Removed {
+                    removal,
+                    at,
+                    counted_s,
+                    keys: scan.keys,
+                    note: scan.note,
+                });
+            }
             Ok::<_, Error>(Left::Found {
                 scan,
                 at,
@@ -484,8 +507,19 @@ impl Inputs<'_> {
         let mut piped = piped?;
         completed(&ctx.stop, &piped, name)?;
         let added = piped.diff.counts.added;
+        let mut early = None;
         let (gone, counted_s, keys_read_s, keys_read, keys_note, full) = match keys? {
             Left::Unknown => (None, counted_s, None, None, None, None),
+            Left::Removed {
+                removal,
+                at,
+                counted_s: beside,
+                keys,
+                note,
+            } => {
+                early = Some(removal);
+                (None, counted_s.or(beside), Some(at), Some(keys), note, None)
+            }
             Left::Unprovable(reason) => (None, counted_s, None, None, None, Some(reason)),
             // No row left the model: the count equals the entries plus the added rows.
             Left::None(at) => (None, counted_s.or(at), None, None, None, None),
@@ -525,6 +559,7 @@ impl Inputs<'_> {
         let (duplicates, model_errors, removal) = self
             .settle_and_remove(plan, reader, &mut piped, gone)
             .await?;
+        let removal = early.unwrap_or(removal);
         Ok(DeltaEnd::Done(ReadOutcome {
             piped,
             duplicates,
@@ -908,6 +943,14 @@ enum Left {
         scan: KeyScan,
         at: f64,
         counted_s: Option<f64>,
+    },
+    /// As `Found`, and already removed, beside the writers: how many keys were read, and how.
+    Removed {
+        removal: Removal,
+        at: f64,
+        counted_s: Option<f64>,
+        keys: u64,
+        note: Option<String>,
     },
 }
 

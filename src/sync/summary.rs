@@ -107,7 +107,8 @@ pub struct Phases {
     pub read_s: f64,
     /// Every upsert/insert batch was committed.
     pub writes_done_s: f64,
-    /// Removed rows were found and (with deletes on) deleted.
+    /// Removed rows were found and (with deletes on) deleted, and the snapshot thread had
+    /// recorded every row written (the read stage's end).
     pub deletes_done_s: f64,
     /// Delta reads: the count of the model's rows and written rows ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
