@@ -508,7 +508,16 @@ impl Inputs<'_> {
         completed(&ctx.stop, &piped, name)?;
         let added = piped.diff.counts.added;
         let mut early = None;
-        let (gone, counted_s, keys_read_s, keys_read, keys_note, full) = match keys? {
+        let keys = match keys {
+            Ok(keys) => keys,
+            Err(e) => {
+                // The key read or the deletes beside the writers failed (a refused delete
+                // guard among them): what was written is still settled before the run fails.
+                settle(self.recorder, &mut piped.diff, plan, env.opts.dry_run).await?;
+                return Err(e);
+            }
+        };
+        let (gone, counted_s, keys_read_s, keys_read, keys_note, full) = match keys {
             Left::Unknown => (None, counted_s, None, None, None, None),
             Left::Removed {
                 removal,
