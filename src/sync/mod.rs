@@ -843,7 +843,7 @@ async fn pipeline(
             added: c.added,
             keys: o.added_keys.take(),
             complete: complete && !ctx.stop.is_stopped(),
-            clean: c.duplicates == 0 && c.null_keys == 0 && o.duplicate_keys.is_empty(),
+            error_free: error_free(&ctx.plan, o),
         });
     }
     let mut written = Ok(WriteStats::default());
@@ -1038,10 +1038,20 @@ struct Diffed {
     added: u64,
     /// Their keys as integers, when the diff noted them (for the key ranges).
     keys: Option<Vec<i64>>,
-    /// The read completed (every part to its end, no stop), and the diff met no duplicate
-    /// and no NULL key.
+    /// The read completed (every part to its end, no stop); the model cannot have errors
+    /// ([`error_free`]).
     complete: bool,
-    clean: bool,
+    error_free: bool,
+}
+
+/// A table model whose key is unique and NOT NULL in the source, read with no duplicate or
+/// NULL key met by the diff, cannot have model errors: settling cannot find any.
+fn error_free(plan: &Plan, diff: &DiffOutcome) -> bool {
+    let c = &diff.counts;
+    plan.table.as_ref().is_some_and(|t| t.unique_key)
+        && c.duplicates == 0
+        && c.null_keys == 0
+        && diff.duplicate_keys.is_empty()
 }
 
 /// What a complete read found out about the rows that left the model.

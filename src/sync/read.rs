@@ -20,8 +20,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::{
-    completed, pipeline, remove, settle, Diffed, Gone, Piped, Removal, RunEnv, RunInfo, Seen,
-    StopReason,
+    completed, error_free, pipeline, remove, settle, Diffed, Gone, Piped, Removal, RunEnv, RunInfo,
+    Seen, StopReason,
 };
 use crate::batch::KeyBatch;
 use crate::copy::{has_null, Block};
@@ -473,8 +473,7 @@ impl Inputs<'_> {
             // read found nothing unaccounted for, and no other sync orders this one's deletes.
             let (o, spec) = (env.opts, env.spec);
             let early = added.complete
-                && added.clean
-                && table.unique_key
+                && added.error_free
                 && spec.delete
                 && !o.dry_run
                 && o.order.is_none()
@@ -584,10 +583,9 @@ impl Inputs<'_> {
     }
 
     /// Settles the diff with the snapshot (duplicate keys, NULL keys: the model's errors) and
-    /// removes the rows that left (`gone`), unless the model had errors. A table model whose
-    /// key is unique and NOT NULL in the source, read with no duplicate or NULL key met by the
-    /// diff, cannot have model errors: its deletes then do not wait for the snapshot thread
-    /// to record every row written (it lags the destination's commits), both run at once.
+    /// removes the rows that left (`gone`), unless the model had errors. When it cannot have
+    /// any ([`error_free`]), its deletes do not wait for the snapshot thread to record every
+    /// row written (it lags the destination's commits): both run at once.
     async fn settle_and_remove(
         &self,
         plan: &Plan,
@@ -597,11 +595,7 @@ impl Inputs<'_> {
     ) -> Result<(u64, Vec<String>, Removal), Error> {
         let (env, ctx) = (self.env, self.ctx);
         let dry_run = env.opts.dry_run;
-        let c = &piped.diff.counts;
-        let clean = plan.table.as_ref().is_some_and(|t| t.unique_key)
-            && c.duplicates == 0
-            && c.null_keys == 0
-            && piped.diff.duplicate_keys.is_empty();
+        let clean = error_free(plan, &piped.diff);
         let Some(gone) = gone else {
             let (duplicates, errors) =
                 settle(self.recorder, &mut piped.diff, plan, dry_run).await?;
@@ -731,7 +725,7 @@ impl Inputs<'_> {
             Some(Counted::Ranges(now)) => now,
             _ => {
                 // On every session of a split read, a part at a time; else one statement.
-                let queue = CountQueue::new(count_sqls(kr, table, self.split), true);
+                let queue = CountQueue::new(Some(kr), table, self.split);
                 match queue.run(&self.sessions().await?, name).await? {
                     Counted::Ranges(now) => now,
                     Counted::Total(_) => None,
@@ -843,15 +837,23 @@ impl Counted {
         }
     }
 
-    /// Both counts together (the tallies per range merged).
+    /// Both counts together (the tallies per range side by side: see [`Counted::merged`]).
     fn and(self, other: Counted) -> Counted {
         match (self, other) {
             (Counted::Total(a), Counted::Total(b)) => Counted::Total(a + b),
             (Counted::Ranges(Some(mut a)), Counted::Ranges(Some(b))) => {
                 a.extend(b);
-                Counted::Ranges(Some(key_ranges::merge(a)))
+                Counted::Ranges(Some(a))
             }
             _ => Counted::Ranges(None),
+        }
+    }
+
+    /// The tallies per range sorted, one per range.
+    fn merged(self) -> Counted {
+        match self {
+            Counted::Ranges(Some(c)) => Counted::Ranges(Some(key_ranges::merge(c))),
+            other => other,
         }
     }
 }
@@ -864,10 +866,20 @@ struct CountQueue {
 }
 
 impl CountQueue {
-    fn new(sqls: Vec<String>, per_range: bool) -> CountQueue {
+    /// The model's rows per key range of `kr` (its grouped counts), or in all (`count(*)`):
+    /// one statement per part of a split read, else one.
+    fn new(kr: Option<&KeyRanges>, table: &SourceTable, split: Option<&Split>) -> CountQueue {
+        let sql = |part| match kr {
+            Some(kr) => kr.count_sql(table, part),
+            None => table.select_part("count(*)::int8", None, part),
+        };
+        let sqls = match split {
+            Some(split) => split.parts.iter().map(|p| sql(Some(p))).collect(),
+            None => vec![sql(None)],
+        };
         CountQueue {
             sqls: std::sync::Mutex::new(sqls),
-            per_range,
+            per_range: kr.is_some(),
         }
     }
 
@@ -906,7 +918,7 @@ impl CountQueue {
         for part in futures_util::future::join_all(work).await {
             counted = counted.and(part?);
         }
-        Ok(counted)
+        Ok(counted.merged())
     }
 }
 
@@ -922,7 +934,7 @@ impl SideCount {
             async { self.task.await.map_err(crate::error::join_err)? },
             self.queue.run(free, sync)
         );
-        Ok(mine?.and(helped?))
+        Ok(mine?.and(helped?).merged())
     }
 
     /// Cancels the count if it still runs (the server would finish it otherwise).
@@ -996,16 +1008,7 @@ impl Inputs<'_> {
             }
         };
         let cancel = client.cancel_token();
-        let queue = Arc::new(match kr {
-            Some(kr) => CountQueue::new(count_sqls(kr, table, Some(split)), true),
-            None => {
-                let sqls = split
-                    .parts
-                    .iter()
-                    .map(|p| table.select_part("count(*)::int8", None, Some(p)));
-                CountQueue::new(sqls.collect(), false)
-            }
-        });
+        let queue = Arc::new(CountQueue::new(kr, table, Some(split)));
         let task = {
             let queue = queue.clone();
             tokio::spawn(async move { queue.run(&[client], &name).await })
@@ -1015,18 +1018,6 @@ impl Inputs<'_> {
             cancel,
             queue,
         })
-    }
-}
-
-/// The grouped counts per key range of the model: one per part of a split read, else one.
-fn count_sqls(kr: &KeyRanges, table: &SourceTable, split: Option<&Split>) -> Vec<String> {
-    match split {
-        Some(split) => split
-            .parts
-            .iter()
-            .map(|p| kr.count_sql(table, Some(p)))
-            .collect(),
-        None => vec![kr.count_sql(table, None)],
     }
 }
 
