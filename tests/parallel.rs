@@ -87,35 +87,13 @@ async fn a_split_read_reads_every_row_once_and_derives_deletes() {
     assert_eq!(s.written, 15);
 }
 
-/// Rows inserted, updated and deleted in `items` by the source's statistics.
-async fn writes(env: &Env) -> i64 {
-    env.src
-        .batch_execute("SELECT pg_stat_clear_snapshot()")
-        .await
-        .unwrap();
-    env.src
-        .query_one(
-            "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::int8 \
-             FROM pg_stat_user_tables WHERE relname = 'items'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// Runs `sql` on the source and waits until the statistics count its `n` writes (they lag
-/// the commit by up to a second), so the run that follows counts beside its read.
+/// Runs `sql` on the source and waits until the statistics count its `n` writes to `items`
+/// (they lag the commit by up to a second), so the run that follows counts beside its read.
 async fn written(env: &Env, sql: &str, n: i64) {
-    let before = writes(env).await;
+    let sum = |(i, u, d): (i64, i64, i64)| i + u + d;
+    let before = sum(Env::counters(&env.src, "items").await);
     env.src.batch_execute(sql).await.unwrap();
-    for _ in 0..300 {
-        if writes(env).await >= before + n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the statistics never counted {n} writes of: {sql}");
+    Env::wait_counters_on(&env.src, "items", |c| sum(c) >= before + n).await;
 }
 
 fn counted_beside(s: &Summary) -> &str {

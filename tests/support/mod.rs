@@ -344,11 +344,10 @@ impl Env {
             .get(0)
     }
 
-    /// (inserted, updated, deleted) tuple counters of a destination table, after the
-    /// statistics of finished sessions have been flushed.
-    pub(crate) async fn dst_counters(&self, table: &str) -> (i64, i64, i64) {
-        let row = self
-            .dst
+    /// (inserted, updated, deleted) tuple counters of a table in `client`'s database, after
+    /// the statistics of finished sessions have been flushed.
+    pub(crate) async fn counters(client: &Client, table: &str) -> (i64, i64, i64) {
+        let row = client
             .query_one(
                 "SELECT n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables WHERE relname = $1",
                 &[&table],
@@ -358,21 +357,36 @@ impl Env {
         (row.get(0), row.get(1), row.get(2))
     }
 
-    /// Polls the counters until `pred` holds (stats are flushed asynchronously), at most 15 s.
+    /// [`Env::counters`] of a destination table.
+    pub(crate) async fn dst_counters(&self, table: &str) -> (i64, i64, i64) {
+        Self::counters(&self.dst, table).await
+    }
+
+    /// Polls a destination table's counters until `pred` holds (stats are flushed
+    /// asynchronously), at most 15 s.
     pub(crate) async fn wait_counters(
         &self,
         table: &str,
         pred: impl Fn((i64, i64, i64)) -> bool,
     ) -> (i64, i64, i64) {
+        Self::wait_counters_on(&self.dst, table, pred).await
+    }
+
+    /// Polls the counters of a table in `client`'s database until `pred` holds, at most 15 s.
+    pub(crate) async fn wait_counters_on(
+        client: &Client,
+        table: &str,
+        pred: impl Fn((i64, i64, i64)) -> bool,
+    ) -> (i64, i64, i64) {
         let mut last = (0, 0, 0);
         for _ in 0..150 {
-            last = self.dst_counters(table).await;
+            last = Self::counters(client, table).await;
             if pred(last) {
                 return last;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        panic!("destination counters of {table} never reached the expected state: {last:?}");
+        panic!("the counters of {table} never reached the expected state: {last:?}");
     }
 }
 
