@@ -307,6 +307,47 @@ async fn rejected_rows_are_retried_by_key_although_unchanged() {
     assert_eq!(s.rows_read, 0);
 }
 
+/// Keys spread far apart make key ranges wider than 2^30 values, whose offsets are summed as
+/// `int8` (a `numeric` sum on the server) rather than `int4`: removed rows are still named by
+/// their range's sums, or read by key where a range lost two.
+#[tokio::test]
+async fn removed_rows_are_found_from_counts_per_key_range_with_far_apart_keys() {
+    let env = Env::new().await;
+    env.both("CREATE TABLE items (id bigint PRIMARY KEY, name text)")
+        .await;
+    // 4000 keys 2^40 apart (and counted by ANALYZE): ranges of 2^45 values, 32 rows each.
+    env.src
+        .batch_execute(
+            "INSERT INTO items SELECT i * 1099511627776, 'item ' || i FROM generate_series(-2000, 1999) i; \
+             ANALYZE items",
+        )
+        .await
+        .unwrap();
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    spec.full_read_every = FullReadEvery::Never;
+    synced(&env, &spec, "full", "").await;
+    env.src
+        .batch_execute(
+            "DELETE FROM items WHERE id IN (-100 * 1099511627776::int8, 7 * 1099511627776::int8,              8 * 1099511627776::int8, 99 * 1099511627776::int8)",
+        )
+        .await
+        .unwrap();
+    let s = synced(&env, &spec, "delta", "").await;
+    assert_eq!((s.removed, s.deleted), (4, 4));
+    // The ranges of the first and last keys lost one row each, named by their sums; the
+    // range of 7 and 8 lost two, and its keys are read. Not the 3,996 keys.
+    let keys = s.keys_read.unwrap();
+    assert!(keys < 100, "{keys} keys read");
+    assert!(
+        s.notes
+            .iter()
+            .any(|n| n.contains("(35184372088832 values each), 2 named by")),
+        "{:?}",
+        s.notes
+    );
+}
+
 /// Rows that left the model are found from counts per key range: only the keys of the ranges
 /// that lost rows are read. Smallint, integer and bigint keys, negative and far-apart ones; an
 /// insert and a delete in the same range; a new row the destination rejects (it has no entry,
