@@ -386,14 +386,17 @@ pub(crate) async fn model_layout(
     let Some(by) = model.query.as_ref().and_then(|q| q.split_by.as_ref()) else {
         return Ok(None);
     };
-    let layout = query_layout(client, by, want).await.map_err(|e| {
+    let (layout, caveat) = query_layout(client, by, want).await.map_err(|e| {
         Error::source_read(
             sync,
             "cannot read the statistics to split the query's read",
             &e,
         )
     })?;
-    let note = describe(&format!("the query (split by {})", by.column), &layout);
+    let mut note = describe(&format!("the query (split by {})", by.column), &layout);
+    if let Some(caveat) = caveat {
+        note = format!("{note}, as read_sessions asks, though {caveat}");
+    }
     Ok(Some((layout, note)))
 }
 
@@ -451,16 +454,19 @@ async fn start(
 
 /// The layout of a query model's read split by `by`: the sessions as for a table (from the
 /// size of the column's table), parts cut at histogram bounds of the column. The first part
-/// also holds the NULLs.
+/// also holds the NULLs. With the layout, what the user should know about it (see
+/// [`unindexed`]).
 async fn query_layout(
     client: &Client,
     by: &SplitBy,
     want: ReadSessions,
-) -> Result<Layout, tokio_postgres::Error> {
-    let one = |why: String| Ok(Err(why));
+) -> Result<(Layout, Option<String>), tokio_postgres::Error> {
+    let one = |why: String| Ok((Err(why), None));
     if want == ReadSessions::Fixed(1) {
         return one("read_sessions = 1".into());
     }
+    // A part reads only its range when an index leads with the column (a b-tree, or a BRIN
+    // for a column in step with the table's order) or the table is partitioned by it.
     let row = client
         .query_one(
             &format!(
@@ -468,7 +474,16 @@ async fn query_layout(
                         (SELECT s.histogram_bounds::text FROM pg_stats s \
                           WHERE s.schemaname = n.nspname AND s.tablename = c.relname \
                             AND s.attname = a.attname ORDER BY s.inherited DESC LIMIT 1), \
-                        {PARALLEL_AND_FREE}, a.attname::text \
+                        {PARALLEL_AND_FREE}, a.attname::text, \
+                        EXISTS (SELECT 1 FROM pg_index i \
+                                  JOIN pg_class ic ON ic.oid = i.indexrelid \
+                                  JOIN pg_am am ON am.oid = ic.relam \
+                                 WHERE i.indrelid = c.oid AND i.indkey[0] = a.attnum \
+                                   AND i.indisvalid AND i.indpred IS NULL \
+                                   AND am.amname IN ('btree', 'brin')) \
+                        OR EXISTS (SELECT 1 FROM pg_partitioned_table p \
+                                    WHERE p.partrelid = c.oid \
+                                      AND a.attnum = ANY (p.partattrs::int2[])) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = $2 \
                  WHERE c.oid = $1::int8::oid"
@@ -478,6 +493,7 @@ async fn query_layout(
         .await?;
     let (table, pages, hist): (String, i64, Option<String>) = (row.get(0), row.get(1), row.get(2));
     let (per_gather, free, attname): (i64, i64, String) = (row.get(3), row.get(4), row.get(5));
+    let indexed: bool = row.get(6);
     let Some(hist) = hist else {
         return one(format!(
             "{table}.{attname} has no statistics to cut ranges from (ANALYZE {table})"
@@ -487,6 +503,13 @@ async fn query_layout(
     if sessions < 2 {
         return one(format!("{table} {TOO_SMALL}"));
     }
+    let caveat = match indexed {
+        true => None,
+        false => match unindexed(want, &table, &attname) {
+            Ok(caveat) => Some(caveat),
+            Err(why) => return one(why),
+        },
+    };
     let bounds: Vec<String> = client
         .query(
             &format!("SELECT b::text FROM unnest($1::text::{}[]) b", by.type_name),
@@ -517,7 +540,23 @@ async fn query_layout(
             range: Some(range),
         })
         .collect();
-    Ok(Ok((sessions.min(parts.len()), parts)))
+    Ok((Ok((sessions.min(parts.len()), parts)), caveat))
+}
+
+/// A `split_by` column that no index leads with (nor the table's partitioning): every part's
+/// range condition is a filter over a scan of the whole table, so N parts scan it N times.
+/// An automatic split does not do that (`Err`: why the read takes one session); a split the
+/// user pinned goes ahead, with the caveat said (`Ok`).
+fn unindexed(want: ReadSessions, table: &str, column: &str) -> Result<String, String> {
+    match want {
+        ReadSessions::Auto => Err(format!(
+            "no index leads with {table}.{column}, so each part would scan all of {table} \
+             (create an index on {table} ({column}), or set read_sessions to split anyway)"
+        )),
+        ReadSessions::Fixed(_) => Ok(format!(
+            "no index leads with {table}.{column}: each part scans all of {table}"
+        )),
+    }
 }
 
 /// Up to `parts - 1` cut points from histogram bounds (in order), evenly spaced, each
@@ -546,6 +585,17 @@ mod tests {
             kind,
             blocks,
         }
+    }
+
+    #[test]
+    fn an_unindexed_split_by_column_splits_only_when_asked_to() {
+        let why = unindexed(ReadSessions::Auto, "orders", "placed").unwrap_err();
+        assert_eq!(why, "no index leads with orders.placed, so each part would scan all of orders (create an index on orders (placed), or set read_sessions to split anyway)");
+        let caveat = unindexed(ReadSessions::Fixed(3), "orders", "placed").unwrap();
+        assert_eq!(
+            caveat,
+            "no index leads with orders.placed: each part scans all of orders"
+        );
     }
 
     #[test]
