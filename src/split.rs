@@ -466,7 +466,8 @@ async fn query_layout(
         return one("read_sessions = 1".into());
     }
     // A part reads only its range when an index leads with the column (a b-tree, or a BRIN
-    // for a column in step with the table's order) or the table is partitioned by it.
+    // for a column in step with the table's order) or the table is partitioned by it. Of a
+    // view or a foreign table, the catalog cannot say: taken as indexed.
     let row = client
         .query_one(
             &format!(
@@ -484,6 +485,7 @@ async fn query_layout(
                         OR EXISTS (SELECT 1 FROM pg_partitioned_table p \
                                     WHERE p.partrelid = c.oid \
                                       AND a.attnum = ANY (p.partattrs::int2[])) \
+                        OR c.relkind NOT IN ('r', 'p', 'm') \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = $2 \
                  WHERE c.oid = $1::int8::oid"

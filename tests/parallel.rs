@@ -519,6 +519,36 @@ async fn a_query_model_splits_by_value_ranges_of_its_split_by_column() {
         "the query (split by placed) is read by 3 sessions in 12 parts under one snapshot"
     );
     same().await;
+    // Nor for a table partitioned by the column (its index leads with another column).
+    env.src
+        .batch_execute(
+            "CREATE TABLE events (id bigint, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+             CREATE TABLE events_a PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2024-07-01');
+             CREATE TABLE events_b PARTITION OF events FOR VALUES FROM ('2024-07-01') TO ('2025-01-01');
+             INSERT INTO events SELECT i, date '2024-01-01' + (i % 360) FROM generate_series(1, 3000) i;
+             ANALYZE events;",
+        )
+        .await
+        .unwrap();
+    env.dst
+        .batch_execute("CREATE TABLE events (id bigint PRIMARY KEY, at date)")
+        .await
+        .unwrap();
+    let mut events = env.spec("events", &["id"]);
+    events.model = Model::Query("SELECT id, at FROM events".into());
+    events.split_by = Some("at".into());
+    events.read_sessions = ReadSessions::Fixed(2);
+    let s = env.sync(&events).await.unwrap();
+    assert_eq!((s.read_sessions, s.written), (2, 3000));
+    assert_eq!(
+        split_note(&s),
+        "the query (split by at) is read by 2 sessions in 8 parts under one snapshot"
+    );
+    env.assert_same(
+        "SELECT id, at FROM events ORDER BY id",
+        "SELECT id, at FROM events ORDER BY id",
+    )
+    .await;
 
     // What split_by cannot use, said plainly.
     for (col, want) in [
