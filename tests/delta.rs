@@ -329,7 +329,8 @@ async fn removed_rows_are_found_from_counts_per_key_range_with_far_apart_keys() 
     synced(&env, &spec, "full", "").await;
     env.src
         .batch_execute(
-            "DELETE FROM items WHERE id IN (-100 * 1099511627776::int8, 7 * 1099511627776::int8,              8 * 1099511627776::int8, 99 * 1099511627776::int8)",
+            "DELETE FROM items WHERE id IN (-2000 * 1099511627776::int8, 7 * 1099511627776::int8, \
+             8 * 1099511627776::int8, 1999 * 1099511627776::int8)",
         )
         .await
         .unwrap();
