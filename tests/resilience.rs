@@ -546,3 +546,63 @@ async fn trigger_exceptions_on_the_target_reject_rows_not_the_run() {
     )
     .await;
 }
+
+/// A run killed after the destination committed rows but before the state file made their
+/// entries durable, and then the source undoes what that run wrote: the new rows are deleted and
+/// the changed ones changed back. The next run must not trust entries that miss the killed run's
+/// writes (a new row it finds in neither the snapshot nor the source would stay in the target,
+/// and a row changed back to its recorded hash would look unchanged): the target ends equal to
+/// the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_writes_then_the_source_undoes_them_converges() {
+    let env = seeded(30_000).await;
+    run_ok(&env, &["--sleep-ms", "0"]);
+    env.src
+        .batch_execute(
+            "INSERT INTO t SELECT i, 1, 'new' FROM generate_series(30001, 30600) i;
+             UPDATE t SET qty = qty + 1000 WHERE id % 2 = 0 AND id <= 30000;",
+        )
+        .await
+        .unwrap();
+    let written = || async {
+        env.dst
+            .query_one(
+                "SELECT count(*) FILTER (WHERE qty >= 1000) + count(*) FILTER (WHERE id > 30000) FROM t",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let mut child = spawn_sync(&env, &[]);
+    for _ in 0..500 {
+        if written().await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let n = written().await;
+    assert!(
+        n > 0 && n < 15_600,
+        "killed too early or too late to test anything: {n} rows written"
+    );
+    // The new rows come first in the heap, so some of them are in the target.
+    assert!(Env::count(&env.dst, "t").await > 30_000);
+    // The source undoes everything the killed run may have written.
+    env.src
+        .batch_execute(
+            "UPDATE t SET qty = qty - 1000 WHERE id % 2 = 0;
+             DELETE FROM t WHERE id > 30000;",
+        )
+        .await
+        .unwrap();
+    let held = Env::count(&env.dst, "t").await;
+    let out = run_ok(&env, &["--json", "--sleep-ms", "0"]);
+    let data = &last_json(&out)["data"];
+    assert_eq!(data["rebuilt_from_target"].as_i64(), Some(held), "{data}");
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}

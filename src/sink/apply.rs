@@ -133,10 +133,10 @@ impl ApplyCtx {
         self.rejections.lock().expect("not poisoned").clone()
     }
 
-    async fn record(
+    async fn record<T>(
         &self,
-        rec: impl std::future::Future<Output = Result<(), crate::snapshot::SnapshotError>>,
-    ) -> Result<(), Error> {
+        rec: impl std::future::Future<Output = Result<T, crate::snapshot::SnapshotError>>,
+    ) -> Result<T, Error> {
         rec.await.map_err(|e| self.fail(e.into()))
     }
 }
@@ -193,11 +193,35 @@ impl Work<'_> {
 }
 
 /// Applies `work` through `dest`, retrying, splitting and bisecting as the failures call for.
+/// The recorder is told before the first attempt, and once every row is accounted for:
+/// committed and recorded, rejected, or (when the run fails) known not to have committed.
 pub(crate) async fn apply<D: Destination>(
     dest: &mut D,
     work: Work<'_>,
     ctx: &ApplyCtx,
     stats: &mut WriteStats,
+) -> Result<(), Error> {
+    let pending = match &ctx.recorder {
+        Some(r) => Some(ctx.record(r.begin_write()).await?),
+        None => None,
+    };
+    let mut in_doubt = false;
+    let result = apply_ranges(dest, work, ctx, stats, &mut in_doubt).await;
+    // A failure the server never answered (the session dropped) may have come after its
+    // commit, and a record that failed came after one: those writes stay unaccounted for.
+    if let (Some(p), false) = (pending, result.is_err() && in_doubt) {
+        p.accounted();
+    }
+    result
+}
+
+/// [`apply`]'s retries; sets `in_doubt` when an attempt may have committed without a record.
+async fn apply_ranges<D: Destination>(
+    dest: &mut D,
+    work: Work<'_>,
+    ctx: &ApplyCtx,
+    stats: &mut WriteStats,
+    in_doubt: &mut bool,
 ) -> Result<(), Error> {
     // Left halves are pushed last, so rows are applied in order.
     let mut stack = Vec::with_capacity(8);
@@ -215,9 +239,13 @@ pub(crate) async fn apply<D: Destination>(
                     ctx.sizer.committed(range.len(), t0.elapsed());
                     break;
                 }
-                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Fatal(e)) => {
+                    *in_doubt = true;
+                    return Err(e);
+                }
                 Err(Attempt::Failed(f)) => f,
             };
+            *in_doubt |= f.sqlstate.is_none();
             let act = action(f.kind);
             if f.kind == PgErrorKind::StatementTimeout {
                 stats.timeouts += 1;

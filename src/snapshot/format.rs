@@ -24,6 +24,12 @@
 //! the sync's metadata is set when that starts and cleared by the first run that completes, so
 //! a rebuild that broke off is thrown away and started over, never taken for a whole one.
 //!
+//! **The writing mark.** `writing` in the sync's metadata is set, durably, before a run's first
+//! destination write and cleared when the run ends with every write it began recorded (or known
+//! not to have committed). A run that finds it set clears the entries and rebuilds them from the
+//! target: the last run was killed after writes whose entries, in a non-durable commit, may be
+//! lost while the destination kept the rows.
+//!
 //! **Stale entries.** A row hash of all zeros ([`STALE_HASH`]) marks an entry whose row the
 //! destination rejected on its last write: no real row hashes to it, so the next run sees the row
 //! as changed and writes it again, while the entry keeps its slot (and with it removed-row
@@ -126,6 +132,13 @@ pub struct SyncMeta {
     /// clears the entries and rebuilds them again. (Absent in files written before it existed.)
     #[serde(default)]
     pub rebuild_pending: bool,
+    /// A run began writing to the destination and has not yet recorded every write: set
+    /// durably before a run's first write, cleared when the run ends with every write it began
+    /// recorded (or known not to have committed). Found set when a run begins, the last run was
+    /// killed (or its recording failed) after writes that entries lost in the crash may not
+    /// show, so the entries are rebuilt from the target. (Absent in files written before it.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub writing: bool,
     /// What the last completed read of a table model leaves for change-aware reads; absent
     /// when the next run must read in full.
     #[serde(default, skip_serializing_if = "Option::is_none")]

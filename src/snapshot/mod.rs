@@ -212,6 +212,7 @@ impl Snapshot {
     ) -> Result<(Begin, Recorder), SnapshotError> {
         let sync: Arc<str> = Arc::from(sync);
         let failed = Arc::new(OnceLock::new());
+        let gate = Arc::new(Gate::default());
         let begin = self
             .ask(|reply| Command::Begin {
                 sync: sync.clone(),
@@ -219,6 +220,7 @@ impl Snapshot {
                 row_fp: row_fp.into(),
                 how,
                 failed: failed.clone(),
+                gate: gate.clone(),
                 reply,
             })
             .await?;
@@ -226,6 +228,7 @@ impl Snapshot {
             inner: self.inner.clone(),
             sync,
             failed,
+            gate,
         };
         Ok((begin, recorder))
     }
@@ -382,6 +385,43 @@ pub(crate) struct Recorder {
     sync: Arc<str>,
     /// Set by the snapshot thread when recording this run failed.
     failed: Arc<OnceLock<String>>,
+    gate: Arc<Gate>,
+}
+
+/// A run's destination writes that are not yet accounted for, shared by its recorders and the
+/// snapshot thread. A write is accounted for once what it committed is recorded (or it is known
+/// not to have committed). The run's end closes the gate: no write begins after it, and the
+/// sync's [`SyncMeta::writing`] mark is cleared only if every write that began was accounted for.
+#[derive(Default)]
+pub(crate) struct Gate {
+    /// (closed, writes begun and not accounted for)
+    state: Mutex<(bool, u64)>,
+    /// The sync was marked as writing (durably), before the run's first write.
+    marked: tokio::sync::OnceCell<()>,
+}
+
+impl Gate {
+    /// Closes the gate; true when every write that began was accounted for.
+    fn close(&self) -> bool {
+        let mut s = self.state.lock().expect("not poisoned");
+        s.0 = true;
+        s.1 == 0
+    }
+}
+
+/// A destination write under way: [`PendingWrite::accounted`] once its outcome is recorded or
+/// it is known not to have committed. Dropped without that, it stays unaccounted for, and the
+/// next run rebuilds the sync's entries from the target.
+#[must_use]
+pub(crate) struct PendingWrite {
+    gate: Arc<Gate>,
+}
+
+impl PendingWrite {
+    pub(crate) fn accounted(self) {
+        let mut s = self.gate.state.lock().expect("not poisoned");
+        s.1 -= 1;
+    }
 }
 
 impl Recorder {
@@ -401,6 +441,46 @@ impl Recorder {
     ) -> Result<T, SnapshotError> {
         let (reply, rx) = oneshot::channel();
         self.send(make(reply)).await?;
+        rx.await.map_err(|_| thread_gone(&self.inner.path))?
+    }
+
+    /// A destination write is about to begin. Before the run's first, the sync is marked durably
+    /// as writing ([`SyncMeta::writing`]): a crash from then on, before the run ends with every
+    /// write recorded, makes the next run rebuild the entries from the target, since entries
+    /// recorded after the last durable commit are lost in a crash while the destination kept
+    /// the rows (a row the source then deletes, or changes back, would otherwise stay wrong).
+    pub(crate) async fn begin_write(&self) -> Result<PendingWrite, SnapshotError> {
+        self.gate
+            .marked
+            .get_or_try_init(|| async {
+                let sync = self.sync.clone();
+                self.ask(|reply| Command::Writing { sync, reply }).await
+            })
+            .await?;
+        let mut s = self.gate.state.lock().expect("not poisoned");
+        if s.0 {
+            return Err(SnapshotError::Storage {
+                path: self.inner.path.clone(),
+                message: format!(
+                    "the run of sync '{}' has ended: no write may begin",
+                    self.sync
+                ),
+            });
+        }
+        s.1 += 1;
+        Ok(PendingWrite {
+            gate: self.gate.clone(),
+        })
+    }
+
+    /// Ends a run that will not finish (it failed or was stopped) after every writer stopped:
+    /// when every write that began is accounted for, the sync's writing mark is cleared, so the
+    /// next run trusts the entries; otherwise it stays, and the next run rebuilds them. A run
+    /// already finished is left as it is.
+    pub(crate) async fn close(&self) -> Result<(), SnapshotError> {
+        let (sync, gate) = (self.sync.clone(), self.gate.clone());
+        let (reply, rx) = oneshot::channel();
+        send(&self.inner, Command::Close { sync, gate, reply }).await?;
         rx.await.map_err(|_| thread_gone(&self.inner.path))?
     }
 
@@ -914,6 +994,82 @@ mod tests {
         let r = snap.reader("d").unwrap();
         assert_eq!(r.len(), 1);
         assert!(r.get(b"b").unwrap().is_some());
+    }
+
+    /// A run that began a destination write and did not account for it (killed, or its write
+    /// in doubt) leaves the sync marked, and the next run rebuilds the entries from the target;
+    /// a run that accounted for every write, finished or not, leaves the entries trusted.
+    #[test]
+    fn a_write_left_unaccounted_for_rebuilds_the_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.redb");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let how = BeginOptions {
+            target_has_rows: true,
+            ..Default::default()
+        };
+        let record = |rec: &Recorder, key: &[u8]| {
+            let p = rt.block_on(rec.begin_write()).unwrap();
+            let mut c = Committed::default();
+            c.keys.push(key);
+            c.entries.push(([1; 16], None));
+            rt.block_on(rec.record(c)).unwrap();
+            p.accounted();
+        };
+        let meta = |snap: &Snapshot| {
+            let syncs = snap.syncs().unwrap();
+            syncs.into_iter().find(|(n, ..)| n == "w").unwrap().1
+        };
+        {
+            let snap = Snapshot::open(&path, 1 << 20).unwrap();
+            let (_, rec) = rt.block_on(snap.begin("w", "k", "r", how)).unwrap();
+            record(&rec, b"a");
+            assert!(meta(&snap).writing, "marked before the first write");
+            rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+            assert!(!meta(&snap).writing, "cleared by a run that finished");
+            // A failed run that accounted for its writes: closed, still trusted.
+            let (b, rec) = rt.block_on(snap.begin("w", "k", "r", how)).unwrap();
+            assert!(!b.rebuild);
+            record(&rec, b"b");
+            rt.block_on(rec.close()).unwrap();
+            assert!(!meta(&snap).writing);
+            assert!(
+                rt.block_on(rec.begin_write()).is_err(),
+                "closed: no write begins"
+            );
+            // A write begun and never accounted for (in doubt, or the process died).
+            let (b, rec) = rt.block_on(snap.begin("w", "k", "r", how)).unwrap();
+            assert!(!b.rebuild);
+            record(&rec, b"c");
+            let lost = rt.block_on(rec.begin_write()).unwrap();
+            drop(lost);
+            rt.block_on(rec.close()).unwrap();
+            assert!(meta(&snap).writing, "kept: a write is unaccounted for");
+            assert_eq!(snap.reader("w").unwrap().len(), 3);
+        }
+        let snap = Snapshot::open(&path, 1 << 20).unwrap();
+        let (b, rec) = rt.block_on(snap.begin("w", "k", "r", how)).unwrap();
+        assert!(b.rebuild, "{:?}", b.notes);
+        assert!(b
+            .notes
+            .iter()
+            .any(|n| n.contains("before it recorded every row it wrote")));
+        assert!(
+            snap.reader("w").unwrap().is_empty(),
+            "the entries are rebuilt"
+        );
+        assert!(!meta(&snap).writing, "until this run writes");
+        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+        // Without rows in the target, the entries are cleared and nothing is rebuilt.
+        let (_, rec) = rt.block_on(snap.begin("w", "k", "r", how)).unwrap();
+        drop(rt.block_on(rec.begin_write()).unwrap());
+        rt.block_on(rec.close()).unwrap();
+        let (b, _) = rt
+            .block_on(snap.begin("w", "k", "r", BeginOptions::default()))
+            .unwrap();
+        assert!(!b.rebuild && b.notes.iter().any(|n| n.contains("before it recorded")));
     }
 
     /// A rebuild that began is redone by every run until one completes; a completed one is not.

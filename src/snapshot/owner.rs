@@ -7,9 +7,12 @@
 //!
 //! Row records are grouped into transactions of at most [`COMMIT_OPS`] operations that are not
 //! fsynced, with a durable commit at least every [`DURABLE_EVERY`], on every control command, and
-//! when the thread ends. Losing a non-durable commit in a crash only loses entries, which costs
-//! a harmless re-write next run; an entry is never written before the destination committed its
-//! row, because the writers send records only after the destination acknowledged the commit.
+//! when the thread ends. An entry is never written before the destination committed its row,
+//! because the writers send records only after the destination acknowledged the commit. Losing
+//! a non-durable commit in a crash loses entries of rows the destination holds, which a re-write
+//! does not always repair (the source may delete such a row, or change it back, before the
+//! next run): the sync's writing mark ([`super::SyncMeta::writing`]), durable before the run's
+//! first write, makes the next run rebuild the entries from the target.
 //!
 //! A storage error while recording a run's rows fails that run (its [`Recorder`] refuses further
 //! records and reports the error) without taking down the thread.
@@ -29,7 +32,7 @@ use super::format::{
     free_def, free_name, old_ranges_name, ranges_def, ranges_name, rows_def, rows_name, Entry,
     SyncMeta, FORMAT, META, REJECTED, RUNS, STALE_HASH,
 };
-use super::{Begin, BeginOptions, Committed, RecorderStats, Settled, SnapshotError};
+use super::{Begin, BeginOptions, Committed, Gate, RecorderStats, Settled, SnapshotError};
 use crate::batch::KeyBatch;
 use crate::delta::Basis;
 use crate::key_ranges::{self, RangeSpec, PER_RANGE};
@@ -54,7 +57,18 @@ pub(super) enum Command {
         row_fp: String,
         how: BeginOptions,
         failed: Arc<OnceLock<String>>,
+        gate: Arc<Gate>,
         reply: Reply<Begin>,
+    },
+    /// The run is about to write to the destination for the first time: mark the sync as
+    /// writing, durably ([`SyncMeta::writing`]).
+    Writing { sync: Arc<str>, reply: Reply<()> },
+    /// The run (the one `gate` belongs to) ends without finishing: clear the writing mark when
+    /// every write it began is accounted for.
+    Close {
+        sync: Arc<str>,
+        gate: Arc<Gate>,
+        reply: Reply<()>,
     },
     /// The destination committed these rows (inserted or updated).
     Record { sync: Arc<str>, rows: Committed },
@@ -116,6 +130,8 @@ struct RunState {
     stats: RecorderStats,
     /// Set when recording failed; the run's `Recorder` then refuses further records.
     failed: Arc<OnceLock<String>>,
+    /// The run's destination writes not yet accounted for.
+    gate: Arc<Gate>,
 }
 
 pub(super) struct Owner {
@@ -401,10 +417,17 @@ impl Owner {
                 row_fp,
                 how,
                 failed,
+                gate,
                 reply,
             } => {
-                let r = self.begin(&sync, &key_fp, &row_fp, how, failed);
+                let r = self.begin(&sync, &key_fp, &row_fp, how, (failed, gate));
                 let _ = reply.send(r);
+            }
+            Command::Writing { sync, reply } => {
+                let _ = reply.send(self.mark_writing(&sync));
+            }
+            Command::Close { sync, gate, reply } => {
+                let _ = reply.send(self.close(&sync, &gate));
             }
             Command::Settle {
                 sync,
@@ -462,7 +485,7 @@ impl Owner {
         key_fp: &str,
         row_fp: &str,
         how: BeginOptions,
-        failed: Arc<OnceLock<String>>,
+        (failed, gate): (Arc<OnceLock<String>>, Arc<Gate>),
     ) -> Result<Begin, SnapshotError> {
         let mut notes = Vec::new();
         let (meta, free) = self.durable_commit(|txn| {
@@ -491,6 +514,14 @@ impl Owner {
                     }
                 }
             };
+            if meta.writing {
+                // The last run was killed (or its recording failed) after writing: its last
+                // entries may be lost while the destination kept the rows.
+                notes.push("the last run of this sync ended before it recorded every row it wrote (it was killed, or its state file failed): the snapshot's entries are rebuilt from the target".into());
+                clear_entries(txn, sync);
+                meta.next_slot = 0;
+                meta.writing = false;
+            }
             // The entries are rebuilt from the target when there are none, or when the last
             // rebuild did not complete (a partial one is thrown away and started over); not for
             // a full re-sync, which rewrites every row anyway.
@@ -535,6 +566,7 @@ impl Owner {
                 duplicates: (0, Vec::new()),
                 stats: RecorderStats::default(),
                 failed,
+                gate,
             },
         );
         Ok(Begin {
@@ -582,17 +614,35 @@ impl Owner {
         })
     }
 
-    fn drop_basis(&mut self, sync: &Arc<str>) -> Result<(), SnapshotError> {
+    /// Changes the metadata of a run that is going, and saves it durably.
+    fn update_meta(
+        &mut self,
+        sync: &Arc<str>,
+        change: impl FnOnce(&mut SyncMeta),
+    ) -> Result<(), SnapshotError> {
         self.run_failed(sync)?;
         let Some(run) = self.runs.get_mut(sync) else {
             return Err(self.err(format!("no run of sync '{sync}' was begun")));
         };
-        run.meta.basis = None;
-        let json = serde_json::to_string(&run.meta).map_err(|e| self.err(e))?;
+        change(&mut run.meta);
+        let meta = run.meta.clone();
+        self.save_meta(sync, &meta)
+    }
+
+    fn save_meta(&mut self, sync: &str, meta: &SyncMeta) -> Result<(), SnapshotError> {
+        let json = serde_json::to_string(meta).map_err(|e| self.err(e))?;
         self.durable_commit(|txn| {
-            txn.open_table(META)?.insert(&**sync, json.as_str())?;
+            txn.open_table(META)?.insert(sync, json.as_str())?;
             Ok(())
         })
+    }
+
+    fn drop_basis(&mut self, sync: &Arc<str>) -> Result<(), SnapshotError> {
+        self.update_meta(sync, |m| m.basis = None)
+    }
+
+    fn mark_writing(&mut self, sync: &Arc<str>) -> Result<(), SnapshotError> {
+        self.update_meta(sync, |m| m.writing = true)
     }
 
     fn finish(
@@ -611,13 +661,30 @@ impl Owner {
             run.meta.rebuild_pending = false;
             run.meta.basis = basis;
         }
-        let json = serde_json::to_string(&run.meta).map_err(|e| self.err(e))?;
-        self.durable_commit(|txn| {
-            txn.open_table(META)?.insert(&**sync, json.as_str())?;
-            Ok(())
-        })?;
+        if run.gate.close() {
+            run.meta.writing = false;
+        }
+        self.save_meta(sync, &run.meta)?;
         run.stats.commits += 1;
         Ok(run.stats)
+    }
+
+    /// Ends the run `gate` belongs to, if it is still going (it did not finish): its writing
+    /// mark is cleared when every write it began is accounted for.
+    fn close(&mut self, sync: &Arc<str>, gate: &Arc<Gate>) -> Result<(), SnapshotError> {
+        if !self
+            .runs
+            .get(sync)
+            .is_some_and(|r| Arc::ptr_eq(&r.gate, gate))
+        {
+            return Ok(());
+        }
+        let mut run = self.runs.remove(sync).expect("checked above");
+        if !run.gate.close() || run.failed.get().is_some() || !run.meta.writing {
+            return Ok(());
+        }
+        run.meta.writing = false;
+        self.save_meta(sync, &run.meta)
     }
 
     fn log_run(&mut self, json: &str) -> Result<u64, SnapshotError> {

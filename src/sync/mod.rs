@@ -121,7 +121,7 @@ pub async fn next_read(
         Some((_, m, n)) if m.key_fp == plan.key_fp => (
             m.basis.as_ref(),
             *n,
-            (*n == 0 || m.rebuild_pending) && !plan.target_empty,
+            (*n == 0 || m.rebuild_pending || m.writing) && !plan.target_empty,
             m.row_fp.as_deref() != Some(plan.row_fp.as_str()),
         ),
         _ => (None, 0, !plan.target_empty, false),
@@ -286,6 +286,12 @@ async fn run_inner(
         progress: progress.clone(),
     });
     let result = stages(&env, snapshot, p, &ctx).await;
+    if let (Some(r), Err(_)) = (&ctx.recorder, &result) {
+        // Every writer has stopped: the run's end tells whether its writes are all recorded.
+        if let Err(e) = r.close().await {
+            tracing::warn!("sync '{}': {e}", spec.name);
+        }
+    }
     let rejections = ctx.rejections();
     if !opts.dry_run && (result.is_ok() || rejections.count > 0) {
         // The rows rejected in this run replace the last run's list (`pgdelta log --rejected`).
