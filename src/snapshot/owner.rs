@@ -335,7 +335,8 @@ impl Owner {
         };
         let done = match cmd {
             Command::Record { rows: c, .. } => {
-                for (i, &(hash, slot)) in c.entries.iter().enumerate() {
+                for i in key_order(&c.keys, 0..c.keys.len()) {
+                    let (hash, slot) = c.entries[i];
                     let key = c.keys.key(i);
                     let slot = match slot {
                         Some(s) => s,
@@ -370,7 +371,7 @@ impl Owner {
             }
             Command::Remove { keys, rows: r, .. } => {
                 let n = r.len();
-                for i in r {
+                for i in key_order(&keys, r) {
                     if let Some(old) = rows.remove(keys.key(i)).map_err(|e| err(&e))? {
                         slots.release(Entry::decode(old.value()).slot)?;
                         slots.run.stats.removed += 1;
@@ -702,6 +703,18 @@ impl Owner {
             Ok(id)
         })
     }
+}
+
+/// The indexes of `range` in `keys`, in key order (stable: equal keys keep their order). A
+/// batch's rows come in the order the source read them, which after scattered updates is not
+/// key order; applied in key order, neighbouring keys share B-tree pages and paths, so redb
+/// reads and copies each page once per batch instead of hopping across the tree.
+fn key_order(keys: &KeyBatch, range: Range<usize>) -> Vec<usize> {
+    let mut order: Vec<usize> = range.collect();
+    if !order.is_sorted_by_key(|&i| keys.key(i)) {
+        order.sort_by_key(|&i| keys.key(i));
+    }
+    order
 }
 
 /// Drops a sync's entries, free slots and tallies per key range.
