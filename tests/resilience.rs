@@ -623,6 +623,10 @@ async fn sigkill_after_writes_then_the_source_undoes_them_converges() {
         .await
         .unwrap();
     let held = Env::count(&env.dst, "t").await;
+    // A dry run says what the next run does.
+    let out = run_ok(&env, &["--json", "--dry-run"]);
+    let reason = last_json(&out)["data"]["read_strategy_reason"].to_string();
+    assert!(reason.contains("rebuilt from the target"), "{reason}");
     let out = run_ok(&env, &["--json", "--sleep-ms", "0"]);
     let data = &last_json(&out)["data"];
     assert_eq!(data["rebuilt_from_target"].as_i64(), Some(held), "{data}");
