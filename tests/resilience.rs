@@ -25,6 +25,20 @@ fn dbname(url: &str) -> &str {
     &url[url.rfind('/').unwrap() + 1..]
 }
 
+/// Terminates pgdelta's sessions on `db` that match `filter` (at most `limit` of them);
+/// returns how many.
+async fn terminate(admin: &tokio_postgres::Client, db: &str, filter: &str, limit: u32) -> u64 {
+    let n: i64 = admin
+        .query_one(
+            &format!("SELECT count(pg_terminate_backend(pid)) FROM (SELECT pid FROM pg_stat_activity WHERE datname = $1::text AND application_name = 'pgdelta' AND pid <> pg_backend_pid() AND {filter} LIMIT {limit}) s"),
+            &[&db],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or_else(|e| panic!("terminator: {e}"));
+    n as u64
+}
+
 /// Terminates pgdelta's sessions on `db` (writers or the reader) every `every` until stopped.
 fn terminator(
     url: String,
@@ -38,15 +52,7 @@ fn terminator(
         let mut killed = 0u64;
         for _ in 0..times {
             tokio::time::sleep(every).await;
-            let n: i64 = admin
-                .query_one(
-                    &format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1::text AND application_name = 'pgdelta' AND pid <> pg_backend_pid() AND {filter}"),
-                    &[&db],
-                )
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or_else(|e| panic!("terminator: {e}"));
-            killed += n as u64;
+            killed += terminate(&admin, &db, filter, u32::MAX).await;
         }
         killed
     })
@@ -58,16 +64,9 @@ fn terminate_first(url: String, db: String, filter: &'static str) -> tokio::task
     tokio::spawn(async move {
         let admin = connect(&url).await;
         for _ in 0..1000 {
-            let n: i64 = admin
-                .query_one(
-                    &format!("SELECT count(pg_terminate_backend(pid)) FROM (SELECT pid FROM pg_stat_activity WHERE datname = $1::text AND application_name = 'pgdelta' AND pid <> pg_backend_pid() AND {filter} LIMIT 1) s"),
-                    &[&db],
-                )
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or_else(|e| panic!("terminator: {e}"));
+            let n = terminate(&admin, &db, filter, 1).await;
             if n > 0 {
-                return n as u64;
+                return n;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
