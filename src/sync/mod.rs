@@ -118,9 +118,10 @@ pub async fn next_read(
         .find(|(n, ..)| n == &spec.name);
     // What `Snapshot::begin` would decide, read without beginning a run.
     let (basis, entries, rebuild, rewrite_all) = match &meta {
+        // A writing mark clears the entries (see `SyncMeta::writing`).
         Some((_, m, n)) if m.key_fp == plan.key_fp => (
             m.basis.as_ref(),
-            *n,
+            if m.writing { 0 } else { *n },
             (*n == 0 || m.rebuild_pending || m.writing) && !plan.target_empty,
             m.row_fp.as_deref() != Some(plan.row_fp.as_str()),
         ),
