@@ -195,9 +195,7 @@ impl Snapshot {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, SnapshotError>>) -> Command,
     ) -> Result<T, SnapshotError> {
-        let (reply, rx) = oneshot::channel();
-        send(&self.inner, make(reply)).await?;
-        rx.await.map_err(|_| thread_gone(&self.inner.path))?
+        ask(&self.inner, make).await
     }
 
     /// Starts a run of `sync`: checks the stored fingerprints against the model's (a new key
@@ -370,6 +368,16 @@ async fn send(inner: &Inner, cmd: Command) -> Result<(), SnapshotError> {
     tx.send(cmd).await.map_err(|_| thread_gone(&inner.path))
 }
 
+/// Sends a command and waits for its reply.
+async fn ask<T>(
+    inner: &Inner,
+    make: impl FnOnce(oneshot::Sender<Result<T, SnapshotError>>) -> Command,
+) -> Result<T, SnapshotError> {
+    let (reply, rx) = oneshot::channel();
+    send(inner, make(reply)).await?;
+    rx.await.map_err(|_| thread_gone(&inner.path))?
+}
+
 fn thread_gone(path: &str) -> SnapshotError {
     SnapshotError::Storage {
         path: path.to_string(),
@@ -394,18 +402,25 @@ pub(crate) struct Recorder {
 /// sync's [`SyncMeta::writing`] mark is cleared only if every write that began was accounted for.
 #[derive(Default)]
 pub(crate) struct Gate {
-    /// (closed, writes begun and not accounted for)
-    state: Mutex<(bool, u64)>,
+    state: Mutex<GateState>,
     /// The sync was marked as writing (durably), before the run's first write.
     marked: tokio::sync::OnceCell<()>,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// The run ended: no write may begin.
+    closed: bool,
+    /// Writes begun and not yet accounted for.
+    open: u64,
 }
 
 impl Gate {
     /// Closes the gate; true when every write that began was accounted for.
     fn close(&self) -> bool {
         let mut s = self.state.lock().expect("not poisoned");
-        s.0 = true;
-        s.1 == 0
+        s.closed = true;
+        s.open == 0
     }
 }
 
@@ -419,19 +434,24 @@ pub(crate) struct PendingWrite {
 
 impl PendingWrite {
     pub(crate) fn accounted(self) {
-        let mut s = self.gate.state.lock().expect("not poisoned");
-        s.1 -= 1;
+        self.gate.state.lock().expect("not poisoned").open -= 1;
     }
 }
 
 impl Recorder {
-    async fn send(&self, cmd: Command) -> Result<(), SnapshotError> {
-        if let Some(m) = self.failed.get() {
-            return Err(SnapshotError::Storage {
+    /// Refuses to go on once recording this run failed.
+    fn check(&self) -> Result<(), SnapshotError> {
+        match self.failed.get() {
+            Some(m) => Err(SnapshotError::Storage {
                 path: self.inner.path.clone(),
                 message: m.clone(),
-            });
+            }),
+            None => Ok(()),
         }
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), SnapshotError> {
+        self.check()?;
         send(&self.inner, cmd).await
     }
 
@@ -439,9 +459,8 @@ impl Recorder {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, SnapshotError>>) -> Command,
     ) -> Result<T, SnapshotError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(make(reply)).await?;
-        rx.await.map_err(|_| thread_gone(&self.inner.path))?
+        self.check()?;
+        ask(&self.inner, make).await
     }
 
     /// A destination write is about to begin. Before the run's first, the sync is marked durably
@@ -458,7 +477,7 @@ impl Recorder {
             })
             .await?;
         let mut s = self.gate.state.lock().expect("not poisoned");
-        if s.0 {
+        if s.closed {
             return Err(SnapshotError::Storage {
                 path: self.inner.path.clone(),
                 message: format!(
@@ -467,7 +486,7 @@ impl Recorder {
                 ),
             });
         }
-        s.1 += 1;
+        s.open += 1;
         Ok(PendingWrite {
             gate: self.gate.clone(),
         })
@@ -477,11 +496,10 @@ impl Recorder {
     /// when every write that began is accounted for, the sync's writing mark is cleared, so the
     /// next run trusts the entries; otherwise it stays, and the next run rebuilds them. A run
     /// already finished is left as it is.
+    /// Sent even when recording failed: the snapshot thread then keeps the mark.
     pub(crate) async fn close(&self) -> Result<(), SnapshotError> {
         let (sync, gate) = (self.sync.clone(), self.gate.clone());
-        let (reply, rx) = oneshot::channel();
-        send(&self.inner, Command::Close { sync, gate, reply }).await?;
-        rx.await.map_err(|_| thread_gone(&self.inner.path))?
+        ask(&self.inner, |reply| Command::Close { sync, gate, reply }).await
     }
 
     /// The destination committed these rows.
