@@ -287,9 +287,14 @@ async fn destination_cluster_restart_mid_run() {
 }
 
 fn spawn_sync(env: &Env, extra: &[&str]) -> std::process::Child {
+    spawn(env, "sync", extra)
+}
+
+/// `pgdelta <command>` (`sync` or `check`) of table t, with the flags every test here uses.
+fn spawn(env: &Env, command: &str, extra: &[&str]) -> std::process::Child {
     let state = env.state();
     let mut args = vec![
-        "sync",
+        command,
         "--source",
         &env.src_url,
         "--destination",
@@ -578,12 +583,37 @@ async fn trigger_exceptions_on_the_target_reject_rows_not_the_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_writes_then_the_source_undoes_them_converges() {
     let env = seeded(30_000).await;
-    run_ok(&env, &["--sleep-ms", "0"]);
+    let held = sync_then_sigkill_mid_write(&env, 2).await;
+    // The source undoes everything the killed run may have written.
     env.src
         .batch_execute(
-            "INSERT INTO t SELECT i, 1, 'new' FROM generate_series(30001, 30600) i;
-             UPDATE t SET qty = qty + 1000 WHERE id % 2 = 0 AND id <= 30000;",
+            "UPDATE t SET qty = qty - 1000 WHERE id % 2 = 0;
+             DELETE FROM t WHERE id > 30000;",
         )
+        .await
+        .unwrap();
+    // A dry run says what the next run does.
+    let out = run_ok(&env, &["--json", "--dry-run"]);
+    let reason = last_json(&out)["data"]["read_strategy_reason"].to_string();
+    assert!(reason.contains("rebuilt from the target"), "{reason}");
+    let out = run_ok(&env, &["--json", "--sleep-ms", "0"]);
+    let data = &last_json(&out)["data"];
+    assert_eq!(data["rebuilt_from_target"].as_i64(), Some(held), "{data}");
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+}
+
+/// Syncs t (30,000 rows), inserts 600 rows and updates every `nth` row at the source, then
+/// SIGKILLs a sync of those changes after its first rows reached the target; returns the
+/// target's row count then. The killed run leaves its writing mark in the state file. It reads
+/// in full when the changes are more than half the rows (every 2nd row), else only the changes.
+async fn sync_then_sigkill_mid_write(env: &Env, nth: i64) -> i64 {
+    run_ok(env, &["--sleep-ms", "0"]);
+    env.src
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT i, 1, 'new' FROM generate_series(30001, 30600) i;
+             UPDATE t SET qty = qty + 1000 WHERE id % {nth} = 0 AND id <= 30000;"
+        ))
         .await
         .unwrap();
     let written = || async {
@@ -596,7 +626,7 @@ async fn sigkill_after_writes_then_the_source_undoes_them_converges() {
             .unwrap()
             .get::<_, i64>(0)
     };
-    let mut child = spawn_sync(&env, &[]);
+    let mut child = spawn_sync(env, &[]);
     for _ in 0..500 {
         if written().await > 0 {
             break;
@@ -608,27 +638,39 @@ async fn sigkill_after_writes_then_the_source_undoes_them_converges() {
     child.wait().unwrap();
     let n = written().await;
     assert!(
-        n > 0 && n < 15_600,
+        n > 0 && n < 600 + 30_000 / nth,
         "killed too early or too late to test anything: {n} rows written"
     );
     // The new rows come first in the heap, so some of them are in the target.
-    assert!(Env::count(&env.dst, "t").await > 30_000);
-    // The source undoes everything the killed run may have written.
-    env.src
-        .batch_execute(
-            "UPDATE t SET qty = qty - 1000 WHERE id % 2 = 0;
-             DELETE FROM t WHERE id > 30000;",
-        )
-        .await
-        .unwrap();
     let held = Env::count(&env.dst, "t").await;
-    // A dry run says what the next run does.
-    let out = run_ok(&env, &["--json", "--dry-run"]);
-    let reason = last_json(&out)["data"]["read_strategy_reason"].to_string();
-    assert!(reason.contains("rebuilt from the target"), "{reason}");
+    assert!(held > 30_000, "{held}");
+    held
+}
+
+/// After a killed delta run, an emptied target: `check` predicts a full read (the run clears
+/// the entries the writing mark put in doubt, and there is nothing to rebuild them from; the
+/// delta run kept its recorded read), and the run reads in full and writes every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_writes_then_an_emptied_target_is_read_in_full() {
+    let env = seeded(30_000).await;
+    sync_then_sigkill_mid_write(&env, 3).await;
+    env.dst.batch_execute("TRUNCATE t").await.unwrap();
+    let out = spawn(&env, "check", &[]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let said = "the next run reads full: ";
+    let predicted = err
+        .lines()
+        .find_map(|l| Some(&l[l.find(said)? + said.len()..]))
+        .unwrap_or_else(|| panic!("no full read predicted: {err}"));
     let out = run_ok(&env, &["--json", "--sleep-ms", "0"]);
     let data = &last_json(&out)["data"];
-    assert_eq!(data["rebuilt_from_target"].as_i64(), Some(held), "{data}");
+    assert_eq!(data["read_strategy"], "full", "{data}");
+    // The prediction gives the run's own reason (and then how many sessions read it).
+    let reason = data["read_strategy_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("the snapshot has no entries"), "{data}");
+    assert!(predicted.starts_with(reason), "{predicted} / {reason}");
+    assert_eq!(data["written"].as_i64(), Some(30_600), "{data}");
     env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
         .await;
 }
