@@ -229,8 +229,10 @@ struct Setup {
 }
 
 pub async fn run(args: BenchArgs) -> Result<i32, Error> {
+    // Read the baseline first: a wrong path fails before the long measurement, not after.
+    let base = args.baseline.as_deref().map(load_baseline).transpose()?;
     let setup = setup(&args).await?;
-    let result = measure(&args, &setup).await;
+    let result = measure(&args, &setup, base.as_ref()).await;
     // Clean up: our schema only.
     for c in [&setup.src, &setup.dst] {
         let _ = exec(c, &format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")).await;
@@ -269,22 +271,18 @@ pub async fn run(args: BenchArgs) -> Result<i32, Error> {
 /// is measured once more (all its repetitions again, after a fresh untimed sync) and counts as
 /// a regression only when that second measurement is over the limit too. A busy minute on a
 /// shared machine then fails neither; a real regression fails both.
-async fn measure(args: &BenchArgs, s: &Setup) -> Result<(BenchReport, Vec<String>), Error> {
+async fn measure(
+    args: &BenchArgs,
+    s: &Setup,
+    base: Option<&BenchReport>,
+) -> Result<(BenchReport, Vec<String>), Error> {
     let mut round = 0;
     let mut report = scenarios(args, s, &mut round).await?;
     print_table(&report);
-    let Some(p) = &args.baseline else {
+    let Some(base) = base else {
         return Ok((report, Vec::new()));
     };
-    let text = std::fs::read_to_string(p)
-        .map_err(|e| Error::Config(format!("cannot read baseline {}: {e}", p.display())))?;
-    let base: BenchReport = serde_json::from_str(&text).map_err(|e| {
-        Error::Config(format!(
-            "baseline {} is not a bench result: {e}",
-            p.display()
-        ))
-    })?;
-    let first = compare(&report, &base, args.max_regression);
+    let first = compare(&report, base, args.max_regression);
     if first.is_empty() {
         return Ok((report, Vec::new()));
     }
@@ -304,20 +302,29 @@ async fn measure(args: &BenchArgs, s: &Setup) -> Result<(BenchReport, Vec<String
     again.scenarios.dedup();
     let second = scenarios(&again, s, &mut round).await?;
     print_table(&second);
-    let confirmed: Vec<String> = compare(&second, &base, args.max_regression)
+    let confirmed: Vec<String> = compare(&second, base, args.max_regression)
         .into_iter()
-        .filter(|r| first.iter().any(|f| f.label == r.label))
-        .map(|r| {
-            let before = first.iter().find(|f| f.label == r.label);
-            format!(
+        .filter_map(|r| {
+            let before = first.iter().find(|f| f.label == r.label)?;
+            Some(format!(
                 "{} (first measurement {:.3})",
-                r.message,
-                before.map_or(f64::NAN, |f| f.ratio)
-            )
+                r.message, before.ratio
+            ))
         })
         .collect();
     report.confirmations = second.scenarios;
     Ok((report, confirmed))
+}
+
+fn load_baseline(p: &Path) -> Result<BenchReport, Error> {
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| Error::Config(format!("cannot read baseline {}: {e}", p.display())))?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::Config(format!(
+            "baseline {} is not a bench result: {e}",
+            p.display()
+        ))
+    })
 }
 
 /// A scenario whose ratio grew more than the gate allows.
