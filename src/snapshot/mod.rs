@@ -495,8 +495,8 @@ impl Recorder {
     /// Ends a run that will not finish (it failed or was stopped) after every writer stopped:
     /// when every write that began is accounted for, the sync's writing mark is cleared, so the
     /// next run trusts the entries; otherwise it stays, and the next run rebuilds them. A run
-    /// already finished is left as it is.
-    /// Sent even when recording failed: the snapshot thread then keeps the mark.
+    /// already finished is left as it is. Sent even when recording failed: the snapshot thread
+    /// then keeps the mark.
     pub(crate) async fn close(&self) -> Result<(), SnapshotError> {
         let (sync, gate) = (self.sync.clone(), self.gate.clone());
         ask(&self.inner, |reply| Command::Close { sync, gate, reply }).await

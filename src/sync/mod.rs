@@ -118,13 +118,16 @@ pub async fn next_read(
         .find(|(n, ..)| n == &spec.name);
     // What `Snapshot::begin` would decide, read without beginning a run.
     let (basis, entries, rebuild, rewrite_all) = match &meta {
-        // A writing mark clears the entries (see `SyncMeta::writing`).
-        Some((_, m, n)) if m.key_fp == plan.key_fp => (
-            m.basis.as_ref(),
-            if m.writing { 0 } else { *n },
-            (*n == 0 || m.rebuild_pending || m.writing) && !plan.target_empty,
-            m.row_fp.as_deref() != Some(plan.row_fp.as_str()),
-        ),
+        Some((_, m, n)) if m.key_fp == plan.key_fp => {
+            // A writing mark clears the entries (see `SyncMeta::writing`).
+            let entries = if m.writing { 0 } else { *n };
+            (
+                m.basis.as_ref(),
+                entries,
+                (entries == 0 || m.rebuild_pending) && !plan.target_empty,
+                m.row_fp.as_deref() != Some(plan.row_fp.as_str()),
+            )
+        }
         _ => (None, 0, !plan.target_empty, false),
     };
     let d = decide_read(
