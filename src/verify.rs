@@ -10,8 +10,8 @@
 //!    are compared directly; an entry one side met and the other did not is a row missing from
 //!    (or extra in) the target. No scratch state, no write: two reads and one lookup per row.
 //!    Too many unmatched rows (a stale snapshot), a duplicate or a NULL key fall back to 2.
-//! 2. **Drift, by a rebuild.** A scratch snapshot (a temporary state file) is rebuilt from the
-//!    target, and the source is diffed against it as a dry run: rows *missing* from the target
+//! 2. **Drift, by a rebuild.** A scratch snapshot (a temporary state file in a directory of its
+//!    own beside the sync's, removed afterwards) is rebuilt from the target, and the source is diffed against it as a dry run: rows *missing* from the target
 //!    (added), rows that *differ* (changed) and *extra* rows the model does not have (removed),
 //!    with sample keys. The same stages as a sync, so the comparison is by key and row hash,
 //!    byte for byte; the sync's snapshot and the scratch one are then walked together in key
@@ -193,14 +193,10 @@ async fn by_rebuild(
     snapshot: &Snapshot,
     plan: &Plan,
 ) -> Result<VerifyReport, Error> {
-    let scratch_dir = tempfile::Builder::new()
-        .prefix("pgdelta-verify-")
-        .tempdir()
-        .map_err(|e| Error::Internal(format!("cannot create a scratch directory: {e}")))?;
-    // The same page cache as a sync's snapshot: the rebuild inserts, and the diff looks up,
+    // Beside the state file, with its page cache: the rebuild inserts, and the diff looks up,
     // every row here, as a sync does in its own.
-    let cache = crate::snapshot::DEFAULT_CACHE_BYTES;
-    let scratch = Snapshot::open(&scratch_dir.path().join("target.redb"), cache)?;
+    let scratch = snapshot.scratch()?;
+    let scratch = &scratch.snapshot;
     // A dry run against a snapshot rebuilt from the target: the drift, nothing written. The
     // delete guard is for writes; here removed rows are only counted.
     let mut probe = spec.clone();
@@ -217,7 +213,7 @@ async fn by_rebuild(
         audit: None,
         order: None,
     };
-    let drift = crate::sync::run(source, dest, &probe, &dry, &scratch).await?;
+    let drift = crate::sync::run(source, dest, &probe, &dry, scratch).await?;
     let mine = snapshot.reader(&spec.name)?;
     let check = compare(&mine, &scratch.reader(&spec.name)?, plan)?;
     Ok(VerifyReport {

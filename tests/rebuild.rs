@@ -192,6 +192,15 @@ async fn dry_run_over_a_lost_state_file_plans_only_the_real_difference() {
         (2000, 1, 0, 0, 0)
     );
     assert_eq!(s.sample_changed, vec!["id=3".to_string()]);
+    assert!(
+        s.notes.iter().any(|n| n.contains("scratch file")),
+        "{:?}",
+        s.notes
+    );
+    // The rebuild went to a scratch file, now gone: the state file holds no entries.
+    let (syncs, others) = env.state_contents();
+    assert!(syncs.iter().all(|(_, _, n)| *n == 0), "{syncs:?}");
+    assert!(others.is_empty(), "{others:?}");
     let price: String = env
         .dst
         .query_one("SELECT price::text FROM items WHERE id = 3", &[])
@@ -200,10 +209,57 @@ async fn dry_run_over_a_lost_state_file_plans_only_the_real_difference() {
         .get(0);
     assert_eq!(price, "4.50", "a dry run writes nothing to the target");
 
-    // A dry run never completes a rebuild: the real run rebuilds again, then writes one row.
+    // The real run rebuilds, then writes one row.
     let s = env.sync(&spec).await.unwrap();
     assert_eq!((s.rebuilt_from_target, s.changed, s.written), (2000, 1, 1));
     let s = env.sync(&spec).await.unwrap();
     assert_eq!((s.rebuilt_from_target, s.written), (0, 0));
+    assert_items_same(&env).await;
+}
+
+/// `--rebuild-state --dry-run` previews the rebuild without doing it: the state file (its
+/// entries, and metadata such as the basis of the next delta read) is left exactly as it was,
+/// and the next real run uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_that_would_rebuild_leaves_the_state_file_as_it_was() {
+    let env = seeded(3000).await;
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    env.sync(&spec).await.unwrap();
+    env.src
+        .batch_execute(
+            "UPDATE items SET qty = -1 WHERE id IN (7, 8); DELETE FROM items WHERE id = 9",
+        )
+        .await
+        .unwrap();
+    let before = env.state_contents();
+    assert_eq!(before.0.len(), 1);
+    assert_eq!(before.0[0].2, 3000);
+    let opts = RunOptions {
+        dry_run: true,
+        rebuild_state: true,
+        ..Default::default()
+    };
+    let s = env.sync_opts(&spec, &opts).await.unwrap();
+    assert_eq!(
+        (
+            s.rebuilt_from_target,
+            s.changed,
+            s.removed,
+            s.written,
+            s.deleted
+        ),
+        (3000, 2, 1, 0, 0)
+    );
+    assert_eq!(s.read_strategy, "full", "{}", s.read_strategy_reason);
+    assert_eq!(env.state_contents(), before, "a dry run writes nothing");
+
+    // The real run finds the entries and the basis as they were: a delta read, 3 rows.
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(
+        (s.rebuilt_from_target, s.changed, s.deleted, s.written),
+        (0, 2, 1, 2)
+    );
+    assert_eq!(s.read_strategy, "delta", "{}", s.read_strategy_reason);
     assert_items_same(&env).await;
 }

@@ -592,10 +592,13 @@ async fn sigkill_after_writes_then_the_source_undoes_them_converges() {
         )
         .await
         .unwrap();
-    // A dry run says what the next run does.
+    // A dry run says what the next run does, and leaves the writing mark where it is.
+    let before = env.state_contents();
+    assert!(before.0.iter().all(|(_, m, _)| m.writing), "{before:?}");
     let out = run_ok(&env, &["--json", "--dry-run"]);
     let reason = last_json(&out)["data"]["read_strategy_reason"].to_string();
     assert!(reason.contains("rebuilt from the target"), "{reason}");
+    assert_eq!(env.state_contents(), before, "a dry run writes nothing");
     let out = run_ok(&env, &["--json", "--sleep-ms", "0"]);
     let data = &last_json(&out)["data"];
     assert_eq!(data["rebuilt_from_target"].as_i64(), Some(held), "{data}");
@@ -608,6 +611,9 @@ async fn sigkill_after_writes_then_the_source_undoes_them_converges() {
 /// target's row count then. The killed run leaves its writing mark in the state file. It reads
 /// in full when the changes are more than half the rows (every 2nd row), else only the changes.
 async fn sync_then_sigkill_mid_write(env: &Env, nth: i64) -> i64 {
+    // The seeding's statistics must be in before the first run records them: a backend flushes
+    // its own only now and then, and the delta read judges the changes' share by them.
+    env.flush_stats().await;
     run_ok(env, &["--sleep-ms", "0"]);
     env.src
         .batch_execute(&format!(
@@ -616,6 +622,7 @@ async fn sync_then_sigkill_mid_write(env: &Env, nth: i64) -> i64 {
         ))
         .await
         .unwrap();
+    env.flush_stats().await;
     let written = || async {
         env.dst
             .query_one(

@@ -227,6 +227,8 @@ async fn by_the_snapshot_and_by_a_rebuild_verify_agree() {
     let empty = env.dir.path().join("empty.redb");
     let slow = run_verify_at(&env, &spec, &empty, false).await;
     assert_eq!(slow.compared_by, "rebuild");
+    // Its scratch state file was beside the state file, and is gone.
+    assert_eq!(env.state_contents().1, ["empty.redb"]);
     assert_eq!(
         slow.note.as_deref(),
         Some("the state file has no snapshot of this sync")

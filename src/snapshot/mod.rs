@@ -59,6 +59,10 @@ pub(crate) struct Begin {
     pub(crate) rewrite_all: bool,
     /// Rebuild the (now empty) entries from the target before the read.
     pub(crate) rebuild: bool,
+    /// A dry run whose real run would clear the entries or rebuild them from the target: the
+    /// dry run cannot use the file's entries (and writes nothing), so it runs against a
+    /// [`Snapshot::scratch`] file instead.
+    pub(crate) scratch: bool,
     /// Human-readable reasons, printed before the run.
     pub(crate) notes: Vec<String>,
 }
@@ -76,6 +80,8 @@ pub(crate) struct BeginOptions {
     /// Count the entries per key range, cut like this unless the recorded counts still fit
     /// (see [`crate::key_ranges`]); `None`: no counts.
     pub(crate) ranges: Option<crate::key_ranges::RangeSpec>,
+    /// A dry run: decide as a run would, write nothing (see [`Begin::scratch`]).
+    pub(crate) dry_run: bool,
 }
 
 /// What settling a run found: new keys the run recorded twice (duplicates in the model).
@@ -119,6 +125,10 @@ impl Committed {
 struct Inner {
     db: Arc<Database>,
     path: String,
+    file: std::path::PathBuf,
+    cache_bytes: usize,
+    /// A [`Scratch`] file: dry runs may write it.
+    scratch: bool,
     tx: Option<mpsc::Sender<Command>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -131,6 +141,12 @@ impl Drop for Inner {
             let _ = h.join();
         }
     }
+}
+
+/// A throwaway state file ([`Snapshot::scratch`]): the directory goes when this is dropped.
+pub(crate) struct Scratch {
+    pub(crate) snapshot: Snapshot,
+    _dir: tempfile::TempDir,
 }
 
 /// An open state file. Clones share the file and its snapshot thread.
@@ -173,6 +189,9 @@ impl Snapshot {
             inner: Arc::new(Inner {
                 db,
                 path: shown,
+                file: path.to_path_buf(),
+                cache_bytes,
+                scratch: false,
                 tx: Some(tx),
                 thread: Mutex::new(Some(thread)),
             }),
@@ -181,6 +200,36 @@ impl Snapshot {
 
     pub fn path(&self) -> &str {
         &self.inner.path
+    }
+
+    /// True for a [`Scratch`] file, which dry runs may write (their rebuilds go there).
+    pub(crate) fn is_scratch(&self) -> bool {
+        self.inner.scratch
+    }
+
+    /// A new, empty state file in a directory of its own beside this one (the same file system,
+    /// which has room for what this one holds), removed when the [`Scratch`] is dropped: where
+    /// a dry run rebuilds entries it may not write here (and `verify` rebuilds the target's).
+    pub(crate) fn scratch(&self) -> Result<Scratch, SnapshotError> {
+        let parent = match self.inner.file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = tempfile::Builder::new()
+            .prefix(".pgdelta-dry-run-")
+            .tempdir_in(parent)
+            .map_err(|e| SnapshotError::Open {
+                path: parent.join(".pgdelta-dry-run-*").display().to_string(),
+                message: e.to_string(),
+            })?;
+        let mut snapshot = Snapshot::open(&dir.path().join("state.redb"), self.inner.cache_bytes)?;
+        Arc::get_mut(&mut snapshot.inner)
+            .expect("a new snapshot has one handle")
+            .scratch = true;
+        Ok(Scratch {
+            snapshot,
+            _dir: dir,
+        })
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SnapshotError {

@@ -132,6 +132,8 @@ struct RunState {
     failed: Arc<OnceLock<String>>,
     /// The run's destination writes not yet accounted for.
     gate: Arc<Gate>,
+    /// A dry run: its metadata is never saved.
+    dry: bool,
 }
 
 pub(super) struct Owner {
@@ -477,6 +479,18 @@ impl Owner {
         Ok(v)
     }
 
+    /// Runs `f` in a write transaction that is aborted: what it would change, without changing
+    /// it (a dry run's start).
+    fn trial<T>(
+        &mut self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, SnapshotError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let v = f(&txn).map_err(|e| self.err(e))?;
+        txn.abort().map_err(|e| self.err(e))?;
+        Ok(v)
+    }
+
     /// Reads the sync's metadata and decides how the run treats the stored entries: a new key
     /// definition (or format, or `how.clear`) clears them, a new model (or `how.full_resync`)
     /// rewrites every row.
@@ -489,7 +503,8 @@ impl Owner {
         (failed, gate): (Arc<OnceLock<String>>, Arc<Gate>),
     ) -> Result<Begin, SnapshotError> {
         let mut notes = Vec::new();
-        let (meta, free) = self.durable_commit(|txn| {
+        let mut cleared = false;
+        let decide = |txn: &WriteTransaction| {
             let mut table = txn.open_table(META)?;
             let old: Option<SyncMeta> = match table.get(&**sync)? {
                 Some(v) => Some(serde_json::from_str(v.value()).map_err(storage)?),
@@ -507,7 +522,7 @@ impl Owner {
                             "the key columns or their types changed: the snapshot's entries were cleared (they are rebuilt from the target when it has rows)".into()
                         });
                     }
-                    clear_entries(txn, sync);
+                    cleared |= clear_entries(txn, sync)?;
                     SyncMeta {
                         format: FORMAT,
                         key_fp: key_fp.into(),
@@ -519,7 +534,7 @@ impl Owner {
                 // The last run was killed (or its recording failed) after writing: its last
                 // entries may be lost while the destination kept the rows.
                 notes.push("the last run of this sync ended before it recorded every row it wrote (it was killed, or its state file failed): the snapshot's entries are rebuilt from the target".into());
-                clear_entries(txn, sync);
+                cleared |= clear_entries(txn, sync)?;
                 meta.next_slot = 0;
                 meta.writing = false;
             }
@@ -530,7 +545,7 @@ impl Owner {
             if how.target_has_rows && !how.full_resync && (entries == 0 || meta.rebuild_pending) {
                 if entries > 0 {
                     notes.push("the last rebuild of the snapshot from the target did not complete: rebuilding it again".into());
-                    clear_entries(txn, sync);
+                    cleared |= clear_entries(txn, sync)?;
                     meta.next_slot = 0;
                 }
                 meta.rebuild_pending = true;
@@ -549,7 +564,13 @@ impl Owner {
                 free.push(item?.0.value());
             }
             Ok((meta, free))
-        })?;
+        };
+        // A dry run decides the same in a transaction it throws away: it writes nothing.
+        let (meta, free) = match how.dry_run {
+            true => self.trial(decide)?,
+            false => self.durable_commit(decide)?,
+        };
+        let rebuild = meta.rebuild_pending && how.target_has_rows && !how.full_resync;
         let rewrite_all = if how.full_resync {
             notes.push("--full-resync: every row is rewritten".into());
             true
@@ -568,13 +589,15 @@ impl Owner {
                 stats: RecorderStats::default(),
                 failed,
                 gate,
+                dry: how.dry_run,
             },
         );
         Ok(Begin {
             basis: meta.basis.clone(),
             next_slot: meta.next_slot,
             rewrite_all,
-            rebuild: meta.rebuild_pending && how.target_has_rows && !how.full_resync,
+            rebuild,
+            scratch: how.dry_run && (cleared || rebuild),
             notes,
         })
     }
@@ -626,6 +649,9 @@ impl Owner {
             return Err(self.err(format!("no run of sync '{sync}' was begun")));
         };
         change(&mut run.meta);
+        if run.dry {
+            return Err(self.err(format!("a dry run of sync '{sync}' writes nothing")));
+        }
         let meta = run.meta.clone();
         self.save_meta(sync, &meta)
     }
@@ -665,8 +691,10 @@ impl Owner {
         if run.gate.close() {
             run.meta.writing = false;
         }
-        self.save_meta(sync, &run.meta)?;
-        run.stats.commits += 1;
+        if !run.dry {
+            self.save_meta(sync, &run.meta)?;
+            run.stats.commits += 1;
+        }
         Ok(run.stats)
     }
 
@@ -681,7 +709,7 @@ impl Owner {
             return Ok(());
         }
         let mut run = self.runs.remove(sync).expect("checked above");
-        if !run.gate.close() || run.failed.get().is_some() || !run.meta.writing {
+        if !run.gate.close() || run.failed.get().is_some() || !run.meta.writing || run.dry {
             return Ok(());
         }
         run.meta.writing = false;
@@ -717,12 +745,14 @@ fn key_order(keys: &KeyBatch, range: Range<usize>) -> Vec<usize> {
     order
 }
 
-/// Drops a sync's entries, free slots and tallies per key range.
-fn clear_entries(txn: &WriteTransaction, sync: &str) {
+/// Drops a sync's entries, free slots and tallies per key range; true when it had entries.
+fn clear_entries(txn: &WriteTransaction, sync: &str) -> Result<bool, redb::Error> {
+    let had = txn.open_table(rows_def(&rows_name(sync)))?.len()? > 0;
     let _ = txn.delete_table(rows_def(&rows_name(sync)));
     let _ = txn.delete_table(free_def(&free_name(sync)));
     let _ = txn.delete_table(ranges_def(&ranges_name(sync)));
     let _ = txn.delete_table(ranges_def(&old_ranges_name(sync)));
+    Ok(had)
 }
 
 /// Applies the changes (tallies of keys added, and [`key_ranges::Tally::neg`] of keys removed)

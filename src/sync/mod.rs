@@ -38,7 +38,7 @@ use crate::sink::{
     self, AnyDestination, ApplyCtx, Destination, NullDestination, PgDestination, Sizer, Strategy,
     WriteStats,
 };
-use crate::snapshot::{Begin, BeginOptions, Reader, Recorder, Snapshot};
+use crate::snapshot::{Begin, BeginOptions, Reader, Recorder, Scratch, Snapshot};
 use crate::source::{Read, ReadEnd, ReadOf, ReadStats, SourceRead};
 use crate::spec::{Mode, Shard, SyncSpec};
 use crate::split;
@@ -346,7 +346,9 @@ async fn stages(
         writers,
         rebuild,
         split,
+        scratch,
     } = p;
+    let snapshot = scratch.as_ref().map_or(snapshot, |s| &s.snapshot);
     let dry_run = env.opts.dry_run;
     let (reader, rebuilt) = match rebuild {
         true => rebuild_from_target(env, snapshot, &info, &recorder, ctx, reader).await?,
@@ -627,6 +629,9 @@ struct Prepared {
     rebuild: bool,
     /// The table model's reads split across sessions.
     split: Option<Split>,
+    /// A dry run's scratch state file (see [`Begin::scratch`]): the stages use it, not the
+    /// state file.
+    scratch: Option<Scratch>,
 }
 
 /// Connects, plans, begins the snapshot run and opens the writers. Writers connect before the
@@ -679,16 +684,27 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         clear: env.opts.rebuild_state,
         target_has_rows: !plan.target_empty,
         ranges,
+        // A dry run writes no state file but a scratch one.
+        dry_run: env.opts.dry_run && !snapshot.is_scratch(),
     };
-    let (mut begin, recorder) = snapshot
+    let (mut begin, mut recorder) = snapshot
         .begin(name, &plan.key_fp, &plan.row_fp, how)
         .await?;
     if let (Some(sh), true) = (spec.shard, begin.rebuild) {
         begin.notes.extend(reshard_note(snapshot, name, sh)?);
     }
+    let scratch = match begin.scratch {
+        true => {
+            let (scratch, b, r) = scratch_begin(snapshot, name, &plan, how, begin).await?;
+            (begin, recorder) = (b, r);
+            Some(scratch)
+        }
+        false => None,
+    };
     for n in &begin.notes {
         tracing::warn!("sync '{name}': {n}");
     }
+    let snapshot = scratch.as_ref().map_or(snapshot, |s| &s.snapshot);
     let reader = Arc::new(snapshot.reader(name)?);
     let rebuild = begin.rebuild;
     let decision = decide_read(
@@ -737,7 +753,44 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         writers,
         rebuild,
         split,
+        scratch,
     })
+}
+
+/// A dry run whose real run would clear the snapshot's entries or rebuild them from the target
+/// ([`Begin::scratch`]): it begins again on a scratch state file, where the rebuild goes, so the
+/// state file is left as it was. `real` is what the state file's start decided: its notes, its
+/// basis and whether every row is rewritten stand, so the dry run reports what the real run
+/// would do.
+async fn scratch_begin(
+    snapshot: &Snapshot,
+    name: &str,
+    plan: &Plan,
+    how: BeginOptions,
+    real: Begin,
+) -> Result<(Scratch, Begin, Recorder), Error> {
+    let scratch = snapshot.scratch()?;
+    let how = BeginOptions {
+        dry_run: false,
+        clear: false,
+        ..how
+    };
+    let (begin, recorder) = scratch
+        .snapshot
+        .begin(name, &plan.key_fp, &plan.row_fp, how)
+        .await?;
+    let mut notes = real.notes;
+    notes.push(format!(
+        "dry run: the state file is left as it is; the snapshot is {} in a scratch file beside it, removed at the end",
+        if begin.rebuild { "rebuilt from the target" } else { "started empty" }
+    ));
+    let begin = Begin {
+        notes,
+        basis: real.basis,
+        rewrite_all: real.rewrite_all,
+        ..begin
+    };
+    Ok((scratch, begin, recorder))
 }
 
 /// The rows of a table (every leaf of a partitioned one) by the planner's statistics; `None`

@@ -69,8 +69,8 @@ pub struct BenchArgs {
     /// the limit is measured once more, and fails only if it is over the limit again.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
-    /// Allowed growth of a scenario's ratio over the baseline's, in percent.
-    #[arg(long, default_value_t = 25.0)]
+    /// Allowed growth of a scenario's ratio over the baseline's, in percent (0 or more).
+    #[arg(long, default_value_t = 25.0, value_parser = percent)]
     pub max_regression: f64,
     /// Write a self-contained HTML report with charts.
     #[arg(long)]
@@ -82,6 +82,15 @@ pub struct BenchArgs {
     /// `auto` is pgdelta's default). Without it, pgdelta's default.
     #[arg(long, value_delimiter = ',', value_name = "N|auto")]
     pub read_sessions: Vec<ReadSessions>,
+}
+
+/// A growth allowance in percent: a finite number, 0 or more (a negative one would fail
+/// every scenario, however fast).
+fn percent(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        _ => Err(format!("'{v}' is not a percentage of 0 or more (e.g. 30)")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -238,6 +238,23 @@ impl Env {
         self.dir.path().join("state.redb")
     }
 
+    /// What the state file holds for each sync (metadata, entries), and the names of the other
+    /// files beside it (a dry run's scratch files must be gone).
+    pub(crate) fn state_contents(
+        &self,
+    ) -> (Vec<(String, pgdelta::snapshot::SyncMeta, u64)>, Vec<String>) {
+        let syncs = Snapshot::open(&self.state(), 1 << 20)
+            .unwrap()
+            .syncs()
+            .unwrap();
+        let others = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "state.redb")
+            .collect();
+        (syncs, others)
+    }
+
     /// Runs SQL on both databases.
     pub(crate) async fn both(&self, sql: &str) {
         self.src.batch_execute(sql).await.unwrap();
