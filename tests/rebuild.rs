@@ -263,3 +263,24 @@ async fn a_dry_run_that_would_rebuild_leaves_the_state_file_as_it_was() {
     assert_eq!(s.read_strategy, "delta", "{}", s.read_strategy_reason);
     assert_items_same(&env).await;
 }
+
+/// A scratch state file left by a killed dry run is removed by the next command that opens the
+/// state file; another state file's scratch directory beside it is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_runs_scratch_file_is_removed_when_the_state_file_is_next_opened() {
+    let env = seeded(100).await;
+    let spec = env.spec("items", &["id"]);
+    let stale = env.dir.path().join(".state.redb.scratch-AbC123");
+    let other = env.dir.path().join(".other.redb.scratch-XyZ789");
+    for d in [&stale, &other] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("state.redb"), b"left by a killed run").unwrap();
+    }
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.written, 100);
+    assert!(
+        !stale.exists(),
+        "the stale scratch directory is still there"
+    );
+    assert_eq!(env.state_contents().1, [".other.redb.scratch-XyZ789"]);
+}

@@ -143,6 +143,48 @@ impl Drop for Inner {
     }
 }
 
+/// The directory a state file is in.
+fn dir_of(file: &Path) -> &Path {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// How the names of a state file's scratch directories begin: `.<file name>.scratch-`.
+fn scratch_prefix(file: &Path) -> String {
+    let name = file.file_name().unwrap_or_default().to_string_lossy();
+    format!(".{name}.scratch-")
+}
+
+/// Removes the scratch directories of the state file `file` that a killed run left behind. Only
+/// a process holding the state file's lock makes them, and the caller holds it now, so any
+/// found is stale (a dropped [`Scratch`] removes its own).
+fn remove_stale_scratch(file: &Path) {
+    let prefix = scratch_prefix(file);
+    let Ok(entries) = std::fs::read_dir(dir_of(file)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let stale = e.file_name().to_string_lossy().starts_with(&prefix)
+            && e.file_type().is_ok_and(|t| t.is_dir());
+        if !stale {
+            continue;
+        }
+        let dir = e.path();
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(
+                "removed {}, the scratch state file of a pgdelta run that was killed",
+                dir.display()
+            ),
+            Err(err) => tracing::warn!(
+                "cannot remove {}, the scratch state file of a pgdelta run that was killed: {err}; remove it by hand",
+                dir.display()
+            ),
+        }
+    }
+}
+
 /// A throwaway state file ([`Snapshot::scratch`]): the directory goes when this is dropped.
 pub(crate) struct Scratch {
     pub(crate) snapshot: Snapshot,
@@ -178,6 +220,7 @@ impl Snapshot {
                 },
                 other => open_err(other.to_string()),
             })?;
+        remove_stale_scratch(path);
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let owner = Owner::new(db.clone(), shown.clone());
@@ -211,15 +254,16 @@ impl Snapshot {
     /// which has room for what this one holds), removed when the [`Scratch`] is dropped: where
     /// a dry run rebuilds entries it may not write here (and `verify` rebuilds the target's).
     pub(crate) fn scratch(&self) -> Result<Scratch, SnapshotError> {
-        let parent = match self.inner.file.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let file = &self.inner.file;
+        let prefix = scratch_prefix(file);
         let dir = tempfile::Builder::new()
-            .prefix(".pgdelta-dry-run-")
-            .tempdir_in(parent)
+            .prefix(&prefix)
+            .tempdir_in(dir_of(file))
             .map_err(|e| SnapshotError::Open {
-                path: parent.join(".pgdelta-dry-run-*").display().to_string(),
+                path: dir_of(file)
+                    .join(format!("{prefix}*"))
+                    .display()
+                    .to_string(),
                 message: e.to_string(),
             })?;
         let mut snapshot = Snapshot::open(&dir.path().join("state.redb"), self.inner.cache_bytes)?;
