@@ -201,6 +201,15 @@ impl Snapshot {
     /// Opens (or creates) the state file and starts its snapshot thread. `cache_bytes` bounds
     /// redb's page cache.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Snapshot, SnapshotError> {
+        Snapshot::open_with(path, cache_bytes, None)
+    }
+
+    /// [`Snapshot::open`], with the snapshot thread's staging limit (tests make it small).
+    fn open_with(
+        path: &Path,
+        cache_bytes: usize,
+        stage_limit: Option<usize>,
+    ) -> Result<Snapshot, SnapshotError> {
         let shown = path.display().to_string();
         let open_err = |message: String| SnapshotError::Open {
             path: shown.clone(),
@@ -223,7 +232,10 @@ impl Snapshot {
         remove_stale_scratch(path);
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let owner = Owner::new(db.clone(), shown.clone());
+        let mut owner = Owner::new(db.clone(), shown.clone());
+        if let Some(limit) = stage_limit {
+            owner.stage_limit = limit;
+        }
         let thread = std::thread::Builder::new()
             .name("pgdelta-snapshot".into())
             .spawn(move || owner.run(rx))
@@ -924,6 +936,27 @@ mod tests {
 
     fn assert_sync<T: Sync + Send>() {}
 
+    /// The raw key of a bigint value, as binary COPY sends it.
+    fn int8_key(v: i64) -> Vec<u8> {
+        let mut k = 8u32.to_be_bytes().to_vec();
+        k.extend_from_slice(&v.to_be_bytes());
+        k
+    }
+
+    /// Every entry's key and hash; panics when two entries share a slot (removed-row detection
+    /// depends on each entry having one of its own).
+    fn entries(r: &Reader) -> BTreeMap<Vec<u8>, [u8; 16]> {
+        let mut got = BTreeMap::new();
+        let mut slots = HashSet::new();
+        r.scan(|k, e| {
+            got.insert(k.to_vec(), e.hash);
+            assert!(slots.insert(e.slot), "slot {} used twice", e.slot);
+            true
+        })
+        .unwrap();
+        got
+    }
+
     #[test]
     fn reader_is_shareable_across_threads() {
         assert_sync::<Reader>();
@@ -1013,13 +1046,7 @@ mod tests {
                 proptest::prop_assert_eq!(settled.duplicates, 0);
                 rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
                 let now = snap.reader("m").unwrap();
-                let mut seen = BTreeMap::new();
-                let mut slots = HashSet::new();
-                now.scan(|k, e| {
-                    seen.insert(k.to_vec(), e.hash);
-                    assert!(slots.insert(e.slot), "slot {} used twice", e.slot);
-                    true
-                }).unwrap();
+                let seen = entries(&now);
                 proptest::prop_assert_eq!(&seen, &model);
                 proptest::prop_assert_eq!(now.len(), model.len() as u64);
                 // The counts follow the entries, cut as proposed or as a rebuild chose.
@@ -1034,6 +1061,108 @@ mod tests {
         }
     }
 
+    /// Batches of scattered keys are staged and applied in key order, some when the staging
+    /// limit is reached, the rest before the removals and the settle that follow them: the
+    /// entries, their slots, the duplicate found across batches and the counts per key range
+    /// all come out as if every record had been applied as it came.
+    #[test]
+    fn scattered_records_are_staged_and_agree_with_a_btreemap() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap =
+            Snapshot::open_with(&dir.path().join("s.redb"), 1 << 20, Some(64 << 10)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let key = int8_key;
+        let spec = RangeSpec { width: 8, shift: 3 };
+        let how = BeginOptions {
+            ranges: Some(spec),
+            ..BeginOptions::default()
+        };
+        let mut model: BTreeMap<Vec<u8>, [u8; 16]> = BTreeMap::new();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 200_000) as i64 - 100_000
+        };
+        for run in 0..3u8 {
+            let (_, rec) = rt.block_on(snap.begin("s", "k", "r", how)).unwrap();
+            let start = snap.reader("s").unwrap();
+            let mut seen = HashSet::new();
+            let mut dup: Option<i64> = None;
+            for b in 0..20 {
+                let mut c = Committed::default();
+                while c.keys.len() < 500 {
+                    let v = random();
+                    if !seen.insert(v) {
+                        continue;
+                    }
+                    let k = key(v);
+                    let slot = start.get(&k).unwrap().map(|e| e.slot);
+                    let h = [run.wrapping_add(v as u8); 16];
+                    c.keys.push(&k);
+                    c.entries.push((h, slot));
+                    model.insert(k, h);
+                }
+                if b == 15 {
+                    // A new key of batch 3 again: the model has it twice.
+                    let v = dup.unwrap();
+                    c.keys.push(&key(v));
+                    c.entries.push(([7; 16], None));
+                }
+                if b == 3 {
+                    let v = (0..)
+                        .map(|_| random())
+                        .find(|v| !seen.contains(v) && start.get(&key(*v)).unwrap().is_none())
+                        .unwrap();
+                    seen.insert(v);
+                    c.keys.push(&key(v));
+                    c.entries.push(([3; 16], None));
+                    dup = Some(v);
+                }
+                rt.block_on(rec.record(c)).unwrap();
+                if b == 10 {
+                    // Removals of keys recorded in this run and before, among the staged ones.
+                    let mut gone = KeyBatch::default();
+                    for k in model
+                        .keys()
+                        .step_by(97)
+                        .take(60)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                    {
+                        gone.push(&k);
+                        model.remove(&k);
+                    }
+                    let n = gone.len();
+                    rt.block_on(rec.remove(Arc::new(gone), 0..n)).unwrap();
+                }
+            }
+            let settled = rt.block_on(rec.settle(Vec::new())).unwrap();
+            let v = dup.unwrap();
+            assert_eq!(settled.duplicates, 1, "run {run}");
+            assert_eq!(settled.duplicate_keys, vec![key(v)]);
+            rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+            drop(start);
+            let now = snap.reader("s").unwrap();
+            let got = entries(&now);
+            // The duplicate key's entries are gone (it is re-checked next run).
+            model.remove(&key(v));
+            let wrong = got.iter().filter(|(k, h)| model.get(*k) != Some(h)).count();
+            assert!(
+                wrong == 0 && got.len() == model.len(),
+                "run {run}: {} entries, {} expected, {wrong} wrong",
+                got.len(),
+                model.len()
+            );
+            let values: Vec<i64> = model.keys().map(|k| spec.value(k).unwrap()).collect();
+            let want = key_ranges::tally(&now.range_spec().unwrap(), &values);
+            assert_eq!(now.range_counts().unwrap(), Some(want), "run {run}");
+        }
+    }
+
     /// Counts per key range begin with the proposed cut while there are no entries; the next
     /// run re-cuts them where an entry's range holds about 32 entries (dense keys and a few far
     /// outliers: the outliers do not widen the dense keys' ranges).
@@ -1044,11 +1173,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let key = |v: i64| {
-            let mut k = 8u32.to_be_bytes().to_vec();
-            k.extend_from_slice(&v.to_be_bytes());
-            k
-        };
+        let key = int8_key;
         let how = BeginOptions {
             ranges: Some(RangeSpec { width: 8, shift: 0 }),
             ..BeginOptions::default()

@@ -7,7 +7,9 @@
 //!
 //! Row records are grouped into transactions of at most [`COMMIT_OPS`] operations that are not
 //! fsynced, with a durable commit at least every [`DURABLE_EVERY`], on every control command, and
-//! when the thread ends. An entry is never written before the destination committed its row,
+//! when the thread ends. Batches whose keys come scattered (random keys such as UUIDs) are first
+//! staged in memory, up to [`STAGE_BYTES`], and applied in key order (before any control
+//! command, and before a removal or stale mark of the same sync). An entry is never written before the destination committed its row,
 //! because the writers send records only after the destination acknowledged the commit. Losing
 //! a non-durable commit in a crash loses entries of rows the destination holds, which a re-write
 //! does not always repair (the source may delete such a row, or change it back, before the
@@ -42,6 +44,15 @@ use crate::key_ranges::{self, RangeSpec, PER_RANGE};
 const COMMIT_OPS: usize = 10_000;
 /// ... but one is made durable at least this often, on every control command, and at the end.
 const DURABLE_EVERY: Duration = Duration::from_secs(2);
+
+/// Row records of committed rows are staged in memory up to this many bytes (keys and
+/// entries), then applied in key order, a transaction per [`COMMIT_OPS`]: rows arrive in the
+/// source's order, which for random keys (UUIDs, hashes) scatters them over the whole B-tree,
+/// one page read, copied and written per row; a sorted window of many batches shares pages
+/// (see docs/performance.md, "Random keys"). Staging delays entries, never loses a guarantee:
+/// every control command (settle, finish, close, ...) applies them first, and a crash before
+/// that is a crash after writes, which the writing mark turns into a rebuild.
+const STAGE_BYTES: usize = 16 << 20;
 
 /// Keys kept for reports of duplicate keys (all of them are counted).
 const KEEP_DUPLICATES: usize = 1000;
@@ -140,6 +151,11 @@ pub(super) struct Owner {
     pub(super) db: Arc<Database>,
     pub(super) path: String,
     runs: HashMap<Arc<str>, RunState>,
+    /// Row records not yet applied, per sync ([`STAGE_BYTES`]), and their bytes in all.
+    staged: HashMap<Arc<str>, Committed>,
+    staged_bytes: usize,
+    /// [`STAGE_BYTES`], smaller in tests.
+    pub(super) stage_limit: usize,
     last_durable: Instant,
     /// A commit since the last durable one was not fsynced.
     undurable: bool,
@@ -151,6 +167,9 @@ impl Owner {
             db,
             path,
             runs: HashMap::new(),
+            staged: HashMap::new(),
+            staged_bytes: 0,
+            stage_limit: STAGE_BYTES,
             last_durable: Instant::now(),
             undurable: false,
         }
@@ -177,10 +196,12 @@ impl Owner {
             next = if cmd.is_row_record() {
                 self.record(cmd, &mut rx)
             } else {
+                self.apply_staged(None);
                 self.control(cmd);
                 None
             };
         }
+        self.apply_staged(None);
         if self.undurable {
             if let Err(e) = self.durable_commit(|_| Ok(())) {
                 tracing::warn!("state file {}: final commit failed: {e}", self.path);
@@ -188,10 +209,46 @@ impl Owner {
         }
     }
 
-    /// Writes `first` and the row records already queued behind it in one transaction.
-    /// Returns a control command met in the queue, to be served next.
+    /// Stages `first` and the records queued behind it while their keys are scattered
+    /// ([`STAGE_BYTES`], [`scattered`]), then writes the next row records in one transaction
+    /// (a removal or stale mark of a sync with staged records after those). Returns a command
+    /// met in the queue, to be served next.
     fn record(&mut self, first: Command, rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
-        let mut txn = match self.db.begin_write() {
+        let mut first = Some(first);
+        while let Some(Command::Record { .. }) = first {
+            let Some(Command::Record { sync, rows }) = first.take() else {
+                unreachable!("matched above")
+            };
+            if !scattered(&rows.keys) && !self.staged.contains_key(&sync) {
+                // Keys in long ascending runs (a stream in key order, or a few of them) share
+                // pages as they are: written now, as they come.
+                first = Some(Command::Record { sync, rows });
+                break;
+            }
+            self.stage(sync, rows);
+            if self.staged_bytes >= self.stage_limit {
+                self.apply_staged(None);
+            }
+            first = rx.try_recv().ok();
+        }
+        let first = first?;
+        if !first.is_row_record() {
+            return Some(first);
+        }
+        if matches!(first, Command::Record { .. }) {
+            return self.write_now(first, rx);
+        }
+        if let Some(sync) = row_sync(&first).filter(|s| self.staged.contains_key(*s)) {
+            let sync = sync.clone();
+            self.apply_staged(Some(&sync));
+        }
+        self.write_now(first, rx)
+    }
+
+    /// Writes `first` and the row records queued behind it that need no staging in one
+    /// transaction. Returns a command met in the queue, to be served next.
+    fn write_now(&mut self, first: Command, rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        let txn = match self.db.begin_write() {
             Ok(t) => t,
             Err(e) => {
                 self.fail_runs(&[first], &self.err(e));
@@ -202,6 +259,7 @@ impl Owner {
         let mut ops = 0usize;
         let mut closed = false;
         let mut control = None;
+        let mut next = None;
         let mut cmd = Some(first);
         let mut result = Ok(());
         while let Some(c) = cmd.take() {
@@ -224,17 +282,44 @@ impl Owner {
             if ops >= COMMIT_OPS {
                 break;
             }
-            // Take what is already queued; commit when the queue runs dry.
+            // Take what is already queued; commit when the queue runs dry. Records of
+            // scattered keys, and any record of a sync with staged records, go through
+            // `record` (staged first, or after the staged ones).
             match rx.try_recv() {
-                Ok(c) if c.is_row_record() => cmd = Some(c),
+                Ok(c) if c.is_row_record() => {
+                    let waits = row_sync(&c).is_some_and(|s| self.staged.contains_key(s))
+                        || matches!(&c, Command::Record { rows, .. } if scattered(&rows.keys));
+                    match waits {
+                        true => {
+                            next = Some(c);
+                            break;
+                        }
+                        false => cmd = Some(c),
+                    }
+                }
                 Ok(c) => control = Some(c),
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => closed = true,
             }
         }
-        let durable = control.is_some() || closed || self.last_durable.elapsed() >= DURABLE_EVERY;
+        let durable = control.is_some() || closed;
+        self.end_txn(txn, &touched, result, durable);
+        control.or(next)
+    }
+
+    /// Commits a transaction of row records of the `touched` syncs (with their metadata):
+    /// durably when `durable`, or when the last durable commit is [`DURABLE_EVERY`] old. A
+    /// failure fails those syncs' runs.
+    fn end_txn(
+        &mut self,
+        mut txn: WriteTransaction,
+        touched: &[Arc<str>],
+        result: Result<(), SnapshotError>,
+        durable: bool,
+    ) {
+        let durable = durable || self.last_durable.elapsed() >= DURABLE_EVERY;
         let committed = result.and_then(|()| {
-            self.write_meta(&txn, &touched)?;
+            self.write_meta(&txn, touched)?;
             self.commit(&mut txn, durable)?;
             txn.commit().map_err(|e| self.err(e))
         });
@@ -244,21 +329,96 @@ impl Owner {
                 if durable {
                     self.last_durable = Instant::now();
                 }
-                for s in &touched {
+                for s in touched {
                     if let Some(run) = self.runs.get_mut(s) {
                         run.stats.commits += 1;
                     }
                 }
             }
             Err(e) => {
-                for s in &touched {
+                for s in touched {
                     if let Some(run) = self.runs.get(s) {
                         let _ = run.failed.set(e.to_string());
                     }
                 }
             }
         }
-        control
+    }
+
+    /// Adds a batch of committed rows to the sync's staged records (see [`STAGE_BYTES`]).
+    fn stage(&mut self, sync: Arc<str>, rows: Committed) {
+        if !self.runs.contains_key(&sync) {
+            tracing::warn!(
+                "state file {}: rows recorded for sync '{sync}', which has no run going: ignored",
+                self.path
+            );
+            return;
+        }
+        self.staged_bytes += staged_size(&rows);
+        match self.staged.get_mut(&sync) {
+            Some(c) => {
+                for i in 0..rows.keys.len() {
+                    c.keys.push(rows.keys.key(i));
+                }
+                c.entries.extend_from_slice(&rows.entries);
+            }
+            None => {
+                self.staged.insert(sync, rows);
+            }
+        }
+    }
+
+    /// Applies the staged records of `only` (or of every sync) in key order, a transaction per
+    /// [`COMMIT_OPS`] records, each a contiguous stretch of the key space.
+    fn apply_staged(&mut self, only: Option<&Arc<str>>) {
+        let syncs: Vec<Arc<str>> = match only {
+            Some(s) => vec![s.clone()],
+            None => self.staged.keys().cloned().collect(),
+        };
+        for sync in syncs {
+            let Some(c) = self.staged.remove(&sync) else {
+                continue;
+            };
+            self.staged_bytes = self.staged_bytes.saturating_sub(staged_size(&c));
+            let order = key_order(&c.keys, 0..c.keys.len());
+            for chunk in order.chunks(COMMIT_OPS) {
+                let mut part = Committed {
+                    keys: KeyBatch::default(),
+                    entries: Vec::with_capacity(chunk.len()),
+                };
+                for &i in chunk {
+                    part.keys.push(c.keys.key(i));
+                    part.entries.push(c.entries[i]);
+                }
+                let txn = match self.db.begin_write() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let e = self.err(e);
+                        self.fail_run(&sync, &e);
+                        break;
+                    }
+                };
+                let cmd = Command::Record {
+                    sync: sync.clone(),
+                    rows: part,
+                };
+                let result = self.apply(&txn, cmd).map(|_| ());
+                let failed = result.is_err();
+                self.end_txn(txn, std::slice::from_ref(&sync), result, false);
+                if failed {
+                    break;
+                }
+            }
+        }
+        if self.staged.is_empty() {
+            self.staged_bytes = 0;
+        }
+    }
+
+    fn fail_run(&self, sync: &str, e: &SnapshotError) {
+        if let Some(run) = self.runs.get(sync) {
+            let _ = run.failed.set(e.to_string());
+        }
     }
 
     fn fail_runs(&self, cmds: &[Command], e: &SnapshotError) {
@@ -743,6 +903,31 @@ fn key_order(keys: &KeyBatch, range: Range<usize>) -> Vec<usize> {
         order.sort_by_key(|&i| keys.key(i));
     }
     order
+}
+
+/// True when a batch's keys are scattered: ascending runs shorter than 16 keys on average
+/// (random keys such as UUIDs; a stream in key order, or a few interleaved, gives long runs).
+fn scattered(keys: &KeyBatch) -> bool {
+    let n = keys.len();
+    let runs = 1 + (1..n).filter(|&i| keys.key(i) < keys.key(i - 1)).count();
+    n >= 64 && runs * 16 > n
+}
+
+/// The bytes a batch of staged records holds.
+fn staged_size(c: &Committed) -> usize {
+    c.keys.data.len()
+        + c.keys.ends.len() * 4
+        + c.entries.len() * std::mem::size_of::<([u8; 16], Option<u32>)>()
+}
+
+/// The sync a row record is for.
+fn row_sync(c: &Command) -> Option<&Arc<str>> {
+    match c {
+        Command::Record { sync, .. }
+        | Command::Remove { sync, .. }
+        | Command::MarkStale { sync, .. } => Some(sync),
+        _ => None,
+    }
 }
 
 /// Drops a sync's entries, free slots and tallies per key range; true when it had entries.
