@@ -143,6 +143,9 @@ pub(crate) async fn t_on(
     ))
     .await
     .unwrap();
+    // In the statistics before a first run records them (a delta read judges the share of
+    // rows written since by them).
+    flush_stats(&src).await;
     (src, dst)
 }
 
