@@ -11,11 +11,12 @@
 //!    (or extra in) the target. No scratch state, no write: two reads and one lookup per row.
 //!    Too many unmatched rows (a stale snapshot), a duplicate or a NULL key fall back to 2.
 //! 2. **Drift, by a rebuild.** A scratch snapshot (a temporary state file in a directory of its
-//!    own beside the sync's, removed afterwards) is rebuilt from the target, and the source is diffed against it as a dry run: rows *missing* from the target
-//!    (added), rows that *differ* (changed) and *extra* rows the model does not have (removed),
-//!    with sample keys. The same stages as a sync, so the comparison is by key and row hash,
-//!    byte for byte; the sync's snapshot and the scratch one are then walked together in key
-//!    order for the snapshot check.
+//!    own beside the sync's, removed afterwards) is rebuilt from the target, and the source is
+//!    diffed against it as a dry run: rows *missing* from the target (added), rows that *differ*
+//!    (changed) and *extra* rows the model does not have (removed), with sample keys. The same
+//!    stages as a sync, so the comparison is by key and row hash, byte for byte; the sync's
+//!    snapshot and the scratch one are then walked together in key order for the snapshot
+//!    check.
 //! 3. **Snapshot check**: entries whose target row is gone or differs (someone wrote in the
 //!    target), target rows the snapshot does not know, and stale entries (rejected rows waiting
 //!    for a retry).

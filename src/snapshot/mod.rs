@@ -201,14 +201,16 @@ impl Snapshot {
     /// Opens (or creates) the state file and starts its snapshot thread. `cache_bytes` bounds
     /// redb's page cache.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Snapshot, SnapshotError> {
-        Snapshot::open_with(path, cache_bytes, None)
+        Snapshot::open_with(path, cache_bytes, None, false)
     }
 
-    /// [`Snapshot::open`], with the snapshot thread's staging limit (tests make it small).
+    /// [`Snapshot::open`], with the snapshot thread's staging limit (tests make it small), and
+    /// whether the file is a [`Scratch`] one.
     fn open_with(
         path: &Path,
         cache_bytes: usize,
         stage_limit: Option<usize>,
+        scratch: bool,
     ) -> Result<Snapshot, SnapshotError> {
         let shown = path.display().to_string();
         let open_err = |message: String| SnapshotError::Open {
@@ -246,7 +248,7 @@ impl Snapshot {
                 path: shown,
                 file: path.to_path_buf(),
                 cache_bytes,
-                scratch: false,
+                scratch,
                 tx: Some(tx),
                 thread: Mutex::new(Some(thread)),
             }),
@@ -278,10 +280,8 @@ impl Snapshot {
                     .to_string(),
                 message: e.to_string(),
             })?;
-        let mut snapshot = Snapshot::open(&dir.path().join("state.redb"), self.inner.cache_bytes)?;
-        Arc::get_mut(&mut snapshot.inner)
-            .expect("a new snapshot has one handle")
-            .scratch = true;
+        let file = dir.path().join("state.redb");
+        let snapshot = Snapshot::open_with(&file, self.inner.cache_bytes, None, true)?;
         Ok(Scratch {
             snapshot,
             _dir: dir,
@@ -1068,8 +1068,8 @@ mod tests {
     #[test]
     fn scattered_records_are_staged_and_agree_with_a_btreemap() {
         let dir = tempfile::tempdir().unwrap();
-        let snap =
-            Snapshot::open_with(&dir.path().join("s.redb"), 1 << 20, Some(64 << 10)).unwrap();
+        let snap = Snapshot::open_with(&dir.path().join("s.redb"), 1 << 20, Some(64 << 10), false)
+            .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

@@ -9,8 +9,9 @@
 //! fsynced, with a durable commit at least every [`DURABLE_EVERY`], on every control command, and
 //! when the thread ends. Batches whose keys come scattered (random keys such as UUIDs) are first
 //! staged in memory, up to [`STAGE_BYTES`], and applied in key order (before any control
-//! command, and before a removal or stale mark of the same sync). An entry is never written before the destination committed its row,
-//! because the writers send records only after the destination acknowledged the commit. Losing
+//! command, and before a removal or stale mark of the same sync). An entry is never written
+//! before the destination committed its row, because the writers send records only after the
+//! destination acknowledged the commit. Losing
 //! a non-durable commit in a crash loses entries of rows the destination holds, which a re-write
 //! does not always repair (the source may delete such a row, or change it back, before the
 //! next run): the sync's writing mark ([`super::SyncMeta::writing`]), durable before the run's
@@ -151,9 +152,8 @@ pub(super) struct Owner {
     pub(super) db: Arc<Database>,
     pub(super) path: String,
     runs: HashMap<Arc<str>, RunState>,
-    /// Row records not yet applied, per sync ([`STAGE_BYTES`]), and their bytes in all.
+    /// Row records not yet applied, per sync ([`STAGE_BYTES`]).
     staged: HashMap<Arc<str>, Committed>,
-    staged_bytes: usize,
     /// [`STAGE_BYTES`], smaller in tests.
     pub(super) stage_limit: usize,
     last_durable: Instant,
@@ -168,7 +168,6 @@ impl Owner {
             path,
             runs: HashMap::new(),
             staged: HashMap::new(),
-            staged_bytes: 0,
             stage_limit: STAGE_BYTES,
             last_durable: Instant::now(),
             undurable: false,
@@ -226,7 +225,7 @@ impl Owner {
                 break;
             }
             self.stage(sync, rows);
-            if self.staged_bytes >= self.stage_limit {
+            if self.staged.values().map(staged_size).sum::<usize>() >= self.stage_limit {
                 self.apply_staged(None);
             }
             first = rx.try_recv().ok();
@@ -263,12 +262,7 @@ impl Owner {
         let mut cmd = Some(first);
         let mut result = Ok(());
         while let Some(c) = cmd.take() {
-            let sync = match &c {
-                Command::Record { sync, .. }
-                | Command::Remove { sync, .. }
-                | Command::MarkStale { sync, .. } => sync.clone(),
-                _ => unreachable!("only row records are grouped"),
-            };
+            let sync = row_sync(&c).expect("only row records are grouped").clone();
             if !touched.contains(&sync) {
                 touched.push(sync.clone());
             }
@@ -337,9 +331,7 @@ impl Owner {
             }
             Err(e) => {
                 for s in touched {
-                    if let Some(run) = self.runs.get(s) {
-                        let _ = run.failed.set(e.to_string());
-                    }
+                    self.fail_run(s, &e);
                 }
             }
         }
@@ -354,7 +346,6 @@ impl Owner {
             );
             return;
         }
-        self.staged_bytes += staged_size(&rows);
         match self.staged.get_mut(&sync) {
             Some(c) => {
                 for i in 0..rows.keys.len() {
@@ -379,7 +370,6 @@ impl Owner {
             let Some(c) = self.staged.remove(&sync) else {
                 continue;
             };
-            self.staged_bytes = self.staged_bytes.saturating_sub(staged_size(&c));
             let order = key_order(&c.keys, 0..c.keys.len());
             for chunk in order.chunks(COMMIT_OPS) {
                 let mut part = Committed {
@@ -410,11 +400,9 @@ impl Owner {
                 }
             }
         }
-        if self.staged.is_empty() {
-            self.staged_bytes = 0;
-        }
     }
 
+    /// Fails the run of `sync`: its `Recorder` refuses further records and reports `e`.
     fn fail_run(&self, sync: &str, e: &SnapshotError) {
         if let Some(run) = self.runs.get(sync) {
             let _ = run.failed.set(e.to_string());
@@ -422,15 +410,8 @@ impl Owner {
     }
 
     fn fail_runs(&self, cmds: &[Command], e: &SnapshotError) {
-        for c in cmds {
-            if let Command::Record { sync, .. }
-            | Command::Remove { sync, .. }
-            | Command::MarkStale { sync, .. } = c
-            {
-                if let Some(run) = self.runs.get(sync) {
-                    let _ = run.failed.set(e.to_string());
-                }
-            }
+        for sync in cmds.iter().filter_map(row_sync) {
+            self.fail_run(sync, e);
         }
     }
 
