@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use pgdelta::config::{FlagModel, Invocation, Overrides, Request};
 use pgdelta::conn::ConnInfo;
-use pgdelta::snapshot::Snapshot;
+use pgdelta::snapshot::{Opened, Snapshot};
 use pgdelta::spec::Mode;
 use pgdelta::sync::{RunOptions, RunRecord, Summary};
 use pgdelta::{Error, Rejection};
@@ -342,10 +342,23 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
     if check_only {
         return run_check(&inv, a.json).await;
     }
-    let snapshot = match Snapshot::open(&inv.state, pgdelta::snapshot::DEFAULT_CACHE_BYTES) {
+    // A dry run leaves no state file where there was none.
+    let opened = if a.dry_run {
+        Snapshot::open_existing(&inv.state, pgdelta::snapshot::DEFAULT_CACHE_BYTES)
+    } else {
+        Snapshot::open(&inv.state, pgdelta::snapshot::DEFAULT_CACHE_BYTES).map(Opened::from)
+    };
+    let opened = match opened {
         Ok(s) => s,
         Err(e) => return report_error(&e.into(), a.json, None),
     };
+    if opened.is_stand_in() && !a.json {
+        pgdelta::errln!(
+            "pgdelta: dry run: no state file at {} yet; the run is planned as the first one, and none is created",
+            inv.state.display()
+        );
+    }
+    let snapshot: &Snapshot = &opened;
     let opts = RunOptions {
         dry_run: a.dry_run,
         full_resync: a.full_resync,
@@ -360,7 +373,7 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
     };
     if inv.specs.iter().any(|s| s.schedule.is_some()) {
         let Some(addr) = &inv.metrics_addr else {
-            return run_scheduled(&inv, &opts, &snapshot, a.json).await;
+            return run_scheduled(&inv, &opts, snapshot, a.json).await;
         };
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -373,8 +386,8 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         };
         pgdelta::errln!("pgdelta: serving metrics on http://{addr}/metrics");
         return tokio::select! {
-            code = run_scheduled(&inv, &opts, &snapshot, a.json) => code,
-            () = pgdelta::metrics::serve(listener, &snapshot) => 0,
+            code = run_scheduled(&inv, &opts, snapshot, a.json) => code,
+            () = pgdelta::metrics::serve(listener, snapshot) => 0,
         };
     }
     if inv.metrics_addr.is_some() {
@@ -384,9 +397,9 @@ async fn run_sync(a: SyncArgs, check_only: bool) -> i32 {
         return report_error(&e, a.json, None);
     }
     if inv.specs.len() == 1 {
-        return run_one(&inv, &inv.specs[0], &opts, &snapshot, a.json).await;
+        return run_one(&inv, &inv.specs[0], &opts, snapshot, a.json).await;
     }
-    run_ordered(&inv, &inv.specs, &opts, &snapshot, a.json).await
+    run_ordered(&inv, &inv.specs, &opts, snapshot, a.json).await
 }
 
 /// Several syncs: up to `jobs` at once, in dependency order (`pgdelta::jobs`): foreign keys
@@ -591,10 +604,17 @@ async fn run_verify(a: VerifyArgs) -> i32 {
         Ok(i) => i,
         Err(e) => return report_error(&e, json, None),
     };
-    let snapshot = match Snapshot::open(&inv.state, pgdelta::snapshot::DEFAULT_CACHE_BYTES) {
+    // Without --repair, verify writes nothing: no state file where there was none.
+    let opened = if a.repair {
+        Snapshot::open(&inv.state, pgdelta::snapshot::DEFAULT_CACHE_BYTES).map(Opened::from)
+    } else {
+        Snapshot::open_existing(&inv.state, pgdelta::snapshot::DEFAULT_CACHE_BYTES)
+    };
+    let opened = match opened {
         Ok(s) => s,
         Err(e) => return report_error(&e.into(), json, None),
     };
+    let snapshot: &Snapshot = &opened;
     let opts = RunOptions {
         progress: !json,
         shutdown: shutdown_signal(),
@@ -608,7 +628,7 @@ async fn run_verify(a: VerifyArgs) -> i32 {
             &inv.destination,
             spec,
             &opts,
-            &snapshot,
+            snapshot,
             a.repair,
         )
         .await;
@@ -740,8 +760,20 @@ async fn run_check(inv: &Invocation, json: bool) -> i32 {
             Some(e.to_string()),
         ),
     }
-    let snapshot = Snapshot::open(&inv.state, 1 << 20);
+    // A check creates no state file: where none exists, it checks that the first sync can.
+    let snapshot = Snapshot::open_existing(&inv.state, 1 << 20);
     match &snapshot {
+        Ok(s) if s.is_stand_in() => match state_file_creatable(&inv.state) {
+            Ok(dir) => line(
+                true,
+                format!(
+                    "state file {} does not exist yet; the first sync creates it ({dir} is writable)",
+                    inv.state.display()
+                ),
+                None,
+            ),
+            Err(e) => line(false, format!("state file {}", inv.state.display()), Some(e)),
+        },
         Ok(_) => line(
             true,
             format!("state file {} can be opened", inv.state.display()),
@@ -828,8 +860,37 @@ async fn run_read(a: ReadArgs) -> i32 {
     }
 }
 
+/// Whether a sync could create the state file `path` that does not exist yet: the nearest
+/// existing directory on its way takes a new file. Ok names that directory.
+fn state_file_creatable(path: &std::path::Path) -> Result<String, String> {
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        let d = if d.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            d
+        };
+        if d.exists() {
+            let shown = d.display().to_string();
+            return tempfile::NamedTempFile::new_in(d).map(|_| shown.clone()).map_err(|e| {
+                format!(
+                    "cannot create a file in {shown}: {e}; give --state a path in a writable directory"
+                )
+            });
+        }
+        dir = d.parent();
+    }
+    Err("no directory on its path exists; give --state a path in a writable directory".into())
+}
+
 fn run_log(a: LogArgs) -> i32 {
     let run = || -> anyhow::Result<()> {
+        if !a.state.exists() {
+            anyhow::bail!(
+                "no state file at {}: no run is recorded there; give the --state (or `state` in the config) the syncs use",
+                a.state.display()
+            );
+        }
         let snap =
             Snapshot::open(&a.state, 1 << 20).with_context(|| "cannot open the state file")?;
         if a.rejected {

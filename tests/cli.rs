@@ -269,11 +269,20 @@ async fn check_reports_each_check_and_the_fix() {
         err.contains("the next run reads full: no completed read"),
         "{err}"
     );
+    // A check creates no state file: it says the first sync will.
+    assert!(
+        err.contains("does not exist yet; the first sync creates it"),
+        "{err}"
+    );
+    assert!(!state.exists(), "check created the state file");
     // After a sync, check says the next run reads only the changes.
     env.src
         .batch_execute("INSERT INTO t VALUES (1, 'a')")
         .await
         .unwrap();
+    // Counted in the statistics the sync records (else the check would count it as written
+    // since: all of a one-row table, a full read).
+    env.flush_stats().await;
     let mut sync = ok.clone();
     sync[0] = "sync";
     let o = pgdelta(env.dir.path(), &sync);
@@ -795,4 +804,96 @@ async fn jobs_run_syncs_in_foreign_key_order() {
             || err.contains("cycle: customers -> orders -> customers"),
         "{err}"
     );
+}
+
+/// Commands that write nothing leave no state file where there was none: a dry run (which still
+/// plans the rebuild a real run would do), `verify` without `--repair`, and `log`, which says
+/// that nothing is recorded there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_commands_create_no_state_file() {
+    let env = seeded_t(50).await;
+    env.dst
+        .batch_execute("INSERT INTO t SELECT i, i FROM generate_series(1, 40) i")
+        .await
+        .unwrap();
+    let state = env.dir.path().join("never/state.redb");
+    let args = |cmd: &'static str| -> Vec<String> {
+        [
+            cmd,
+            "--source",
+            &env.src_url,
+            "--destination",
+            &env.dst_url,
+            "--table",
+            "t",
+            "--target",
+            "t",
+            "--key",
+            "id",
+            "--state",
+            state.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |a: &[String], extra: &[&str]| {
+        let mut all: Vec<&str> = a.iter().map(String::as_str).collect();
+        all.extend_from_slice(extra);
+        pgdelta(env.dir.path(), &all)
+    };
+    let o = run(&args("sync"), &["--dry-run", "--json"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let data = &last["data"];
+    // The real run would rebuild the 40 target rows, then add the other 10.
+    assert_eq!(
+        (
+            &data["rebuilt_from_target"],
+            &data["added"],
+            &data["written"]
+        ),
+        (&40.into(), &10.into(), &0.into()),
+        "{last}"
+    );
+    assert!(
+        !state.exists() && !state.parent().unwrap().exists(),
+        "a dry run created {state:?}"
+    );
+
+    let o = run(&args("verify"), &[]);
+    let (_, err) = text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "verify finds the 10 missing rows: {err}"
+    );
+    assert!(
+        !state.parent().unwrap().exists(),
+        "verify created {state:?}"
+    );
+
+    let o = pgdelta(env.dir.path(), &["log", "--state", state.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no state file at") && err.contains("--state"),
+        "{err}"
+    );
+    assert!(!state.parent().unwrap().exists(), "log created {state:?}");
+
+    // The first real run creates it, and writes only what the dry run planned.
+    let o = run(&args("sync"), &["--json"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["data"]["written"], 10, "{last}");
+    assert!(state.exists());
+    let n: i64 = env
+        .dst
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
 }

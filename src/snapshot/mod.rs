@@ -191,6 +191,36 @@ pub(crate) struct Scratch {
     _dir: tempfile::TempDir,
 }
 
+/// A state file opened by [`Snapshot::open_existing`]: the file, or an empty stand-in for it.
+pub struct Opened {
+    snapshot: Snapshot,
+    /// The stand-in's directory, when no state file existed (dropped after the snapshot).
+    stand_in: Option<tempfile::TempDir>,
+}
+
+impl Opened {
+    /// True when no state file existed and an empty one stands in for it.
+    pub fn is_stand_in(&self) -> bool {
+        self.stand_in.is_some()
+    }
+}
+
+impl From<Snapshot> for Opened {
+    fn from(snapshot: Snapshot) -> Opened {
+        Opened {
+            snapshot,
+            stand_in: None,
+        }
+    }
+}
+
+impl std::ops::Deref for Opened {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
 /// An open state file. Clones share the file and its snapshot thread.
 #[derive(Clone)]
 pub struct Snapshot {
@@ -252,6 +282,32 @@ impl Snapshot {
                 tx: Some(tx),
                 thread: Mutex::new(Some(thread)),
             }),
+        })
+    }
+
+    /// Opens the state file at `path` for a command that must leave no file behind where none
+    /// was (a dry run, `check`, `log`, `verify` without `--repair`). When no file is there, an
+    /// empty state file in a new directory under the system's temporary directory stands in for
+    /// it (and a dry run's rebuild from the target goes beside it), removed when the [`Opened`]
+    /// is dropped. Not beside `path`: scratch directories there belong to the process holding
+    /// that file's lock, and this one does not hold it.
+    pub fn open_existing(path: &Path, cache_bytes: usize) -> Result<Opened, SnapshotError> {
+        if path.exists() {
+            return Snapshot::open(path, cache_bytes).map(Opened::from);
+        }
+        let open_err = |message: String| SnapshotError::Open {
+            path: path.display().to_string(),
+            message: format!("no file there, and no empty one can stand in for it: {message}"),
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("pgdelta-no-state-")
+            .tempdir()
+            .map_err(|e| open_err(e.to_string()))?;
+        let snapshot = Snapshot::open(&dir.path().join("state.redb"), cache_bytes)
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(Opened {
+            snapshot,
+            stand_in: Some(dir),
         })
     }
 
