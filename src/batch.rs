@@ -124,6 +124,15 @@ impl KeyBatch {
     }
 }
 
+/// True when `n` keys (`key(i)` the i-th, in stream order) come scattered: ascending runs
+/// shorter than 16 keys on average, among at least 64 (random keys such as UUIDs; a heap in key
+/// order, even after scattered updates, gives long runs). Lookups and writes of scattered keys
+/// each touch a redb page of their own unless they are gathered and sorted first.
+pub(crate) fn scattered<'a>(n: usize, key: impl Fn(usize) -> &'a [u8]) -> bool {
+    let runs = 1 + (1..n).filter(|&i| key(i) < key(i - 1)).count();
+    n >= 64 && runs * 16 > n
+}
+
 /// Why a batch was cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cut {

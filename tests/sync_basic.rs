@@ -363,4 +363,31 @@ async fn random_uuid_keys_sync_and_resync_with_deletes() {
     assert_eq!((s.written, s.deleted), (0, 0));
     env.assert_same("SELECT * FROM u ORDER BY id", "SELECT * FROM u ORDER BY id")
         .await;
+    // A full read gathers the scattered keys' blocks and looks them up together: the same
+    // classes as a lookup per block would find.
+    env.src
+        .batch_execute(
+            "UPDATE u SET note = 'again' WHERE n % 40 = 0;
+             DELETE FROM u WHERE n % 89 = 0;",
+        )
+        .await
+        .unwrap();
+    spec.full_read_every = pgdelta::spec::FullReadEvery::Always;
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.read_strategy, "full", "{}", s.read_strategy_reason);
+    // 750 updated rows (n % 40 = 0, less the 7 already removed), of which 8 are then deleted;
+    // 337 deleted (n % 89 = 0, less the 3 already removed) of 29,991, leaving 29,654.
+    assert_eq!(
+        (
+            s.changed,
+            s.added,
+            s.removed,
+            s.unchanged,
+            s.written,
+            s.deleted
+        ),
+        (742, 0, 337, 29_654 - 742, 742, 337)
+    );
+    env.assert_same("SELECT * FROM u ORDER BY id", "SELECT * FROM u ORDER BY id")
+        .await;
 }

@@ -889,9 +889,7 @@ fn key_order(keys: &KeyBatch, range: Range<usize>) -> Vec<usize> {
 /// True when a batch's keys are scattered: ascending runs shorter than 16 keys on average
 /// (random keys such as UUIDs; a stream in key order, or a few interleaved, gives long runs).
 fn scattered(keys: &KeyBatch) -> bool {
-    let n = keys.len();
-    let runs = 1 + (1..n).filter(|&i| keys.key(i) < keys.key(i - 1)).count();
-    n >= 64 && runs * 16 > n
+    crate::batch::scattered(keys.len(), |i| keys.key(i))
 }
 
 /// The bytes a batch of staged records holds.
