@@ -305,21 +305,19 @@ fn look_up(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<Side, Error
         seen: Bitset::with_len(reader.len() as usize),
         ..Default::default()
     };
-    let mut looked = Vec::new();
-    while let Some(block) = rx.blocking_recv() {
-        diff::lookup(&block, reader, &mut looked)?;
-        for (span, (hash, found)) in block.rows.iter().zip(&looked) {
+    diff::look_up_stream(&mut rx, reader, |block, looked| {
+        for (span, (hash, found)) in block.rows.iter().zip(looked) {
             let key = span.key(&block.data);
             side.rows += 1;
             let unmatched = match found {
                 _ if has_null(key) => {
                     side.problem = Some("a key is NULL".into());
-                    return Ok(side);
+                    return Ok(false);
                 }
                 Some(e) => {
                     if !side.seen.insert(e.slot) {
                         side.problem = Some("a key occurs twice".into());
-                        return Ok(side);
+                        return Ok(false);
                     }
                     side.seen_entries += 1;
                     if e.hash == *hash {
@@ -337,16 +335,17 @@ fn look_up(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<Side, Error
             };
             if side.unmatched.insert(key.to_vec(), unmatched).is_some() {
                 side.problem = Some("a key occurs twice".into());
-                return Ok(side);
+                return Ok(false);
             }
             if side.unmatched.len() > MAX_UNMATCHED {
                 side.problem = Some(format!(
                     "more than {MAX_UNMATCHED} rows of one side differ from the sync's snapshot"
                 ));
-                return Ok(side);
+                return Ok(false);
             }
         }
-    }
+        Ok::<_, Error>(true)
+    })?;
     Ok(side)
 }
 

@@ -105,31 +105,11 @@ pub(crate) fn run(
         cfg,
     };
     let mut batch_started = Instant::now();
-    let mut looked = Vec::new();
-    let mut window = Window::new(if reader.is_empty() {
-        0
-    } else {
-        LOOKUP_WINDOW_BYTES
-    });
-    loop {
-        let (ready, done) = match blocks.blocking_recv() {
-            Some(block) => (window.push(block), false),
-            None => (window.finish(), true),
-        };
-        if !ready.is_empty() {
-            lookup_many(&ready, &reader, &mut looked)?;
-            let mut looked = &looked[..];
-            for block in &ready {
-                let (here, rest) = looked.split_at(block.rows.len());
-                looked = rest;
-                if !d.block(block, here, &out, &sizer, &mut batch_started) {
-                    return Ok(d.o);
-                }
-            }
-        }
-        if done {
-            break;
-        }
+    let ended = look_up_stream(&mut blocks, &reader, |block, looked| {
+        Ok::<_, SnapshotError>(d.block(block, looked, &out, &sizer, &mut batch_started))
+    })?;
+    if !ended {
+        return Ok(d.o);
     }
     if d.builder.rows() > 0 {
         d.send(&out);
@@ -253,7 +233,7 @@ impl Diff {
     fn block(
         &mut self,
         block: &Block,
-        looked: &[([u8; 16], Option<Entry>)],
+        looked: &[Looked],
         out: &Sender<WriteBatch>,
         sizer: &Sizer,
         batch_started: &mut Instant,
@@ -292,22 +272,52 @@ impl Diff {
     }
 }
 
-/// Hashes every row of `block` and looks its key up in the snapshot, in parallel; `looked`
-/// receives (hash, entry) in stream order.
-pub(crate) fn lookup(
-    block: &Block,
+/// A row's hash and its snapshot entry, if it has one.
+pub(crate) type Looked = ([u8; 16], Option<Entry>);
+
+/// Receives blocks until the channel closes, hashes every row and looks its key up in the
+/// snapshot (blocks of scattered keys gathered into a [`Window`] first), and hands each block
+/// with its rows' [`Looked`] to `each`, in stream order. Returns false when `each` did (and
+/// stopped it), true when the stream ended.
+pub(crate) fn look_up_stream<E: From<SnapshotError>>(
+    blocks: &mut Receiver<Block>,
     reader: &Reader,
-    looked: &mut Vec<([u8; 16], Option<Entry>)>,
-) -> Result<(), SnapshotError> {
-    lookup_many(std::slice::from_ref(block), reader, looked)
+    mut each: impl FnMut(&Block, &[Looked]) -> Result<bool, E>,
+) -> Result<bool, E> {
+    let mut looked = Vec::new();
+    let mut window = Window::new(if reader.is_empty() {
+        0
+    } else {
+        LOOKUP_WINDOW_BYTES
+    });
+    loop {
+        let (ready, done) = match blocks.blocking_recv() {
+            Some(block) => (window.push(block), false),
+            None => (window.finish(), true),
+        };
+        if !ready.is_empty() {
+            lookup_many(&ready, reader, &mut looked)?;
+            let mut looked = &looked[..];
+            for block in &ready {
+                let (here, rest) = looked.split_at(block.rows.len());
+                looked = rest;
+                if !each(block, here)? {
+                    return Ok(false);
+                }
+            }
+        }
+        if done {
+            return Ok(true);
+        }
+    }
 }
 
-/// [`lookup`] of the rows of several blocks at once: their keys are sorted and looked up
-/// together.
+/// Hashes every row of `blocks` and looks its key up in the snapshot, in parallel, the keys of
+/// all the blocks sorted and looked up together; `looked` receives them in stream order.
 fn lookup_many(
     blocks: &[Block],
     reader: &Reader,
-    looked: &mut Vec<([u8; 16], Option<Entry>)>,
+    looked: &mut Vec<Looked>,
 ) -> Result<(), SnapshotError> {
     let rows = || {
         blocks
