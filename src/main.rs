@@ -37,6 +37,8 @@ enum Command {
     Verify(VerifyArgs),
     /// Show the history of sync runs recorded in a state file.
     Log(LogArgs),
+    /// Shrink a state file to its live pages (no run may hold it meanwhile).
+    Compact(CompactArgs),
     /// Run the main job on a throwaway local PostgreSQL: seed, sync, churn, re-sync.
     Demo(pgdelta::tools::demo::DemoArgs),
     /// Read a table or query with binary COPY and discard it: the baseline a re-sync is held to.
@@ -231,6 +233,15 @@ struct LogArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct CompactArgs {
+    /// State (snapshot) file.
+    #[arg(long, default_value = "pgdelta.redb")]
+    state: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     pgdelta::tune_allocator();
     let cli = match Cli::try_parse() {
@@ -258,6 +269,7 @@ fn main() -> ExitCode {
             Command::Check(a) => run_sync(a, true).await,
             Command::Verify(a) => run_verify(a).await,
             Command::Log(a) => run_log(a),
+            Command::Compact(a) => run_compact(a),
             Command::Read(a) => run_read(a).await,
             Command::Bench(a) => match pgdelta::tools::bench::run(a).await {
                 Ok(code) => code,
@@ -857,6 +869,25 @@ async fn run_read(a: ReadArgs) -> i32 {
             0
         }
         Err(e) => report_error(&e, a.json, None),
+    }
+}
+
+fn run_compact(a: CompactArgs) -> i32 {
+    match pgdelta::snapshot::compact(&a.state) {
+        Ok(c) => {
+            if a.json {
+                pgdelta::outln!("{}", serde_json::json!({"type": "compact", "data": c}));
+            }
+            pgdelta::errln!(
+                "pgdelta: compacted {} from {} MiB to {} MiB in {:.1}s",
+                c.path,
+                c.bytes_before >> 20,
+                c.bytes_after >> 20,
+                c.duration_s
+            );
+            0
+        }
+        Err(e) => report_error(&e.into(), a.json, None),
     }
 }
 

@@ -897,3 +897,64 @@ async fn read_only_commands_create_no_state_file() {
         .get(0);
     assert_eq!(n, 50);
 }
+
+/// `pgdelta compact` shrinks the state file a load of random keys left, keeps every entry (the
+/// next sync writes only what changed), refuses a file a run holds, and names the fix for a
+/// path with no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_shrinks_the_state_file_and_keeps_its_entries() {
+    let env = Env::new().await;
+    env.uuid_table(60_000).await;
+    let mut spec = env.spec("u", &["id"]);
+    spec.delete = true;
+    assert_eq!(env.sync(&spec).await.unwrap().written, 60_000);
+    let state = env.state();
+
+    let held = pgdelta::snapshot::Snapshot::open(&state, 1 << 20).unwrap();
+    let o = pgdelta(
+        env.dir.path(),
+        &["compact", "--state", state.to_str().unwrap()],
+    );
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another pgdelta run"), "{err}");
+    drop(held);
+    let before = std::fs::metadata(&state).unwrap().len();
+
+    let o = pgdelta(
+        env.dir.path(),
+        &["compact", "--state", state.to_str().unwrap(), "--json"],
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let line: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let after = std::fs::metadata(&state).unwrap().len();
+    assert_eq!(line["data"]["bytes_before"], before, "{line}");
+    assert_eq!(line["data"]["bytes_after"], after, "{line}");
+    assert!(after < before, "{before} -> {after} bytes");
+
+    env.src
+        .batch_execute("UPDATE u SET n = -n WHERE n % 100 = 0; DELETE FROM u WHERE n % 777 = 0")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    // 600 updated and 77 deleted, none of them both (n % 77700 = 0 is past 60,000).
+    assert_eq!(
+        (s.changed, s.added, s.removed, s.written, s.deleted),
+        (600, 0, 77, 600, 77),
+        "{}",
+        s.read_strategy_reason
+    );
+    env.assert_same("SELECT * FROM u ORDER BY id", "SELECT * FROM u ORDER BY id")
+        .await;
+
+    let missing = env.dir.path().join("none.redb");
+    let o = pgdelta(
+        env.dir.path(),
+        &["compact", "--state", missing.to_str().unwrap()],
+    );
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no state file there"), "{err}");
+    assert!(!missing.exists());
+}

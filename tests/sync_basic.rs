@@ -331,14 +331,7 @@ async fn a_generated_target_column_is_computed_there_not_synced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_uuid_keys_sync_and_resync_with_deletes() {
     let env = Env::new().await;
-    env.both("CREATE TABLE u (id uuid PRIMARY KEY, n int NOT NULL, note text)")
-        .await;
-    env.src
-        .batch_execute(
-            "INSERT INTO u SELECT gen_random_uuid(), i, 'row ' || i FROM generate_series(1, 30000) i",
-        )
-        .await
-        .unwrap();
+    env.uuid_table(30_000).await;
     let mut spec = env.spec("u", &["id"]);
     spec.delete = true;
     let s = env.sync(&spec).await.unwrap();

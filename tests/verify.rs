@@ -267,14 +267,7 @@ async fn by_the_snapshot_and_by_a_rebuild_verify_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_in_a_uuid_table_is_found_and_repaired() {
     let env = Env::new().await;
-    env.both("CREATE TABLE u (id uuid PRIMARY KEY, n int NOT NULL, note text)")
-        .await;
-    env.src
-        .batch_execute(
-            "INSERT INTO u SELECT gen_random_uuid(), i, 'row ' || i FROM generate_series(1, 20000) i",
-        )
-        .await
-        .unwrap();
+    env.uuid_table(20_000).await;
     let mut spec = env.spec("u", &["id"]);
     spec.delete = true;
     env.sync(&spec).await.unwrap();

@@ -985,6 +985,66 @@ impl Reader {
     }
 }
 
+/// redb's page cache while [`compact`] runs (redb's default is 1 GiB).
+const COMPACT_CACHE_BYTES: usize = 64 << 20;
+
+/// What [`compact`] did to a state file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Compacted {
+    pub path: String,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub duration_s: f64,
+}
+
+/// Compacts the state file at `path` in place (redb's `Database::compact`): its live pages move
+/// to the front of the file and the free space behind them is cut off. A run frees pages as it
+/// rewrites the B-tree, and redb keeps the file at its largest size; a load of random keys
+/// (UUIDs) leaves a file several times larger than its entries. Needs the file to itself:
+/// [`SnapshotError::Locked`] while a run holds it. Each step is a durable commit, so a crash
+/// leaves the file as it was before that step; no entry is lost.
+pub fn compact(path: &Path) -> Result<Compacted, SnapshotError> {
+    let shown = path.display().to_string();
+    let storage = |message: String| SnapshotError::Storage {
+        path: shown.clone(),
+        message,
+    };
+    let size = || {
+        std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| storage(e.to_string()))
+    };
+    if !path.is_file() {
+        return Err(SnapshotError::Open {
+            path: shown.clone(),
+            message: "no state file there; give --state (or `state` in the config) the file the syncs use".into(),
+        });
+    }
+    let started = std::time::Instant::now();
+    let bytes_before = size()?;
+    let mut db = Database::builder()
+        .set_cache_size(COMPACT_CACHE_BYTES)
+        .open(path)
+        .map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => SnapshotError::Locked {
+                path: shown.clone(),
+            },
+            other => SnapshotError::Open {
+                path: shown.clone(),
+                message: other.to_string(),
+            },
+        })?;
+    db.compact()
+        .map_err(|e| storage(format!("compaction failed: {e}")))?;
+    drop(db);
+    Ok(Compacted {
+        bytes_before,
+        bytes_after: size()?,
+        duration_s: started.elapsed().as_secs_f64(),
+        path: shown,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

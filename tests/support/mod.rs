@@ -264,6 +264,19 @@ impl Env {
         self.dst.batch_execute(sql).await.unwrap();
     }
 
+    /// A table `u (id uuid PRIMARY KEY, n int NOT NULL, note text)` keyed by random UUIDs on
+    /// both sides, `rows` rows at the source (`n` from 1, `note` 'row n').
+    pub(crate) async fn uuid_table(&self, rows: i64) {
+        self.both("CREATE TABLE u (id uuid PRIMARY KEY, n int NOT NULL, note text)")
+            .await;
+        self.src
+            .batch_execute(&format!(
+                "INSERT INTO u SELECT gen_random_uuid(), i, 'row ' || i FROM generate_series(1, {rows}) i"
+            ))
+            .await
+            .unwrap();
+    }
+
     /// A table-model spec with sensible defaults.
     pub(crate) fn spec(&self, table: &str, key: &[&str]) -> SyncSpec {
         let mut spec = SyncSpec::new(table, Model::Table(table.into()), table, key);
