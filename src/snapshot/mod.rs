@@ -255,12 +255,7 @@ impl Snapshot {
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(path)
-            .map_err(|e| match e {
-                DatabaseError::DatabaseAlreadyOpen => SnapshotError::Locked {
-                    path: shown.clone(),
-                },
-                other => open_err(other.to_string()),
-            })?;
+            .map_err(|e| open_failed(&shown, e))?;
         remove_stale_scratch(path);
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -985,6 +980,18 @@ impl Reader {
     }
 }
 
+/// Why redb could not open the state file `path`: [`SnapshotError::Locked`] when another
+/// process holds it.
+fn open_failed(path: &str, e: DatabaseError) -> SnapshotError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => SnapshotError::Locked { path: path.into() },
+        other => SnapshotError::Open {
+            path: path.into(),
+            message: other.to_string(),
+        },
+    }
+}
+
 /// redb's page cache while [`compact`] runs (redb's default is 1 GiB).
 const COMPACT_CACHE_BYTES: usize = 64 << 20;
 
@@ -1025,15 +1032,7 @@ pub fn compact(path: &Path) -> Result<Compacted, SnapshotError> {
     let mut db = Database::builder()
         .set_cache_size(COMPACT_CACHE_BYTES)
         .open(path)
-        .map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => SnapshotError::Locked {
-                path: shown.clone(),
-            },
-            other => SnapshotError::Open {
-                path: shown.clone(),
-                message: other.to_string(),
-            },
-        })?;
+        .map_err(|e| open_failed(&shown, e))?;
     db.compact()
         .map_err(|e| storage(format!("compaction failed: {e}")))?;
     drop(db);
