@@ -909,14 +909,19 @@ async fn compact_shrinks_the_state_file_and_keeps_its_entries() {
     spec.delete = true;
     assert_eq!(env.sync(&spec).await.unwrap().written, 60_000);
     let state = env.state();
+    // Runs `compact` on a file it must refuse; its stderr.
+    let refused = |path: &std::path::Path| {
+        let o = pgdelta(
+            env.dir.path(),
+            &["compact", "--state", path.to_str().unwrap()],
+        );
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        err
+    };
 
     let held = pgdelta::snapshot::Snapshot::open(&state, 1 << 20).unwrap();
-    let o = pgdelta(
-        env.dir.path(),
-        &["compact", "--state", state.to_str().unwrap()],
-    );
-    let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    let err = refused(&state);
     assert!(err.contains("in use by another pgdelta run"), "{err}");
     drop(held);
     let before = std::fs::metadata(&state).unwrap().len();
@@ -949,12 +954,7 @@ async fn compact_shrinks_the_state_file_and_keeps_its_entries() {
         .await;
 
     let missing = env.dir.path().join("none.redb");
-    let o = pgdelta(
-        env.dir.path(),
-        &["compact", "--state", missing.to_str().unwrap()],
-    );
-    let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    let err = refused(&missing);
     assert!(err.contains("no state file there"), "{err}");
     assert!(!missing.exists());
 }
