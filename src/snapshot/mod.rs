@@ -11,9 +11,10 @@
 
 mod format;
 mod owner;
+pub(crate) mod spill;
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
@@ -99,6 +100,8 @@ pub(crate) struct RecorderStats {
     pub(crate) upserted: u64,
     pub(crate) removed: u64,
     pub(crate) commits: u64,
+    /// Stages of scattered records that waited on disk, sorted, before being merged in.
+    pub(crate) spilled: u64,
 }
 
 /// What the snapshot needs of committed rows: keys, hashes and known slots, without the tuples.
@@ -259,7 +262,7 @@ impl Snapshot {
         remove_stale_scratch(path);
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let mut owner = Owner::new(db.clone(), shown.clone());
+        let mut owner = Owner::new(db.clone(), shown.clone(), dir_of(path).to_path_buf());
         if let Some(limit) = stage_limit {
             owner.stage_limit = limit;
         }
@@ -304,6 +307,11 @@ impl Snapshot {
             snapshot,
             stand_in: Some(dir),
         })
+    }
+
+    /// The directory the state file is in (where temporary files of its runs go).
+    pub(crate) fn dir(&self) -> PathBuf {
+        dir_of(&self.inner.file).to_path_buf()
     }
 
     pub fn path(&self) -> &str {
@@ -1177,9 +1185,10 @@ mod tests {
     }
 
     /// Batches of scattered keys are staged and applied in key order, some when the staging
-    /// limit is reached, the rest before the removals and the settle that follow them: the
-    /// entries, their slots, the duplicate found across batches and the counts per key range
-    /// all come out as if every record had been applied as it came.
+    /// limit is reached, the rest before the removals and the settle that follow them; once the
+    /// entries outnumber a stage, full stages wait on disk and are merged back: the entries,
+    /// their slots, the duplicate found across batches and the counts per key range all come
+    /// out as if every record had been applied as it came, and no spill file is left.
     #[test]
     fn scattered_records_are_staged_and_agree_with_a_btreemap() {
         let dir = tempfile::tempdir().unwrap();
@@ -1259,7 +1268,11 @@ mod tests {
             let v = dup.unwrap();
             assert_eq!(settled.duplicates, 1, "run {run}");
             assert_eq!(settled.duplicate_keys, vec![key(v)]);
-            rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+            let stats = rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+            if run > 0 {
+                // The stages are small beside the entries: they waited on disk and were merged.
+                assert!(stats.spilled > 0, "run {run}: nothing spilled");
+            }
             drop(start);
             let now = snap.reader("s").unwrap();
             let got = entries(&now);
@@ -1275,6 +1288,11 @@ mod tests {
             let values: Vec<i64> = model.keys().map(|k| spec.value(k).unwrap()).collect();
             let want = key_ranges::tally(&now.range_spec().unwrap(), &values);
             assert_eq!(now.range_counts().unwrap(), Some(want), "run {run}");
+            let files: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(files, vec![std::ffi::OsString::from("s.redb")]);
         }
     }
 

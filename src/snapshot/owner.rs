@@ -9,7 +9,9 @@
 //! fsynced, with a durable commit at least every [`DURABLE_EVERY`], on every control command, and
 //! when the thread ends. Batches whose keys come scattered (random keys such as UUIDs) are first
 //! staged in memory, up to [`STAGE_BYTES`], and applied in key order (before any control
-//! command, and before a removal or stale mark of the same sync). An entry is never written
+//! command, and before a removal or stale mark of the same sync); a full stage that is small
+//! beside the sync's entries waits on disk instead, sorted, to be merged with the next ones
+//! ([`super::spill`]). An entry is never written
 //! before the destination committed its row, because the writers send records only after the
 //! destination acknowledged the commit. Losing
 //! a non-durable commit in a crash loses entries of rows the destination holds, which a re-write
@@ -24,10 +26,13 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction,
+};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,6 +40,7 @@ use super::format::{
     free_def, free_name, old_ranges_name, ranges_def, ranges_name, rows_def, rows_name, Entry,
     SyncMeta, FORMAT, META, REJECTED, RUNS, STALE_HASH,
 };
+use super::spill::Spill;
 use super::{Begin, BeginOptions, Committed, Gate, RecorderStats, Settled, SnapshotError};
 use crate::batch::KeyBatch;
 use crate::delta::Basis;
@@ -154,6 +160,12 @@ pub(super) struct Owner {
     runs: HashMap<Arc<str>, RunState>,
     /// Row records not yet applied, per sync ([`STAGE_BYTES`]).
     staged: HashMap<Arc<str>, Committed>,
+    /// Older staged records of a sync, sorted runs on disk: applied before `staged`.
+    spilled: HashMap<Arc<str>, Spill>,
+    /// Where spill files go (the state file's directory).
+    dir: PathBuf,
+    /// A spill file could not be written: stages are applied when full, as before spilling.
+    no_spill: bool,
     /// [`STAGE_BYTES`], smaller in tests.
     pub(super) stage_limit: usize,
     last_durable: Instant,
@@ -162,12 +174,15 @@ pub(super) struct Owner {
 }
 
 impl Owner {
-    pub(super) fn new(db: Arc<Database>, path: String) -> Owner {
+    pub(super) fn new(db: Arc<Database>, path: String, dir: PathBuf) -> Owner {
         Owner {
             db,
             path,
             runs: HashMap::new(),
             staged: HashMap::new(),
+            spilled: HashMap::new(),
+            dir,
+            no_spill: false,
             stage_limit: STAGE_BYTES,
             last_durable: Instant::now(),
             undurable: false,
@@ -218,7 +233,7 @@ impl Owner {
             let Some(Command::Record { sync, rows }) = first.take() else {
                 unreachable!("matched above")
             };
-            if !scattered(&rows.keys) && !self.staged.contains_key(&sync) {
+            if !scattered(&rows.keys) && !self.waiting(&sync) {
                 // Keys in long ascending runs (a stream in key order, or a few of them) share
                 // pages as they are: written now, as they come.
                 first = Some(Command::Record { sync, rows });
@@ -226,7 +241,7 @@ impl Owner {
             }
             self.stage(sync, rows);
             if self.staged.values().map(staged_size).sum::<usize>() >= self.stage_limit {
-                self.apply_staged(None);
+                self.stage_full();
             }
             first = rx.try_recv().ok();
         }
@@ -237,7 +252,7 @@ impl Owner {
         if matches!(first, Command::Record { .. }) {
             return self.write_now(first, rx);
         }
-        if let Some(sync) = row_sync(&first).filter(|s| self.staged.contains_key(*s)) {
+        if let Some(sync) = row_sync(&first).filter(|s| self.waiting(s)) {
             let sync = sync.clone();
             self.apply_staged(Some(&sync));
         }
@@ -281,7 +296,7 @@ impl Owner {
             // `record` (staged first, or after the staged ones).
             match rx.try_recv() {
                 Ok(c) if c.is_row_record() => {
-                    let waits = row_sync(&c).is_some_and(|s| self.staged.contains_key(s))
+                    let waits = row_sync(&c).is_some_and(|s| self.waiting(s))
                         || matches!(&c, Command::Record { rows, .. } if scattered(&rows.keys));
                     match waits {
                         true => {
@@ -359,14 +374,114 @@ impl Owner {
         }
     }
 
-    /// Applies the staged records of `only` (or of every sync) in key order, a transaction per
-    /// [`COMMIT_OPS`] records, each a contiguous stretch of the key space.
+    /// True when records of `sync` wait to be applied (staged, or spilled to disk).
+    fn waiting(&self, sync: &str) -> bool {
+        self.staged.contains_key(sync) || self.spilled.contains_key(sync)
+    }
+
+    /// The stage is full. A sync's staged records go to disk, sorted, while all that wait of
+    /// it are fewer than its entries: applied now, they would rewrite most of the B-tree's
+    /// leaves for a fraction of its size ([`super::spill`]). Otherwise they are applied, with
+    /// those on disk.
+    fn stage_full(&mut self) {
+        let syncs: Vec<Arc<str>> = self.staged.keys().cloned().collect();
+        for sync in syncs {
+            let waiting = self.staged.get(&sync).map_or(0, |c| c.entries.len() as u64)
+                + self.spilled.get(&sync).map_or(0, |s| s.records);
+            if !self.no_spill && waiting < self.entries(&sync) && self.spill(&sync) {
+                continue;
+            }
+            self.apply_staged(Some(&sync));
+        }
+    }
+
+    /// The sync's entries in the file (0 when they cannot be counted: the records are then
+    /// applied, as they would be without spilling).
+    fn entries(&self, sync: &str) -> u64 {
+        let count = || -> Result<u64, redb::Error> {
+            let txn = self.db.begin_read()?;
+            match txn.open_table(rows_def(&rows_name(sync))) {
+                Ok(t) => Ok(t.len()?),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        };
+        count().unwrap_or(0)
+    }
+
+    /// Moves the sync's staged records to its spill file, as one sorted run. False when the
+    /// file cannot be written: the records stay staged, and no stage is spilled again.
+    fn spill(&mut self, sync: &Arc<str>) -> bool {
+        let Some(c) = self.staged.get(sync) else {
+            return true;
+        };
+        let order = key_order(&c.keys, 0..c.keys.len());
+        let pushed = match self.spilled.get_mut(sync) {
+            Some(s) => s.push(c, &order),
+            None => Spill::create(&self.dir, true).and_then(|mut s| {
+                s.push(c, &order)?;
+                self.spilled.insert(sync.clone(), s);
+                Ok(())
+            }),
+        };
+        match pushed {
+            Ok(()) => {
+                self.staged.remove(sync);
+                if let Some(run) = self.runs.get_mut(sync) {
+                    run.stats.spilled += 1;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "state file {}: staged records cannot wait in {} ({e}); they are applied as they come, which costs more CPU for random keys",
+                    self.path,
+                    self.dir.display()
+                );
+                self.no_spill = true;
+                false
+            }
+        }
+    }
+
+    /// Applies the waiting records of `only` (or of every sync) in key order, a transaction per
+    /// [`COMMIT_OPS`] records, each a contiguous stretch of the key space: those on disk merged
+    /// with the staged ones, which are newer (records of one key are applied in the order they
+    /// came).
     fn apply_staged(&mut self, only: Option<&Arc<str>>) {
         let syncs: Vec<Arc<str>> = match only {
             Some(s) => vec![s.clone()],
-            None => self.staged.keys().cloned().collect(),
+            None => self
+                .staged
+                .keys()
+                .chain(self.spilled.keys())
+                .cloned()
+                .collect(),
         };
         for sync in syncs {
+            if let Some(mut spill) = self.spilled.remove(&sync) {
+                // One pass over the tree: the staged records join the merge as its newest run
+                // (applied after it, should the file refuse them).
+                if let Some(c) = self.staged.get(&sync) {
+                    if spill.push(c, &key_order(&c.keys, 0..c.keys.len())).is_ok() {
+                        self.staged.remove(&sync);
+                    }
+                }
+                let mut applied = true;
+                let merged = spill.merge(COMMIT_OPS, |part| {
+                    applied = self.apply_part(&sync, part);
+                    applied
+                });
+                if let Err(e) = merged {
+                    let e = self.err(format!("reading staged records back: {e}"));
+                    self.fail_run(&sync, &e);
+                    applied = false;
+                }
+                if !applied {
+                    self.staged.remove(&sync);
+                    continue;
+                }
+            }
             let Some(c) = self.staged.remove(&sync) else {
                 continue;
             };
@@ -380,26 +495,32 @@ impl Owner {
                     part.keys.push(c.keys.key(i));
                     part.entries.push(c.entries[i]);
                 }
-                let txn = match self.db.begin_write() {
-                    Ok(t) => t,
-                    Err(e) => {
-                        let e = self.err(e);
-                        self.fail_run(&sync, &e);
-                        break;
-                    }
-                };
-                let cmd = Command::Record {
-                    sync: sync.clone(),
-                    rows: part,
-                };
-                let result = self.apply(&txn, cmd).map(|_| ());
-                let failed = result.is_err();
-                self.end_txn(txn, std::slice::from_ref(&sync), result, false);
-                if failed {
+                if !self.apply_part(&sync, part) {
                     break;
                 }
             }
         }
+    }
+
+    /// Applies one part of a sync's records (in key order) in a transaction of its own; false
+    /// when that failed (the run is failed).
+    fn apply_part(&mut self, sync: &Arc<str>, part: Committed) -> bool {
+        let txn = match self.db.begin_write() {
+            Ok(t) => t,
+            Err(e) => {
+                let e = self.err(e);
+                self.fail_run(sync, &e);
+                return false;
+            }
+        };
+        let cmd = Command::Record {
+            sync: sync.clone(),
+            rows: part,
+        };
+        let result = self.apply(&txn, cmd).map(|_| ());
+        let applied = result.is_ok();
+        self.end_txn(txn, std::slice::from_ref(sync), result, false);
+        applied
     }
 
     /// Fails the run of `sync`: its `Recorder` refuses further records and reports `e`.

@@ -14,6 +14,7 @@
 //! A delta that turns out unprovable (too many changes, rows that entered the model without
 //! being written) becomes a full read in the same transaction, after what it already wrote.
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -31,7 +32,8 @@ use crate::error::Error;
 use crate::key_ranges::{self, KeyRanges};
 use crate::plan::{Plan, SourceTable};
 use crate::sink::{self, AnyDestination, ApplyCtx, Operation};
-use crate::snapshot::{Entry, Reader, Recorder, Snapshot, SnapshotError};
+use crate::snapshot::spill::Spill;
+use crate::snapshot::{Committed, Entry, Reader, Recorder, Snapshot, SnapshotError};
 use crate::source::{Read, ReadEnd, ReadOf};
 use crate::split::Split;
 
@@ -690,13 +692,14 @@ impl Inputs<'_> {
         let mut keys_only = (**plan).clone();
         keys_only.columns.truncate(plan.nkey);
         let reader = reader.clone();
+        let (dir, path) = (self.snapshot.dir(), self.snapshot.path().to_string());
         let (stats, scan) = crate::source::read_into(
             read,
             Arc::new(keys_only),
             (env.pipe.block_queue, env.pipe.block_bytes),
             name.clone(),
             ctx.stop.clone(),
-            move |rx| scan(rx, &reader),
+            move |rx| scan(rx, &reader, &dir, &path, KEY_WINDOW_BYTES),
         )
         .await?;
         let stats = stats?;
@@ -709,7 +712,14 @@ impl Inputs<'_> {
                 _ => Error::Internal("the key read stopped early".into()),
             });
         }
-        Ok(scan?)
+        let k = scan?;
+        if k.spilled > 0 {
+            tracing::debug!(
+                "sync '{name}': the key read merged {} windows of keys back from disk",
+                k.spilled
+            );
+        }
+        Ok(k)
     }
 
     /// Finds the `left` rows that left the model from tallies per key range (see
@@ -779,6 +789,7 @@ impl Inputs<'_> {
             keys,
             unknown,
             problem,
+            ..
         } = {
             let read = self.read(Some(kr.keys_sql(table, &ranges, &named)), Vec::new());
             self.read_keys(read, plan, reader).await?
@@ -1092,9 +1103,23 @@ struct KeysRead {
     unknown: u64,
     /// A key met twice or a NULL key: the model needs the full read's checks.
     problem: Option<String>,
+    /// Windows of keys that went to disk, to be merged.
+    spilled: u64,
 }
 
-fn scan(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<KeysRead, SnapshotError> {
+/// Looks the keys of a key-only read up in the snapshot and marks the entries they match. Keys
+/// are gathered in windows of [`KEY_WINDOW_BYTES`] and looked up sorted. Windows of scattered
+/// keys (random UUIDs) from a read larger than one window go to disk instead, sorted, and are
+/// merged at the end into one stream in key order that meets the entries in one forward walk:
+/// a window looked up on its own touches nearly every leaf of a large snapshot, so the whole
+/// read would cost windows x leaves page reads (see docs/performance.md, "Random keys").
+fn scan(
+    mut rx: mpsc::Receiver<Block>,
+    reader: &Reader,
+    dir: &Path,
+    path: &str,
+    window_bytes: usize,
+) -> Result<KeysRead, SnapshotError> {
     let mut out = KeysRead {
         seen: Seen {
             slots: Bitset::with_len(reader.len() as usize),
@@ -1103,46 +1128,190 @@ fn scan(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<KeysRead, Snap
         keys: 0,
         unknown: 0,
         problem: None,
+        spilled: 0,
     };
     let mut found = Vec::new();
     // The keys are copied out: a block's bytes may share a larger buffer.
-    let mut window = KeyBatch::default();
+    let mut window = Committed::default();
+    let mut spill: Option<Spill> = None;
+    // Set when no spill file can be written: every window is looked up on its own.
+    let mut no_spill = false;
     let mut open = true;
     while open {
         match rx.blocking_recv() {
             Some(block) => {
                 for r in &block.rows {
-                    window.push(r.key(&block.data[..]));
+                    window.keys.push(r.key(&block.data[..]));
                 }
-                if window.data.len() + 4 * window.ends.len() < KEY_WINDOW_BYTES {
+                if window.keys.data.len() + 4 * window.keys.ends.len() < window_bytes {
                     continue;
                 }
             }
             None => open = false,
         }
-        let keys: Vec<&[u8]> = (0..window.len()).map(|i| window.key(i)).collect();
-        out.keys += keys.len() as u64;
-        reader.get_many(&keys, &mut found)?;
-        for (key, entry) in keys.iter().zip(&found) {
-            match entry {
-                _ if has_null(key) => {
-                    out.problem = Some("the key read met a NULL key".into());
+        let keys = &window.keys;
+        let spills = open || spill.is_some();
+        let scattered = crate::batch::scattered(keys.len(), |i| keys.key(i));
+        if spills && !no_spill && reader.len() > keys.len() as u64 && scattered {
+            let mut order: Vec<usize> = (0..keys.len()).collect();
+            order.sort_unstable_by_key(|&i| keys.key(i));
+            let pushed = match spill.as_mut() {
+                Some(s) => s.push(&window, &order),
+                None => Spill::create(dir, false).and_then(|mut s| {
+                    s.push(&window, &order)?;
+                    spill = Some(s);
+                    Ok(())
+                }),
+            };
+            match pushed {
+                Ok(()) => {
+                    out.spilled += 1;
+                    window.keys.data.clear();
+                    window.keys.ends.clear();
+                    continue;
                 }
-                Some(e) if !out.seen.slots.insert(e.slot) => {
-                    out.problem = Some("the key read met a key twice".into());
+                Err(e) => {
+                    tracing::warn!(
+                        "state file {path}: the key read cannot spill keys to {} ({e}): it looks them up a window at a time, which costs more for random keys",
+                        dir.display()
+                    );
+                    no_spill = true;
                 }
-                Some(_) => out.seen.entries += 1,
-                None => out.unknown += 1,
             }
         }
+        let keys: Vec<&[u8]> = (0..window.keys.len()).map(|i| window.keys.key(i)).collect();
+        reader.get_many(&keys, &mut found)?;
+        mark(&mut out, &keys, &found);
         drop(keys);
-        window.data.clear();
-        window.ends.clear();
+        window.keys.data.clear();
+        window.keys.ends.clear();
+    }
+    if let Some(spill) = spill {
+        // The merge (a heap over the runs) on a thread of its own, the walk of the snapshot here:
+        // the two take about as long, and the read's server work is done by now.
+        let (tx, parts) = std::sync::mpsc::sync_channel::<Committed>(2);
+        std::thread::scope(|s| {
+            let merging = s.spawn(move || spill.merge(MERGED_PART, |part| tx.send(part).is_ok()));
+            let walked = parts.iter().try_for_each(|part| {
+                let keys: Vec<&[u8]> = (0..part.keys.len()).map(|i| part.keys.key(i)).collect();
+                reader.get_sorted(&keys, &mut found)?;
+                mark(&mut out, &keys, &found);
+                Ok::<(), SnapshotError>(())
+            });
+            // A failed walk stops the merge at its next part.
+            drop(parts);
+            let merged = merging
+                .join()
+                .expect("the key read's merge thread panicked");
+            walked?;
+            merged.map_err(|e| SnapshotError::Storage {
+                path: path.to_string(),
+                message: format!("reading back the keys spilled to {}: {e}", dir.display()),
+            })
+        })?;
     }
     Ok(out)
+}
+
+/// Marks the entries `found` for `keys` (a NULL key, or a key met twice, is a problem).
+fn mark(out: &mut KeysRead, keys: &[&[u8]], found: &[Option<Entry>]) {
+    out.keys += keys.len() as u64;
+    for (key, entry) in keys.iter().zip(found) {
+        match entry {
+            _ if has_null(key) => {
+                out.problem = Some("the key read met a NULL key".into());
+            }
+            Some(e) if !out.seen.slots.insert(e.slot) => {
+                out.problem = Some("the key read met a key twice".into());
+            }
+            Some(_) => out.seen.entries += 1,
+            None => out.unknown += 1,
+        }
+    }
 }
 
 /// The key read looks up this many bytes of keys at once, sorted: keys that come
 /// in no order (random UUIDs) then share the snapshot's pages, where a block's worth lands on
 /// a page of its own per key (docs/performance.md, "Random keys").
 const KEY_WINDOW_BYTES: usize = 4 << 20;
+
+/// Keys looked up at a time from the merged stream of spilled keys.
+const MERGED_PART: usize = 64 << 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::{encode, frame_all};
+    use crate::snapshot::BeginOptions;
+
+    /// A uuid-like key field (4-byte length, 16 bytes), scattered by `i`.
+    fn key(i: u64) -> Vec<u8> {
+        let mut k = 16u32.to_be_bytes().to_vec();
+        k.extend_from_slice(&i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+        k.extend_from_slice(&i.to_be_bytes());
+        k
+    }
+
+    /// Blocks of 100 one-column tuples holding the keys `ids` name.
+    fn blocks(ids: &[u64]) -> Vec<Block> {
+        let keys: Vec<Vec<u8>> = ids.iter().map(|&i| key(i)).collect();
+        keys.chunks(100)
+            .map(|c| frame_all(&encode(c.iter().map(|k| vec![Some(&k[4..])])), 1, 1).unwrap())
+            .collect()
+    }
+
+    fn scan_blocks(reader: &Reader, dir: &Path, ids: &[u64], window: usize) -> KeysRead {
+        let blocks = blocks(ids);
+        let (tx, rx) = mpsc::channel(blocks.len() + 1);
+        for b in blocks {
+            tx.try_send(b).unwrap();
+        }
+        drop(tx);
+        scan(rx, reader, dir, "k.redb", window).unwrap()
+    }
+
+    /// A key read whose windows go to disk and come back merged marks the same entries, counts
+    /// the same unknown keys and finds a key read twice, as one looked up a window at a time.
+    #[test]
+    fn spilled_keys_mark_the_same_entries_as_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = Snapshot::open(&dir.path().join("k.redb"), 1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_, rec) = rt
+            .block_on(snap.begin("k", "k", "r", BeginOptions::default()))
+            .unwrap();
+        let mut c = Committed::default();
+        for i in 0..5_000 {
+            c.keys.push(&key(i));
+            c.entries.push(([1; 16], None));
+        }
+        rt.block_on(rec.record(c)).unwrap();
+        rt.block_on(rec.settle(Vec::new())).unwrap();
+        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+        let reader = snap.reader("k").unwrap();
+        // 4,000 of the entries (1,000 left the model) and 300 keys the snapshot does not hold.
+        let read: Vec<u64> = (1_000..5_000).chain(10_000..10_300).collect();
+        let spilled = scan_blocks(&reader, dir.path(), &read, 2 << 10);
+        let windows = scan_blocks(&reader, dir.path(), &read, usize::MAX);
+        assert!(spilled.spilled > 10, "{} windows spilled", spilled.spilled);
+        assert_eq!(windows.spilled, 0);
+        for r in [&spilled, &windows] {
+            assert_eq!((r.keys, r.seen.entries, r.unknown), (4_300, 4_000, 300));
+            assert_eq!(r.problem, None);
+        }
+        let marked = |r: &KeysRead| -> Vec<u32> {
+            (0..5_000).filter(|&s| r.seen.slots.contains(s)).collect()
+        };
+        assert_eq!(marked(&spilled), marked(&windows));
+        assert_eq!(marked(&spilled).len(), 4_000);
+        let mut twice = read.clone();
+        twice.insert(2_000, 4_321);
+        let r = scan_blocks(&reader, dir.path(), &twice, 2 << 10);
+        assert!(r.spilled > 0);
+        assert_eq!(r.problem.as_deref(), Some("the key read met a key twice"));
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(files.len(), 1, "only the state file is left");
+    }
+}
