@@ -115,8 +115,14 @@ fn snapshot_diff(c: &mut Criterion) {
     for r in &block.rows {
         batch.push(&block, r, row_hash(r.value(&block.data)), None);
     }
-    rt.block_on(pgdelta::snapshot::seed_for_bench(&snap, "b", &batch.take()))
-        .unwrap();
+    let batch = batch.take();
+    rt.block_on(pgdelta::snapshot::seed_for_bench(
+        &snap,
+        "b",
+        &batch,
+        batch.len(),
+    ))
+    .unwrap();
     let reader = snap.reader("b").unwrap();
     let mut g = c.benchmark_group("snapshot_diff");
     g.throughput(Throughput::Elements(ROWS as u64));
@@ -142,6 +148,65 @@ fn snapshot_diff(c: &mut Criterion) {
     drop(snap);
 }
 
+/// A first load's records through the snapshot thread, 10k rows per record as the writers
+/// hand them over: keys in order (a bigint read in heap order) against random 16-byte keys (a
+/// uuid), whose stages wait on disk and are merged in (docs/performance.md, "A load of random
+/// keys in O(N)"). Stages of 1 MiB (a run's are 16 MiB): 1M keys then take as many stages, and
+/// make as many passes over the tree if they are applied one by one, as 16M keys would in a run.
+/// Each iteration records into a fresh state file.
+fn snapshot_record(c: &mut Criterion) {
+    use pgdelta::snapshot::{seed_for_bench, Snapshot};
+    const LOAD: usize = 1_000_000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut rng = Lcg(13);
+    let batch = |key: &mut dyn FnMut(usize) -> Vec<u8>| {
+        let keys: Vec<Vec<u8>> = (0..LOAD).map(key).collect();
+        let s = encode(
+            keys.iter()
+                .map(|k| vec![Some(k.as_slice()), Some(&b"a row"[..])]),
+        );
+        let block = frame_all(&s, 2, 1).unwrap();
+        let mut b = BatchBuilder::with_capacity(s.len());
+        for r in &block.rows {
+            b.push(&block, r, row_hash(r.value(&block.data)), None);
+        }
+        b.take()
+    };
+    let ordered = batch(&mut |i| (i as u64).to_be_bytes().to_vec());
+    let scattered = batch(&mut |_| {
+        let mut k = rng.next().to_be_bytes().to_vec();
+        k.extend_from_slice(&rng.next().to_be_bytes());
+        k
+    });
+    let mut g = c.benchmark_group("snapshot_record");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(LOAD as u64));
+    for (name, rows) in [
+        ("first_load_1m_keys_in_order", &ordered),
+        ("first_load_1m_random_16_byte_keys", &scattered),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let dir = tempfile::tempdir().unwrap();
+                    let path = dir.path().join("r.redb");
+                    let snap = Snapshot::open_for_bench(&path, 32 << 20, 1 << 20).unwrap();
+                    (dir, snap)
+                },
+                |(dir, snap)| {
+                    rt.block_on(seed_for_bench(&snap, "r", rows, 10_000))
+                        .unwrap();
+                    (dir, snap)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
 fn copy_encoder(c: &mut Criterion) {
     let s = stream(ROWS, 11);
     let block = frame_all(&s, 10, 1).unwrap();
@@ -165,6 +230,6 @@ fn copy_encoder(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = framing, hashing, snapshot_diff, copy_encoder
+    targets = framing, hashing, snapshot_diff, snapshot_record, copy_encoder
 }
 criterion_main!(benches);
