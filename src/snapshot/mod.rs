@@ -789,6 +789,66 @@ fn step<'a>(it: &mut Option<Rows<'a>>) -> Result<Option<Row<'a>>, redb::StorageE
     it.as_mut().and_then(|r| r.next()).transpose()
 }
 
+/// A forward walk of a [`Reader`]'s entries against keys that come in ascending order.
+pub(crate) struct Walk<'a> {
+    reader: &'a Reader,
+    rows: Option<Rows<'a>>,
+    /// The entry the walk is at.
+    at: Option<Row<'a>>,
+    /// A key matched the entry the walk is at.
+    matched: bool,
+}
+
+impl Walk<'_> {
+    /// Looks up `keys` (ascending, and not below the keys of earlier calls): `out` gets one
+    /// answer per key, and `unmatched` each entry the walk passes that no key matched.
+    pub(crate) fn find(
+        &mut self,
+        keys: &[&[u8]],
+        out: &mut Vec<Option<Entry>>,
+        mut unmatched: impl FnMut(&[u8]),
+    ) -> Result<(), SnapshotError> {
+        out.clear();
+        for &key in keys {
+            let found = loop {
+                let Some((k, v)) = &self.at else { break None };
+                match k.value().cmp(key) {
+                    std::cmp::Ordering::Less => {
+                        if !self.matched {
+                            unmatched(k.value());
+                        }
+                        self.next()?;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        self.matched = true;
+                        break Some(Entry::decode(v.value()));
+                    }
+                    std::cmp::Ordering::Greater => break None,
+                }
+            };
+            out.push(found);
+        }
+        Ok(())
+    }
+
+    /// Calls `unmatched` for the entries after the last key.
+    pub(crate) fn rest(mut self, mut unmatched: impl FnMut(&[u8])) -> Result<(), SnapshotError> {
+        while let Some((k, _)) = &self.at {
+            if !self.matched {
+                unmatched(k.value());
+            }
+            self.next()?;
+        }
+        Ok(())
+    }
+
+    fn next(&mut self) -> Result<(), SnapshotError> {
+        self.at = step(&mut self.rows).map_err(|e| self.reader.err(e))?;
+        self.matched = false;
+        Ok(())
+    }
+}
+
 /// A read-only view of one sync's entries, shareable across threads.
 pub struct Reader {
     table: Option<ReadOnlyTable<&'static [u8], &'static [u8; 20]>>,
@@ -901,6 +961,19 @@ impl Reader {
             out.push(found);
         }
         Ok(())
+    }
+
+    /// A walk of every entry in key order, to meet a stream of keys in ascending order
+    /// ([`Walk::find`]) and name the entries none of them matched.
+    pub(crate) fn walk(&self) -> Result<Walk<'_>, SnapshotError> {
+        let mut rows = rows(self).map_err(|e| self.err(e))?;
+        let at = step(&mut rows).map_err(|e| self.err(e))?;
+        Ok(Walk {
+            reader: self,
+            rows,
+            at,
+            matched: false,
+        })
     }
 
     /// Walks this view and `other` together in key order (both are sorted by key bytes), calling

@@ -662,7 +662,10 @@ impl Inputs<'_> {
         let read = self.read_table(table, &list, None, Vec::new()).await?;
         let k = self.read_keys(read, plan, reader).await?;
         Ok(KeyScan {
-            gone: Gone::Unseen(k.seen),
+            gone: match k.gone {
+                Some(keys) => Gone::Keys(keys),
+                None => Gone::Unseen(k.seen),
+            },
             keys: k.keys,
             unknown: k.unknown,
             problem: k.problem,
@@ -1105,6 +1108,8 @@ struct KeysRead {
     problem: Option<String>,
     /// Windows of keys that went to disk, to be merged.
     spilled: u64,
+    /// The entries no key matched (the removed rows), when the merge met every entry.
+    gone: Option<KeyBatch>,
 }
 
 /// Looks the keys of a key-only read up in the snapshot and marks the entries they match. Keys
@@ -1129,6 +1134,7 @@ fn scan(
         unknown: 0,
         problem: None,
         spilled: 0,
+        gone: None,
     };
     let mut found = Vec::new();
     // The keys are copied out: a block's bytes may share a larger buffer.
@@ -1136,6 +1142,8 @@ fn scan(
     let mut spill: Option<Spill> = None;
     // Set when no spill file can be written: every window is looked up on its own.
     let mut no_spill = false;
+    // Some keys were looked up on their own, outside the merge.
+    let mut direct = false;
     let mut open = true;
     while open {
         match rx.blocking_recv() {
@@ -1150,9 +1158,13 @@ fn scan(
             None => open = false,
         }
         let keys = &window.keys;
-        let spills = open || spill.is_some();
-        let scattered = crate::batch::scattered(keys.len(), |i| keys.key(i));
-        if spills && !no_spill && reader.len() > keys.len() as u64 && scattered {
+        // Once windows spill, every later one joins them (the last, however small, too).
+        let spills = !no_spill
+            && (spill.is_some()
+                || open
+                    && reader.len() > keys.len() as u64
+                    && crate::batch::scattered(keys.len(), |i| keys.key(i)));
+        if spills {
             let mut order: Vec<usize> = (0..keys.len()).collect();
             order.sort_unstable_by_key(|&i| keys.key(i));
             let pushed = match spill.as_mut() {
@@ -1180,6 +1192,7 @@ fn scan(
             }
         }
         let keys: Vec<&[u8]> = (0..window.keys.len()).map(|i| window.keys.key(i)).collect();
+        direct |= !keys.is_empty();
         reader.get_many(&keys, &mut found)?;
         mark(&mut out, &keys, &found);
         drop(keys);
@@ -1187,6 +1200,19 @@ fn scan(
         window.keys.ends.clear();
     }
     if let Some(spill) = spill {
+        // When every key went through the merge, the walk meets every entry, and the entries
+        // no key matched are the removed rows: kept (up to [`GONE_KEYS`]) so that the deletes
+        // need no second walk of the snapshot.
+        let mut gone = (!direct).then(KeyBatch::default);
+        let mut unmatched = |key: &[u8]| {
+            if let Some(g) = &mut gone {
+                match g.len() < GONE_KEYS {
+                    true => g.push(key),
+                    false => gone = None,
+                }
+            }
+        };
+        let mut walk = reader.walk()?;
         // The merge (a heap over the runs) on a thread of its own, the walk of the snapshot here:
         // the two take about as long, and the read's server work is done by now.
         let (tx, parts) = std::sync::mpsc::sync_channel::<Committed>(2);
@@ -1194,7 +1220,7 @@ fn scan(
             let merging = s.spawn(move || spill.merge(MERGED_PART, |part| tx.send(part).is_ok()));
             let walked = parts.iter().try_for_each(|part| {
                 let keys: Vec<&[u8]> = (0..part.keys.len()).map(|i| part.keys.key(i)).collect();
-                reader.get_sorted(&keys, &mut found)?;
+                walk.find(&keys, &mut found, &mut unmatched)?;
                 mark(&mut out, &keys, &found);
                 Ok::<(), SnapshotError>(())
             });
@@ -1209,6 +1235,8 @@ fn scan(
                 message: format!("reading back the keys spilled to {}: {e}", dir.display()),
             })
         })?;
+        walk.rest(&mut unmatched)?;
+        out.gone = gone;
     }
     Ok(out)
 }
@@ -1237,6 +1265,10 @@ const KEY_WINDOW_BYTES: usize = 4 << 20;
 
 /// Keys looked up at a time from the merged stream of spilled keys.
 const MERGED_PART: usize = 64 << 10;
+
+/// Removed rows a merged key read names itself, at most (24 MiB of uuid keys); past that the
+/// deletes find them by a walk of the snapshot, as after a key read that did not merge.
+const GONE_KEYS: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -1271,7 +1303,8 @@ mod tests {
     }
 
     /// A key read whose windows go to disk and come back merged marks the same entries, counts
-    /// the same unknown keys and finds a key read twice, as one looked up a window at a time.
+    /// the same unknown keys and finds a key read twice, as one looked up a window at a time;
+    /// and it names the entries no key matched (the removed rows).
     #[test]
     fn spilled_keys_mark_the_same_entries_as_windows() {
         let dir = tempfile::tempdir().unwrap();
@@ -1306,11 +1339,24 @@ mod tests {
         };
         assert_eq!(marked(&spilled), marked(&windows));
         assert_eq!(marked(&spilled).len(), 4_000);
+        // Every key went through the merge: it names the 1,000 entries no key matched.
+        let gone = spilled.gone.as_ref().expect("the merge met every entry");
+        let mut gone: Vec<Vec<u8>> = (0..gone.len()).map(|i| gone.key(i).to_vec()).collect();
+        let mut want: Vec<Vec<u8>> = (0..1_000).map(key).collect();
+        gone.sort();
+        want.sort();
+        assert_eq!(gone, want);
+        assert!(windows.gone.is_none());
         let mut twice = read.clone();
         twice.insert(2_000, 4_321);
         let r = scan_blocks(&reader, dir.path(), &twice, 2 << 10);
         assert!(r.spilled > 0);
         assert_eq!(r.problem.as_deref(), Some("the key read met a key twice"));
+        assert_eq!(
+            r.gone.map(|g| g.len()),
+            Some(1_000),
+            "a key met twice is matched once"
+        );
         let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(files.len(), 1, "only the state file is left");
     }
