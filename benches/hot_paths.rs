@@ -192,7 +192,7 @@ fn snapshot_record(c: &mut Criterion) {
                 || {
                     let dir = tempfile::tempdir().unwrap();
                     let path = dir.path().join("r.redb");
-                    let snap = Snapshot::open_for_bench(&path, 32 << 20, 1 << 20).unwrap();
+                    let snap = Snapshot::open_with_stage(&path, 32 << 20, 1 << 20).unwrap();
                     (dir, snap)
                 },
                 |(dir, snap)| {

@@ -238,10 +238,10 @@ impl Snapshot {
     }
 
     /// [`Snapshot::open`] with a smaller staging limit for scattered records than a run's
-    /// 16 MiB, for benchmarks: a stage of `stage_bytes` over N entries does what 16 MiB does over
-    /// proportionally more, in less time.
+    /// 16 MiB, for benchmarks and tests: a stage of `stage_bytes` over N entries does what
+    /// 16 MiB does over proportionally more, in less time.
     #[doc(hidden)]
-    pub fn open_for_bench(
+    pub fn open_with_stage(
         path: &Path,
         cache_bytes: usize,
         stage_bytes: usize,

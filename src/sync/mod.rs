@@ -80,6 +80,9 @@ pub struct PipelineSettings {
     pub block_queue: usize,
     /// Batches queued between diff and writer.
     pub batch_queue: usize,
+    /// Bytes of keys a key-only read looks up at a time, or writes to disk sorted when the
+    /// keys come scattered (`read::scan`).
+    pub key_window_bytes: usize,
 }
 
 impl Default for PipelineSettings {
@@ -88,6 +91,7 @@ impl Default for PipelineSettings {
             block_bytes: 512 << 10,
             block_queue: 8,
             batch_queue: 2,
+            key_window_bytes: read::KEY_WINDOW_BYTES,
         }
     }
 }

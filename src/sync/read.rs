@@ -696,13 +696,14 @@ impl Inputs<'_> {
         keys_only.columns.truncate(plan.nkey);
         let reader = reader.clone();
         let (dir, path) = (self.snapshot.dir(), self.snapshot.path().to_string());
+        let window = env.pipe.key_window_bytes;
         let (stats, scan) = crate::source::read_into(
             read,
             Arc::new(keys_only),
             (env.pipe.block_queue, env.pipe.block_bytes),
             name.clone(),
             ctx.stop.clone(),
-            move |rx| scan(rx, &reader, &dir, &path, KEY_WINDOW_BYTES),
+            move |rx| scan(rx, &reader, &dir, &path, window),
         )
         .await?;
         let stats = stats?;
@@ -1113,7 +1114,8 @@ struct KeysRead {
 }
 
 /// Looks the keys of a key-only read up in the snapshot and marks the entries they match. Keys
-/// are gathered in windows of [`KEY_WINDOW_BYTES`] and looked up sorted. Windows of scattered
+/// are gathered in windows of `window_bytes` ([`KEY_WINDOW_BYTES`] in a run) and looked up
+/// sorted. Windows of scattered
 /// keys (random UUIDs) from a read larger than one window go to disk instead, sorted, and are
 /// merged at the end into one stream in key order that meets the entries in one forward walk:
 /// a window looked up on its own touches nearly every leaf of a large snapshot, so the whole
@@ -1261,7 +1263,7 @@ fn mark(out: &mut KeysRead, keys: &[&[u8]], found: &[Option<Entry>]) {
 /// The key read looks up this many bytes of keys at once, sorted: keys that come
 /// in no order (random UUIDs) then share the snapshot's pages, where a block's worth lands on
 /// a page of its own per key (docs/performance.md, "Random keys").
-const KEY_WINDOW_BYTES: usize = 4 << 20;
+pub(super) const KEY_WINDOW_BYTES: usize = 4 << 20;
 
 /// Keys looked up at a time from the merged stream of spilled keys.
 const MERGED_PART: usize = 64 << 10;

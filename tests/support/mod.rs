@@ -297,6 +297,36 @@ impl Env {
             block_bytes: 4096,
             block_queue: 1,
             batch_queue: 1,
+            ..Default::default()
+        };
+        pgdelta::sync::run_with(
+            &ConnInfo::parse(&self.src_url)?,
+            &ConnInfo::parse(&self.dst_url)?,
+            spec,
+            &RunOptions::default(),
+            &snap,
+            &pipe,
+        )
+        .await
+    }
+
+    /// Runs a sync whose snapshot thread stages `stage_bytes` of scattered records at a time
+    /// (a run's are 16 MiB) and whose key reads look up `key_window` bytes of keys at a time
+    /// (4 MiB): a small table then takes the paths of a large one, where stages and windows
+    /// wait on disk and are merged.
+    pub(crate) async fn sync_small_windows(
+        &self,
+        spec: &SyncSpec,
+        stage_bytes: usize,
+        key_window: usize,
+    ) -> Result<Summary, pgdelta::Error> {
+        self.flush_stats().await;
+        let snap = Snapshot::open_with_stage(&self.state(), 8 << 20, stage_bytes)?;
+        let pipe = pgdelta::sync::PipelineSettings {
+            key_window_bytes: key_window,
+            // Blocks smaller than a window, as a large table's are.
+            block_bytes: 4096,
+            ..Default::default()
         };
         pgdelta::sync::run_with(
             &ConnInfo::parse(&self.src_url)?,
