@@ -291,23 +291,13 @@ impl Env {
         &self,
         spec: &SyncSpec,
     ) -> Result<Summary, pgdelta::Error> {
-        self.flush_stats().await;
-        let snap = Snapshot::open(&self.state(), 8 << 20)?;
         let pipe = pgdelta::sync::PipelineSettings {
             block_bytes: 4096,
             block_queue: 1,
             batch_queue: 1,
             ..Default::default()
         };
-        pgdelta::sync::run_with(
-            &ConnInfo::parse(&self.src_url)?,
-            &ConnInfo::parse(&self.dst_url)?,
-            spec,
-            &RunOptions::default(),
-            &snap,
-            &pipe,
-        )
-        .await
+        self.sync_tuned(spec, None, &pipe).await
     }
 
     /// Runs a sync whose snapshot thread stages `stage_bytes` of scattered records at a time
@@ -320,13 +310,26 @@ impl Env {
         stage_bytes: usize,
         key_window: usize,
     ) -> Result<Summary, pgdelta::Error> {
-        self.flush_stats().await;
-        let snap = Snapshot::open_with_stage(&self.state(), 8 << 20, stage_bytes)?;
         let pipe = pgdelta::sync::PipelineSettings {
             key_window_bytes: key_window,
             // Blocks smaller than a window, as a large table's are.
             block_bytes: 4096,
             ..Default::default()
+        };
+        self.sync_tuned(spec, Some(stage_bytes), &pipe).await
+    }
+
+    /// Runs a sync with these pipeline settings and, when given, this staging limit.
+    async fn sync_tuned(
+        &self,
+        spec: &SyncSpec,
+        stage_bytes: Option<usize>,
+        pipe: &pgdelta::sync::PipelineSettings,
+    ) -> Result<Summary, pgdelta::Error> {
+        self.flush_stats().await;
+        let snap = match stage_bytes {
+            Some(stage) => Snapshot::open_with_stage(&self.state(), 8 << 20, stage)?,
+            None => Snapshot::open(&self.state(), 8 << 20)?,
         };
         pgdelta::sync::run_with(
             &ConnInfo::parse(&self.src_url)?,
@@ -334,7 +337,7 @@ impl Env {
             spec,
             &RunOptions::default(),
             &snap,
-            &pipe,
+            pipe,
         )
         .await
     }
