@@ -27,9 +27,11 @@
 //! Nothing is written to the target or the state file without `--repair`.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -37,8 +39,10 @@ use crate::conn::ConnInfo;
 use crate::copy::{has_null, Block};
 use crate::diff::{self, Bitset};
 use crate::error::Error;
+use crate::hash::row_hash;
 use crate::plan::Plan;
-use crate::snapshot::{Reader, Snapshot, STALE_HASH};
+use crate::snapshot::spill::Spill;
+use crate::snapshot::{Committed, Entry, Reader, Snapshot, SnapshotError, STALE_HASH};
 use crate::source::{read_into, Read, ReadEnd, ReadOf};
 use crate::spec::SyncSpec;
 use crate::sync::stop::{Stop, StopReason};
@@ -129,7 +133,7 @@ pub async fn verify(
         Arc::new(crate::plan::plan(&src, &dst, spec).await?)
     };
     let by_snapshot = match usable(snapshot, spec, &plan)? {
-        Ok(reader) => by_snapshot(source, dest, spec, opts, &plan, reader).await?,
+        Ok(reader) => by_snapshot(source, dest, spec, opts, &plan, (reader, snapshot)).await?,
         Err(why) => Err(why),
     };
     let mut report = match by_snapshot {
@@ -256,7 +260,15 @@ struct Side {
     problem: Option<String>,
 }
 
-/// Reads `copy` from `conn` and looks every row up in `reader`.
+/// The snapshot both sides are looked up in, and where the state file is (rows a side writes
+/// to disk go beside it).
+struct Against {
+    reader: Arc<Reader>,
+    dir: PathBuf,
+    path: String,
+}
+
+/// Reads `copy` from `conn` and looks every row up in the snapshot.
 async fn read_side(
     conn: &ConnInfo,
     role: &'static str,
@@ -264,7 +276,7 @@ async fn read_side(
     copy: String,
     spec: &SyncSpec,
     plan: &Arc<Plan>,
-    reader: &Arc<Reader>,
+    against: &Arc<Against>,
     stop: &Stop,
 ) -> Result<Side, Error> {
     let pipe = PipelineSettings::default();
@@ -277,14 +289,17 @@ async fn read_side(
         copies: vec![copy],
         of,
     };
-    let reader = reader.clone();
+    let against = against.clone();
     let (stats, side) = read_into(
         read,
         plan.clone(),
         (pipe.block_queue, pipe.block_bytes),
         spec.name.clone(),
         stop.clone(),
-        move |rx| look_up(rx, &reader),
+        move |rx| {
+            let merge = (MERGE_ABOVE, MERGE_WINDOW_BYTES);
+            look_up(rx, &against.reader, &against.dir, &against.path, merge)
+        },
     )
     .await?;
     let side = side?;
@@ -299,54 +314,153 @@ async fn read_side(
 }
 
 /// Looks up every row of the blocks in the snapshot; keeps the rows it does not vouch for.
-/// Returns early (closing the channel, which ends the read) on a problem.
-fn look_up(mut rx: mpsc::Receiver<Block>, reader: &Reader) -> Result<Side, Error> {
+/// Returns early (closing the channel, which ends the read) on a problem. Rows whose keys come
+/// scattered (random UUIDs), against a snapshot of more than [`MERGE_ABOVE`] entries, are
+/// looked up by [`look_up_merged`].
+fn look_up(
+    mut rx: mpsc::Receiver<Block>,
+    reader: &Reader,
+    dir: &Path,
+    path: &str,
+    (merge_above, window_bytes): (u64, usize),
+) -> Result<Side, Error> {
     let mut side = Side {
         seen: Bitset::with_len(reader.len() as usize),
         ..Default::default()
     };
-    diff::look_up_stream(&mut rx, reader, |block, looked| {
-        for (span, (hash, found)) in block.rows.iter().zip(looked) {
-            let key = span.key(&block.data);
-            side.rows += 1;
-            let unmatched = match found {
-                _ if has_null(key) => {
-                    side.problem = Some("a key is NULL".into());
+    let mut first = rx.blocking_recv();
+    let scattered = first
+        .as_ref()
+        .is_some_and(|b| crate::batch::scattered(b.rows.len(), |i| b.rows[i].key(&b.data)));
+    if scattered && reader.len() > merge_above {
+        match Spill::create(dir, true) {
+            Ok(spill) => {
+                let input = (first, rx, window_bytes);
+                return look_up_merged(input, reader, spill, path, side);
+            }
+            Err(e) => tracing::warn!(
+                "state file {path}: verify cannot write its rows' keys to {} ({e}): it looks them up a window at a time, which costs more for random keys",
+                dir.display()
+            ),
+        }
+    }
+    diff::look_up_stream(
+        || first.take().or_else(|| rx.blocking_recv()),
+        reader,
+        |block, looked| {
+            for (span, &(hash, found)) in block.rows.iter().zip(looked) {
+                if !check(&mut side, span.key(&block.data), hash, found) {
                     return Ok(false);
                 }
-                Some(e) => {
-                    if !side.seen.insert(e.slot) {
-                        side.problem = Some("a key occurs twice".into());
-                        return Ok(false);
-                    }
-                    side.seen_entries += 1;
-                    if e.hash == *hash {
-                        continue;
-                    }
-                    Unmatched {
-                        hash: *hash,
-                        entry: Some((e.slot, e.hash == STALE_HASH)),
-                    }
-                }
-                None => Unmatched {
-                    hash: *hash,
-                    entry: None,
-                },
-            };
-            if side.unmatched.insert(key.to_vec(), unmatched).is_some() {
-                side.problem = Some("a key occurs twice".into());
-                return Ok(false);
             }
-            if side.unmatched.len() > MAX_UNMATCHED {
-                side.problem = Some(format!(
-                    "more than {MAX_UNMATCHED} rows of one side differ from the sync's snapshot"
-                ));
-                return Ok(false);
+            Ok::<_, Error>(true)
+        },
+    )?;
+    Ok(side)
+}
+
+/// Verify looks rows up through sorted runs on disk ([`look_up_merged`]) when their keys come
+/// scattered and the snapshot holds more than this many entries; below it, a few windows of
+/// rows cover the snapshot.
+const MERGE_ABOVE: u64 = 500_000;
+
+/// Bytes of keys and hashes gathered before they go to disk, sorted.
+const MERGE_WINDOW_BYTES: usize = 16 << 20;
+
+/// Looks up a side whose keys come scattered: every row's key and hash go to disk in sorted runs
+/// ([`Spill`]), merged after the read into one stream in key order that meets the snapshot's
+/// entries in one forward walk. A window of scattered keys looked up on its own walks most of a
+/// large snapshot, so looking the rows up window by window costs windows x entries.
+fn look_up_merged(
+    (mut first, mut rx, window_bytes): (Option<Block>, mpsc::Receiver<Block>, usize),
+    reader: &Reader,
+    mut spill: Spill,
+    path: &str,
+    mut side: Side,
+) -> Result<Side, Error> {
+    let io = |e: std::io::Error| SnapshotError::Storage {
+        path: path.to_string(),
+        message: format!("verify's rows on disk: {e}"),
+    };
+    let mut window = Committed::default();
+    let push = |window: &mut Committed, spill: &mut Spill| {
+        let mut order: Vec<usize> = (0..window.keys.len()).collect();
+        order.sort_unstable_by_key(|&i| window.keys.key(i));
+        let pushed = spill.push(window, &order);
+        *window = Committed::default();
+        pushed
+    };
+    while let Some(block) = first.take().or_else(|| rx.blocking_recv()) {
+        let hashes: Vec<[u8; 16]> = block
+            .rows
+            .par_iter()
+            .map(|r| row_hash(r.value(&block.data)))
+            .collect();
+        for (r, hash) in block.rows.iter().zip(hashes) {
+            window.keys.push(r.key(&block.data));
+            window.entries.push((hash, None));
+        }
+        if window.keys.data.len() + 24 * window.entries.len() >= window_bytes {
+            push(&mut window, &mut spill).map_err(io)?;
+        }
+    }
+    drop(rx);
+    push(&mut window, &mut spill).map_err(io)?;
+    let mut walk = reader.walk()?;
+    let mut found = Vec::new();
+    let mut failed = None;
+    spill
+        .merge(64 << 10, |part| {
+            let keys: Vec<&[u8]> = (0..part.keys.len()).map(|i| part.keys.key(i)).collect();
+            if let Err(e) = walk.find(&keys, &mut found, |_| {}) {
+                failed = Some(e);
+                return false;
+            }
+            (0..keys.len()).all(|i| check(&mut side, keys[i], part.entries[i].0, found[i]))
+        })
+        .map_err(io)?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(side)
+}
+
+/// Takes one row of a side (its key, its hash and the snapshot's entry for the key): counts it,
+/// marks the entry, keeps the row when the entry does not vouch for it. False on a problem.
+fn check(side: &mut Side, key: &[u8], hash: [u8; 16], found: Option<Entry>) -> bool {
+    side.rows += 1;
+    let unmatched = match found {
+        _ if has_null(key) => {
+            side.problem = Some("a key is NULL".into());
+            return false;
+        }
+        Some(e) => {
+            if !side.seen.insert(e.slot) {
+                side.problem = Some("a key occurs twice".into());
+                return false;
+            }
+            side.seen_entries += 1;
+            if e.hash == hash {
+                return true;
+            }
+            Unmatched {
+                hash,
+                entry: Some((e.slot, e.hash == STALE_HASH)),
             }
         }
-        Ok::<_, Error>(true)
-    })?;
-    Ok(side)
+        None => Unmatched { hash, entry: None },
+    };
+    if side.unmatched.insert(key.to_vec(), unmatched).is_some() {
+        side.problem = Some("a key occurs twice".into());
+        return false;
+    }
+    if side.unmatched.len() > MAX_UNMATCHED {
+        side.problem = Some(format!(
+            "more than {MAX_UNMATCHED} rows of one side differ from the sync's snapshot"
+        ));
+        return false;
+    }
+    true
 }
 
 /// Step 1 of the module doc. `Err(why)` when the snapshot cannot settle it.
@@ -356,9 +470,14 @@ async fn by_snapshot(
     spec: &SyncSpec,
     opts: &RunOptions,
     plan: &Arc<Plan>,
-    reader: Reader,
+    (reader, snapshot): (Reader, &Snapshot),
 ) -> Result<Result<VerifyReport, String>, Error> {
-    let reader = Arc::new(reader);
+    let against = Arc::new(Against {
+        reader: Arc::new(reader),
+        dir: snapshot.dir(),
+        path: snapshot.path().to_string(),
+    });
+    let reader = &against.reader;
     let stop = Stop::child_of(&opts.shutdown);
     let select = match &plan.table {
         Some(t) => t.select(&t.list(), None),
@@ -366,9 +485,9 @@ async fn by_snapshot(
     };
     let copy = |select: &str| format!("COPY ({select}) TO STDOUT (FORMAT binary)");
     // A side that fails stops the other; its error is the one reported.
-    let (reader_ref, stop_ref) = (&reader, &stop);
+    let (against_ref, stop_ref) = (&against, &stop);
     let side = |conn, role, of, copy| async move {
-        let r = read_side(conn, role, of, copy, spec, plan, reader_ref, stop_ref).await;
+        let r = read_side(conn, role, of, copy, spec, plan, against_ref, stop_ref).await;
         if r.is_err() {
             stop_ref.stop(StopReason::WriterFailed);
         }
@@ -402,7 +521,7 @@ async fn by_snapshot(
     {
         return Ok(Err(p));
     }
-    Ok(Ok(tally(spec, plan, &reader, &s, &t)?))
+    Ok(Ok(tally(spec, plan, reader, &s, &t)?))
 }
 
 /// The sample keys of one kind: the first [`SAMPLES`] in key order, whatever order they come in.
@@ -567,5 +686,85 @@ fn compare(mine: &Reader, target: &Reader, plan: &Plan) -> Result<SnapshotCheck,
 fn sample(into: &mut Vec<String>, key: impl FnOnce() -> String) {
     if into.len() < SAMPLES {
         into.push(key());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::{encode, frame_all};
+    use crate::snapshot::testing::{ended_read, seeded};
+
+    /// A uuid-like key field's bytes (16), scattered by `i`.
+    fn key(i: u64) -> Vec<u8> {
+        let mut k = i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes().to_vec();
+        k.extend_from_slice(&i.to_be_bytes());
+        k
+    }
+
+    /// Blocks of 100 two-column tuples: the key `i` names and a value, `b"v"` unless `drift`
+    /// says otherwise.
+    fn blocks(ids: &[u64], drift: impl Fn(u64) -> bool) -> Vec<Block> {
+        ids.chunks(100)
+            .map(|c| {
+                let rows: Vec<(Vec<u8>, &[u8])> = c
+                    .iter()
+                    .map(|&i| (key(i), if drift(i) { &b"w"[..] } else { &b"v"[..] }))
+                    .collect();
+                let stream = encode(rows.iter().map(|(k, v)| vec![Some(&k[..]), Some(*v)]));
+                frame_all(&stream, 2, 1).unwrap()
+            })
+            .collect()
+    }
+
+    fn side(reader: &Reader, dir: &Path, blocks: Vec<Block>, merge: (u64, usize)) -> Side {
+        look_up(ended_read(blocks), reader, dir, "v.redb", merge).unwrap()
+    }
+
+    /// A side looked up through sorted runs on disk finds what the windows find: the rows, the
+    /// entries met, the rows the snapshot does not vouch for (changed, unknown), a key twice.
+    #[test]
+    fn rows_merged_from_disk_match_the_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        // The snapshot: 3,000 rows of value "v".
+        let block = &blocks(&(0..3_000).collect::<Vec<_>>(), |_| false);
+        let mut c = Committed::default();
+        for b in block {
+            for r in &b.rows {
+                c.keys.push(r.key(&b.data));
+                c.entries.push((row_hash(r.value(&b.data)), None));
+            }
+        }
+        let snap = seeded(&dir.path().join("v.redb"), "v", c);
+        let reader = snap.reader("v").unwrap();
+        // The side: 2,500 of them (every 7th drifted) and 200 the snapshot lacks.
+        let ids: Vec<u64> = (500..3_000).chain(9_000..9_200).collect();
+        let drift = |i: u64| i % 7 == 0;
+        let merged = side(&reader, dir.path(), blocks(&ids, drift), (0, 4 << 10));
+        let windows = side(&reader, dir.path(), blocks(&ids, drift), (u64::MAX, 0));
+        let drifted = (500..3_000).filter(|&i| drift(i)).count();
+        for s in [&merged, &windows] {
+            assert_eq!((s.rows, s.seen_entries), (2_700, 2_500));
+            assert_eq!(s.unmatched.len(), drifted + 200);
+            assert_eq!(s.problem, None);
+        }
+        let unmatched = |s: &Side| {
+            let mut u: Vec<_> = s
+                .unmatched
+                .iter()
+                .map(|(k, u)| (k.clone(), u.hash, u.entry))
+                .collect();
+            u.sort();
+            u
+        };
+        assert_eq!(unmatched(&merged), unmatched(&windows));
+        let seen = |s: &Side| (0..3_000).filter(|&i| s.seen.contains(i)).count();
+        assert_eq!((seen(&merged), seen(&windows)), (2_500, 2_500));
+        let mut twice = ids.clone();
+        twice.insert(1_000, 1_234);
+        let s = side(&reader, dir.path(), blocks(&twice, drift), (0, 4 << 10));
+        assert_eq!(s.problem.as_deref(), Some("a key occurs twice"));
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(files.len(), 1, "only the state file is left");
     }
 }

@@ -105,9 +105,13 @@ pub(crate) fn run(
         cfg,
     };
     let mut batch_started = Instant::now();
-    let ended = look_up_stream(&mut blocks, &reader, |block, looked| {
-        Ok::<_, SnapshotError>(d.block(block, looked, &out, &sizer, &mut batch_started))
-    })?;
+    let ended = look_up_stream(
+        || blocks.blocking_recv(),
+        &reader,
+        |block, looked| {
+            Ok::<_, SnapshotError>(d.block(block, looked, &out, &sizer, &mut batch_started))
+        },
+    )?;
     if !ended {
         return Ok(d.o);
     }
@@ -275,12 +279,12 @@ impl Diff {
 /// A row's hash and its snapshot entry, if it has one.
 pub(crate) type Looked = ([u8; 16], Option<Entry>);
 
-/// Receives blocks until the channel closes, hashes every row and looks its key up in the
+/// Takes blocks from `next` until it returns `None`, hashes every row and looks its key up in the
 /// snapshot (blocks of scattered keys gathered into a [`Window`] first), and hands each block
 /// with its rows' [`Looked`] to `each`, in stream order. Returns false when `each` did (and
 /// stopped it), true when the stream ended.
 pub(crate) fn look_up_stream<E: From<SnapshotError>>(
-    blocks: &mut Receiver<Block>,
+    mut next: impl FnMut() -> Option<Block>,
     reader: &Reader,
     mut each: impl FnMut(&Block, &[Looked]) -> Result<bool, E>,
 ) -> Result<bool, E> {
@@ -291,7 +295,7 @@ pub(crate) fn look_up_stream<E: From<SnapshotError>>(
         LOOKUP_WINDOW_BYTES
     });
     loop {
-        let (ready, done) = match blocks.blocking_recv() {
+        let (ready, done) = match next() {
             Some(block) => (window.push(block), false),
             None => (window.finish(), true),
         };

@@ -1143,6 +1143,41 @@ pub fn compact(path: &Path) -> Result<Compacted, SnapshotError> {
     })
 }
 
+/// Helpers for the tests of modules that read a snapshot.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    use tokio::sync::mpsc;
+
+    use super::{BeginOptions, Committed, Snapshot};
+    use crate::copy::Block;
+
+    /// A snapshot at `path` whose sync `sync` holds the records of `c`, as after a first run.
+    pub(crate) fn seeded(path: &Path, sync: &str, c: Committed) -> Snapshot {
+        let snap = Snapshot::open(path, 1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_, rec) = rt
+            .block_on(snap.begin(sync, "k", "r", BeginOptions::default()))
+            .unwrap();
+        rt.block_on(rec.record(c)).unwrap();
+        rt.block_on(rec.settle(Vec::new())).unwrap();
+        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+        snap
+    }
+
+    /// A closed channel holding `blocks`: a read that has ended.
+    pub(crate) fn ended_read(blocks: Vec<Block>) -> mpsc::Receiver<Block> {
+        let (tx, rx) = mpsc::channel(blocks.len() + 1);
+        for b in blocks {
+            tx.try_send(b).unwrap();
+        }
+        rx
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1276,7 +1276,7 @@ const GONE_KEYS: usize = 1 << 20;
 mod tests {
     use super::*;
     use crate::copy::{encode, frame_all};
-    use crate::snapshot::BeginOptions;
+    use crate::snapshot::testing::{ended_read, seeded};
 
     /// A uuid-like key field (4-byte length, 16 bytes), scattered by `i`.
     fn key(i: u64) -> Vec<u8> {
@@ -1295,13 +1295,7 @@ mod tests {
     }
 
     fn scan_blocks(reader: &Reader, dir: &Path, ids: &[u64], window: usize) -> KeysRead {
-        let blocks = blocks(ids);
-        let (tx, rx) = mpsc::channel(blocks.len() + 1);
-        for b in blocks {
-            tx.try_send(b).unwrap();
-        }
-        drop(tx);
-        scan(rx, reader, dir, "k.redb", window).unwrap()
+        scan(ended_read(blocks(ids)), reader, dir, "k.redb", window).unwrap()
     }
 
     /// A key read whose windows go to disk and come back merged marks the same entries, counts
@@ -1310,21 +1304,12 @@ mod tests {
     #[test]
     fn spilled_keys_mark_the_same_entries_as_windows() {
         let dir = tempfile::tempdir().unwrap();
-        let snap = Snapshot::open(&dir.path().join("k.redb"), 1 << 20).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let (_, rec) = rt
-            .block_on(snap.begin("k", "k", "r", BeginOptions::default()))
-            .unwrap();
         let mut c = Committed::default();
         for i in 0..5_000 {
             c.keys.push(&key(i));
             c.entries.push(([1; 16], None));
         }
-        rt.block_on(rec.record(c)).unwrap();
-        rt.block_on(rec.settle(Vec::new())).unwrap();
-        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+        let snap = seeded(&dir.path().join("k.redb"), "k", c);
         let reader = snap.reader("k").unwrap();
         // 4,000 of the entries (1,000 left the model) and 300 keys the snapshot does not hold.
         let read: Vec<u64> = (1_000..5_000).chain(10_000..10_300).collect();
