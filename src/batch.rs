@@ -5,6 +5,7 @@
 //! Each [`BatchRow`] carries what the snapshot needs once the destination has committed the row.
 //! [`cut`] decides when the batch being built goes: on rows, bytes or age, whichever comes first.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -121,6 +122,22 @@ impl KeyBatch {
     pub fn key(&self, i: usize) -> &[u8] {
         let s = if i == 0 { 0 } else { self.ends[i - 1] as usize };
         &self.data[s..self.ends[i] as usize]
+    }
+    /// Empties the batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.ends.clear();
+    }
+    /// The indexes of `range`, in key order (stable: equal keys keep their order). A batch's
+    /// rows come in the order the source read them, which after scattered updates is not key
+    /// order; applied in key order, neighbouring keys share B-tree pages and paths, so redb
+    /// reads and copies each page once per batch instead of hopping across the tree.
+    pub(crate) fn order(&self, range: Range<usize>) -> Vec<usize> {
+        let mut order: Vec<usize> = range.collect();
+        if !order.is_sorted_by_key(|&i| self.key(i)) {
+            order.sort_by_key(|&i| self.key(i));
+        }
+        order
     }
 }
 

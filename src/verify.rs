@@ -383,13 +383,6 @@ fn look_up_merged(
         message: format!("verify's rows on disk: {e}"),
     };
     let mut window = Committed::default();
-    let push = |window: &mut Committed, spill: &mut Spill| {
-        let mut order: Vec<usize> = (0..window.keys.len()).collect();
-        order.sort_unstable_by_key(|&i| window.keys.key(i));
-        let pushed = spill.push(window, &order);
-        *window = Committed::default();
-        pushed
-    };
     while let Some(block) = first.take().or_else(|| rx.blocking_recv()) {
         let hashes: Vec<[u8; 16]> = block
             .rows
@@ -401,11 +394,11 @@ fn look_up_merged(
             window.entries.push((hash, None));
         }
         if window.keys.data.len() + 24 * window.entries.len() >= window_bytes {
-            push(&mut window, &mut spill).map_err(io)?;
+            spill.push(&std::mem::take(&mut window)).map_err(io)?;
         }
     }
     drop(rx);
-    push(&mut window, &mut spill).map_err(io)?;
+    spill.push(&window).map_err(io)?;
     let mut walk = reader.walk()?;
     let mut found = Vec::new();
     let mut failed = None;

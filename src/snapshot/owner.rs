@@ -415,11 +415,10 @@ impl Owner {
         let Some(c) = self.staged.get(sync) else {
             return true;
         };
-        let order = key_order(&c.keys, 0..c.keys.len());
         let pushed = match self.spilled.get_mut(sync) {
-            Some(s) => s.push(c, &order),
+            Some(s) => s.push(c),
             None => Spill::create(&self.dir, true).and_then(|mut s| {
-                s.push(c, &order)?;
+                s.push(c)?;
                 self.spilled.insert(sync.clone(), s);
                 Ok(())
             }),
@@ -463,7 +462,7 @@ impl Owner {
                 // One pass over the tree: the staged records join the merge as its newest run
                 // (applied after it, should the file refuse them).
                 if let Some(c) = self.staged.get(&sync) {
-                    if spill.push(c, &key_order(&c.keys, 0..c.keys.len())).is_ok() {
+                    if spill.push(c).is_ok() {
                         self.staged.remove(&sync);
                     }
                 }
@@ -485,7 +484,7 @@ impl Owner {
             let Some(c) = self.staged.remove(&sync) else {
                 continue;
             };
-            let order = key_order(&c.keys, 0..c.keys.len());
+            let order = c.keys.order(0..c.keys.len());
             for chunk in order.chunks(COMMIT_OPS) {
                 let mut part = Committed {
                     keys: KeyBatch::default(),
@@ -599,7 +598,7 @@ impl Owner {
         };
         let done = match cmd {
             Command::Record { rows: c, .. } => {
-                for i in key_order(&c.keys, 0..c.keys.len()) {
+                for i in c.keys.order(0..c.keys.len()) {
                     let (hash, slot) = c.entries[i];
                     let key = c.keys.key(i);
                     let slot = match slot {
@@ -635,7 +634,7 @@ impl Owner {
             }
             Command::Remove { keys, rows: r, .. } => {
                 let n = r.len();
-                for i in key_order(&keys, r) {
+                for i in keys.order(r) {
                     if let Some(old) = rows.remove(keys.key(i)).map_err(|e| err(&e))? {
                         slots.release(Entry::decode(old.value()).slot)?;
                         slots.run.stats.removed += 1;
@@ -993,18 +992,6 @@ impl Owner {
             Ok(id)
         })
     }
-}
-
-/// The indexes of `range` in `keys`, in key order (stable: equal keys keep their order). A
-/// batch's rows come in the order the source read them, which after scattered updates is not
-/// key order; applied in key order, neighbouring keys share B-tree pages and paths, so redb
-/// reads and copies each page once per batch instead of hopping across the tree.
-fn key_order(keys: &KeyBatch, range: Range<usize>) -> Vec<usize> {
-    let mut order: Vec<usize> = range.collect();
-    if !order.is_sorted_by_key(|&i| keys.key(i)) {
-        order.sort_by_key(|&i| keys.key(i));
-    }
-    order
 }
 
 /// True when a batch's keys are scattered: ascending runs shorter than 16 keys on average

@@ -59,15 +59,15 @@ impl Spill {
         })
     }
 
-    /// Appends the records of `c` that `order` lists, in that order, as one run (`order` sorts
-    /// them by key; records of one key keep their order in `c`). A spill of keys reads only
-    /// `c.keys`.
-    pub(crate) fn push(&mut self, c: &Committed, order: &[usize]) -> io::Result<()> {
+    /// Appends the records of `c` as one run, in key order (records of one key in their order
+    /// in `c`). A spill of keys reads only `c.keys`.
+    pub(crate) fn push(&mut self, c: &Committed) -> io::Result<()> {
+        let order = c.keys.order(0..c.keys.len());
         // From the end of the last whole run: a run that failed half-written is overwritten.
         (&self.file).seek(SeekFrom::Start(self.end))?;
         let mut w = BufWriter::with_capacity(READ_CHUNK, &self.file);
         let mut bytes = 0u64;
-        for &i in order {
+        for &i in &order {
             let key = c.keys.key(i);
             let len = u32::try_from(key.len()).map_err(io::Error::other)?;
             w.write_all(&len.to_le_bytes())?;
@@ -215,9 +215,7 @@ mod tests {
         let b = committed(&[(b"c", 5, None), (&long, 6, Some(1)), (b"a", 7, None)]);
         let empty = Committed::default();
         for c in [&a, &empty, &b] {
-            let mut order: Vec<usize> = (0..c.keys.len()).collect();
-            order.sort_by_key(|&i| c.keys.key(i));
-            spill.push(c, &order).unwrap();
+            spill.push(c).unwrap();
         }
         assert_eq!(spill.records, 6);
         assert_eq!(

@@ -1167,12 +1167,10 @@ fn scan(
                     && reader.len() > keys.len() as u64
                     && crate::batch::scattered(keys.len(), |i| keys.key(i)));
         if spills {
-            let mut order: Vec<usize> = (0..keys.len()).collect();
-            order.sort_unstable_by_key(|&i| keys.key(i));
             let pushed = match spill.as_mut() {
-                Some(s) => s.push(&window, &order),
+                Some(s) => s.push(&window),
                 None => Spill::create(dir, false).and_then(|mut s| {
-                    s.push(&window, &order)?;
+                    s.push(&window)?;
                     spill = Some(s);
                     Ok(())
                 }),
@@ -1180,8 +1178,7 @@ fn scan(
             match pushed {
                 Ok(()) => {
                     out.spilled += 1;
-                    window.keys.data.clear();
-                    window.keys.ends.clear();
+                    window.keys.clear();
                     continue;
                 }
                 Err(e) => {
@@ -1198,8 +1195,7 @@ fn scan(
         reader.get_many(&keys, &mut found)?;
         mark(&mut out, &keys, &found);
         drop(keys);
-        window.keys.data.clear();
-        window.keys.ends.clear();
+        window.keys.clear();
     }
     if let Some(spill) = spill {
         // When every key went through the merge, the walk meets every entry, and the entries
