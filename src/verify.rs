@@ -399,22 +399,10 @@ fn look_up_merged(
     }
     drop(rx);
     spill.push(&window).map_err(io)?;
-    let mut walk = reader.walk()?;
-    let mut found = Vec::new();
-    let mut failed = None;
-    spill
-        .merge(64 << 10, |part| {
-            let keys: Vec<&[u8]> = (0..part.keys.len()).map(|i| part.keys.key(i)).collect();
-            if let Err(e) = walk.find(&keys, &mut found, |_| {}) {
-                failed = Some(e);
-                return false;
-            }
-            (0..keys.len()).all(|i| check(&mut side, keys[i], part.entries[i].0, found[i]))
-        })
-        .map_err(io)?;
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
+    let checked = |keys: &[&[u8]], entries: &[([u8; 16], Option<u32>)], found: &[Option<_>]| {
+        (0..keys.len()).all(|i| check(&mut side, keys[i], entries[i].0, found[i]))
+    };
+    spill.walk(reader, checked, |_| {})?;
     Ok(side)
 }
 

@@ -28,10 +28,13 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::Committed;
+use super::{Committed, Entry, Reader, SnapshotError};
 
 /// Bytes read from a run at a time while merging (one buffer per run).
 const READ_CHUNK: usize = 256 << 10;
+
+/// Records handed on at a time by [`Spill::walk`].
+const WALK_PART: usize = 64 << 10;
 
 type Record = ([u8; 16], Option<u32>);
 
@@ -130,6 +133,49 @@ impl Spill {
         }
         if !out.keys.is_empty() {
             f(out);
+        }
+        Ok(())
+    }
+}
+
+impl Spill {
+    /// Merges the runs ([`Spill::merge`], on a thread of its own) into one stream in key order
+    /// that meets `reader`'s entries in one forward walk ([`super::Walk`]) on this thread: the
+    /// two take about as long. `each` gets every part's keys, entries (empty in a spill of keys)
+    /// and the entry found for each key, and stops the walk by returning false; `unmatched` gets
+    /// every entry no key matched, up to the last key walked, and the entries past it when the
+    /// walk went to the end.
+    pub(crate) fn walk(
+        self,
+        reader: &Reader,
+        mut each: impl FnMut(&[&[u8]], &[Record], &[Option<Entry>]) -> bool,
+        mut unmatched: impl FnMut(&[u8]),
+    ) -> Result<(), SnapshotError> {
+        let mut walk = reader.walk()?;
+        let mut found = Vec::new();
+        let (tx, parts) = std::sync::mpsc::sync_channel::<Committed>(2);
+        let whole = std::thread::scope(|s| {
+            let merging = s.spawn(move || self.merge(WALK_PART, |part| tx.send(part).is_ok()));
+            let mut walked = || {
+                for part in &parts {
+                    let keys: Vec<&[u8]> = (0..part.keys.len()).map(|i| part.keys.key(i)).collect();
+                    walk.find(&keys, &mut found, &mut unmatched)?;
+                    if !each(&keys, &part.entries, &found) {
+                        return Ok(false);
+                    }
+                }
+                Ok::<_, SnapshotError>(true)
+            };
+            let walked = walked();
+            // A walk that stopped stops the merge at its next part.
+            drop(parts);
+            let merged = merging.join().expect("the merge thread panicked");
+            let whole = walked?;
+            merged.map_err(|e| reader.err(format!("reading back sorted runs from disk: {e}")))?;
+            Ok::<_, SnapshotError>(whole)
+        })?;
+        if whole {
+            walk.rest(&mut unmatched)?;
         }
         Ok(())
     }

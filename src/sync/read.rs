@@ -1210,30 +1210,12 @@ fn scan(
                 }
             }
         };
-        let mut walk = reader.walk()?;
-        // The merge (a heap over the runs) on a thread of its own, the walk of the snapshot here:
-        // the two take about as long, and the read's server work is done by now.
-        let (tx, parts) = std::sync::mpsc::sync_channel::<Committed>(2);
-        std::thread::scope(|s| {
-            let merging = s.spawn(move || spill.merge(MERGED_PART, |part| tx.send(part).is_ok()));
-            let walked = parts.iter().try_for_each(|part| {
-                let keys: Vec<&[u8]> = (0..part.keys.len()).map(|i| part.keys.key(i)).collect();
-                walk.find(&keys, &mut found, &mut unmatched)?;
-                mark(&mut out, &keys, &found);
-                Ok::<(), SnapshotError>(())
-            });
-            // A failed walk stops the merge at its next part.
-            drop(parts);
-            let merged = merging
-                .join()
-                .expect("the key read's merge thread panicked");
-            walked?;
-            merged.map_err(|e| SnapshotError::Storage {
-                path: path.to_string(),
-                message: format!("reading back the keys spilled to {}: {e}", dir.display()),
-            })
-        })?;
-        walk.rest(&mut unmatched)?;
+        // The read's server work is done by now: the merge and the walk share the cores.
+        let marked = |keys: &[&[u8]], _: &[_], found: &[Option<Entry>]| {
+            mark(&mut out, keys, found);
+            true
+        };
+        spill.walk(reader, marked, &mut unmatched)?;
         out.gone = gone;
     }
     Ok(out)
@@ -1260,9 +1242,6 @@ fn mark(out: &mut KeysRead, keys: &[&[u8]], found: &[Option<Entry>]) {
 /// in no order (random UUIDs) then share the snapshot's pages, where a block's worth lands on
 /// a page of its own per key (docs/performance.md, "Random keys").
 pub(super) const KEY_WINDOW_BYTES: usize = 4 << 20;
-
-/// Keys looked up at a time from the merged stream of spilled keys.
-const MERGED_PART: usize = 64 << 10;
 
 /// Removed rows a merged key read names itself, at most (24 MiB of uuid keys); past that the
 /// deletes find them by a walk of the snapshot, as after a key read that did not merge.
