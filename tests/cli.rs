@@ -904,9 +904,7 @@ async fn read_only_commands_create_no_state_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compact_shrinks_the_state_file_and_keeps_its_entries() {
     let env = Env::new().await;
-    env.uuid_table(60_000).await;
-    let mut spec = env.spec("u", &["id"]);
-    spec.delete = true;
+    let spec = env.uuid_table(60_000).await;
     assert_eq!(env.sync(&spec).await.unwrap().written, 60_000);
     let state = env.state();
     // Runs `compact` on a file it must refuse; its stderr.

@@ -331,9 +331,7 @@ async fn a_generated_target_column_is_computed_there_not_synced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_uuid_keys_sync_and_resync_with_deletes() {
     let env = Env::new().await;
-    env.uuid_table(30_000).await;
-    let mut spec = env.spec("u", &["id"]);
-    spec.delete = true;
+    let mut spec = env.uuid_table(30_000).await;
     let s = env.sync(&spec).await.unwrap();
     assert_eq!((s.added, s.written), (30_000, 30_000));
     env.src
@@ -393,9 +391,7 @@ async fn random_uuid_keys_sync_and_resync_with_deletes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_keys_through_stages_and_key_windows_on_disk() {
     let env = Env::new().await;
-    env.uuid_table(20_000).await;
-    let mut spec = env.spec("u", &["id"]);
-    spec.delete = true;
+    let spec = env.uuid_table(20_000).await;
     // 20k records of about 48 bytes each fill some 15 stages of 64 KiB; 20k keys of 20 bytes,
     // some 30 windows of 16 KiB.
     let (stage, window) = (64 << 10, 16 << 10);

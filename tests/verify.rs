@@ -267,9 +267,7 @@ async fn by_the_snapshot_and_by_a_rebuild_verify_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_in_a_uuid_table_is_found_and_repaired() {
     let env = Env::new().await;
-    env.uuid_table(20_000).await;
-    let mut spec = env.spec("u", &["id"]);
-    spec.delete = true;
+    let spec = env.uuid_table(20_000).await;
     env.sync(&spec).await.unwrap();
     // 200 rows changed, 60 deleted (none of them among the changed), 7 added in the target.
     env.dst

@@ -265,8 +265,9 @@ impl Env {
     }
 
     /// A table `u (id uuid PRIMARY KEY, n int NOT NULL, note text)` keyed by random UUIDs on
-    /// both sides, `rows` rows at the source (`n` from 1, `note` 'row n').
-    pub(crate) async fn uuid_table(&self, rows: i64) {
+    /// both sides, `rows` rows at the source (`n` from 1, `note` 'row n'); returns the spec
+    /// that syncs it, deletes included.
+    pub(crate) async fn uuid_table(&self, rows: i64) -> SyncSpec {
         self.both("CREATE TABLE u (id uuid PRIMARY KEY, n int NOT NULL, note text)")
             .await;
         self.src
@@ -275,6 +276,9 @@ impl Env {
             ))
             .await
             .unwrap();
+        let mut spec = self.spec("u", &["id"]);
+        spec.delete = true;
+        spec
     }
 
     /// A table-model spec with sensible defaults.
