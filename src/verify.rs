@@ -402,7 +402,8 @@ fn look_up_merged(
     let checked = |keys: &[&[u8]], entries: &[([u8; 16], Option<u32>)], found: &[Option<_>]| {
         (0..keys.len()).all(|i| check(&mut side, keys[i], entries[i].0, found[i]))
     };
-    spill.walk(reader, checked, |_| {})?;
+    // Both sides walk at once: a merge thread each measured no faster, and 35-40 MiB larger.
+    spill.walk(reader, false, checked, |_| {})?;
     Ok(side)
 }
 

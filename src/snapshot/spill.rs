@@ -139,41 +139,58 @@ impl Spill {
 }
 
 impl Spill {
-    /// Merges the runs ([`Spill::merge`], on a thread of its own) into one stream in key order
-    /// that meets `reader`'s entries in one forward walk ([`super::Walk`]) on this thread: the
-    /// two take about as long. `each` gets every part's keys, entries (empty in a spill of keys)
-    /// and the entry found for each key, and stops the walk by returning false; `unmatched` gets
-    /// every entry no key matched, up to the last key walked, and the entries past it when the
-    /// walk went to the end.
+    /// Merges the runs ([`Spill::merge`]) into one stream in key order that meets `reader`'s
+    /// entries in one forward walk ([`super::Walk`]): with `beside`, the merge runs on a thread
+    /// of its own while this one walks (the two take about as long), else on this thread between
+    /// parts. `each` gets every part's keys, entries (empty in a spill of keys) and the entry
+    /// found for each key, and stops the walk by returning false; `unmatched` gets every entry
+    /// no key matched, up to the last key walked, and the entries past it when the walk went to
+    /// the end.
     pub(crate) fn walk(
         self,
         reader: &Reader,
+        beside: bool,
         mut each: impl FnMut(&[&[u8]], &[Record], &[Option<Entry>]) -> bool,
         mut unmatched: impl FnMut(&[u8]),
     ) -> Result<(), SnapshotError> {
         let mut walk = reader.walk()?;
         let mut found = Vec::new();
-        let (tx, parts) = std::sync::mpsc::sync_channel::<Committed>(2);
-        let whole = std::thread::scope(|s| {
-            let merging = s.spawn(move || self.merge(WALK_PART, |part| tx.send(part).is_ok()));
-            let mut walked = || {
-                for part in &parts {
-                    let keys: Vec<&[u8]> = (0..part.keys.len()).map(|i| part.keys.key(i)).collect();
-                    walk.find(&keys, &mut found, &mut unmatched)?;
-                    if !each(&keys, &part.entries, &found) {
-                        return Ok(false);
+        let mut step = |part: &Committed| {
+            let keys: Vec<&[u8]> = (0..part.keys.len()).map(|i| part.keys.key(i)).collect();
+            walk.find(&keys, &mut found, &mut unmatched)?;
+            Ok::<_, SnapshotError>(each(&keys, &part.entries, &found))
+        };
+        let io = |e: io::Error| reader.err(format!("reading back sorted runs from disk: {e}"));
+        let whole = match beside {
+            true => std::thread::scope(|s| {
+                let (tx, parts) = std::sync::mpsc::sync_channel::<Committed>(2);
+                let merging = s.spawn(move || self.merge(WALK_PART, |part| tx.send(part).is_ok()));
+                let mut walked = || {
+                    for part in &parts {
+                        if !step(&part)? {
+                            return Ok(false);
+                        }
                     }
-                }
-                Ok::<_, SnapshotError>(true)
-            };
-            let walked = walked();
-            // A walk that stopped stops the merge at its next part.
-            drop(parts);
-            let merged = merging.join().expect("the merge thread panicked");
-            let whole = walked?;
-            merged.map_err(|e| reader.err(format!("reading back sorted runs from disk: {e}")))?;
-            Ok::<_, SnapshotError>(whole)
-        })?;
+                    Ok::<_, SnapshotError>(true)
+                };
+                let walked = walked();
+                // A walk that stopped stops the merge at its next part.
+                drop(parts);
+                let merged = merging.join().expect("the merge thread panicked");
+                let whole = walked?;
+                merged.map_err(io)?;
+                Ok::<_, SnapshotError>(whole)
+            })?,
+            false => {
+                let mut walked = Ok(true);
+                self.merge(WALK_PART, |part| {
+                    walked = step(&part);
+                    matches!(walked, Ok(true))
+                })
+                .map_err(io)?;
+                walked?
+            }
+        };
         if whole {
             walk.rest(&mut unmatched)?;
         }

@@ -1215,7 +1215,7 @@ fn scan(
             mark(&mut out, keys, found);
             true
         };
-        spill.walk(reader, marked, &mut unmatched)?;
+        spill.walk(reader, true, marked, &mut unmatched)?;
         out.gone = gone;
     }
     Ok(out)
