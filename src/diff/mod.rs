@@ -14,6 +14,7 @@
 //! unmarked after a complete read are the removed rows.
 
 mod classify;
+mod sort;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rayon::prelude::*;
 use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::sync::oneshot;
 
 use crate::batch::{cut, BatchBuilder, CutLimits, WriteBatch};
 use crate::copy::{Block, RowSpan};
@@ -31,6 +33,8 @@ use crate::snapshot::{Entry, Reader, SnapshotError};
 use crate::spec::Mode;
 pub(crate) use classify::Bitset;
 use classify::{Class, Classifier};
+pub(crate) use sort::SortSettings;
+use sort::Sorted;
 
 #[derive(Debug, Clone)]
 pub(crate) struct DiffConfig {
@@ -49,6 +53,8 @@ pub(crate) struct DiffConfig {
     /// Note the key range of every added row (a delta read that may look for removed rows
     /// by key ranges).
     pub(crate) ranges: Option<RangeSpec>,
+    /// Sort a large read of scattered keys on disk before looking it up ([`sort`]).
+    pub(crate) sort: Option<SortSettings>,
 }
 
 /// Rows of each class.
@@ -79,15 +85,19 @@ pub(crate) struct DiffOutcome {
     /// With [`DiffConfig::ranges`]: the key of each added row, as an integer (`None` once a
     /// key was not in the ranges' form).
     pub(crate) added_keys: Option<Vec<i64>>,
+    /// The read's rows went through disk, sorted ([`sort`]): in how many runs, of how many bytes.
+    pub(crate) sorted: Option<(usize, u64)>,
 }
 
 const KEEP_DUPLICATES: usize = 1000;
 
 /// Runs the diff until the block channel closes, or until the writers stop taking batches (they
-/// failed or the run was stopped: the run's stop token says which). Blocking: call it from a
-/// dedicated thread.
+/// failed or the run was stopped: the run's stop token says which). `read_end` says, once the
+/// read has ended, whether it completed: a read sorted on disk ([`sort`]) is looked up only
+/// then. Blocking: call it from a dedicated thread.
 pub(crate) fn run(
-    mut blocks: Receiver<Block>,
+    blocks: Receiver<Block>,
+    read_end: Option<oneshot::Receiver<bool>>,
     out: Sender<WriteBatch>,
     reader: Arc<Reader>,
     sizer: Arc<Sizer>,
@@ -105,13 +115,18 @@ pub(crate) fn run(
         cfg,
     };
     let mut batch_started = Instant::now();
+    let mut blocks = Sorted::new(blocks, read_end, d.cfg.sort.clone(), reader.len());
     let ended = look_up_stream(
-        || blocks.blocking_recv(),
+        || blocks.next(),
         &reader,
         |block, looked| {
             Ok::<_, SnapshotError>(d.block(block, looked, &out, &sizer, &mut batch_started))
         },
     )?;
+    if let Some(e) = blocks.error.take() {
+        return Err(e);
+    }
+    d.o.sorted = blocks.merged;
     if !ended {
         return Ok(d.o);
     }

@@ -38,12 +38,94 @@ const WALK_PART: usize = 64 << 10;
 
 type Record = ([u8; 16], Option<u32>);
 
-/// Sorted runs of records (or of keys alone), in the order they were pushed.
-pub(crate) struct Spill {
+/// Sorted runs in an unnamed file, in the order they were appended: each run's byte range.
+/// [`Spill`] keeps row records (or keys) in one; the diff keeps a read's rows sorted in another
+/// ([`crate::diff`]).
+pub(crate) struct Runs {
     file: File,
-    /// Each run's byte range in the file.
     runs: Vec<(u64, u64)>,
     end: u64,
+}
+
+impl Runs {
+    /// An unnamed file in `dir`.
+    pub(crate) fn create(dir: &Path) -> io::Result<Runs> {
+        Ok(Runs {
+            file: tempfile::tempfile_in(dir)?,
+            runs: Vec::new(),
+            end: 0,
+        })
+    }
+
+    /// Runs appended.
+    pub(crate) fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Bytes of all runs.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.end
+    }
+
+    /// Appends one run: `write` writes its records and returns how many bytes they took.
+    pub(crate) fn append(
+        &mut self,
+        write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<u64>,
+    ) -> io::Result<()> {
+        // From the end of the last whole run: a run that failed half-written is overwritten.
+        (&self.file).seek(SeekFrom::Start(self.end))?;
+        let mut w = BufWriter::with_capacity(READ_CHUNK, &self.file);
+        let bytes = write(&mut w)?;
+        w.flush()?;
+        self.runs.push((self.end, bytes));
+        self.end += bytes;
+        Ok(())
+    }
+
+    /// Merges the runs in key order: `next` reads a run's next record (its key into the first
+    /// buffer, the rest into the second; false at the run's end) and `emit` takes each record
+    /// in turn, records of one key in the order their runs were appended, until it returns
+    /// false.
+    pub(crate) fn merge<T: Default>(
+        &self,
+        mut next: impl FnMut(&mut RunReader<'_>, &mut Vec<u8>, &mut T) -> io::Result<bool>,
+        mut emit: impl FnMut(&[u8], &T) -> bool,
+    ) -> io::Result<()> {
+        let mut readers: Vec<RunReader<'_>> = self
+            .runs
+            .iter()
+            .map(|&(at, len)| RunReader {
+                file: &self.file,
+                pos: at,
+                end: at + len,
+                buf: Vec::new(),
+                at: 0,
+            })
+            .collect();
+        let mut heads: Vec<T> = readers.iter().map(|_| T::default()).collect();
+        // Ties between runs go to the older one: the heap orders by (key, run).
+        let mut heap = BinaryHeap::with_capacity(readers.len());
+        for (i, r) in readers.iter_mut().enumerate() {
+            let mut key = Vec::new();
+            if next(r, &mut key, &mut heads[i])? {
+                heap.push(Reverse((key, i)));
+            }
+        }
+        while let Some(Reverse((mut key, i))) = heap.pop() {
+            if !emit(&key, &heads[i]) {
+                return Ok(());
+            }
+            if next(&mut readers[i], &mut key, &mut heads[i])? {
+                heap.push(Reverse((key, i)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sorted runs of records (or of keys alone), in the order they were pushed.
+pub(crate) struct Spill {
+    runs: Runs,
     /// Records in all runs.
     pub(crate) records: u64,
     /// Records carry entries (hash and slot), not only keys.
@@ -54,9 +136,7 @@ impl Spill {
     /// An unnamed file in `dir`, for records with their entries (`entries`) or keys alone.
     pub(crate) fn create(dir: &Path, entries: bool) -> io::Result<Spill> {
         Ok(Spill {
-            file: tempfile::tempfile_in(dir)?,
-            runs: Vec::new(),
-            end: 0,
+            runs: Runs::create(dir)?,
             records: 0,
             entries,
         })
@@ -66,27 +146,25 @@ impl Spill {
     /// in `c`). A spill of keys reads only `c.keys`.
     pub(crate) fn push(&mut self, c: &Committed) -> io::Result<()> {
         let order = c.keys.order(0..c.keys.len());
-        // From the end of the last whole run: a run that failed half-written is overwritten.
-        (&self.file).seek(SeekFrom::Start(self.end))?;
-        let mut w = BufWriter::with_capacity(READ_CHUNK, &self.file);
-        let mut bytes = 0u64;
-        for &i in &order {
-            let key = c.keys.key(i);
-            let len = u32::try_from(key.len()).map_err(io::Error::other)?;
-            w.write_all(&len.to_le_bytes())?;
-            w.write_all(key)?;
-            bytes += 4 + key.len() as u64;
-            if self.entries {
-                let (hash, slot) = c.entries[i];
-                w.write_all(&hash)?;
-                w.write_all(&[u8::from(slot.is_some())])?;
-                w.write_all(&slot.unwrap_or(0).to_le_bytes())?;
-                bytes += 16 + 1 + 4;
+        let entries = self.entries;
+        self.runs.append(|w| {
+            let mut bytes = 0u64;
+            for &i in &order {
+                let key = c.keys.key(i);
+                let len = u32::try_from(key.len()).map_err(io::Error::other)?;
+                w.write_all(&len.to_le_bytes())?;
+                w.write_all(key)?;
+                bytes += 4 + key.len() as u64;
+                if entries {
+                    let (hash, slot) = c.entries[i];
+                    w.write_all(&hash)?;
+                    w.write_all(&[u8::from(slot.is_some())])?;
+                    w.write_all(&slot.unwrap_or(0).to_le_bytes())?;
+                    bytes += 16 + 1 + 4;
+                }
             }
-        }
-        w.flush()?;
-        self.runs.push((self.end, bytes));
-        self.end += bytes;
+            Ok(bytes)
+        })?;
         self.records += order.len() as u64;
         Ok(())
     }
@@ -95,43 +173,37 @@ impl Spill {
     /// `f` parts of at most `part` records (their entries empty in a spill of keys); stops early
     /// when `f` returns false.
     pub(crate) fn merge(self, part: usize, mut f: impl FnMut(Committed) -> bool) -> io::Result<()> {
-        let mut readers: Vec<RunReader<'_>> = self
-            .runs
-            .iter()
-            .map(|&(at, len)| RunReader {
-                file: &self.file,
-                pos: at,
-                end: at + len,
-                buf: Vec::new(),
-                at: 0,
-                entries: self.entries,
-            })
-            .collect();
-        let mut heads: Vec<Record> = vec![([0; 16], None); readers.len()];
-        // Ties between runs go to the older one: the heap orders by (key, run).
-        let mut heap = BinaryHeap::with_capacity(readers.len());
-        for (i, r) in readers.iter_mut().enumerate() {
-            let mut key = Vec::new();
-            if let Some(rec) = r.next(&mut key)? {
-                heads[i] = rec;
-                heap.push(Reverse((key, i)));
-            }
-        }
+        let entries = self.entries;
         let mut out = Committed::default();
-        while let Some(Reverse((mut key, i))) = heap.pop() {
-            out.keys.push(&key);
-            if self.entries {
-                out.entries.push(heads[i]);
-            }
-            if out.keys.len() >= part && !f(std::mem::take(&mut out)) {
-                return Ok(());
-            }
-            if let Some(rec) = readers[i].next(&mut key)? {
-                heads[i] = rec;
-                heap.push(Reverse((key, i)));
-            }
-        }
-        if !out.keys.is_empty() {
+        let mut stopped = false;
+        self.runs.merge(
+            |r, key, head: &mut Record| {
+                if r.is_done() {
+                    return Ok(false);
+                }
+                let len = u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes")) as usize;
+                key.clear();
+                key.extend_from_slice(r.take(len)?);
+                if entries {
+                    let rest = r.take(21)?;
+                    head.0.copy_from_slice(&rest[..16]);
+                    let slot = u32::from_le_bytes(rest[17..21].try_into().expect("4 bytes"));
+                    head.1 = (rest[16] == 1).then_some(slot);
+                }
+                Ok(true)
+            },
+            |key, &head| {
+                out.keys.push(key);
+                if entries {
+                    out.entries.push(head);
+                }
+                if out.keys.len() >= part && !f(std::mem::take(&mut out)) {
+                    stopped = true;
+                }
+                !stopped
+            },
+        )?;
+        if !stopped && !out.keys.is_empty() {
             f(out);
         }
         Ok(())
@@ -198,8 +270,8 @@ impl Spill {
     }
 }
 
-/// Reads one run's records, a chunk at a time.
-struct RunReader<'a> {
+/// Reads one run's bytes, a chunk at a time.
+pub(crate) struct RunReader<'a> {
     file: &'a File,
     /// Next byte of the file to read, and the run's end.
     pos: u64,
@@ -207,31 +279,16 @@ struct RunReader<'a> {
     buf: Vec<u8>,
     /// Next byte of `buf` to parse.
     at: usize,
-    /// Records carry entries.
-    entries: bool,
 }
 
 impl RunReader<'_> {
-    /// The next record: its key into `key`, its entry returned.
-    fn next(&mut self, key: &mut Vec<u8>) -> io::Result<Option<Record>> {
-        if self.at == self.buf.len() && self.pos == self.end {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize;
-        key.clear();
-        key.extend_from_slice(self.take(len)?);
-        if !self.entries {
-            return Ok(Some(([0; 16], None)));
-        }
-        let rest = self.take(21)?;
-        let mut hash = [0u8; 16];
-        hash.copy_from_slice(&rest[..16]);
-        let slot = u32::from_le_bytes(rest[17..21].try_into().expect("4 bytes"));
-        Ok(Some((hash, (rest[16] == 1).then_some(slot))))
+    /// True when every byte of the run was taken.
+    pub(crate) fn is_done(&self) -> bool {
+        self.at == self.buf.len() && self.pos == self.end
     }
 
     /// The next `n` bytes of the run, reading more of the file when the buffer runs short.
-    fn take(&mut self, n: usize) -> io::Result<&[u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> io::Result<&[u8]> {
         if self.buf.len() - self.at < n {
             self.buf.drain(..self.at);
             self.at = 0;
@@ -240,7 +297,7 @@ impl RunReader<'_> {
             if self.buf.len() + want < n {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "a staged run ends inside a record",
+                    "a sorted run ends inside a record",
                 ));
             }
             let old = self.buf.len();

@@ -29,7 +29,7 @@ use crate::batch::{KeyBatch, WriteBatch};
 use crate::conn::ConnInfo;
 use crate::copy::Block;
 use crate::delta::{self, Decision, SourceState};
-use crate::diff::{self, Bitset, DiffConfig, DiffOutcome};
+use crate::diff::{self, Bitset, DiffConfig, DiffOutcome, SortSettings};
 use crate::error::{join_err, Error};
 use crate::key_ranges;
 use crate::plan::{plan, Plan};
@@ -83,6 +83,11 @@ pub struct PipelineSettings {
     /// Bytes of keys a key-only read looks up at a time, or writes to disk sorted when the
     /// keys come scattered (`read::scan`).
     pub key_window_bytes: usize,
+    /// A read whose keys come scattered, against a snapshot of more entries than this, is
+    /// sorted on disk before its rows are looked up (`diff::sort`).
+    pub sort_above_entries: u64,
+    /// Bytes of such a read's rows sorted in memory at a time, each a run on disk.
+    pub sort_run_bytes: usize,
 }
 
 impl Default for PipelineSettings {
@@ -92,6 +97,8 @@ impl Default for PipelineSettings {
             block_queue: 8,
             batch_queue: 2,
             key_window_bytes: read::KEY_WINDOW_BYTES,
+            sort_above_entries: 500_000,
+            sort_run_bytes: 32 << 20,
         }
     }
 }
@@ -367,6 +374,13 @@ async fn stages(
         samples: if dry_run { 10 } else { 5 },
         max_batch_age: Duration::from_secs(1),
         ranges: None,
+        sort: Some(SortSettings {
+            above: env.pipe.sort_above_entries,
+            run_bytes: env.pipe.sort_run_bytes,
+            block_bytes: env.pipe.block_bytes,
+            dir: snapshot.dir(),
+            path: snapshot.path().to_string(),
+        }),
     };
     let read = read::Inputs {
         env,
@@ -487,6 +501,7 @@ async fn rebuild_from_target(
         samples: 0,
         max_batch_age: Duration::from_secs(1),
         ranges: None,
+        sort: None,
     };
     let null = vec![AnyDestination::Null(NullDestination)];
     let piped = pipeline(&env, read, null, &empty, cfg, &rctx, None).await?;
@@ -514,6 +529,12 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         notes.push(format!(
             "the state file held no entries for this sync and {} was not empty: the snapshot was rebuilt from the target ({n} rows), so only rows that differ were written",
             plan.target
+        ));
+    }
+    if let Some((runs, bytes)) = r.piped.diff.sorted {
+        notes.push(format!(
+            "the read's rows came with their keys scattered: {} MiB of them were sorted in {runs} runs in a temporary file beside the state file, then looked up in key order",
+            bytes.div_ceil(1 << 20)
         ));
     }
     notes.extend(r.count_note.clone());
@@ -873,9 +894,12 @@ async fn pipeline(
         }
         .run(),
     );
+    // The diff learns whether the read completed before it writes rows it sorted on disk.
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     let diff_task = {
         let (reader, sizer) = (reader.clone(), ctx.sizer.clone());
-        tokio::task::spawn_blocking(move || diff::run(block_rx, batch_tx, reader, sizer, cfg))
+        let end = Some(end_rx);
+        tokio::task::spawn_blocking(move || diff::run(block_rx, end, batch_tx, reader, sizer, cfg))
     };
     let batches = Arc::new(tokio::sync::Mutex::new(batch_rx));
     let write_tasks: Vec<_> = writers
@@ -901,10 +925,11 @@ async fn pipeline(
 
     let read_result = read_task.await.map_err(join_err)?;
     let read_s = env.started.elapsed().as_secs_f64();
+    let complete = matches!(&read_result, Ok(r) if r.end == ReadEnd::Complete);
+    let _ = end_tx.send(complete && !ctx.stop.is_stopped());
     let mut diff_result = diff_task.await.map_err(join_err)?;
     if let (Some(tx), Ok(o)) = (diffed, &mut diff_result) {
         let c = &o.counts;
-        let complete = matches!(&read_result, Ok(r) if r.end == ReadEnd::Complete);
         let _ = tx.send(Diffed {
             rows: c.added + c.changed + c.unchanged + c.duplicates + c.null_keys,
             added: c.added,

@@ -323,12 +323,45 @@ impl Env {
         self.sync_tuned(spec, Some(stage_bytes), &pipe).await
     }
 
+    /// Runs a full read of `spec` whose rows are sorted on disk, in runs of `run_bytes`, when
+    /// their keys come scattered and the snapshot holds more than `above` entries (a run's
+    /// are 32 MiB and 500,000): a small table then takes a large one's path.
+    pub(crate) async fn sync_sorted(
+        &self,
+        spec: &SyncSpec,
+        above: u64,
+        run_bytes: usize,
+    ) -> Result<Summary, pgdelta::Error> {
+        let pipe = pgdelta::sync::PipelineSettings {
+            block_bytes: 4096,
+            sort_above_entries: above,
+            sort_run_bytes: run_bytes,
+            ..Default::default()
+        };
+        let full = RunOptions {
+            full_read: true,
+            ..Default::default()
+        };
+        self.sync_tuned_opts(spec, None, &pipe, &full).await
+    }
+
     /// Runs a sync with these pipeline settings and, when given, this staging limit.
     async fn sync_tuned(
         &self,
         spec: &SyncSpec,
         stage_bytes: Option<usize>,
         pipe: &pgdelta::sync::PipelineSettings,
+    ) -> Result<Summary, pgdelta::Error> {
+        self.sync_tuned_opts(spec, stage_bytes, pipe, &RunOptions::default())
+            .await
+    }
+
+    async fn sync_tuned_opts(
+        &self,
+        spec: &SyncSpec,
+        stage_bytes: Option<usize>,
+        pipe: &pgdelta::sync::PipelineSettings,
+        opts: &RunOptions,
     ) -> Result<Summary, pgdelta::Error> {
         self.flush_stats().await;
         let snap = match stage_bytes {
@@ -339,7 +372,7 @@ impl Env {
             &ConnInfo::parse(&self.src_url)?,
             &ConnInfo::parse(&self.dst_url)?,
             spec,
-            &RunOptions::default(),
+            opts,
             &snap,
             pipe,
         )
