@@ -13,6 +13,10 @@
 //! snapshot once. The changes are written after the read rather than during it. A read that did
 //! not complete writes nothing from here: its rows are read again by the next run.
 //!
+//! The file takes at most half the space free where it is (measured when it is created): past
+//! that budget the rest of the read goes through as it comes, to the windows, and the runs
+//! already on disk are merged after it. Every row is looked up once either way.
+//!
 //! A run is a sequence of rows: the tuple's length and the offset of its key's end in it (`u32`,
 //! little-endian, each), then the tuple as the COPY stream framed it.
 
@@ -41,6 +45,8 @@ pub(crate) struct SortSettings {
     pub(crate) block_bytes: usize,
     /// Where the file goes: the state file's directory.
     pub(crate) dir: PathBuf,
+    /// Bytes the file may take at most, below half the space free there when it is created.
+    pub(crate) max_disk: u64,
     /// The state file, for errors.
     pub(crate) path: String,
 }
@@ -69,10 +75,13 @@ pub(crate) struct Sorted {
     pub(crate) error: Option<SnapshotError>,
     /// Runs and bytes merged, once the rows went through disk.
     pub(crate) merged: Option<(usize, u64)>,
-    /// Rows gathered, and rows the merge handed back: the same number, or the run fails (the
-    /// rows not handed back would be taken for removed).
+    /// Rows written to disk, and rows the merge handed back: the same number, or the run fails
+    /// (the rows not handed back would be taken for removed).
     rows_in: u64,
     rows_out: u64,
+    /// Bytes handed to disk, and the most the file may take (set when it is created).
+    spilled: u64,
+    budget: u64,
 }
 
 enum State {
@@ -85,6 +94,9 @@ enum State {
         rows: Gathered,
         writer: Option<RunWriter>,
     },
+    /// The disk budget is spent: blocks go through as they come, and the runs on disk are
+    /// merged after them.
+    Overflow { writer: RunWriter },
     /// The runs merged, a block at a time.
     Merged {
         blocks: SyncReceiver<Block>,
@@ -113,6 +125,8 @@ impl Sorted {
             merged: None,
             rows_in: 0,
             rows_out: 0,
+            spilled: 0,
+            budget: 0,
         }
     }
 
@@ -135,15 +149,11 @@ impl Sorted {
                     }
                     let mut rows = Gathered::default();
                     rows.push(&block);
-                    self.rows_in += block.rows.len() as u64;
                     self.state = State::Gather { rows, writer: None };
                 }
                 State::Gather { rows, writer } => {
                     let step = match self.blocks.blocking_recv() {
-                        Some(block) => {
-                            self.rows_in += block.rows.len() as u64;
-                            self.gather(rows, writer, &block)
-                        }
+                        Some(block) => self.gather(rows, writer, &block),
                         None => self.end(rows, writer),
                     };
                     match step {
@@ -173,6 +183,17 @@ impl Sorted {
                         return None;
                     }
                 },
+                State::Overflow { writer } => match self.blocks.blocking_recv() {
+                    Some(block) => {
+                        self.state = State::Overflow { writer };
+                        return Some(block);
+                    }
+                    None => match self.end(Gathered::default(), Some(writer)) {
+                        Step::More => {}
+                        Step::Hand(block) => return Some(block),
+                        Step::Stop => return None,
+                    },
+                },
                 State::Ended => return None,
             }
         }
@@ -190,8 +211,14 @@ impl Sorted {
         }
         let writer = match writer {
             Some(w) => w,
-            None => match Runs::create(&s.dir).and_then(RunWriter::start) {
-                Ok(w) => w,
+            None => match Runs::create(&s.dir).and_then(|runs| {
+                let free = runs.free_bytes()?;
+                Ok((RunWriter::start(runs)?, free))
+            }) {
+                Ok((w, free)) => {
+                    self.budget = s.max_disk.min(free / 2);
+                    w
+                }
                 Err(e) => {
                     tracing::warn!(
                         "state file {}: the read's rows cannot be sorted in {} ({e}): they are looked up a window at a time, which costs more for random keys",
@@ -203,6 +230,22 @@ impl Sorted {
                 }
             },
         };
+        let bytes = rows.data.len() as u64 + 8 * rows.rows.len() as u64;
+        if self.spilled + bytes > self.budget {
+            tracing::warn!(
+                "state file {}: the read's rows sorted in {} reached {} MiB, half the space free there: the rest of the read is looked up a window at a time, which costs more for random keys",
+                s.path,
+                s.dir.display(),
+                self.spilled >> 20
+            );
+            self.state = match self.spilled {
+                0 => State::Pass,
+                _ => State::Overflow { writer },
+            };
+            return Step::Hand(rows.into_block());
+        }
+        self.spilled += bytes;
+        self.rows_in += rows.rows.len() as u64;
         match writer.hand(rows) {
             Ok((rows, writer)) => {
                 self.state = State::Gather {
@@ -227,6 +270,8 @@ impl Sorted {
                 false => Step::Hand(rows.into_block()),
             };
         };
+        // The last run is short: it goes to disk past the budget, by less than a run.
+        self.rows_in += rows.rows.len() as u64;
         let runs = match writer.finish(rows) {
             Ok(runs) => runs,
             Err(e) => {
@@ -519,6 +564,17 @@ mod tests {
         complete: bool,
         dir: &std::path::Path,
     ) -> (Vec<Block>, Option<SnapshotError>) {
+        sort_within(blocks, run_bytes, complete, dir, u64::MAX)
+    }
+
+    /// [`sort`], the file limited to `max_disk` bytes.
+    fn sort_within(
+        blocks: Vec<Block>,
+        run_bytes: usize,
+        complete: bool,
+        dir: &std::path::Path,
+        max_disk: u64,
+    ) -> (Vec<Block>, Option<SnapshotError>) {
         let (tx, rx) = tokio::sync::mpsc::channel(blocks.len().max(1));
         for b in blocks {
             tx.try_send(b).unwrap();
@@ -531,6 +587,7 @@ mod tests {
             run_bytes,
             block_bytes: 1000,
             dir: dir.to_path_buf(),
+            max_disk,
             path: "state.redb".into(),
         };
         let mut sorted = Sorted::new(rx, Some(end_rx), Some(settings), 11);
@@ -573,6 +630,32 @@ mod tests {
             0,
             "the file has no name"
         );
+    }
+
+    /// Past its disk budget the rest of the read goes through as it comes, and the runs on
+    /// disk follow it, merged: every row once.
+    #[test]
+    fn past_the_disk_budget_the_rest_goes_through_and_the_runs_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let input: Vec<Vec<(u64, u64)>> = (0..12).map(|i| scattered(i * 100, i)).collect();
+        let blocks: Vec<Block> = input.iter().map(|r| block(r)).collect();
+        let size = blocks[0].data.len();
+        // Runs of 2 blocks; room for 2 runs (a run takes its bytes and 8 per row).
+        let room = 2 * (2 * size as u64 + 8 * 200);
+        let (out, err) = sort_within(blocks, 2 * size, true, dir.path(), room);
+        assert!(err.is_none());
+        let got = rows(&out);
+        // Blocks 0-3 went to disk; the run of 4-5 went on, then 6-11 as they came; then the
+        // runs, merged.
+        let mut disk: Vec<(u64, u64)> = input[..4].concat();
+        disk.sort_by_key(|r| r.0);
+        let want = [input[4..].concat(), disk].concat();
+        assert_eq!(got, want);
+        // No room for a first run: everything goes through, nothing on disk.
+        let blocks: Vec<Block> = input.iter().map(|r| block(r)).collect();
+        let (out, err) = sort_within(blocks, 2 * size, true, dir.path(), 10);
+        assert!(err.is_none());
+        assert_eq!(rows(&out), input.concat());
     }
 
     #[test]

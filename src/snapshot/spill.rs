@@ -57,6 +57,21 @@ impl Runs {
         })
     }
 
+    /// Bytes free to an unprivileged writer on the file's file system.
+    pub(crate) fn free_bytes(&self) -> io::Result<u64> {
+        use std::os::fd::AsRawFd;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: the descriptor is open for as long as `self.file`, and `fstatvfs` fills `st`
+        // when it returns 0.
+        let st = unsafe {
+            if libc::fstatvfs(self.file.as_raw_fd(), st.as_mut_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            st.assume_init()
+        };
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     /// Runs appended.
     pub(crate) fn len(&self) -> usize {
         self.runs.len()

@@ -379,6 +379,7 @@ async fn stages(
             run_bytes: env.pipe.sort_run_bytes,
             block_bytes: env.pipe.block_bytes,
             dir: snapshot.dir(),
+            max_disk: u64::MAX,
             path: snapshot.path().to_string(),
         }),
     };
