@@ -238,6 +238,8 @@ impl Sorted {
                 s.dir.display(),
                 self.spilled >> 20
             );
+            // The buffer kept for the next run is not needed any more.
+            let _ = writer.empty.try_recv();
             self.state = match self.spilled {
                 0 => State::Pass,
                 _ => State::Overflow { writer },
