@@ -207,6 +207,64 @@ fn snapshot_record(c: &mut Criterion) {
     g.finish();
 }
 
+/// A full read of random keys sorted on disk before its lookups (docs/performance.md, "A full
+/// read of random keys, sorted on disk"): 1M rows of about 100 bytes with random 16-byte keys,
+/// in blocks of 512 KiB as the framer cuts them, gathered into runs of 8 MiB (a run's are
+/// 32 MiB, so 1M rows take as many runs as 4M would), sorted and written by the sort thread,
+/// then merged back in key order. The file sits in the system's temporary directory.
+fn diff_sort(c: &mut Criterion) {
+    const LOAD: usize = 1_000_000;
+    let mut rng = Lcg(29);
+    let keys: Vec<[u8; 16]> = (0..LOAD)
+        .map(|_| {
+            let mut k = [0u8; 16];
+            k[..8].copy_from_slice(&rng.next().to_be_bytes());
+            k[8..].copy_from_slice(&rng.next().to_be_bytes());
+            k
+        })
+        .collect();
+    let value = [b'v'; 72];
+    let s = encode(keys.iter().map(|k| vec![Some(&k[..]), Some(&value[..])]));
+    let whole = frame_all(&s, 2, 1).unwrap();
+    // Blocks of about 512 KiB, each over bytes of its own, as the framer hands them on.
+    let mut blocks = Vec::new();
+    let mut first = 0;
+    while first < whole.rows.len() {
+        let start = whole.rows[first].start;
+        let mut last = first;
+        while last < whole.rows.len() && whole.rows[last].end - start < 512 << 10 {
+            last += 1;
+        }
+        let end = whole.rows[last - 1].end;
+        let rows = whole.rows[first..last]
+            .iter()
+            .map(|r| pgdelta::copy::RowSpan {
+                start: r.start - start,
+                key_end: r.key_end - start,
+                end: r.end - start,
+            })
+            .collect();
+        let data = whole.data.slice(start as usize..end as usize);
+        blocks.push(pgdelta::copy::Block { data, rows });
+        first = last;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = c.benchmark_group("diff_sort");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(LOAD as u64));
+    g.bench_function("1m_rows_random_16_byte_keys_runs_of_8m_on_disk", |b| {
+        b.iter_batched(
+            || blocks.clone(),
+            |blocks| {
+                let n = pgdelta::sort_for_bench(blocks, dir.path(), 8 << 20);
+                assert_eq!(n, LOAD as u64);
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 fn copy_encoder(c: &mut Criterion) {
     let s = stream(ROWS, 11);
     let block = frame_all(&s, 10, 1).unwrap();
@@ -230,6 +288,6 @@ fn copy_encoder(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = framing, hashing, snapshot_diff, snapshot_record, copy_encoder
+    targets = framing, hashing, snapshot_diff, snapshot_record, diff_sort, copy_encoder
 }
 criterion_main!(benches);

@@ -31,6 +31,8 @@ pub mod conn;
 pub mod copy;
 mod delta;
 mod diff;
+#[doc(hidden)]
+pub use diff::sort_for_bench;
 pub mod error;
 pub mod fuzzing;
 pub mod hash;

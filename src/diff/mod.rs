@@ -33,6 +33,8 @@ use crate::snapshot::{Entry, Reader, SnapshotError};
 use crate::spec::Mode;
 pub(crate) use classify::Bitset;
 use classify::{Class, Classifier};
+#[doc(hidden)]
+pub use sort::sort_for_bench;
 pub(crate) use sort::SortSettings;
 use sort::Sorted;
 

@@ -334,6 +334,35 @@ impl Sorted {
     }
 }
 
+/// Hands `blocks` through a [`Sorted`] that sorts them on disk in `dir` (runs of `run_bytes`,
+/// merged blocks of 512 KiB) and returns the rows it handed back, in key order: the criterion
+/// bench of this path.
+#[doc(hidden)]
+pub fn sort_for_bench(blocks: Vec<Block>, dir: &std::path::Path, run_bytes: usize) -> u64 {
+    let (tx, rx) = tokio::sync::mpsc::channel(blocks.len().max(1));
+    for b in blocks {
+        tx.try_send(b).expect("room for every block");
+    }
+    drop(tx);
+    let (end_tx, end_rx) = oneshot::channel();
+    let _ = end_tx.send(true);
+    let settings = SortSettings {
+        above: 0,
+        run_bytes,
+        block_bytes: 512 << 10,
+        dir: dir.to_path_buf(),
+        max_disk: u64::MAX,
+        path: "bench".into(),
+    };
+    let mut sorted = Sorted::new(rx, Some(end_rx), Some(settings), 1);
+    let mut rows = 0;
+    while let Some(b) = sorted.next() {
+        rows += b.rows.len() as u64;
+    }
+    assert!(sorted.error.is_none() && sorted.merged.is_some());
+    rows
+}
+
 /// The rows of one run being gathered: the read's blocks, copied (a block is a slice of the
 /// framer's larger buffers, and holding it would pin the whole buffer).
 #[derive(Default)]
