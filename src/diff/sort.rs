@@ -30,7 +30,7 @@ use tokio::sync::mpsc::Receiver;
 use tokio::sync::oneshot;
 
 use crate::copy::{Block, RowSpan};
-use crate::snapshot::spill::Runs;
+use crate::snapshot::spill::{prefix, Runs};
 use crate::snapshot::SnapshotError;
 
 /// When and where a read's rows are sorted on disk.
@@ -401,14 +401,8 @@ impl Gathered {
             return Ok(());
         }
         let key = |i: u32| self.rows[i as usize].key(&self.data);
-        // Sorted by the keys' first 16 bytes as one integer (zero-padded: the same order as the
-        // bytes), whole keys compared only on a tie, and ties of keys by arrival.
-        let prefix = |k: &[u8]| {
-            let mut b = [0u8; 16];
-            let n = k.len().min(16);
-            b[..n].copy_from_slice(&k[..n]);
-            u128::from_be_bytes(b)
-        };
+        // Sorted by the keys' first 16 bytes as one integer, whole keys compared only on a tie,
+        // and ties of keys by arrival.
         let mut order: Vec<(u128, u32)> = (0..self.rows.len() as u32)
             .map(|i| (prefix(key(i)), i))
             .collect();

@@ -118,24 +118,34 @@ impl Runs {
             })
             .collect();
         let mut heads: Vec<T> = readers.iter().map(|_| T::default()).collect();
-        // Ties between runs go to the older one: the heap orders by (key, run).
+        // Ties between runs go to the older one: the heap orders by (key, run), the key's first
+        // 16 bytes compared as one integer before the whole key.
         let mut heap = BinaryHeap::with_capacity(readers.len());
         for (i, r) in readers.iter_mut().enumerate() {
             let mut key = Vec::new();
             if next(r, &mut key, &mut heads[i])? {
-                heap.push(Reverse((key, i)));
+                heap.push(Reverse((prefix(&key), key, i)));
             }
         }
-        while let Some(Reverse((mut key, i))) = heap.pop() {
+        while let Some(Reverse((_, mut key, i))) = heap.pop() {
             if !emit(&key, &heads[i]) {
                 return Ok(());
             }
             if next(&mut readers[i], &mut key, &mut heads[i])? {
-                heap.push(Reverse((key, i)));
+                heap.push(Reverse((prefix(&key), key, i)));
             }
         }
         Ok(())
     }
+}
+
+/// A key's first 16 bytes as one big-endian integer, zero-padded: ordering keys by it, then by
+/// their bytes, is their byte order, with most comparisons settled by the integer.
+pub(crate) fn prefix(key: &[u8]) -> u128 {
+    let mut b = [0u8; 16];
+    let n = key.len().min(16);
+    b[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(b)
 }
 
 /// Sorted runs of records (or of keys alone), in the order they were pushed.
