@@ -931,11 +931,14 @@ async fn pipeline(
     let mut diff_result = diff_task.await.map_err(join_err)?;
     if let (Some(tx), Ok(o)) = (diffed, &mut diff_result) {
         let c = &o.counts;
+        let rows = c.added + c.changed + c.unchanged + c.duplicates + c.null_keys;
+        // A row read and not classified makes the read incomplete (`completed` says so).
+        let all = matches!(&read_result, Ok(r) if r.rows == rows);
         let _ = tx.send(Diffed {
-            rows: c.added + c.changed + c.unchanged + c.duplicates + c.null_keys,
+            rows,
             added: c.added,
             keys: o.added_keys.take(),
-            complete: complete && !ctx.stop.is_stopped(),
+            complete: complete && all && !ctx.stop.is_stopped(),
             error_free: error_free(&ctx.plan, o),
         });
     }
@@ -1061,7 +1064,19 @@ fn completed(stop: &Stop, piped: &Piped, sync: &str) -> Result<(), Error> {
         (Some(StopReason::WriterFailed), _) => Err(Error::Internal(
             "a writer failed without reporting its error".into(),
         )),
-        (None, ReadEnd::Complete) => Ok(()),
+        (None, ReadEnd::Complete) => {
+            // Every row read must have been classified: an entry whose row went missing on the
+            // way would be taken for a removed row and deleted.
+            let c = &piped.diff.counts;
+            let diffed = c.added + c.changed + c.unchanged + c.duplicates + c.null_keys;
+            match diffed == piped.read.rows {
+                true => Ok(()),
+                false => Err(Error::Internal(format!(
+                    "sync '{sync}': the source read {} rows but the diff classified {diffed}; no deletes applied, {} rows written and recorded",
+                    piped.read.rows, piped.written.rows
+                ))),
+            }
+        }
         (None, _) => Err(Error::Internal(
             "the source read stopped early without an error".into(),
         )),
