@@ -408,12 +408,7 @@ async fn full_reads_of_random_keys_sorted_on_disk() {
         )
         .await
         .unwrap();
-    let changed = env
-        .src
-        .query_one("SELECT count(*) FROM u WHERE note = 'changed'", &[])
-        .await
-        .unwrap()
-        .get::<_, i64>(0) as u64;
+    let changed = Env::count(&env.src, "u WHERE note = 'changed'").await as u64;
     let removed = 20_000 + 1_000 - Env::count(&env.src, "u").await as u64;
     let s = env.sync_sorted(&spec, above, run).await.unwrap();
     assert!(sorted(&s), "{:?}", s.notes);

@@ -69,6 +69,13 @@ pub(crate) struct DiffCounts {
     pub(crate) null_keys: u64,
 }
 
+impl DiffCounts {
+    /// Every row classified, whatever its class.
+    pub(crate) fn rows(&self) -> u64 {
+        self.added + self.changed + self.unchanged + self.duplicates + self.null_keys
+    }
+}
+
 /// What the diff saw.
 #[derive(Debug, Default)]
 pub(crate) struct DiffOutcome {
@@ -99,7 +106,7 @@ const KEEP_DUPLICATES: usize = 1000;
 /// then. Blocking: call it from a dedicated thread.
 pub(crate) fn run(
     blocks: Receiver<Block>,
-    read_end: Option<oneshot::Receiver<bool>>,
+    read_end: oneshot::Receiver<bool>,
     out: Sender<WriteBatch>,
     reader: Arc<Reader>,
     sizer: Arc<Sizer>,

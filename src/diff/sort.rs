@@ -111,14 +111,14 @@ impl Sorted {
     /// `entries` is large enough for it to pay.
     pub(crate) fn new(
         blocks: Receiver<Block>,
-        read_end: Option<oneshot::Receiver<bool>>,
+        read_end: oneshot::Receiver<bool>,
         settings: Option<SortSettings>,
         entries: u64,
     ) -> Sorted {
-        let sort = read_end.is_some() && settings.as_ref().is_some_and(|s| entries > s.above);
+        let sort = settings.as_ref().is_some_and(|s| entries > s.above);
         Sorted {
             blocks,
-            read_end,
+            read_end: Some(read_end),
             settings,
             state: if sort { State::Start } else { State::Pass },
             error: None,
@@ -134,7 +134,7 @@ impl Sorted {
     /// or on an error, which [`Sorted::error`] then holds).
     pub(crate) fn next(&mut self) -> Option<Block> {
         loop {
-            match std::mem::replace(&mut self.state, State::Ended) {
+            let step = match std::mem::replace(&mut self.state, State::Ended) {
                 State::Pass => {
                     self.state = State::Pass;
                     return self.blocks.blocking_recv();
@@ -150,23 +150,24 @@ impl Sorted {
                     let mut rows = Gathered::default();
                     rows.push(&block);
                     self.state = State::Gather { rows, writer: None };
+                    Step::More
                 }
-                State::Gather { rows, writer } => {
-                    let step = match self.blocks.blocking_recv() {
-                        Some(block) => self.gather(rows, writer, &block),
-                        None => self.end(rows, writer),
-                    };
-                    match step {
-                        Step::More => {}
-                        Step::Hand(block) => return Some(block),
-                        Step::Stop => return None,
+                State::Gather { rows, writer } => match self.blocks.blocking_recv() {
+                    Some(block) => self.gather(rows, writer, &block),
+                    None => self.end(rows, writer),
+                },
+                State::Overflow { writer } => match self.blocks.blocking_recv() {
+                    Some(block) => {
+                        self.state = State::Overflow { writer };
+                        Step::Hand(block)
                     }
-                }
+                    None => self.end(Gathered::default(), Some(writer)),
+                },
                 State::Merged { blocks, merging } => match blocks.recv() {
                     Ok(block) => {
                         self.rows_out += block.rows.len() as u64;
                         self.state = State::Merged { blocks, merging };
-                        return Some(block);
+                        Step::Hand(block)
                     }
                     Err(_) => {
                         let merged = merging.join().expect("the merge thread panicked");
@@ -180,21 +181,15 @@ impl Sorted {
                         if let Err(e) = merged {
                             self.fail(e);
                         }
-                        return None;
+                        Step::Stop
                     }
                 },
-                State::Overflow { writer } => match self.blocks.blocking_recv() {
-                    Some(block) => {
-                        self.state = State::Overflow { writer };
-                        return Some(block);
-                    }
-                    None => match self.end(Gathered::default(), Some(writer)) {
-                        Step::More => {}
-                        Step::Hand(block) => return Some(block),
-                        Step::Stop => return None,
-                    },
-                },
-                State::Ended => return None,
+                State::Ended => Step::Stop,
+            };
+            match step {
+                Step::More => {}
+                Step::Hand(block) => return Some(block),
+                Step::Stop => return None,
             }
         }
     }
@@ -339,13 +334,6 @@ impl Sorted {
 /// bench of this path.
 #[doc(hidden)]
 pub fn sort_for_bench(blocks: Vec<Block>, dir: &std::path::Path, run_bytes: usize) -> u64 {
-    let (tx, rx) = tokio::sync::mpsc::channel(blocks.len().max(1));
-    for b in blocks {
-        tx.try_send(b).expect("room for every block");
-    }
-    drop(tx);
-    let (end_tx, end_rx) = oneshot::channel();
-    let _ = end_tx.send(true);
     let settings = SortSettings {
         above: 0,
         run_bytes,
@@ -354,13 +342,28 @@ pub fn sort_for_bench(blocks: Vec<Block>, dir: &std::path::Path, run_bytes: usiz
         max_disk: u64::MAX,
         path: "bench".into(),
     };
-    let mut sorted = Sorted::new(rx, Some(end_rx), Some(settings), 1);
+    let mut sorted = Sorted::over(blocks, true, settings);
     let mut rows = 0;
     while let Some(b) = sorted.next() {
         rows += b.rows.len() as u64;
     }
     assert!(sorted.error.is_none() && sorted.merged.is_some());
     rows
+}
+
+impl Sorted {
+    /// A [`Sorted`] over `blocks`, queued whole, of a read that ended `complete`, against a
+    /// snapshot large enough for `settings` to sort (the bench and the tests).
+    fn over(blocks: Vec<Block>, complete: bool, settings: SortSettings) -> Sorted {
+        let (tx, rx) = tokio::sync::mpsc::channel(blocks.len().max(1));
+        for b in blocks {
+            tx.try_send(b).expect("room for every block");
+        }
+        let (end_tx, end_rx) = oneshot::channel();
+        let _ = end_tx.send(complete);
+        let entries = settings.above + 1;
+        Sorted::new(rx, end_rx, Some(settings), entries)
+    }
 }
 
 /// The rows of one run being gathered: the read's blocks, copied (a block is a slice of the
@@ -600,13 +603,6 @@ mod tests {
         dir: &std::path::Path,
         max_disk: u64,
     ) -> (Vec<Block>, Option<SnapshotError>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(blocks.len().max(1));
-        for b in blocks {
-            tx.try_send(b).unwrap();
-        }
-        drop(tx);
-        let (end_tx, end_rx) = oneshot::channel();
-        end_tx.send(complete).unwrap();
         let settings = SortSettings {
             above: 10,
             run_bytes,
@@ -615,7 +611,7 @@ mod tests {
             max_disk,
             path: "state.redb".into(),
         };
-        let mut sorted = Sorted::new(rx, Some(end_rx), Some(settings), 11);
+        let mut sorted = Sorted::over(blocks, complete, settings);
         let mut out = Vec::new();
         while let Some(b) = sorted.next() {
             out.push(b);

@@ -899,8 +899,9 @@ async fn pipeline(
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     let diff_task = {
         let (reader, sizer) = (reader.clone(), ctx.sizer.clone());
-        let end = Some(end_rx);
-        tokio::task::spawn_blocking(move || diff::run(block_rx, end, batch_tx, reader, sizer, cfg))
+        tokio::task::spawn_blocking(move || {
+            diff::run(block_rx, end_rx, batch_tx, reader, sizer, cfg)
+        })
     };
     let batches = Arc::new(tokio::sync::Mutex::new(batch_rx));
     let write_tasks: Vec<_> = writers
@@ -931,7 +932,7 @@ async fn pipeline(
     let mut diff_result = diff_task.await.map_err(join_err)?;
     if let (Some(tx), Ok(o)) = (diffed, &mut diff_result) {
         let c = &o.counts;
-        let rows = c.added + c.changed + c.unchanged + c.duplicates + c.null_keys;
+        let rows = c.rows();
         // A row read and not classified makes the read incomplete (`completed` says so).
         let all = matches!(&read_result, Ok(r) if r.rows == rows);
         let _ = tx.send(Diffed {
@@ -1067,8 +1068,7 @@ fn completed(stop: &Stop, piped: &Piped, sync: &str) -> Result<(), Error> {
         (None, ReadEnd::Complete) => {
             // Every row read must have been classified: an entry whose row went missing on the
             // way would be taken for a removed row and deleted.
-            let c = &piped.diff.counts;
-            let diffed = c.added + c.changed + c.unchanged + c.duplicates + c.null_keys;
+            let diffed = piped.diff.counts.rows();
             match diffed == piped.read.rows {
                 true => Ok(()),
                 false => Err(Error::Internal(format!(
