@@ -598,8 +598,8 @@ fn tally(
     // Entries one side met and the other did not: one walk of the snapshot, only when there
     // are any.
     if s.seen_entries < reader.len() || t.seen_entries < reader.len() {
-        reader.scan(|key, e| {
-            let (in_s, in_t) = (s.seen.contains(e.slot), t.seen.contains(e.slot));
+        reader.scan_slots(|key, slot| {
+            let (in_s, in_t) = (s.seen.contains(slot), t.seen.contains(slot));
             if !in_t {
                 cg.add(key);
                 if in_s {

@@ -284,3 +284,72 @@ async fn a_killed_runs_scratch_file_is_removed_when_the_state_file_is_next_opene
     );
     assert_eq!(env.state_contents().1, [".other.redb.scratch-XyZ789"]);
 }
+
+/// The hash files beside the state file (a changed row's hash is kept there, by slot).
+fn hash_files(env: &Env) -> Vec<std::path::PathBuf> {
+    let state = env.state();
+    let prefix = format!("{}.", state.file_name().unwrap().to_string_lossy());
+    let mut found: Vec<_> = std::fs::read_dir(state.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".hashes")
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_hash_file_rebuilds_the_entries_from_the_target() {
+    let env = seeded(5000).await;
+    let mut spec = env.spec("items", &["id"]);
+    spec.delete = true;
+    env.sync(&spec).await.unwrap();
+    assert!(hash_files(&env).is_empty(), "a load changes no known row");
+    env.src
+        .batch_execute("UPDATE items SET qty = 1000 + qty WHERE id <= 100")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.changed, s.written), (100, 100));
+    let files = hash_files(&env);
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    // The rows change back. The entries' own hashes are those of the first run, which the
+    // hash file superseded: trusted without it, these rows would look unchanged and the
+    // target would keep the values of the second run.
+    env.src
+        .batch_execute("UPDATE items SET qty = qty - 1000 WHERE id <= 100")
+        .await
+        .unwrap();
+    std::fs::remove_file(&files[0]).unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert!(
+        s.notes
+            .iter()
+            .any(|n| n.contains("row hashes file") && n.contains("rebuilt from the target")),
+        "{:?}",
+        s.notes
+    );
+    assert_eq!(s.rebuilt_from_target, 5000);
+    assert_eq!(
+        (s.changed, s.unchanged, s.added, s.removed, s.written),
+        (100, 4900, 0, 0, 100)
+    );
+    assert_items_same(&env).await;
+
+    // The next change is recorded in a new hash file, and the old one is not made again.
+    env.src
+        .batch_execute("UPDATE items SET name = 'again' WHERE id BETWEEN 200 AND 209")
+        .await
+        .unwrap();
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!((s.rebuilt_from_target, s.changed, s.written), (0, 10, 10));
+    let now = hash_files(&env);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0], files[0]);
+    assert_items_same(&env).await;
+}

@@ -103,7 +103,7 @@ impl Removed {
         };
         match self {
             Removed::Unseen { reader, seen } => {
-                reader.scan(|key, e| seen.contains(e.slot) || push(key))?;
+                reader.scan_slots(|key, slot| seen.contains(slot) || push(key))?;
             }
             Removed::Keys(keys) => {
                 let _ = (0..keys.len()).all(|i| push(keys.key(i)));

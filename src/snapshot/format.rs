@@ -5,11 +5,18 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `pgdelta/meta` | sync name | JSON [`SyncMeta`]: format, key fingerprint, model fingerprint, next slot |
-//! | `rows/<sync>` | raw key bytes | 20 bytes: 16-byte row hash, then the entry's `u32` slot (little-endian) |
+//! | `rows/<sync>` | raw key bytes | 20 bytes: 16-byte row hash, then the entry's `u32` slot (little-endian); the hash is superseded by the sync's hash file when that has one for the slot |
 //! | `free/<sync>` | slot (`u32`) | `()`: slots of removed entries, reused before new ones are minted |
 //! | `key_ranges/<sync>` | key range (`i64`) | `(u64, u64)`: entries whose key falls in the range, and the sum of their keys' offsets in it, wrapping (one integer key only; see below) |
 //! | `pgdelta/runs` | run id (unix µs, bumped on collision) | JSON run record (`pgdelta log`) |
 //! | `pgdelta/rejected` | sync name | JSON list of the rows the destination rejected in the sync's last run |
+//!
+//! Beside the redb file, each sync that has recorded a changed row has a **hash file**,
+//! `<state file>.<id>.hashes` ([`super::hashes`]): 16 bytes per slot, the hash of a changed
+//! row written in place, so that a changed row costs no B-tree leaf rewrite. An entry's hash is
+//! the file's for its slot when that is not all zeros, else the entry's own. `hashes` in the
+//! sync's metadata names the file; a sync whose file is missing (or is another's) has its
+//! entries rebuilt from the target, as after a crash.
 //!
 //! Keys are the raw key fields of the binary COPY tuple, 4-byte length prefixes included, so a
 //! composite key is unambiguous, and an integer key keeps its big-endian, order-preserving form:
@@ -52,8 +59,15 @@
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
-/// The on-disk format this build reads and writes.
-pub(crate) const FORMAT: u32 = 1;
+/// The on-disk format this build writes: 2 adds the hash file. Format 1 (no hash file) is read
+/// as it is and becomes 2 when the sync's metadata is next saved; a build of format 1 clears the
+/// entries of a format 2 sync (it would not know to read the hash file) and rebuilds them.
+pub(crate) const FORMAT: u32 = 2;
+
+/// The formats this build reads.
+pub(crate) fn readable(format: u32) -> bool {
+    format == 1 || format == FORMAT
+}
 
 pub(super) const META: TableDefinition<&str, &str> = TableDefinition::new("pgdelta/meta");
 pub(super) const RUNS: TableDefinition<u64, &str> = TableDefinition::new("pgdelta/runs");
@@ -143,6 +157,9 @@ pub struct SyncMeta {
     /// when the next run must read in full.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) basis: Option<crate::delta::Basis>,
+    /// The id of the sync's hash file, once it has one ([`super::hashes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) hashes: Option<u64>,
     /// How `ranges/<sync>` counts the entries, when it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ranges: Option<crate::key_ranges::RangeSpec>,

@@ -10,6 +10,7 @@
 //! [`SnapshotError::Locked`].
 
 mod format;
+mod hashes;
 mod owner;
 pub(crate) mod spill;
 
@@ -160,6 +161,48 @@ fn scratch_prefix(file: &Path) -> String {
     format!(".{name}.scratch-")
 }
 
+/// Removes the hash files of the state file `file` that no sync names (a run killed after it
+/// made one and before it saved the sync's metadata leaves one behind). Only the process holding
+/// the state file's lock makes or uses them, and the caller holds it now.
+fn remove_orphan_hashes(db: &Database, file: &Path) {
+    let named = || -> Result<Vec<u64>, redb::Error> {
+        let txn = db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut ids = Vec::new();
+        for item in meta.iter()? {
+            let (_, v) = item?;
+            // A sync whose metadata cannot be read keeps its file: nothing is removed then.
+            let m: SyncMeta = serde_json::from_str(v.value())
+                .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+            ids.extend(m.hashes);
+        }
+        Ok(ids)
+    };
+    let Ok(named) = named() else { return };
+    let prefix = format!(
+        "{}.",
+        file.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let Ok(entries) = std::fs::read_dir(dir_of(file)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let id = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".hashes"))
+            .filter(|h| h.len() == 16)
+            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        if let Some(id) = id.filter(|id| !named.contains(id)) {
+            owner::remove_hash_file(file, id);
+        }
+    }
+}
+
 /// Removes the scratch directories of the state file `file` that a killed run left behind. Only
 /// a process holding the state file's lock makes them, and the caller holds it now, so any
 /// found is stale (a dropped [`Scratch`] removes its own).
@@ -272,9 +315,10 @@ impl Snapshot {
             .create(path)
             .map_err(|e| open_failed(&shown, e))?;
         remove_stale_scratch(path);
+        remove_orphan_hashes(&db, path);
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let mut owner = Owner::new(db.clone(), shown.clone(), dir_of(path).to_path_buf());
+        let mut owner = Owner::new(db.clone(), shown.clone(), path.to_path_buf());
         if let Some(limit) = stage_limit {
             owner.stage_limit = limit;
         }
@@ -434,15 +478,26 @@ impl Snapshot {
             Some(t) => t.len().map_err(|e| self.err(e))?,
             None => 0,
         };
-        let spec = match open_optional(&txn, META, &self.inner.path)? {
+        let meta = match open_optional(&txn, META, &self.inner.path)? {
             Some(meta) => match meta.get(sync).map_err(|e| self.err(e))? {
                 Some(v) => {
-                    serde_json::from_str::<SyncMeta>(v.value())
-                        .map_err(|e| self.err(e))?
-                        .ranges
+                    Some(serde_json::from_str::<SyncMeta>(v.value()).map_err(|e| self.err(e))?)
                 }
                 None => None,
             },
+            None => None,
+        };
+        let (spec, hash_file) = meta.map_or((None, None), |m| (m.ranges, m.hashes));
+        let hashes = match hash_file.filter(|_| table.is_some()) {
+            Some(id) => {
+                let path = hashes::path_for(&self.inner.file, id);
+                Some(hashes::HashView::open(&path, id).map_err(|e| {
+                    self.err(format!(
+                        "sync '{sync}': its row hashes file {} cannot be read ({e}); the next run of the sync rebuilds the snapshot's entries from the target",
+                        path.display()
+                    ))
+                })?)
+            }
             None => None,
         };
         let ranges = match spec {
@@ -452,6 +507,7 @@ impl Snapshot {
         };
         Ok(Reader {
             table,
+            hashes,
             ranges,
             len,
             path: self.inner.path.clone(),
@@ -821,7 +877,7 @@ impl Walk<'_> {
                     }
                     std::cmp::Ordering::Equal => {
                         self.matched = true;
-                        break Some(Entry::decode(v.value()));
+                        break Some(self.reader.entry(v.value()));
                     }
                     std::cmp::Ordering::Greater => break None,
                 }
@@ -852,6 +908,8 @@ impl Walk<'_> {
 /// A read-only view of one sync's entries, shareable across threads.
 pub struct Reader {
     table: Option<ReadOnlyTable<&'static [u8], &'static [u8; 20]>>,
+    /// The sync's hash file, whose hashes supersede the entries' own ([`hashes`]).
+    hashes: Option<hashes::HashView>,
     /// The entries per key range, and how the ranges are cut.
     ranges: Option<(RangeSpec, ReadOnlyTable<i64, format::RangeValue>)>,
     len: u64,
@@ -864,6 +922,17 @@ impl Reader {
             path: self.path.clone(),
             message: e.to_string(),
         }
+    }
+
+    /// The entry a stored value describes: its slot, and its hash (the hash file's, when that
+    /// has one for the slot).
+    #[inline]
+    fn entry(&self, v: &[u8; 20]) -> Entry {
+        let mut e = Entry::decode(v);
+        if let Some(h) = self.hashes.as_ref().and_then(|f| f.get(e.slot)) {
+            e.hash = h;
+        }
+        e
     }
 
     /// Number of entries in this view.
@@ -881,7 +950,7 @@ impl Reader {
             return Ok(None);
         };
         match t.get(key) {
-            Ok(Some(v)) => Ok(Some(Entry::decode(v.value()))),
+            Ok(Some(v)) => Ok(Some(self.entry(v.value()))),
             Ok(None) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
@@ -951,7 +1020,7 @@ impl Reader {
                         }
                         at = walk.next().transpose().map_err(err)?;
                     }
-                    std::cmp::Ordering::Equal => break Some(Entry::decode(v.value())),
+                    std::cmp::Ordering::Equal => break Some(self.entry(v.value())),
                     std::cmp::Ordering::Greater => break None,
                 }
             };
@@ -990,19 +1059,17 @@ impl Reader {
         loop {
             let go_on = match (&x, &y) {
                 (None, None) => break,
-                (Some((k, v)), None) => f(k.value(), Some(Entry::decode(v.value())), None),
-                (None, Some((k, v))) => f(k.value(), None, Some(Entry::decode(v.value()))),
+                (Some((k, v)), None) => f(k.value(), Some(self.entry(v.value())), None),
+                (None, Some((k, v))) => f(k.value(), None, Some(other.entry(v.value()))),
                 (Some((ka, va)), Some((kb, vb))) => match ka.value().cmp(kb.value()) {
-                    std::cmp::Ordering::Less => {
-                        f(ka.value(), Some(Entry::decode(va.value())), None)
-                    }
+                    std::cmp::Ordering::Less => f(ka.value(), Some(self.entry(va.value())), None),
                     std::cmp::Ordering::Greater => {
-                        f(kb.value(), None, Some(Entry::decode(vb.value())))
+                        f(kb.value(), None, Some(other.entry(vb.value())))
                     }
                     std::cmp::Ordering::Equal => f(
                         ka.value(),
-                        Some(Entry::decode(va.value())),
-                        Some(Entry::decode(vb.value())),
+                        Some(self.entry(va.value())),
+                        Some(other.entry(vb.value())),
                     ),
                 },
             };
@@ -1058,7 +1125,26 @@ impl Reader {
         let err = |e: redb::StorageError| self.err(e);
         for item in t.range::<&[u8]>(lo..=hi).map_err(err)? {
             let (k, v) = item.map_err(err)?;
-            f(k.value(), Entry::decode(v.value()));
+            f(k.value(), self.entry(v.value()));
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every entry's key and slot, in key order; stops early when `f` returns
+    /// false. Reads no hash (the hash file stays untouched).
+    pub(crate) fn scan_slots(
+        &self,
+        mut f: impl FnMut(&[u8], u32) -> bool,
+    ) -> Result<(), SnapshotError> {
+        let Some(t) = &self.table else {
+            return Ok(());
+        };
+        let err = |e: redb::StorageError| self.err(e);
+        for item in t.iter().map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            if !f(k.value(), Entry::decode(v.value()).slot) {
+                break;
+            }
         }
         Ok(())
     }
@@ -1071,7 +1157,7 @@ impl Reader {
         let err = |e: redb::StorageError| self.err(e);
         for item in t.iter().map_err(err)? {
             let (k, v) = item.map_err(err)?;
-            if !f(k.value(), Entry::decode(v.value())) {
+            if !f(k.value(), self.entry(v.value())) {
                 break;
             }
         }
@@ -1204,6 +1290,97 @@ mod tests {
         })
         .unwrap();
         got
+    }
+
+    /// Changed rows' hashes go to the sync's hash file, which the readers see; one no sync
+    /// names is removed when the state file is opened; a missing one makes the next run clear
+    /// the entries (to rebuild them from the target) and fails a reader with the fix.
+    #[test]
+    fn changed_rows_go_to_the_hash_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.redb");
+        let mut c = Committed::default();
+        for v in 0..100 {
+            c.keys.push(&int8_key(v));
+            c.entries.push(([1; 16], None));
+        }
+        let snap = testing::seeded(&path, "h", c);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let hash_files = || -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(".hashes"))
+                .collect();
+            v.sort();
+            v
+        };
+        assert!(
+            hash_files().is_empty(),
+            "new keys keep their hash in the entry"
+        );
+        let (_, rec) = rt
+            .block_on(snap.begin("h", "k", "r", BeginOptions::default()))
+            .unwrap();
+        let start = snap.reader("h").unwrap();
+        let mut c = Committed::default();
+        for v in [7, 3, 50] {
+            let k = int8_key(v);
+            c.keys.push(&k);
+            c.entries
+                .push(([2; 16], Some(start.get(&k).unwrap().unwrap().slot)));
+        }
+        rt.block_on(rec.record(c)).unwrap();
+        rt.block_on(rec.mark_stale(
+            &int8_key(50),
+            start.get(&int8_key(50)).unwrap().unwrap().slot,
+        ))
+        .unwrap();
+        rt.block_on(rec.settle(Vec::new())).unwrap();
+        rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+        let files = hash_files();
+        assert_eq!(files.len(), 1);
+        let now = snap.reader("h").unwrap();
+        let hash = |v: i64| now.get(&int8_key(v)).unwrap().unwrap().hash;
+        assert_eq!((hash(7), hash(3), hash(4)), ([2; 16], [2; 16], [1; 16]));
+        assert_eq!(
+            hash(50),
+            STALE_HASH,
+            "a stale mark supersedes the file's hash"
+        );
+        drop((now, start, snap));
+
+        let orphan = dir.path().join("h.redb.00000000000000ff.hashes");
+        std::fs::write(&orphan, b"left by a killed run").unwrap();
+        let snap = Snapshot::open(&path, 1 << 20).unwrap();
+        assert!(!orphan.exists(), "a hash file no sync names is removed");
+        assert_eq!(hash_files(), files, "the named one stays");
+
+        std::fs::remove_file(&files[0]).unwrap();
+        let e = snap
+            .reader("h")
+            .err()
+            .expect("no reader without the hash file");
+        assert!(
+            e.to_string().contains("rebuilds the snapshot's entries"),
+            "{e}"
+        );
+        let how = BeginOptions {
+            target_has_rows: true,
+            ..BeginOptions::default()
+        };
+        let (begun, rec) = rt.block_on(snap.begin("h", "k", "r", how)).unwrap();
+        assert!(begun.rebuild, "the entries are rebuilt from the target");
+        assert!(
+            begun.notes.iter().any(|n| n.contains("row hashes file")),
+            "{:?}",
+            begun.notes
+        );
+        assert!(snap.reader("h").unwrap().is_empty());
+        drop(rec);
     }
 
     #[test]
@@ -1414,11 +1591,13 @@ mod tests {
             let values: Vec<i64> = model.keys().map(|k| spec.value(k).unwrap()).collect();
             let want = key_ranges::tally(&now.range_spec().unwrap(), &values);
             assert_eq!(now.range_counts().unwrap(), Some(want), "run {run}");
+            // No spill file is left; the hash file of the changed rows stays.
             let files: Vec<_> = std::fs::read_dir(dir.path())
                 .unwrap()
-                .map(|e| e.unwrap().file_name())
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !(n.starts_with("s.redb.") && n.ends_with(".hashes")))
                 .collect();
-            assert_eq!(files, vec![std::ffi::OsString::from("s.redb")]);
+            assert_eq!(files, vec!["s.redb".to_string()]);
         }
     }
 

@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -37,9 +37,10 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::format::{
-    free_def, free_name, old_ranges_name, ranges_def, ranges_name, rows_def, rows_name, Entry,
-    SyncMeta, FORMAT, META, REJECTED, RUNS, STALE_HASH,
+    free_def, free_name, old_ranges_name, ranges_def, ranges_name, readable, rows_def, rows_name,
+    Entry, SyncMeta, FORMAT, META, REJECTED, RUNS, STALE_HASH,
 };
+use super::hashes::{self, HashFile};
 use super::spill::Spill;
 use super::{Begin, BeginOptions, Committed, Gate, RecorderStats, Settled, SnapshotError};
 use crate::batch::KeyBatch;
@@ -164,6 +165,10 @@ pub(super) struct Owner {
     spilled: HashMap<Arc<str>, Spill>,
     /// Where spill files go (the state file's directory).
     dir: PathBuf,
+    /// The state file (hash files are named after it).
+    file: PathBuf,
+    /// The syncs' hash files opened so far ([`hashes`]).
+    hashes: HashMap<Arc<str>, HashFile>,
     /// A spill file could not be written: stages are applied when full, as before spilling.
     no_spill: bool,
     /// [`STAGE_BYTES`], smaller in tests.
@@ -174,14 +179,16 @@ pub(super) struct Owner {
 }
 
 impl Owner {
-    pub(super) fn new(db: Arc<Database>, path: String, dir: PathBuf) -> Owner {
+    pub(super) fn new(db: Arc<Database>, path: String, file: PathBuf) -> Owner {
         Owner {
             db,
             path,
             runs: HashMap::new(),
             staged: HashMap::new(),
             spilled: HashMap::new(),
-            dir,
+            dir: super::dir_of(&file).to_path_buf(),
+            file,
+            hashes: HashMap::new(),
             no_spill: false,
             stage_limit: STAGE_BYTES,
             last_durable: Instant::now(),
@@ -535,7 +542,16 @@ impl Owner {
         }
     }
 
-    fn commit(&self, txn: &mut WriteTransaction, durable: bool) -> Result<(), SnapshotError> {
+    /// Sets how `txn` commits; a durable commit first makes the hash files durable.
+    fn commit(&mut self, txn: &mut WriteTransaction, durable: bool) -> Result<(), SnapshotError> {
+        if durable {
+            for (sync, f) in &mut self.hashes {
+                if let Err(e) = f.sync() {
+                    let e = format!("the row hashes file of sync '{sync}': {e}");
+                    return Err(self.err(e));
+                }
+            }
+        }
         txn.set_durability(if durable {
             Durability::Immediate
         } else {
@@ -571,6 +587,16 @@ impl Owner {
         let Some(run) = self.runs.get_mut(&sync) else {
             return Err(err(&format!("no run of sync '{sync}' was begun")));
         };
+        let (state, hash_files) = (&self.file, &mut self.hashes);
+        // Runs `op` on the sync's hash file (made first, with `create`); nothing when it has none.
+        let mut with_file =
+            |meta: &mut SyncMeta,
+             create: bool,
+             op: &mut dyn FnMut(&mut HashFile) -> std::io::Result<()>| {
+                hash_file(hash_files, state, &sync, meta, create)
+                    .and_then(|f| f.map_or(Ok(()), op))
+                    .map_err(|e| err(&format!("the row hashes file of sync '{sync}': {e}")))
+            };
         let rows_n = rows_name(&sync);
         let free_n = free_name(&sync);
         let mut rows = txn.open_table(rows_def(&rows_n)).map_err(|e| err(&e))?;
@@ -598,13 +624,36 @@ impl Owner {
         };
         let done = match cmd {
             Command::Record { rows: c, .. } => {
+                // Rows whose key the snapshot holds (changed rows) keep their entry: their new
+                // hash goes to the hash file, in place.
+                // (A hash of all zeros, which no row has in practice, would read as "the
+                // entry's own": it goes to the entry.)
+                let in_file = |&(hash, slot): &([u8; 16], Option<u32>)| {
+                    slot.filter(|_| hash != STALE_HASH).map(|s| (s, hash))
+                };
+                let mut changed: Vec<(u32, [u8; 16])> =
+                    c.entries.iter().filter_map(in_file).collect();
+                if !changed.is_empty() {
+                    with_file(&mut slots.run.meta, true, &mut |f| f.set_many(&mut changed))?;
+                }
                 for i in c.keys.order(0..c.keys.len()) {
+                    if in_file(&c.entries[i]).is_some() {
+                        continue;
+                    }
                     let (hash, slot) = c.entries[i];
                     let key = c.keys.key(i);
-                    let slot = match slot {
-                        Some(s) => s,
-                        None => slots.alloc()?,
+                    // A slot minted now was never written in the hash file; a reused one may
+                    // hold the hash of the key that had it, and the entry's own hash holds.
+                    let (slot, reused) = match slot {
+                        Some(s) => (s, true),
+                        None => {
+                            let reused = !slots.run.free.is_empty();
+                            (slots.alloc()?, reused)
+                        }
                     };
+                    if reused {
+                        with_file(&mut slots.run.meta, false, &mut |f| f.clear(slot))?;
+                    }
                     let old = rows
                         .insert(key, &Entry { hash, slot }.encode())
                         .map_err(|e| err(&e))?
@@ -644,6 +693,8 @@ impl Owner {
                 n
             }
             Command::MarkStale { key, slot, .. } => {
+                // The entry's own (stale) hash holds, not one the hash file may have.
+                with_file(&mut slots.run.meta, false, &mut |f| f.clear(slot))?;
                 let stale = Entry {
                     hash: STALE_HASH,
                     slot,
@@ -765,6 +816,11 @@ impl Owner {
     ) -> Result<Begin, SnapshotError> {
         let mut notes = Vec::new();
         let mut cleared = false;
+        // Hash files of entries cleared here: removed once that is committed.
+        let mut dropped: Vec<u64> = Vec::new();
+        // The handle is opened again from the metadata this decides.
+        self.hashes.remove(sync);
+        let state = self.file.clone();
         let decide = |txn: &WriteTransaction| {
             let mut table = txn.open_table(META)?;
             let old: Option<SyncMeta> = match table.get(&**sync)? {
@@ -772,16 +828,17 @@ impl Owner {
                 None => None,
             };
             let mut meta = match old {
-                Some(m) if m.format == FORMAT && m.key_fp == key_fp && !how.clear => m,
+                Some(m) if readable(m.format) && m.key_fp == key_fp && !how.clear => m,
                 old => {
                     if let Some(m) = &old {
                         notes.push(if how.clear {
                             "--rebuild-state: the snapshot's entries were cleared, to be rebuilt from the target".into()
-                        } else if m.format != FORMAT {
+                        } else if !readable(m.format) {
                             format!("state file format {} is not {FORMAT}: starting this sync's snapshot afresh", m.format)
                         } else {
                             "the key columns or their types changed: the snapshot's entries were cleared (they are rebuilt from the target when it has rows)".into()
                         });
+                        dropped.extend(m.hashes);
                     }
                     cleared |= clear_entries(txn, sync)?;
                     SyncMeta {
@@ -791,12 +848,21 @@ impl Owner {
                     }
                 }
             };
+            meta.format = FORMAT;
+            if let Some(id) = meta.hashes {
+                let path = hashes::path_for(&state, id);
+                if let Err(e) = hashes::check(&path, id) {
+                    // The entries' hashes are the file's where it has one: without it, the
+                    // entries describe the target as it was before the rows it held changed.
+                    notes.push(format!("this sync's row hashes file {} cannot be used ({e}): the snapshot's entries are rebuilt from the target", path.display()));
+                    cleared |= clear_all(txn, sync, &mut meta, &mut dropped)?;
+                }
+            }
             if meta.writing {
                 // The last run was killed (or its recording failed) after writing: its last
                 // entries may be lost while the destination kept the rows.
                 notes.push("the last run of this sync ended before it recorded every row it wrote (it was killed, or its state file failed): the snapshot's entries are rebuilt from the target".into());
-                cleared |= clear_entries(txn, sync)?;
-                meta.next_slot = 0;
+                cleared |= clear_all(txn, sync, &mut meta, &mut dropped)?;
                 meta.writing = false;
             }
             // The entries are rebuilt from the target when there are none, or when the last
@@ -806,8 +872,7 @@ impl Owner {
             if how.target_has_rows && !how.full_resync && (entries == 0 || meta.rebuild_pending) {
                 if entries > 0 {
                     notes.push("the last rebuild of the snapshot from the target did not complete: rebuilding it again".into());
-                    cleared |= clear_entries(txn, sync)?;
-                    meta.next_slot = 0;
+                    cleared |= clear_all(txn, sync, &mut meta, &mut dropped)?;
                 }
                 meta.rebuild_pending = true;
             }
@@ -829,7 +894,13 @@ impl Owner {
         // A dry run decides the same in a transaction it throws away: it writes nothing.
         let (meta, free) = match how.dry_run {
             true => self.trial(decide)?,
-            false => self.durable_commit(decide)?,
+            false => {
+                let decided = self.durable_commit(decide)?;
+                for id in dropped {
+                    remove_hash_file(&self.file, id);
+                }
+                decided
+            }
         };
         let rebuild = meta.rebuild_pending && how.target_has_rows && !how.full_resync;
         let rewrite_all = if how.full_resync {
@@ -1014,6 +1085,57 @@ fn row_sync(c: &Command) -> Option<&Arc<str>> {
         | Command::Remove { sync, .. }
         | Command::MarkStale { sync, .. } => Some(sync),
         _ => None,
+    }
+}
+
+/// The sync's hash file: opened on first use, or (with `create`, when the sync has none)
+/// created and named in `meta`, which the transaction saves. `None` when the sync has none.
+fn hash_file<'a>(
+    files: &'a mut HashMap<Arc<str>, HashFile>,
+    state: &Path,
+    sync: &Arc<str>,
+    meta: &mut SyncMeta,
+    create: bool,
+) -> std::io::Result<Option<&'a mut HashFile>> {
+    if !files.contains_key(sync) {
+        let f = match meta.hashes {
+            Some(id) => HashFile::open(&hashes::path_for(state, id), id)?,
+            None if create => {
+                let id = hashes::new_id();
+                let f = HashFile::create(&hashes::path_for(state, id), id)?;
+                meta.hashes = Some(id);
+                f
+            }
+            None => return Ok(None),
+        };
+        files.insert(sync.clone(), f);
+    }
+    Ok(files.get_mut(sync))
+}
+
+/// [`clear_entries`], and the metadata that goes with them: slots start over, the hash file
+/// (noted in `dropped`) is let go.
+fn clear_all(
+    txn: &WriteTransaction,
+    sync: &str,
+    meta: &mut SyncMeta,
+    dropped: &mut Vec<u64>,
+) -> Result<bool, redb::Error> {
+    meta.next_slot = 0;
+    dropped.extend(meta.hashes.take());
+    clear_entries(txn, sync)
+}
+
+/// Removes the hash file `id` of the state file `state`, if it is there.
+pub(super) fn remove_hash_file(state: &Path, id: u64) {
+    let path = hashes::path_for(state, id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            "{}: cannot remove it ({e}); it is no longer used",
+            path.display()
+        ),
     }
 }
 
