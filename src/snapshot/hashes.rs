@@ -39,6 +39,29 @@ pub(super) fn path_for(state: &Path, id: u64) -> PathBuf {
     state.with_file_name(format!("{name}.{id:016x}.hashes"))
 }
 
+/// The id of the hash file named `name`, when it is one of the state file `state`'s
+/// ([`path_for`]'s names).
+pub(super) fn id_in(state: &Path, name: &str) -> Option<u64> {
+    let prefix = format!("{}.", state.file_name()?.to_string_lossy());
+    name.strip_prefix(&prefix)?
+        .strip_suffix(".hashes")
+        .filter(|h| h.len() == 16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+}
+
+/// Removes the hash file `id` of the state file `state`, if it is there.
+pub(super) fn remove(state: &Path, id: u64) {
+    let path = path_for(state, id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            "{}: cannot remove it ({e}); it is no longer used",
+            path.display()
+        ),
+    }
+}
+
 /// A new random id for a hash file.
 pub(super) fn new_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -291,6 +314,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = path_for(&dir.path().join("state.redb"), 7);
         assert!(path.ends_with("state.redb.0000000000000007.hashes"));
+        let state = dir.path().join("state.redb");
+        let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(id_in(&state, &name(&path)), Some(7));
+        assert_eq!(id_in(&state, "state.redb.7.hashes"), None);
+        assert_eq!(id_in(&state, "other.redb.0000000000000007.hashes"), None);
         let mut f = HashFile::create(&path, 7).unwrap();
         f.set(3, &[3; 16]).unwrap();
         f.set(100_000, &[9; 16]).unwrap();

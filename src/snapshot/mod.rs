@@ -161,48 +161,6 @@ fn scratch_prefix(file: &Path) -> String {
     format!(".{name}.scratch-")
 }
 
-/// Removes the hash files of the state file `file` that no sync names (a run killed after it
-/// made one and before it saved the sync's metadata leaves one behind). Only the process holding
-/// the state file's lock makes or uses them, and the caller holds it now.
-fn remove_orphan_hashes(db: &Database, file: &Path) {
-    let named = || -> Result<Vec<u64>, redb::Error> {
-        let txn = db.begin_read()?;
-        let meta = match txn.open_table(META) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut ids = Vec::new();
-        for item in meta.iter()? {
-            let (_, v) = item?;
-            // A sync whose metadata cannot be read keeps its file: nothing is removed then.
-            let m: SyncMeta = serde_json::from_str(v.value())
-                .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-            ids.extend(m.hashes);
-        }
-        Ok(ids)
-    };
-    let Ok(named) = named() else { return };
-    let prefix = format!(
-        "{}.",
-        file.file_name().unwrap_or_default().to_string_lossy()
-    );
-    let Ok(entries) = std::fs::read_dir(dir_of(file)) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let id = name
-            .strip_prefix(&prefix)
-            .and_then(|r| r.strip_suffix(".hashes"))
-            .filter(|h| h.len() == 16)
-            .and_then(|h| u64::from_str_radix(h, 16).ok());
-        if let Some(id) = id.filter(|id| !named.contains(id)) {
-            owner::remove_hash_file(file, id);
-        }
-    }
-}
-
 /// Removes the scratch directories of the state file `file` that a killed run left behind. Only
 /// a process holding the state file's lock makes them, and the caller holds it now, so any
 /// found is stale (a dropped [`Scratch`] removes its own).
@@ -315,7 +273,6 @@ impl Snapshot {
             .create(path)
             .map_err(|e| open_failed(&shown, e))?;
         remove_stale_scratch(path);
-        remove_orphan_hashes(&db, path);
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let mut owner = Owner::new(db.clone(), shown.clone(), path.to_path_buf());
@@ -326,7 +283,7 @@ impl Snapshot {
             .name("pgdelta-snapshot".into())
             .spawn(move || owner.run(rx))
             .map_err(|e| open_err(e.to_string()))?;
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             inner: Arc::new(Inner {
                 db,
                 path: shown,
@@ -336,7 +293,33 @@ impl Snapshot {
                 tx: Some(tx),
                 thread: Mutex::new(Some(thread)),
             }),
-        })
+        };
+        snapshot.remove_orphan_hashes();
+        Ok(snapshot)
+    }
+
+    /// Removes the hash files of this state file that no sync names (a run killed after it
+    /// made one and before it saved the sync's metadata leaves one behind). Only the process
+    /// holding the state file's lock makes or uses them, and this one holds it; its snapshot
+    /// thread has no command yet.
+    fn remove_orphan_hashes(&self) {
+        let mut named = Vec::new();
+        // A sync whose metadata cannot be read may name a file: nothing is removed then.
+        let read = self.scan_table(META, |_, v| {
+            let m: SyncMeta = serde_json::from_str(v).map_err(|e| self.err(e))?;
+            named.extend(m.hashes);
+            Ok(())
+        });
+        let file = &self.inner.file;
+        let (Ok(()), Ok(entries)) = (read, std::fs::read_dir(dir_of(file))) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = hashes::id_in(file, &e.file_name().to_string_lossy());
+            if let Some(id) = id.filter(|id| !named.contains(id)) {
+                hashes::remove(file, id);
+            }
+        }
     }
 
     /// Opens the state file at `path` for a command that must leave no file behind where none
@@ -1136,28 +1119,26 @@ impl Reader {
         &self,
         mut f: impl FnMut(&[u8], u32) -> bool,
     ) -> Result<(), SnapshotError> {
-        let Some(t) = &self.table else {
-            return Ok(());
-        };
-        let err = |e: redb::StorageError| self.err(e);
-        for item in t.iter().map_err(err)? {
-            let (k, v) = item.map_err(err)?;
-            if !f(k.value(), Entry::decode(v.value()).slot) {
-                break;
-            }
-        }
-        Ok(())
+        self.scan_stored(|k, v| f(k, Entry::decode(v).slot))
     }
 
     /// Calls `f` for every entry in key order; stops early when `f` returns false.
     pub fn scan(&self, mut f: impl FnMut(&[u8], Entry) -> bool) -> Result<(), SnapshotError> {
+        self.scan_stored(|k, v| f(k, self.entry(v)))
+    }
+
+    /// Calls `f` with every entry's key and stored value, in key order, until it returns false.
+    fn scan_stored(
+        &self,
+        mut f: impl FnMut(&[u8], &[u8; 20]) -> bool,
+    ) -> Result<(), SnapshotError> {
         let Some(t) = &self.table else {
             return Ok(());
         };
         let err = |e: redb::StorageError| self.err(e);
         for item in t.iter().map_err(err)? {
             let (k, v) = item.map_err(err)?;
-            if !f(k.value(), self.entry(v.value())) {
+            if !f(k.value(), v.value()) {
                 break;
             }
         }

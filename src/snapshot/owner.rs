@@ -897,7 +897,7 @@ impl Owner {
             false => {
                 let decided = self.durable_commit(decide)?;
                 for id in dropped {
-                    remove_hash_file(&self.file, id);
+                    hashes::remove(&self.file, id);
                 }
                 decided
             }
@@ -1124,19 +1124,6 @@ fn clear_all(
     meta.next_slot = 0;
     dropped.extend(meta.hashes.take());
     clear_entries(txn, sync)
-}
-
-/// Removes the hash file `id` of the state file `state`, if it is there.
-pub(super) fn remove_hash_file(state: &Path, id: u64) {
-    let path = hashes::path_for(state, id);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(
-            "{}: cannot remove it ({e}); it is no longer used",
-            path.display()
-        ),
-    }
 }
 
 /// Drops a sync's entries, free slots and tallies per key range; true when it had entries.
