@@ -87,6 +87,34 @@ async fn a_split_read_reads_every_row_once_and_derives_deletes() {
     assert_eq!(s.written, 15);
 }
 
+/// A full read deletes the rows that left beside the writers still committing: when the
+/// delete guard refuses them, the run fails without deleting, and the rows it wrote are
+/// recorded all the same (the next run writes none of them again).
+#[tokio::test]
+async fn a_full_read_refused_by_the_delete_guard_keeps_what_it_wrote() {
+    let (env, mut spec) = seeded(2_000).await;
+    spec.full_read_every = FullReadEvery::Always;
+    synced(&env, &spec).await;
+    env.src
+        .batch_execute(
+            "UPDATE items SET qty = -2 WHERE id % 100 = 0; \
+             DELETE FROM items WHERE id > 900",
+        )
+        .await
+        .unwrap();
+    let e = env.sync(&spec).await.unwrap_err();
+    assert!(matches!(e, pgdelta::Error::DeleteGuard { .. }), "{e}");
+    assert!(e.to_string().contains("would delete 1100 of 2000"), "{e}");
+    // Nothing deleted; the nine updated rows that remain in the model were written.
+    assert_eq!(Env::count(&env.dst, "items").await, 2_000);
+    let updated = Env::rows(&env.dst, "SELECT id FROM items WHERE qty = -2 ORDER BY id").await;
+    let want: Vec<String> = (1..=9).map(|i| format!("({})", i * 100)).collect();
+    assert_eq!(updated, want);
+    spec.max_delete_ratio = 0.6;
+    let s = synced(&env, &spec).await;
+    assert_eq!((s.written, s.changed, s.deleted), (0, 0, 1_100));
+}
+
 /// Runs `sql` on the source and waits until the statistics count its `n` writes to `items`
 /// (they lag the commit by up to a second), so the run that follows counts beside its read.
 async fn written(env: &Env, sql: &str, n: i64) {

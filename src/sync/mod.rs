@@ -869,8 +869,9 @@ struct Piped {
 /// Runs the source read, the diff and the writers, connected by bounded channels, until the
 /// read ends and every batch is applied (or the run stops). Errors, most specific first: a
 /// writer's failure stops the diff, which stops the reader, so the writer's error is the one.
-/// `diffed`, when given, gets the added rows as soon as the read and the diff have ended (the
-/// writers may still be busy): a delta read starts its key read then.
+/// `diffed`, when given, gets the added rows and the entries seen as soon as the read and the
+/// diff have ended (the writers may still be busy): a delta read starts its key read then, a
+/// full read its deletes. The diff's outcome then no longer holds the entries seen.
 async fn pipeline(
     env: &RunEnv<'_>,
     read: Read,
@@ -941,6 +942,10 @@ async fn pipeline(
             keys: o.added_keys.take(),
             complete: complete && all && !ctx.stop.is_stopped(),
             error_free: error_free(&ctx.plan, o),
+            seen: Seen {
+                slots: std::mem::take(&mut o.seen),
+                entries: o.seen_entries,
+            },
         });
     }
     let mut written = Ok(WriteStats::default());
@@ -1150,6 +1155,8 @@ struct Diffed {
     /// ([`error_free`]).
     complete: bool,
     error_free: bool,
+    /// The snapshot entries the diff met (a full read's removed rows are the others).
+    seen: Seen,
 }
 
 /// A table model whose key is unique and NOT NULL in the source, read with no duplicate or

@@ -237,15 +237,61 @@ impl Inputs<'_> {
             .expected_rows
             .store(expected, Ordering::Relaxed);
         let read = self.read_model(&info.plan).await?;
-        let mut piped = pipeline(env, read, writers, &reader, cfg, ctx, None).await?;
-        completed(&ctx.stop, &piped, &env.spec.name)?;
-        let seen = Seen {
-            slots: std::mem::take(&mut piped.diff.seen),
-            entries: piped.diff.seen_entries,
+        // The rows that left are the entries the diff did not meet. They are deleted as soon as
+        // the diff has seen every row, beside the writers still committing, when nothing can
+        // hold them back (as a delta read's, see `delta`), and the written rows are settled
+        // beside the deletes once the writers are done; otherwise both follow the writers.
+        let (diffed, diffed_rx) = tokio::sync::oneshot::channel::<Diffed>();
+        let (early_tx, early_rx) = tokio::sync::oneshot::channel::<bool>();
+        let early = async {
+            let Ok(d) = diffed_rx.await else {
+                // The diff failed: the pipeline says why.
+                return Ok(Err(None));
+            };
+            let (o, spec) = (env.opts, env.spec);
+            let now = d.complete && d.error_free && spec.delete && !o.dry_run && o.order.is_none();
+            let _ = early_tx.send(now);
+            match now {
+                true => remove(env, &reader, Gone::Unseen(d.seen), ctx, true)
+                    .await
+                    .map(Ok),
+                false => Ok(Err(Some(d.seen))),
+            }
         };
-        let (duplicates, model_errors, removal) = self
-            .settle_and_remove(&info.plan, &reader, &mut piped, Some(Gone::Unseen(seen)))
-            .await?;
+        let piped = async {
+            let mut piped = pipeline(env, read, writers, &reader, cfg, ctx, Some(diffed)).await?;
+            completed(&ctx.stop, &piped, &env.spec.name)?;
+            let settled = match early_rx.await {
+                Ok(true) => {
+                    let dry_run = env.opts.dry_run;
+                    Some(settle(self.recorder, &mut piped.diff, &info.plan, dry_run).await?)
+                }
+                _ => None,
+            };
+            Ok::<_, Error>((piped, settled))
+        };
+        let (piped, early) = tokio::join!(piped, early);
+        let (mut piped, settled) = piped?;
+        let (duplicates, model_errors, removal) = match (early, settled) {
+            (Ok(Ok(removal)), Some((duplicates, errors))) => (duplicates, errors, removal),
+            (Ok(Err(Some(seen))), None) => {
+                self.settle_and_remove(&info.plan, &reader, &mut piped, Some(Gone::Unseen(seen)))
+                    .await?
+            }
+            (Err(e), settled) => {
+                // The deletes beside the writers failed (a refused delete guard among them):
+                // what was written is still settled before the run fails.
+                if settled.is_none() {
+                    settle(self.recorder, &mut piped.diff, &info.plan, env.opts.dry_run).await?;
+                }
+                return Err(e);
+            }
+            _ => {
+                return Err(Error::Internal(
+                    "the diff ended without saying which rows it saw".into(),
+                ))
+            }
+        };
         let missed = match info.decision.check_since {
             Some(since) => self.check_premise(info, since, &piped).await?,
             None => None,
