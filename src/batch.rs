@@ -8,9 +8,12 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use crate::copy::{Block, RowSpan};
+use crate::pool::BufPool;
 
 /// One row of a [`WriteBatch`].
 #[derive(Debug, Clone, Copy)]
@@ -57,17 +60,23 @@ impl WriteBatch {
 /// Collects rows into a [`WriteBatch`].
 #[derive(Default)]
 pub struct BatchBuilder {
-    data: BytesMut,
+    data: Vec<u8>,
     rows: Vec<BatchRow>,
-    capacity: usize,
+    /// Where batch buffers come from and go back to (none: each batch allocates its own).
+    pool: Option<Arc<BufPool>>,
 }
 
+/// Batch buffers a builder keeps for reuse: enough for the batches queued to and held by the
+/// writers (2 queued, 2 writers, by default) to come back and be used again.
+const KEEP_BATCHES: usize = 4;
+
 impl BatchBuilder {
-    /// A builder whose buffer is allocated once at `capacity` bytes (pages are only touched as
-    /// rows arrive), instead of growing by doubling and copying.
+    /// A builder whose buffers are allocated at `capacity` bytes (pages are only touched as
+    /// rows arrive), instead of growing by doubling and copying, and reused once the batch made
+    /// from one is dropped.
     pub fn with_capacity(capacity: usize) -> BatchBuilder {
         BatchBuilder {
-            capacity,
+            pool: Some(BufPool::new(capacity, KEEP_BATCHES)),
             ..Default::default()
         }
     }
@@ -75,7 +84,9 @@ impl BatchBuilder {
     pub fn push(&mut self, block: &Block, span: &RowSpan, hash: [u8; 16], slot: Option<u32>) {
         let tuple = span.tuple(&block.data);
         if self.data.capacity() == 0 {
-            self.data.reserve(self.capacity.max(tuple.len()));
+            if let Some(pool) = &self.pool {
+                self.data = pool.take();
+            }
         }
         let start = self.data.len() as u32;
         self.data.extend_from_slice(tuple);
@@ -94,8 +105,12 @@ impl BatchBuilder {
         self.data.len()
     }
     pub fn take(&mut self) -> WriteBatch {
+        let data = std::mem::take(&mut self.data);
         WriteBatch {
-            data: std::mem::take(&mut self.data).freeze(),
+            data: match &self.pool {
+                Some(pool) => pool.freeze(data),
+                None => Bytes::from(data),
+            },
             rows: std::mem::take(&mut self.rows),
         }
     }
@@ -135,8 +150,9 @@ impl KeyBatch {
     pub(crate) fn order(&self, range: Range<usize>) -> Vec<usize> {
         let mut order: Vec<usize> = range.collect();
         if !order.is_sorted_by_key(|&i| self.key(i)) {
-            // Equal keys ordered by index: stable, at the speed of an unstable sort.
-            order.sort_unstable_by(|&a, &b| self.key(a).cmp(self.key(b)).then(a.cmp(&b)));
+            // Stable: equal keys stay in index order. A batch of a split read is a few ascending
+            // runs (one per part), which this sort finds and merges in linear time.
+            order.sort_by_key(|&i| self.key(i));
         }
         order
     }

@@ -10,7 +10,11 @@
 //! Guarantees: a malformed or truncated stream yields a [`FrameError`], never a panic; a stream is
 //! complete only when its trailer was seen ([`Framer::finish`]).
 
-use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::pool::BufPool;
 
 /// The 11-byte signature that opens every binary COPY stream.
 pub const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
@@ -82,12 +86,14 @@ enum State {
 
 /// Splits a binary COPY byte stream, delivered in chunks of any size, into [`Block`]s of whole
 /// tuples. Every byte is copied once, into the block under construction; nothing is decoded.
+/// Block buffers come from a [`BufPool`] and go back to it once every user of the block is done.
 pub struct Framer {
     ncols: u16,
     nkey: u16,
     block_bytes: usize,
     state: State,
-    buf: BytesMut,
+    buf: Vec<u8>,
+    pool: Arc<BufPool>,
     /// Offset in `buf` where the next unparsed tuple starts.
     pos: usize,
     rows: Vec<RowSpan>,
@@ -97,13 +103,28 @@ impl Framer {
     /// `ncols` fields per tuple, of which the first `nkey` are the key; blocks are cut once they
     /// hold at least `block_bytes` bytes.
     pub fn new(ncols: u16, nkey: u16, block_bytes: usize) -> Self {
+        Self::with_pool(ncols, nkey, block_bytes, Self::pool(block_bytes, 2))
+    }
+
+    /// A pool of `keep` block buffers for framers cutting blocks at `block_bytes` (one per
+    /// read, shared by its parts and sessions).
+    pub(crate) fn pool(block_bytes: usize, keep: usize) -> Arc<BufPool> {
+        // Room for a block and the tuple that crosses its end.
+        let capacity = block_bytes.clamp(1, 8 << 20) + (64 << 10);
+        BufPool::new(capacity, keep)
+    }
+
+    /// A framer as [`Self::new`], whose blocks are the buffers of `pool` (made by [`Self::pool`]
+    /// for the same `block_bytes`).
+    pub(crate) fn with_pool(ncols: u16, nkey: u16, block_bytes: usize, pool: Arc<BufPool>) -> Self {
         assert!(nkey <= ncols, "key columns are a prefix of the columns");
         Framer {
             ncols,
             nkey,
             block_bytes: block_bytes.max(1),
             state: State::Header,
-            buf: BytesMut::with_capacity(block_bytes.min(8 << 20) + (64 << 10)),
+            buf: pool.take(),
+            pool,
             pos: 0,
             rows: Vec::new(),
         }
@@ -143,10 +164,14 @@ impl Framer {
     }
 
     fn cut(&mut self) -> Block {
-        let data = self.buf.split_to(self.pos).freeze();
+        // The bytes past the last whole tuple start the next buffer.
+        let mut next = self.pool.take();
+        next.extend_from_slice(&self.buf[self.pos..]);
+        let mut data = std::mem::replace(&mut self.buf, next);
+        data.truncate(self.pos);
         self.pos = 0;
         Block {
-            data,
+            data: self.pool.freeze(data),
             rows: std::mem::take(&mut self.rows),
         }
     }
@@ -172,7 +197,7 @@ impl Framer {
         if b.len() < 19 + ext {
             return Ok(false);
         }
-        let _ = self.buf.split_to(19 + ext);
+        self.buf.drain(..19 + ext);
         self.state = State::Rows;
         Ok(true)
     }

@@ -41,6 +41,7 @@ mod key_ranges;
 mod libpq;
 pub mod metrics;
 mod plan;
+mod pool;
 pub mod retry;
 pub mod schedule;
 mod sink;

@@ -18,6 +18,7 @@ use crate::conn::ConnInfo;
 use crate::copy::{Block, Framer};
 use crate::error::{pg_message, Error};
 use crate::plan::Plan;
+use crate::pool::BufPool;
 use crate::sync::stop::Stop;
 use crate::sync::Progress;
 
@@ -99,6 +100,8 @@ pub(crate) struct SourceRead {
     /// Rows read so far: progress lines, and what a failed run reports.
     pub(crate) progress: Arc<Progress>,
     pub(crate) block_bytes: usize,
+    /// The buffers of the read's blocks, reused by its parts and sessions.
+    pub(crate) blocks: Arc<BufPool>,
     pub(crate) sync: String,
     pub(crate) stop: Stop,
 }
@@ -123,6 +126,7 @@ pub(crate) async fn read_into<T: Send + 'static>(
             out,
             progress: Default::default(),
             block_bytes,
+            blocks: Framer::pool(block_bytes, queue + 4),
             sync,
             stop,
         }
@@ -223,7 +227,8 @@ impl SourceRead {
         let stream = client.copy_out(sql).await.map_err(read_err)?;
         futures_util::pin_mut!(stream);
         let ncols = self.plan.columns.len() as u16;
-        let mut framer = Framer::new(ncols, self.plan.nkey as u16, self.block_bytes);
+        let (nkey, blocks) = (self.plan.nkey as u16, self.blocks.clone());
+        let mut framer = Framer::with_pool(ncols, nkey, self.block_bytes, blocks);
         // One stop future for the whole part, polled only while the stream waits: the stream
         // branch comes first (`biased`), and a CopyData message (one per row) is usually ready.
         // Polling a cancellation future takes a mutex; doing it for every row cost CPU the

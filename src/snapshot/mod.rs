@@ -1393,7 +1393,7 @@ mod tests {
         /// BTreeMap, and every live entry keeps a slot of its own (removed-row detection depends
         /// on it).
         #[test]
-        fn recorder_agrees_with_a_btreemap(runs in proptest::collection::vec(proptest::collection::vec(op(), 0..30), 1..6)) {
+        fn recorder_agrees_with_a_btreemap(runs in proptest::collection::vec((proptest::collection::vec(op(), 0..30), proptest::option::of((0u8..6, 60u8..130))), 1..6)) {
             let dir = tempfile::tempdir().unwrap();
             let snap = Snapshot::open(&dir.path().join("m.redb"), 1 << 20).unwrap();
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -1406,19 +1406,44 @@ mod tests {
                 v
             };
             let spec = RangeSpec { width: 4, shift: 2 };
-            for (run, ops) in runs.into_iter().enumerate() {
+            for (run, (ops, load)) in runs.into_iter().enumerate() {
                 let how = BeginOptions {
                     ranges: (run % 3 != 2).then_some(spec),
                     ..BeginOptions::default()
                 };
                 let (_, rec) = rt.block_on(snap.begin("m", "k", "r", how)).unwrap();
                 let start = snap.reader("m").unwrap();
+                // A load first: one record of a run of keys (in descending order; new ones
+                // written through a cursor when the run is long enough, known ones changed),
+                // overlapping earlier runs' loads.
+                if let Some((from, len)) = load {
+                    let mut c = Committed::default();
+                    for v in (0..i32::from(len)).rev().map(|j| 1000 + i32::from(from) * 50 + j) {
+                        let mut k = 4u32.to_be_bytes().to_vec();
+                        k.extend_from_slice(&v.to_be_bytes());
+                        let slot = start.get(&k).unwrap().map(|e| e.slot);
+                        c.keys.push(&k);
+                        c.entries.push(([from + 1; 16], slot));
+                        model.insert(k, [from + 1; 16]);
+                    }
+                    rt.block_on(rec.record(c)).unwrap();
+                }
                 // As in a real run: every write is recorded before any delete (removed rows
                 // are only derived after the read).
                 let mut ops = ops;
                 ops.sort_by_key(|o| matches!(o, Op::Delete(_)));
                 let mut written = HashSet::new();
-                for o in ops {
+                // Writes go in records of several keys (in no order), as writers send them.
+                let mut pending = Committed::default();
+                let flush = |pending: &mut Committed| {
+                    if !pending.keys.is_empty() {
+                        rt.block_on(rec.record(std::mem::take(pending))).unwrap();
+                    }
+                };
+                for (i, o) in ops.into_iter().enumerate() {
+                    if !matches!(o, Op::Write(..)) || i % 7 == 6 {
+                        flush(&mut pending);
+                    }
                     let (Op::Write(k, _) | Op::Reject(k) | Op::Delete(k)) = o;
                     // Within a run the diff meets each key once.
                     if !matches!(o, Op::Delete(_)) && !written.insert(k) {
@@ -1428,10 +1453,8 @@ mod tests {
                         Op::Write(k, h) => {
                             let key = key(k);
                             let slot = start.get(&key).unwrap().map(|e| e.slot);
-                            let mut c = Committed::default();
-                            c.keys.push(&key);
-                            c.entries.push(([h; 16], slot));
-                            rt.block_on(rec.record(c)).unwrap();
+                            pending.keys.push(&key);
+                            pending.entries.push(([h; 16], slot));
                             model.insert(key, [h; 16]);
                         }
                         Op::Reject(k) => {
@@ -1449,6 +1472,7 @@ mod tests {
                         }
                     }
                 }
+                flush(&mut pending);
                 let settled = rt.block_on(rec.settle(Vec::new())).unwrap();
                 proptest::prop_assert_eq!(settled.duplicates, 0);
                 rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
@@ -1649,6 +1673,59 @@ mod tests {
         let r = snap.reader("d").unwrap();
         assert_eq!(r.len(), 1);
         assert!(r.get(b"b").unwrap().is_some());
+    }
+
+    /// One record of many new keys, in no order, among and after the entries it meets, one of
+    /// them recorded earlier in the run and one twice in it: every new key gets an entry of
+    /// its own slot (written through a cursor, a run at a time), and the keys met twice are
+    /// reported and forgotten as duplicates.
+    #[test]
+    fn a_record_of_scattered_new_keys_goes_in_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = Snapshot::open(&dir.path().join("n.redb"), 1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_, rec) = rt
+            .block_on(snap.begin("n", "k", "r", BeginOptions::default()))
+            .unwrap();
+        let key = |k: u32| k.to_be_bytes();
+        let record = |keys: &[u32]| {
+            let mut c = Committed::default();
+            for &k in keys {
+                c.keys.push(&key(k));
+                c.entries.push(([(k as u8).wrapping_add(1); 16], None));
+            }
+            rt.block_on(rec.record(c)).unwrap();
+        };
+        // Runs long enough for a cursor: 1000.. (then appended after), 500.. (between 30 and
+        // 1000) and 2000.. (past the end), with scattered keys around them.
+        let first: Vec<u32> = [10, 20, 30].into_iter().chain(1000..1100).collect();
+        record(&first);
+        let mut second: Vec<u32> = vec![35, 5, 15, 20, 25, 15, 40, 41, 1, 29, 31, 1050];
+        second.extend((2000..2100).rev());
+        second.extend(500..600);
+        second.extend([1100, 1101]);
+        record(&second);
+        let settled = rt.block_on(rec.settle(Vec::new())).unwrap();
+        assert_eq!(settled.duplicates, 3);
+        let mut dups = settled.duplicate_keys.clone();
+        dups.sort();
+        assert_eq!(
+            dups,
+            vec![key(15).to_vec(), key(20).to_vec(), key(1050).to_vec()]
+        );
+        rt.block_on(rec.finish(None, None)).unwrap();
+        let r = snap.reader("n").unwrap();
+        let got = entries(&r);
+        let want: BTreeMap<Vec<u8>, [u8; 16]> = [1, 5, 10, 25, 29, 30, 31, 35, 40, 41]
+            .into_iter()
+            .chain((500..600).chain(1000..1102).chain(2000..2100))
+            .filter(|&k| k != 1050)
+            .map(|k| (key(k).to_vec(), [(k as u8).wrapping_add(1); 16]))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(r.len(), want.len() as u64);
     }
 
     /// A run that began a destination write and did not account for it (killed, or its write

@@ -25,7 +25,7 @@
 //! [`Recorder`]: super::Recorder
 
 use std::collections::HashMap;
-use std::ops::Range;
+use std::ops::{Bound, Range};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -636,12 +636,13 @@ impl Owner {
                 if !changed.is_empty() {
                     with_file(&mut slots.run.meta, true, &mut |f| f.set_many(&mut changed))?;
                 }
+                // The entries to write, in key order, with their slots (minted or reused).
+                let mut todo: Vec<(usize, [u8; 20])> = Vec::new();
                 for i in c.keys.order(0..c.keys.len()) {
                     if in_file(&c.entries[i]).is_some() {
                         continue;
                     }
                     let (hash, slot) = c.entries[i];
-                    let key = c.keys.key(i);
                     // A slot minted now was never written in the hash file; a reused one may
                     // hold the hash of the key that had it, and the entry's own hash holds.
                     let (slot, reused) = match slot {
@@ -654,27 +655,52 @@ impl Owner {
                     if reused {
                         with_file(&mut slots.run.meta, false, &mut |f| f.clear(slot))?;
                     }
+                    todo.push((i, Entry { hash, slot }.encode()));
+                }
+                // Long runs of new keys that fall between the same two entries (a load: all
+                // of a batch's keys of one part of the read) go in through a cursor, which
+                // writes a run into the tree at once; the rest one insert each. Where runs came
+                // short, the next keys go in one by one without looking (1, 2, 4, ... up to
+                // 256 of them), so scattered keys do not pay a look per key.
+                let (mut next, mut one_by_one, mut backoff) = (0, 0, 1);
+                while next < todo.len() {
+                    if next >= one_by_one {
+                        let run = insert_run(&mut rows, &todo[next..], |i| c.keys.key(i))
+                            .map_err(|e| err(&e))?;
+                        if let Some(n) = run {
+                            for &(i, _) in &todo[next..next + n] {
+                                count(c.keys.key(i), true);
+                            }
+                            (next, backoff) = (next + n, 1);
+                            continue;
+                        }
+                        one_by_one = next + backoff;
+                        backoff = (backoff * 2).min(256);
+                    }
+                    let (i, ref entry) = todo[next];
+                    next += 1;
+                    let key = c.keys.key(i);
+                    let slot = Entry::decode(entry).slot;
                     let old = rows
-                        .insert(key, &Entry { hash, slot }.encode())
+                        .insert(key, entry)
                         .map_err(|e| err(&e))?
                         .map(|v| Entry::decode(v.value()));
-                    if old.is_none() {
+                    let Some(old) = old else {
                         count(key, true);
+                        continue;
+                    };
+                    if old.slot != slot {
+                        // Keep the slot of the replaced entry from leaking.
+                        slots.release(old.slot)?;
                     }
-                    if let Some(old) = old {
-                        if old.slot != slot {
-                            // Keep the slot of the replaced entry from leaking.
-                            slots.release(old.slot)?;
-                        }
-                        if c.entries[i].1.is_none() {
-                            // The diff saw no entry for this key when the run started, so the
-                            // entry replaced here was written earlier in this same run: the key
-                            // appears twice in the model.
-                            let d = &mut slots.run.duplicates;
-                            d.0 += 1;
-                            if d.1.len() < KEEP_DUPLICATES {
-                                d.1.push(key.to_vec());
-                            }
+                    if c.entries[i].1.is_none() {
+                        // The diff saw no entry for this key when the run started, so the
+                        // entry replaced here was written earlier in this same run: the key
+                        // appears twice in the model.
+                        let d = &mut slots.run.duplicates;
+                        d.0 += 1;
+                        if d.1.len() < KEEP_DUPLICATES {
+                            d.1.push(key.to_vec());
                         }
                     }
                 }
@@ -1067,6 +1093,52 @@ impl Owner {
 
 /// True when a batch's keys are scattered: ascending runs shorter than 16 keys on average
 /// (random keys such as UUIDs; a stream in key order, or a few interleaved, gives long runs).
+/// Keys in a run shorter than this go in one insert each: a cursor's run costs about as much
+/// as 32 inserts into one gap, and pays off from about 100 (docs/performance.md, "Cheaper
+/// loads").
+const MIN_RUN: usize = 64;
+
+/// Inserts the leading entries of `todo` (in ascending key order; `key(i)` is the key of the
+/// `i` in each pair) that fall before the table's first entry at or past the first of them,
+/// through one cursor, when they are at least [`MIN_RUN`] strictly ascending new keys: returns
+/// how many, or `None` (and nothing written) for a shorter run, a first key the table holds,
+/// or a key equal to the one before it.
+fn insert_run<'k>(
+    rows: &mut redb::Table<&'static [u8], &'static [u8; 20]>,
+    todo: &[(usize, [u8; 20])],
+    key: impl Fn(usize) -> &'k [u8],
+) -> Result<Option<usize>, redb::Error> {
+    if todo.len() < MIN_RUN {
+        return Ok(None);
+    }
+    let mut cursor = rows.lower_bound_mut(Bound::Included(key(todo[0].0)))?;
+    let run = {
+        let bound = cursor.peek_next()?;
+        let below = |k: &[u8]| bound.as_ref().is_none_or(|(b, _)| k < b.value());
+        let mut n = 0;
+        while n < todo.len()
+            && below(key(todo[n].0))
+            && (n == 0 || key(todo[n - 1].0) < key(todo[n].0))
+        {
+            n += 1;
+        }
+        n
+    };
+    if run < MIN_RUN {
+        cursor.close()?;
+        return Ok(None);
+    }
+    for &(i, ref entry) in &todo[..run] {
+        if let Err(e) = cursor.insert_before(key(i), entry) {
+            // Cannot happen for keys checked above; the cursor's error is the one to report.
+            let _ = cursor.close();
+            return Err(e.into());
+        }
+    }
+    cursor.close()?;
+    Ok(Some(run))
+}
+
 fn scattered(keys: &KeyBatch) -> bool {
     crate::batch::scattered(keys.len(), |i| keys.key(i))
 }
