@@ -115,6 +115,40 @@ async fn a_full_read_refused_by_the_delete_guard_keeps_what_it_wrote() {
     assert_eq!((s.written, s.changed, s.deleted), (0, 0, 1_100));
 }
 
+/// A full read finds the rows that left in the key ranges that lost entries (the diff tallies
+/// the keys of the entries it meets per range, against the snapshot's tallies): one named by
+/// its range's key sum, a run of them read from their ranges. Rows gone from every part of
+/// the table are found by a scan of every entry, as before.
+#[tokio::test]
+async fn a_full_read_finds_removed_rows_in_the_key_ranges_that_lost_them() {
+    let (env, mut spec) = seeded(10_000).await;
+    spec.full_read_every = FullReadEvery::Always;
+    synced(&env, &spec).await;
+    env.src
+        .batch_execute(
+            "UPDATE items SET qty = -1 WHERE id % 1000 = 0; \
+             DELETE FROM items WHERE id = 777 OR id BETWEEN 4001 AND 4100",
+        )
+        .await
+        .unwrap();
+    let s = synced(&env, &spec).await;
+    assert_eq!(s.read_strategy, "full");
+    assert_eq!((s.changed, s.removed, s.deleted), (10, 101, 101));
+    let found = note(&s, "found in the key ranges that lost entries");
+    assert!(found.contains(", 1 named by"), "{:?}", s.notes);
+    assert!(found.contains("100 in the"), "{:?}", s.notes);
+    // A third of the rows, from every range: more ranges than a scan of every entry costs.
+    let before = Env::count(&env.src, "items").await;
+    env.src
+        .batch_execute("DELETE FROM items WHERE id % 3 = 0")
+        .await
+        .unwrap();
+    let gone = before - Env::count(&env.src, "items").await;
+    let s = synced(&env, &spec).await;
+    assert_eq!((s.removed, s.deleted), (gone as u64, gone as u64));
+    assert_eq!(note(&s, "key ranges"), "", "{:?}", s.notes);
+}
+
 /// Runs `sql` on the source and waits until the statistics count its `n` writes to `items`
 /// (they lag the commit by up to a second), so the run that follows counts beside its read.
 async fn written(env: &Env, sql: &str, n: i64) {

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::batch::{cut, BatchBuilder, CutLimits, WriteBatch};
 use crate::copy::{Block, RowSpan};
 use crate::hash::row_hash;
-use crate::key_ranges::RangeSpec;
+use crate::key_ranges::{self, RangeSpec};
 use crate::sink::Sizer;
 use crate::snapshot::{Entry, Reader, SnapshotError};
 use crate::spec::Mode;
@@ -55,6 +55,10 @@ pub(crate) struct DiffConfig {
     /// Note the key range of every added row (a delta read that may look for removed rows
     /// by key ranges).
     pub(crate) ranges: Option<RangeSpec>,
+    /// Tally the keys of the snapshot entries met per key range of this spec (a full read
+    /// whose removed rows may then be found in the ranges that lost entries, without a scan
+    /// of every entry).
+    pub(crate) seen_ranges: Option<RangeSpec>,
     /// Sort a large read of scattered keys on disk before looking it up ([`sort`]).
     pub(crate) sort: Option<SortSettings>,
 }
@@ -94,6 +98,9 @@ pub(crate) struct DiffOutcome {
     /// With [`DiffConfig::ranges`]: the key of each added row, as an integer (`None` once a
     /// key was not in the ranges' form).
     pub(crate) added_keys: Option<Vec<i64>>,
+    /// With [`DiffConfig::seen_ranges`]: the keys of the entries met, tallied per range, in
+    /// the order met (`None` once a key was not in the ranges' form).
+    pub(crate) seen_counts: Option<key_ranges::Counts>,
     /// The read's rows went through disk, sorted ([`sort`]): in how many runs, of how many bytes.
     pub(crate) sorted: Option<(usize, u64)>,
 }
@@ -116,6 +123,7 @@ pub(crate) fn run(
     let mut d = Diff {
         o: DiffOutcome {
             added_keys: cfg.ranges.as_ref().map(|_| Vec::new()),
+            seen_counts: cfg.seen_ranges.as_ref().map(|_| Vec::new()),
             ..DiffOutcome::default()
         },
         classifier: Classifier::new(cfg.slots, cfg.rewrite_all, cfg.seed, !cfg.dry_run),
@@ -220,7 +228,21 @@ impl Diff {
     fn row(&mut self, block: &Block, span: &RowSpan, hash: &[u8; 16], found: Option<Entry>) {
         let (o, samples) = (&mut self.o, self.cfg.samples);
         let key = span.key(&block.data);
-        match self.classifier.classify(key, hash, found) {
+        let class = self.classifier.classify(key, hash, found);
+        if let (Class::Unchanged | Class::Changed { .. }, Some(spec)) =
+            (class, &self.cfg.seen_ranges)
+        {
+            if let Some(counts) = &mut o.seen_counts {
+                match spec.value(key) {
+                    Some(v) => {
+                        let (r, t) = spec.tally_of(v);
+                        key_ranges::bump(counts, r, t);
+                    }
+                    None => o.seen_counts = None,
+                }
+            }
+        }
+        match class {
             Class::Unchanged => o.counts.unchanged += 1,
             Class::Changed { slot } => {
                 o.counts.changed += 1;

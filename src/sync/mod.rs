@@ -374,6 +374,7 @@ async fn stages(
         samples: if dry_run { 10 } else { 5 },
         max_batch_age: Duration::from_secs(1),
         ranges: None,
+        seen_ranges: None,
         sort: Some(SortSettings {
             above: env.pipe.sort_above_entries,
             run_bytes: env.pipe.sort_run_bytes,
@@ -502,6 +503,7 @@ async fn rebuild_from_target(
         samples: 0,
         max_batch_age: Duration::from_secs(1),
         ranges: None,
+        seen_ranges: None,
         sort: None,
     };
     let null = vec![AnyDestination::Null(NullDestination)];
@@ -946,6 +948,7 @@ async fn pipeline(
             seen: Seen {
                 slots: std::mem::take(&mut o.seen),
                 entries: o.seen_entries,
+                ranges: o.seen_counts.take(),
             },
         });
     }
@@ -1143,6 +1146,9 @@ async fn settle(
 struct Seen {
     slots: Bitset,
     entries: u64,
+    /// The keys of the entries met, tallied per key range of the snapshot's spec (in the
+    /// order met), when the diff kept them ([`DiffConfig::seen_ranges`]).
+    ranges: Option<key_ranges::Counts>,
 }
 
 /// The added rows of a diff that has seen every row.

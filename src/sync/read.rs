@@ -29,7 +29,7 @@ use crate::copy::{has_null, Block};
 use crate::delta::{self, Decision, ReadStrategy};
 use crate::diff::{Bitset, DiffConfig};
 use crate::error::Error;
-use crate::key_ranges::{self, KeyRanges};
+use crate::key_ranges::{self, KeyRanges, RangeSpec};
 use crate::plan::{Plan, SourceTable};
 use crate::sink::{self, AnyDestination, ApplyCtx, Operation};
 use crate::snapshot::spill::Spill;
@@ -237,6 +237,12 @@ impl Inputs<'_> {
             .expected_rows
             .store(expected, Ordering::Relaxed);
         let read = self.read_model(&info.plan).await?;
+        // The diff tallies the keys of the entries it meets per key range, so that the rows
+        // that left are looked for in the ranges that lost entries only ([`narrow`]).
+        let cfg = DiffConfig {
+            seen_ranges: reader.range_spec().filter(|_| env.spec.delete),
+            ..cfg
+        };
         // The rows that left are the entries the diff did not meet. They are deleted as soon as
         // the diff has seen every row, beside the writers still committing, when nothing can
         // hold them back (as a delta read's, see `delta`), and the written rows are settled
@@ -251,12 +257,18 @@ impl Inputs<'_> {
             let (o, spec) = (env.opts, env.spec);
             let now = d.complete && d.error_free && spec.delete && !o.dry_run && o.order.is_none();
             let _ = early_tx.send(now);
-            match now {
-                true => remove(env, &reader, Gone::Unseen(d.seen), ctx, true)
-                    .await
-                    .map(Ok),
-                false => Ok(Err(Some(d.seen))),
+            if !now {
+                return Ok(Err(Some(d.seen)));
             }
+            let (gone, note) = {
+                let reader = reader.clone();
+                tokio::task::spawn_blocking(move || narrow(&reader, d.seen))
+                    .await
+                    .map_err(crate::error::join_err)??
+            };
+            let mut removal = remove(env, &reader, gone, ctx, true).await?;
+            removal.note = removal.note.or(note);
+            Ok(Ok(removal))
         };
         let piped = async {
             let mut piped = pipeline(env, read, writers, &reader, cfg, ctx, Some(diffed)).await?;
@@ -848,7 +860,7 @@ impl Inputs<'_> {
             let (reader, kr, ranges) = (reader.clone(), kr.clone(), ranges.clone());
             let named = named.clone();
             tokio::task::spawn_blocking(move || {
-                unseen_in(&reader, &kr, &ranges, &named, &seen.slots)
+                unseen_in(&reader, &kr.spec, &ranges, &named, &seen.slots)
             })
             .await
             .map_err(crate::error::join_err)??
@@ -1092,11 +1104,52 @@ impl Inputs<'_> {
     }
 }
 
+/// The rows a complete full read left out, found in the key ranges whose entries the diff did
+/// not all meet (its tallies against the snapshot's), instead of by a scan of every entry:
+/// `Gone::Keys` and a note saying so when those ranges hold exactly the entries not met, else
+/// the slots met as they are (`Gone::Unseen`: every entry is scanned).
+fn narrow(reader: &Reader, mut seen: Seen) -> Result<(Gone, Option<String>), SnapshotError> {
+    let removed = reader.len().saturating_sub(seen.entries);
+    let (Some(spec), Some(now)) = (reader.range_spec(), seen.ranges.take()) else {
+        return Ok((Gone::Unseen(seen), None));
+    };
+    let Some(entries) = reader.range_counts()?.filter(|_| removed > 0) else {
+        return Ok((Gone::Unseen(seen), None));
+    };
+    let key_ranges::Compared::Lost { ranges, keys, rows } =
+        key_ranges::compare(&spec, now, entries, Vec::new())
+    else {
+        return Ok((Gone::Unseen(seen), None));
+    };
+    // Reading many ranges' entries costs more than one scan of them all.
+    let many = ranges.len() as f64 * key_ranges::PER_RANGE > reader.len() as f64 / 4.0;
+    if rows != removed || many {
+        return Ok((Gone::Unseen(seen), None));
+    }
+    let gone = unseen_in(reader, &spec, &ranges, &keys, &seen.slots)?;
+    if gone.len() as u64 != removed {
+        tracing::debug!(
+            "the key ranges that lost entries hold {} unseen entries where {removed} were not met: scanning every entry",
+            gone.len()
+        );
+        return Ok((Gone::Unseen(seen), None));
+    }
+    let note = format!(
+        "rows left the model: found in the key ranges that lost entries ({} values each), {} named by their range's key sums, {} in the {} range{} that lost more; no scan of every entry",
+        1u64 << spec.shift,
+        keys.len(),
+        removed - keys.len() as u64,
+        ranges.len(),
+        if ranges.len() == 1 { "" } else { "s" },
+    );
+    Ok((Gone::Keys(gone), Some(note)))
+}
+
 /// The keys of the entries in `ranges`, and of the entries of the `named` keys, whose slots
 /// are not in `seen`.
 fn unseen_in(
     reader: &Reader,
-    kr: &KeyRanges,
+    spec: &RangeSpec,
     ranges: &[i64],
     named: &[i64],
     seen: &Bitset,
@@ -1108,11 +1161,11 @@ fn unseen_in(
         }
     };
     for &r in ranges {
-        let (lo, hi) = kr.spec.raw_bounds(r);
+        let (lo, hi) = spec.raw_bounds(r);
         reader.scan_range(&lo, &hi, &mut unseen)?;
     }
     for &v in named {
-        let key = kr.spec.raw(v);
+        let key = spec.raw(v);
         reader.scan_range(&key, &key, &mut unseen)?;
     }
     Ok(gone)
@@ -1177,6 +1230,7 @@ fn scan(
         seen: Seen {
             slots: Bitset::with_len(reader.len() as usize),
             entries: 0,
+            ranges: None,
         },
         keys: 0,
         unknown: 0,
