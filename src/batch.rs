@@ -58,12 +58,11 @@ impl WriteBatch {
 }
 
 /// Collects rows into a [`WriteBatch`].
-#[derive(Default)]
 pub struct BatchBuilder {
     data: Vec<u8>,
     rows: Vec<BatchRow>,
-    /// Where batch buffers come from and go back to (none: each batch allocates its own).
-    pool: Option<Arc<BufPool>>,
+    /// Where batch buffers come from and go back to.
+    pool: Arc<BufPool>,
 }
 
 /// Batch buffers a builder keeps for reuse: enough for the batches queued to and held by the
@@ -76,17 +75,16 @@ impl BatchBuilder {
     /// from one is dropped.
     pub fn with_capacity(capacity: usize) -> BatchBuilder {
         BatchBuilder {
-            pool: Some(BufPool::new(capacity, KEEP_BATCHES)),
-            ..Default::default()
+            data: Vec::new(),
+            rows: Vec::new(),
+            pool: BufPool::new(capacity, KEEP_BATCHES),
         }
     }
 
     pub fn push(&mut self, block: &Block, span: &RowSpan, hash: [u8; 16], slot: Option<u32>) {
         let tuple = span.tuple(&block.data);
         if self.data.capacity() == 0 {
-            if let Some(pool) = &self.pool {
-                self.data = pool.take();
-            }
+            self.data = self.pool.take();
         }
         let start = self.data.len() as u32;
         self.data.extend_from_slice(tuple);
@@ -105,12 +103,8 @@ impl BatchBuilder {
         self.data.len()
     }
     pub fn take(&mut self) -> WriteBatch {
-        let data = std::mem::take(&mut self.data);
         WriteBatch {
-            data: match &self.pool {
-                Some(pool) => pool.freeze(data),
-                None => Bytes::from(data),
-            },
+            data: self.pool.freeze(std::mem::take(&mut self.data)),
             rows: std::mem::take(&mut self.rows),
         }
     }

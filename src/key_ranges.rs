@@ -31,6 +31,12 @@ use crate::plan::{Plan, SourceTable};
 /// Entries per range aimed at: a range that lost a row costs a read of this many keys.
 pub(crate) const PER_RANGE: f64 = 32.0;
 
+/// Whether reading the entries (or the source's keys) of `ranges` key ranges, about
+/// [`PER_RANGE`] each, costs less than reading all `entries`: up to a quarter of them.
+pub(crate) fn cheaper_than_all(ranges: u64, entries: u64) -> bool {
+    ranges as f64 * PER_RANGE <= entries as f64 / 4.0
+}
+
 /// How an integer key is cut into ranges: what the state file records with the counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RangeSpec {

@@ -100,8 +100,6 @@ pub(crate) struct SourceRead {
     /// Rows read so far: progress lines, and what a failed run reports.
     pub(crate) progress: Arc<Progress>,
     pub(crate) block_bytes: usize,
-    /// The buffers of the read's blocks, reused by its parts and sessions.
-    pub(crate) blocks: Arc<BufPool>,
     pub(crate) sync: String,
     pub(crate) stop: Stop,
 }
@@ -126,7 +124,6 @@ pub(crate) async fn read_into<T: Send + 'static>(
             out,
             progress: Default::default(),
             block_bytes,
-            blocks: Framer::pool(block_bytes, queue + 4),
             sync,
             stop,
         }
@@ -152,9 +149,12 @@ impl SourceRead {
         let copies = std::mem::take(&mut self.read.copies);
         let sessions = self.read.clients.len().min(copies.len());
         let queue = std::sync::Mutex::new(VecDeque::from(copies));
+        // The blocks' buffers, reused by every part and session: as many as the queue to the
+        // diff holds, and a few being framed or diffed.
+        let blocks = Framer::pool(self.block_bytes, self.out.max_capacity() + 4);
         let reads = self.read.clients[..sessions]
             .iter()
-            .map(|client| self.session(client, &queue));
+            .map(|client| self.session(client, &queue, &blocks));
         let ends = match futures_util::future::try_join_all(reads).await {
             Ok(ends) => ends,
             Err(e) => {
@@ -186,6 +186,7 @@ impl SourceRead {
         &self,
         client: &tokio_postgres::Client,
         queue: &std::sync::Mutex<VecDeque<String>>,
+        blocks: &Arc<BufPool>,
     ) -> Result<ReadStats, Error> {
         let mut stats = ReadStats::START;
         loop {
@@ -193,7 +194,7 @@ impl SourceRead {
             let Some(sql) = next else {
                 return Ok(stats);
             };
-            self.part(client, &sql, &mut stats).await?;
+            self.part(client, &sql, blocks, &mut stats).await?;
             if stats.end != ReadEnd::Complete {
                 return Ok(stats);
             }
@@ -205,6 +206,7 @@ impl SourceRead {
         &self,
         client: &tokio_postgres::Client,
         sql: &str,
+        blocks: &Arc<BufPool>,
         stats: &mut ReadStats,
     ) -> Result<(), Error> {
         let read_err = |e: tokio_postgres::Error| match self.read.of {
@@ -227,8 +229,8 @@ impl SourceRead {
         let stream = client.copy_out(sql).await.map_err(read_err)?;
         futures_util::pin_mut!(stream);
         let ncols = self.plan.columns.len() as u16;
-        let (nkey, blocks) = (self.plan.nkey as u16, self.blocks.clone());
-        let mut framer = Framer::with_pool(ncols, nkey, self.block_bytes, blocks);
+        let nkey = self.plan.nkey as u16;
+        let mut framer = Framer::with_pool(ncols, nkey, self.block_bytes, blocks.clone());
         // One stop future for the whole part, polled only while the stream waits: the stream
         // branch comes first (`biased`), and a CopyData message (one per row) is usually ready.
         // Polling a cancellation future takes a mutex; doing it for every row cost CPU the

@@ -1091,8 +1091,6 @@ impl Owner {
     }
 }
 
-/// True when a batch's keys are scattered: ascending runs shorter than 16 keys on average
-/// (random keys such as UUIDs; a stream in key order, or a few interleaved, gives long runs).
 /// Keys in a run shorter than this go in one insert each: a cursor's run costs about as much
 /// as 32 inserts into one gap, and pays off from about 100 (docs/performance.md, "Cheaper
 /// loads").
@@ -1139,6 +1137,8 @@ fn insert_run<'k>(
     Ok(Some(run))
 }
 
+/// True when a batch's keys are scattered: ascending runs shorter than 16 keys on average
+/// (random keys such as UUIDs; a stream in key order, or a few interleaved, gives long runs).
 fn scattered(keys: &KeyBatch) -> bool {
     crate::batch::scattered(keys.len(), |i| keys.key(i))
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{Audit, AuditSettings, ChangeLog};
 use crate::batch::{KeyBatch, WriteBatch};
 use crate::conn::ConnInfo;
-use crate::copy::{Block, Framer};
+use crate::copy::Block;
 use crate::delta::{self, Decision, SourceState};
 use crate::diff::{self, Bitset, DiffConfig, DiffOutcome, SortSettings};
 use crate::error::{join_err, Error};
@@ -893,7 +893,6 @@ async fn pipeline(
             out: block_tx,
             progress: ctx.progress.clone(),
             block_bytes: pipe.block_bytes,
-            blocks: Framer::pool(pipe.block_bytes, pipe.block_queue + 4),
             sync: spec.name.clone(),
             stop: ctx.stop.clone(),
         }

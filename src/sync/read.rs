@@ -509,7 +509,7 @@ impl Inputs<'_> {
             // With a unique key, the count says how many rows left: when so many that their
             // ranges' keys would come near every key, every key is read without counting.
             let left = (entries + added.added).saturating_sub(total);
-            let few = left as f64 * key_ranges::PER_RANGE <= entries as f64 / 4.0;
+            let few = key_ranges::cheaper_than_all(left, entries);
             let scan = match (&ranges, added.keys) {
                 (Some(kr), Some(a)) if few && left > 0 => {
                     let counted = match (counted.take(), side.take()) {
@@ -839,7 +839,7 @@ impl Inputs<'_> {
             );
             return Ok(None);
         }
-        if ranges.len() as f64 * key_ranges::PER_RANGE > reader.len() as f64 / 4.0 {
+        if !key_ranges::cheaper_than_all(ranges.len() as u64, reader.len()) {
             tracing::debug!(
                 "sync '{name}': {} key ranges lost rows: reading every key is cheaper",
                 ranges.len()
@@ -1121,9 +1121,7 @@ fn narrow(reader: &Reader, mut seen: Seen) -> Result<(Gone, Option<String>), Sna
     else {
         return Ok((Gone::Unseen(seen), None));
     };
-    // Reading many ranges' entries costs more than one scan of them all.
-    let many = ranges.len() as f64 * key_ranges::PER_RANGE > reader.len() as f64 / 4.0;
-    if rows != removed || many {
+    if rows != removed || !key_ranges::cheaper_than_all(ranges.len() as u64, reader.len()) {
         return Ok((Gone::Unseen(seen), None));
     }
     let gone = unseen_in(reader, &spec, &ranges, &keys, &seen.slots)?;
