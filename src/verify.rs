@@ -345,7 +345,10 @@ fn look_up(
         }
     }
     diff::look_up_stream(
-        || first.take().or_else(|| rx.blocking_recv()),
+        || {
+            let block = first.take().or_else(|| rx.blocking_recv())?;
+            Some((block, !rx.is_empty()))
+        },
         reader,
         |block, looked| {
             for (span, &(hash, found)) in block.rows.iter().zip(looked) {

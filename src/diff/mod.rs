@@ -2,9 +2,10 @@
 //! changes into write batches.
 //!
 //! Runs on its own thread (never a tokio worker): blocks of framed tuples come in over a bounded
-//! channel, each block is hashed and looked up in parallel on rayon (one xxh3-128 call per row;
-//! the block's keys sorted and looked up by a forward walk of the snapshot, [`Reader::get_many`]),
-//! and then classified in order on this thread ([`classify`]). Blocks of scattered keys (UUIDs)
+//! channel, each block is hashed and looked up (one xxh3-128 call per row; the block's keys
+//! sorted and looked up by a forward walk of the snapshot, [`Reader::get_many`]), on this thread
+//! while the diff keeps up with the read and in parallel on rayon once blocks queue up
+//! ([`look_up_stream`]), and then classified in order on this thread ([`classify`]). Blocks of scattered keys (UUIDs)
 //! are gathered into a [`Window`] of up to 32 MiB first and looked up together, so that their
 //! sorted keys share the snapshot's pages. Changed and added rows are copied into a
 //! [`WriteBatch`] that goes to the writers over another bounded channel, so a slow destination
@@ -134,7 +135,7 @@ pub(crate) fn run(
     let mut batch_started = Instant::now();
     let mut blocks = Sorted::new(blocks, read_end, d.cfg.sort.clone(), reader.len());
     let ended = look_up_stream(
-        || blocks.next(),
+        || blocks.next().map(|b| (b, blocks.queued())),
         &reader,
         |block, looked| {
             Ok::<_, SnapshotError>(d.block(block, looked, &out, &sizer, &mut batch_started))
@@ -329,8 +330,14 @@ pub(crate) type Looked = ([u8; 16], Option<Entry>);
 /// snapshot (blocks of scattered keys gathered into a [`Window`] first), and hands each block
 /// with its rows' [`Looked`] to `each`, in stream order. Returns false when `each` did (and
 /// stopped it), true when the stream ended.
+///
+/// `next` also says whether more blocks wait behind the one it returns. A block with none
+/// behind it is hashed and looked up on this thread: the lookups keep up with the read, and
+/// handing 2,000 rows to rayon and back costs more than it saves (its idle workers spin in
+/// `sched_yield`, on cores a source backend needs when both share a machine). Once blocks
+/// queue up, or a window of them is gathered, the work goes to rayon.
 pub(crate) fn look_up_stream<E: From<SnapshotError>>(
-    mut next: impl FnMut() -> Option<Block>,
+    mut next: impl FnMut() -> Option<(Block, bool)>,
     reader: &Reader,
     mut each: impl FnMut(&Block, &[Looked]) -> Result<bool, E>,
 ) -> Result<bool, E> {
@@ -341,12 +348,13 @@ pub(crate) fn look_up_stream<E: From<SnapshotError>>(
         LOOKUP_WINDOW_BYTES
     });
     loop {
-        let (ready, done) = match next() {
-            Some(block) => (window.push(block), false),
-            None => (window.finish(), true),
+        let (ready, queued, done) = match next() {
+            Some((block, queued)) => (window.push(block), queued, false),
+            None => (window.finish(), false, true),
         };
         if !ready.is_empty() {
-            lookup_many(&ready, reader, &mut looked)?;
+            let parallel = queued || ready.len() > 1;
+            lookup_many(&ready, reader, &mut looked, parallel)?;
             let mut looked = &looked[..];
             for block in &ready {
                 let (here, rest) = looked.split_at(block.rows.len());
@@ -362,33 +370,50 @@ pub(crate) fn look_up_stream<E: From<SnapshotError>>(
     }
 }
 
-/// Hashes every row of `blocks` and looks its key up in the snapshot, in parallel, the keys of
-/// all the blocks sorted and looked up together; `looked` receives them in stream order.
+/// Hashes every row of `blocks` and looks its key up in the snapshot, the keys of all the
+/// blocks sorted and looked up together, on rayon when `parallel`, else on this thread;
+/// `looked` receives them in stream order.
 fn lookup_many(
     blocks: &[Block],
     reader: &Reader,
     looked: &mut Vec<Looked>,
+    parallel: bool,
 ) -> Result<(), SnapshotError> {
-    let rows = || {
+    let par_rows = || {
         blocks
             .par_iter()
             .flat_map_iter(|b| b.rows.iter().map(move |r| (r, &b.data[..])))
     };
+    let rows = || {
+        blocks
+            .iter()
+            .flat_map(|b| b.rows.iter().map(move |r| (r, &b.data[..])))
+    };
+    let hash = |(r, data): (&RowSpan, &[u8])| row_hash(r.value(data));
     looked.clear();
     if reader.is_empty() {
-        looked.par_extend(rows().map(|(r, data)| (row_hash(r.value(data)), None)));
+        match parallel {
+            true => looked.par_extend(par_rows().map(|row| (hash(row), None))),
+            false => looked.extend(rows().map(|row| (hash(row), None))),
+        }
         return Ok(());
     }
-    let keys: Vec<&[u8]> = blocks
-        .iter()
-        .flat_map(|b| b.rows.iter().map(|r| r.key(&b.data)))
-        .collect();
+    let keys: Vec<&[u8]> = rows().map(|(r, data)| r.key(data)).collect();
     let mut found = Vec::new();
-    let (hashes, res) = rayon::join(
-        || -> Vec<[u8; 16]> { rows().map(|(r, data)| row_hash(r.value(data))).collect() },
-        || reader.get_many(&keys, &mut found),
-    );
-    res?;
+    let hashes: Vec<[u8; 16]> = match parallel {
+        true => {
+            let (hashes, res) = rayon::join(
+                || par_rows().map(hash).collect(),
+                || reader.get_many(&keys, &mut found, true),
+            );
+            res?;
+            hashes
+        }
+        false => {
+            reader.get_many(&keys, &mut found, false)?;
+            rows().map(hash).collect()
+        }
+    };
     looked.extend(hashes.into_iter().zip(found));
     Ok(())
 }
@@ -439,6 +464,53 @@ mod tests {
     /// 100 keys in no order (a multiplicative hash of `from..from + 100`).
     fn scattered_block(from: u64) -> Block {
         block((from..from + 100).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+    }
+
+    /// Hashes and lookups on this thread answer as they do on rayon, for keys in order, keys
+    /// in no order, and several blocks at once; and the hashes are each row's.
+    #[test]
+    fn lookups_on_this_thread_answer_as_on_rayon() {
+        use crate::snapshot::{testing::seeded, Committed, Snapshot};
+        let blocks = vec![block(0..1500), scattered_block(7), block(3000..3100)];
+        let dir = tempfile::tempdir().unwrap();
+        // Every other row of each block has an entry, with a hash of its own.
+        let mut c = Committed::default();
+        let mut keys: Vec<&[u8]> = blocks
+            .iter()
+            .flat_map(|b| b.rows.iter().step_by(2).map(|r| r.key(&b.data)))
+            .collect();
+        keys.sort();
+        for (i, k) in keys.iter().enumerate() {
+            c.keys.push(k);
+            c.entries.push(([i as u8; 16], None));
+        }
+        let snap = seeded(&dir.path().join("l.redb"), "s", c);
+        let reader = snap.reader("s").unwrap();
+        let empty = Snapshot::open(&dir.path().join("e.redb"), 1 << 20).unwrap();
+        let empty = empty.reader("s").unwrap();
+        for reader in [&reader, &empty] {
+            for group in [&blocks[..1], &blocks[1..2], &blocks[..]] {
+                let (mut serial, mut parallel) = (Vec::new(), Vec::new());
+                lookup_many(group, reader, &mut serial, false).unwrap();
+                lookup_many(group, reader, &mut parallel, true).unwrap();
+                assert_eq!(serial, parallel);
+                let rows: Vec<_> = group
+                    .iter()
+                    .flat_map(|b| b.rows.iter().map(move |r| (b, r)))
+                    .collect();
+                assert_eq!(serial.len(), rows.len());
+                for ((b, r), (hash, found)) in rows.iter().zip(&serial) {
+                    assert_eq!(*hash, row_hash(r.value(&b.data)));
+                    assert_eq!(*found, reader.get(r.key(&b.data)).unwrap());
+                }
+            }
+        }
+        let found = |g: &[Block]| {
+            let mut out = Vec::new();
+            lookup_many(g, &reader, &mut out, false).unwrap();
+            out.iter().filter(|(_, e)| e.is_some()).count()
+        };
+        assert_eq!(found(&blocks), keys.len());
     }
 
     fn firsts(blocks: &[Block]) -> Vec<u64> {

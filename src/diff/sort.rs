@@ -130,6 +130,16 @@ impl Sorted {
         }
     }
 
+    /// Whether blocks wait to be taken: the read's queue holds some, or the runs on disk are
+    /// being merged (a merge hands blocks on faster than they are looked up).
+    pub(crate) fn queued(&self) -> bool {
+        match self.state {
+            State::Merged { .. } => true,
+            State::Ended => false,
+            _ => !self.blocks.is_empty(),
+        }
+    }
+
     /// The next block, or `None` at the end of the stream (or of a read that did not complete,
     /// or on an error, which [`Sorted::error`] then holds).
     pub(crate) fn next(&mut self) -> Option<Block> {

@@ -939,12 +939,13 @@ impl Reader {
         }
     }
 
-    /// Looks up `keys` in any order: sorted, then walked forward in two halves on rayon
-    /// ([`Reader::get_sorted`]). `out[i]` answers `keys[i]`.
+    /// Looks up `keys` in any order: sorted, then walked forward ([`Reader::get_sorted`]), in
+    /// two halves on rayon when `parallel`. `out[i]` answers `keys[i]`.
     pub(crate) fn get_many(
         &self,
         keys: &[&[u8]],
         out: &mut Vec<Option<Entry>>,
+        parallel: bool,
     ) -> Result<(), SnapshotError> {
         out.clear();
         if self.table.is_none() {
@@ -957,7 +958,10 @@ impl Reader {
         let sorted: Vec<&[u8]> = order.iter().map(|&i| keys[i as usize]).collect();
         let (a, b) = sorted.split_at(sorted.len() / 2);
         let (mut x, mut y) = (Vec::new(), Vec::new());
-        let (ra, rb) = rayon::join(|| self.get_sorted(a, &mut x), || self.get_sorted(b, &mut y));
+        let (ra, rb) = match parallel {
+            true => rayon::join(|| self.get_sorted(a, &mut x), || self.get_sorted(b, &mut y)),
+            false => (self.get_sorted(a, &mut x), self.get_sorted(b, &mut y)),
+        };
         ra?;
         rb?;
         out.resize(keys.len(), None);
@@ -981,6 +985,7 @@ impl Reader {
         const DENSE_STEPS: u32 = 32;
         const SPARSE_STEPS: u32 = 2;
         out.clear();
+        out.reserve(keys.len());
         let (Some(t), Some(first)) = (&self.table, keys.first()) else {
             out.resize(keys.len(), None);
             return Ok(());
@@ -1891,7 +1896,10 @@ mod tests {
         let mut shuffled = keys.clone();
         shuffled.reverse();
         shuffled.swap(3, 1500);
-        reader.get_many(&shuffled, &mut out).unwrap();
+        reader.get_many(&shuffled, &mut out, true).unwrap();
+        let parallel = out.clone();
+        reader.get_many(&shuffled, &mut out, false).unwrap();
+        assert_eq!(out, parallel);
         let expected: Vec<_> = shuffled.iter().map(|k| reader.get(k).unwrap()).collect();
         assert_eq!(out, expected);
         assert!(out.iter().any(|e| e.is_some()) && out.iter().any(|e| e.is_none()));

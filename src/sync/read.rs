@@ -1290,7 +1290,7 @@ fn scan(
         }
         let keys: Vec<&[u8]> = (0..window.keys.len()).map(|i| window.keys.key(i)).collect();
         direct |= !keys.is_empty();
-        reader.get_many(&keys, &mut found)?;
+        reader.get_many(&keys, &mut found, true)?;
         mark(&mut out, &keys, &found);
         drop(keys);
         window.keys.clear();
