@@ -939,8 +939,8 @@ impl Reader {
         }
     }
 
-    /// Looks up `keys` in any order: sorted, then walked forward ([`Reader::get_sorted`]), in
-    /// two halves on rayon when `parallel`. `out[i]` answers `keys[i]`.
+    /// Looks up `keys` in any order: sorted, then walked forward ([`Reader::get_sorted`]): in
+    /// two halves on rayon when `parallel`, else in one walk. `out[i]` answers `keys[i]`.
     pub(crate) fn get_many(
         &self,
         keys: &[&[u8]],
@@ -956,14 +956,16 @@ impl Reader {
         let mut order: Vec<u32> = (0..keys.len() as u32).collect();
         order.sort_by_key(|&i| keys[i as usize]);
         let sorted: Vec<&[u8]> = order.iter().map(|&i| keys[i as usize]).collect();
-        let (a, b) = sorted.split_at(sorted.len() / 2);
         let (mut x, mut y) = (Vec::new(), Vec::new());
-        let (ra, rb) = match parallel {
-            true => rayon::join(|| self.get_sorted(a, &mut x), || self.get_sorted(b, &mut y)),
-            false => (self.get_sorted(a, &mut x), self.get_sorted(b, &mut y)),
-        };
-        ra?;
-        rb?;
+        if parallel {
+            let (a, b) = sorted.split_at(sorted.len() / 2);
+            let (ra, rb) =
+                rayon::join(|| self.get_sorted(a, &mut x), || self.get_sorted(b, &mut y));
+            ra?;
+            rb?;
+        } else {
+            self.get_sorted(&sorted, &mut x)?;
+        }
         out.resize(keys.len(), None);
         for (&i, e) in order.iter().zip(x.into_iter().chain(y)) {
             out[i as usize] = e;
@@ -1220,13 +1222,15 @@ pub fn compact(path: &Path) -> Result<Compacted, SnapshotError> {
 pub(crate) mod testing {
     use std::path::Path;
 
+    use tokio::runtime::Runtime;
     use tokio::sync::mpsc;
 
-    use super::{BeginOptions, Committed, Snapshot};
+    use super::{BeginOptions, Committed, Recorder, Snapshot};
     use crate::copy::Block;
 
-    /// A snapshot at `path` whose sync `sync` holds the records of `c`, as after a first run.
-    pub(crate) fn seeded(path: &Path, sync: &str, c: Committed) -> Snapshot {
+    /// A snapshot at `path` with a run of sync `sync` begun: the snapshot, the runtime its
+    /// recorder's commands are awaited on, and the recorder.
+    pub(crate) fn begun(path: &Path, sync: &str) -> (Snapshot, Runtime, Recorder) {
         let snap = Snapshot::open(path, 1 << 20).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -1234,6 +1238,12 @@ pub(crate) mod testing {
         let (_, rec) = rt
             .block_on(snap.begin(sync, "k", "r", BeginOptions::default()))
             .unwrap();
+        (snap, rt, rec)
+    }
+
+    /// A snapshot at `path` whose sync `sync` holds the records of `c`, as after a first run.
+    pub(crate) fn seeded(path: &Path, sync: &str, c: Committed) -> Snapshot {
+        let (snap, rt, rec) = begun(path, sync);
         rt.block_on(rec.record(c)).unwrap();
         rt.block_on(rec.settle(Vec::new())).unwrap();
         rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
@@ -1658,13 +1668,7 @@ mod tests {
     #[test]
     fn settle_reports_and_forgets_duplicates() {
         let dir = tempfile::tempdir().unwrap();
-        let snap = Snapshot::open(&dir.path().join("d.redb"), 1 << 20).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let (_, rec) = rt
-            .block_on(snap.begin("d", "k", "r", BeginOptions::default()))
-            .unwrap();
+        let (snap, rt, rec) = testing::begun(&dir.path().join("d.redb"), "d");
         for key in [b"a", b"b", b"a", b"c"] {
             let mut c = Committed::default();
             c.keys.push(key);
@@ -1687,13 +1691,7 @@ mod tests {
     #[test]
     fn a_record_of_scattered_new_keys_goes_in_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let snap = Snapshot::open(&dir.path().join("n.redb"), 1 << 20).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let (_, rec) = rt
-            .block_on(snap.begin("n", "k", "r", BeginOptions::default()))
-            .unwrap();
+        let (snap, rt, rec) = testing::begun(&dir.path().join("n.redb"), "n");
         let key = |k: u32| k.to_be_bytes();
         let record = |keys: &[u32]| {
             let mut c = Committed::default();
@@ -1857,13 +1855,7 @@ mod tests {
     #[test]
     fn sorted_lookups_answer_as_point_lookups() {
         let dir = tempfile::tempdir().unwrap();
-        let snap = Snapshot::open(&dir.path().join("g.redb"), 1 << 20).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let (_, rec) = rt
-            .block_on(snap.begin("s", "k", "r", BeginOptions::default()))
-            .unwrap();
+        let (snap, rt, rec) = testing::begun(&dir.path().join("g.redb"), "s");
         // Every third key of 0..3000, so lookups meet gaps, runs and long jumps.
         let stored: Vec<[u8; 2]> = (0u16..3000).step_by(3).map(|k| k.to_be_bytes()).collect();
         let mut c = Committed::default();
