@@ -333,9 +333,9 @@ pub(crate) type Looked = ([u8; 16], Option<Entry>);
 ///
 /// `next` also says whether more blocks wait behind the one it returns. A block with none
 /// behind it is hashed and looked up on this thread: the lookups keep up with the read, and
-/// handing 2,000 rows to rayon and back costs more than it saves (its idle workers spin in
-/// `sched_yield`, on cores a source backend needs when both share a machine). Once blocks
-/// queue up, or a window of them is gathered, the work goes to rayon.
+/// handing a block (512 KiB, some 2,000 rows) to rayon and back costs more than it saves
+/// (its idle workers spin in `sched_yield`, on cores a source backend needs when both share
+/// a machine). Once blocks queue up, or a window of them is gathered, the work goes to rayon.
 pub(crate) fn look_up_stream<E: From<SnapshotError>>(
     mut next: impl FnMut() -> Option<(Block, bool)>,
     reader: &Reader,
