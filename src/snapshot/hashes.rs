@@ -202,112 +202,124 @@ impl HashFile {
 
 /// A read-only view of one sync's hash file, as long as it was when the view was made (it only
 /// grows; slots past the view's end have no hash in the file). Shared by every thread of a
-/// [`super::Reader`].
+/// [`super::Reader`]; each walk over many entries reads through a [`HashCursor`] of its own.
+///
+/// The file is read with `pread`, never mapped: mapped pages count toward the process's
+/// resident memory, and the lookups of a full read after rounds of churn (keys in slots freed
+/// by removed rows, rows updated out of key order) jumped over the whole file: 53-73 MiB of it
+/// were resident at the peak of 10M-row full reads (docs/performance.md, "The hash file read,
+/// not mapped").
 pub(crate) struct HashView {
-    ptr: *const u8,
-    len: usize,
+    file: File,
+    len: u64,
 }
 
-// SAFETY: the view is a read-only shared mapping, unmapped only on drop; reads are volatile
-// copies of 16 bytes (see `get`), so sharing it across threads is sound.
-unsafe impl Send for HashView {}
-unsafe impl Sync for HashView {}
-
 impl HashView {
-    /// Maps the hash file `id` at `path`.
+    /// Opens the hash file `id` at `path`.
     pub(super) fn open(path: &Path, id: u64) -> io::Result<HashView> {
         let file = File::open(path)?;
-        let len = usize::try_from(check_header(&file, id)?)
-            .map_err(|_| io::Error::other("the row hashes file is larger than memory can map"))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: a new read-only shared mapping of a file that is at least `len` (> 0) bytes
-        // long; the file is never shortened while it exists (it is only ever grown, or removed,
-        // which leaves existing mappings intact).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+        let len = check_header(&file, id)?;
+        Ok(HashView { file, len })
+    }
+
+    /// The hash the file holds for `slot`, if it holds one: one read of 16 bytes.
+    pub(crate) fn get(&self, slot: u32) -> io::Result<Option<[u8; 16]>> {
+        let at = offset(slot);
+        if at + 16 > self.len {
+            return Ok(None);
         }
-        Ok(HashView {
-            ptr: ptr as *const u8,
-            len,
-        })
+        let mut hash = [0u8; 16];
+        self.file.read_exact_at(&mut hash, at)?;
+        Ok(held(hash))
+    }
+
+    /// A cursor for reads of many slots, in any order.
+    pub(crate) fn cursor(&self) -> HashCursor<'_> {
+        HashCursor {
+            view: Some(self),
+            window: u64::MAX,
+            buf: Vec::new(),
+            alone: u64::MAX,
+        }
+    }
+}
+
+/// A slot of all zeros holds no hash: the entry's own stands.
+fn held(hash: [u8; 16]) -> Option<[u8; 16]> {
+    (hash != [0; 16]).then_some(hash)
+}
+
+/// Bytes of the file a [`HashCursor`] reads at once: 1,024 slots.
+const WINDOW: u64 = 16 << 10;
+
+/// Reads slots of a [`HashView`] for one walk. Slots met in order (the entries of rows loaded in
+/// key order) are read a window of [`WINDOW`] bytes at a time, one `pread` per 1,024 slots; a slot
+/// far from the slot before it (a key that took a freed slot, a row updated out of key order) is
+/// read alone, 16 bytes. Memory: one window per cursor, whatever the file's size.
+///
+/// A window holds the file as it was when the window was read: a hash written since is not seen
+/// through it. The diff never looks up a slot its own run has recorded, and a walk outlives no
+/// run, so that is never the case that matters.
+pub(crate) struct HashCursor<'a> {
+    view: Option<&'a HashView>,
+    /// The window in `buf` (`u64::MAX`: none).
+    window: u64,
+    buf: Vec<u8>,
+    /// The window of the last slot read alone (`u64::MAX`: none).
+    alone: u64,
+}
+
+impl HashCursor<'_> {
+    /// A cursor over no file: every slot has the entry's own hash.
+    pub(crate) fn none() -> HashCursor<'static> {
+        HashCursor {
+            view: None,
+            window: u64::MAX,
+            buf: Vec::new(),
+            alone: u64::MAX,
+        }
     }
 
     /// The hash the file holds for `slot`, if it holds one.
     #[inline]
-    pub(crate) fn get(&self, slot: u32) -> Option<[u8; 16]> {
-        let at = usize::try_from(offset(slot)).ok()?;
-        if at + 16 > self.len {
-            return None;
+    pub(crate) fn get(&mut self, slot: u32) -> io::Result<Option<[u8; 16]>> {
+        let Some(view) = self.view else {
+            return Ok(None);
+        };
+        let at = offset(slot);
+        if at + 16 > view.len {
+            return Ok(None);
         }
-        // SAFETY: `at + 16` is within the mapping. The snapshot thread may be writing the same
-        // slot through the file at this moment (only a row this run recorded, which the diff
-        // never looks up again), so the copy is volatile: at worst it sees a mix of the old and
-        // new hash, which matches no row (the row is then written again), never undefined memory.
-        let hash = unsafe { std::ptr::read_volatile(self.ptr.add(at) as *const [u8; 16]) };
-        let page = at >> 12;
-        PAGES.with(|p| {
-            let (last, n) = p.get();
-            if page == last {
-                return;
+        let w = at / WINDOW;
+        if w != self.window {
+            // The second slot in a window, or the next window of one read whole: slots are
+            // coming in order, and the window is read whole. Else this slot alone.
+            let in_order = w == self.alone || self.window.checked_add(1) == Some(w);
+            if !in_order {
+                self.alone = w;
+                return view.get(slot);
             }
-            if n >= RELEASE_PAGES {
-                p.set((page, 0));
-                self.release();
-            } else {
-                p.set((page, n + 1));
-            }
-        });
-        (hash != [0; 16]).then_some(hash)
-    }
-
-    /// Lets go of the mapped pages: they stay in the page cache, and a later read maps its
-    /// page again (a minor fault). Mapped pages count toward the process's resident memory; a
-    /// full read maps the whole file, 16 bytes per entry, which would add 160 MB to the peak
-    /// RSS of a sync of 10M rows.
-    fn release(&self) {
-        // SAFETY: the range is exactly the mapping; for a shared file mapping MADV_DONTNEED
-        // only drops page table entries (the file's pages and their contents stay), so a
-        // concurrent read on another thread faults its page in again and reads the same bytes.
-        unsafe {
-            libc::madvise(self.ptr as *mut libc::c_void, self.len, libc::MADV_DONTNEED);
+            let start = w * WINDOW;
+            let n = (view.len - start).min(WINDOW) as usize;
+            self.buf.resize(n, 0);
+            view.file.read_exact_at(&mut self.buf, start)?;
+            self.window = w;
         }
-    }
-}
-
-/// Reads of a new page of a [`HashView`] on each thread between two [`HashView::release`]s. A
-/// read in the page of the one before does not count: a full read of rows loaded in key order
-/// reads the file in order, 256 slots a page, and releases its pages rarely; scattered reads
-/// (a delta's changed rows) each count. Releasing after every 256 reads instead cost a 10M-row
-/// full read 1-2.5 s of CPU (page faults again and again on the same pages).
-const RELEASE_PAGES: u32 = 2048;
-
-thread_local! {
-    /// The page last read on this thread, and the new pages read since the last release.
-    static PAGES: std::cell::Cell<(usize, u32)> = const { std::cell::Cell::new((usize::MAX, 0)) };
-}
-
-impl Drop for HashView {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `open` made; no reference into it outlives `self`.
-        unsafe {
-            libc::munmap(self.ptr as *mut libc::c_void, self.len);
-        }
+        let i = (at - w * WINDOW) as usize;
+        let hash: [u8; 16] = self.buf[i..i + 16].try_into().expect("16 bytes");
+        Ok(held(hash))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl HashView {
+        fn get_ok(&self, slot: u32) -> Option<[u8; 16]> {
+            self.get(slot).unwrap()
+        }
+    }
 
     #[test]
     fn hashes_by_slot_read_back_through_a_view() {
@@ -323,24 +335,24 @@ mod tests {
         f.set(3, &[3; 16]).unwrap();
         f.set(100_000, &[9; 16]).unwrap();
         let view = HashView::open(&path, 7).unwrap();
-        assert_eq!(view.get(3), Some([3; 16]));
-        assert_eq!(view.get(100_000), Some([9; 16]));
-        assert_eq!(view.get(4), None, "a hole is the entry's own hash");
-        assert_eq!(view.get(u32::MAX), None, "past the end");
+        assert_eq!(view.get_ok(3), Some([3; 16]));
+        assert_eq!(view.get_ok(100_000), Some([9; 16]));
+        assert_eq!(view.get_ok(4), None, "a hole is the entry's own hash");
+        assert_eq!(view.get_ok(u32::MAX), None, "past the end");
         // Writes after the view was made are seen where the view reaches.
         f.set(4, &[4; 16]).unwrap();
         f.clear(3).unwrap();
         f.clear(u32::MAX).unwrap();
-        assert_eq!((view.get(4), view.get(3)), (Some([4; 16]), None));
+        assert_eq!((view.get_ok(4), view.get_ok(3)), (Some([4; 16]), None));
         f.set(50_000_000, &[5; 16]).unwrap();
-        assert_eq!(view.get(50_000_000), None, "beyond the view's length");
+        assert_eq!(view.get_ok(50_000_000), None, "beyond the view's length");
         f.sync().unwrap();
         drop(f);
         let mut again = HashFile::open(&path, 7).unwrap();
         again.set(5, &[1; 16]).unwrap();
         let view = HashView::open(&path, 7).unwrap();
-        assert_eq!(view.get(50_000_000), Some([5; 16]));
-        assert_eq!(view.get(5), Some([1; 16]));
+        assert_eq!(view.get_ok(50_000_000), Some([5; 16]));
+        assert_eq!(view.get_ok(5), Some([1; 16]));
         assert!(
             HashView::open(&path, 8).is_err(),
             "another id's file is refused"
@@ -360,8 +372,42 @@ mod tests {
         again.set_many(&mut many).unwrap();
         let view = HashView::open(&path, 7).unwrap();
         for s in [10u32, 11, 12, 20] {
-            assert_eq!(view.get(s), Some([s as u8; 16]));
+            assert_eq!(view.get_ok(s), Some([s as u8; 16]));
         }
-        assert_eq!(view.get(13), None);
+        assert_eq!(view.get_ok(13), None);
+    }
+
+    /// A cursor answers as point reads do, for slots in order, scattered, at the file's end and
+    /// past it, and for a view of no file.
+    #[test]
+    fn a_cursor_reads_as_point_reads_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_for(&dir.path().join("state.redb"), 1);
+        let mut f = HashFile::create(&path, 1).unwrap();
+        let hash = |s: u32| {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&(s + 1).to_le_bytes());
+            h
+        };
+        // Every third slot of the first 5,000 (several windows), and a few far ones.
+        let mut set: Vec<(u32, [u8; 16])> = (0..5_000).step_by(3).map(|s| (s, hash(s))).collect();
+        set.extend([70_000u32, 3_333_333, 9_999_999].map(|s| (s, hash(s))));
+        f.set_many(&mut set).unwrap();
+        f.sync().unwrap();
+        let view = HashView::open(&path, 1).unwrap();
+        let last = (view.len - HEADER) as u32 / 16;
+        let mut order: Vec<u32> = (0..5_100).collect();
+        // Scattered, then in order again, then slots near and past the end.
+        order.extend([9_999_999, 17, 3_333_333, 4_999, 70_000, 2, 70_001, 0]);
+        order.extend(4_000..4_100);
+        order.extend([last - 1, last, last + 1, u32::MAX]);
+        let mut c = view.cursor();
+        for &s in &order {
+            let want = (s < 5_000 && s % 3 == 0 || [70_000, 3_333_333, 9_999_999].contains(&s))
+                .then(|| hash(s));
+            assert_eq!(view.get_ok(s), want, "slot {s}");
+            assert_eq!(c.get(s).unwrap(), want, "slot {s} through the cursor");
+        }
+        assert_eq!(HashCursor::none().get(3).unwrap(), None);
     }
 }

@@ -831,6 +831,7 @@ fn step<'a>(it: &mut Option<Rows<'a>>) -> Result<Option<Row<'a>>, redb::StorageE
 /// A forward walk of a [`Reader`]'s entries against keys that come in ascending order.
 pub(crate) struct Walk<'a> {
     reader: &'a Reader,
+    hashes: hashes::HashCursor<'a>,
     rows: Option<Rows<'a>>,
     /// The entry the walk is at.
     at: Option<Row<'a>>,
@@ -860,7 +861,7 @@ impl Walk<'_> {
                     }
                     std::cmp::Ordering::Equal => {
                         self.matched = true;
-                        break Some(self.reader.entry(v.value()));
+                        break Some(self.reader.entry(v.value(), &mut self.hashes)?);
                     }
                     std::cmp::Ordering::Greater => break None,
                 }
@@ -907,15 +908,33 @@ impl Reader {
         }
     }
 
-    /// The entry a stored value describes: its slot, and its hash (the hash file's, when that
-    /// has one for the slot).
+    /// The entry a stored value describes: its slot, and its hash (the hash file's, read
+    /// through `hashes`, when that has one for the slot).
     #[inline]
-    fn entry(&self, v: &[u8; 20]) -> Entry {
+    fn entry(
+        &self,
+        v: &[u8; 20],
+        hashes: &mut hashes::HashCursor<'_>,
+    ) -> Result<Entry, SnapshotError> {
         let mut e = Entry::decode(v);
-        if let Some(h) = self.hashes.as_ref().and_then(|f| f.get(e.slot)) {
+        if let Some(h) = hashes.get(e.slot).map_err(|e| self.hash_err(e))? {
             e.hash = h;
         }
-        e
+        Ok(e)
+    }
+
+    /// A cursor over this view's hash file, for a walk over many entries.
+    fn hash_cursor(&self) -> hashes::HashCursor<'_> {
+        match &self.hashes {
+            Some(h) => h.cursor(),
+            None => hashes::HashCursor::none(),
+        }
+    }
+
+    fn hash_err(&self, e: std::io::Error) -> SnapshotError {
+        self.err(format!(
+            "its row hashes file cannot be read ({e}); the next run of the sync rebuilds the snapshot's entries from the target"
+        ))
     }
 
     /// Number of entries in this view.
@@ -933,7 +952,15 @@ impl Reader {
             return Ok(None);
         };
         match t.get(key) {
-            Ok(Some(v)) => Ok(Some(self.entry(v.value()))),
+            Ok(Some(v)) => {
+                let mut e = Entry::decode(v.value());
+                if let Some(f) = &self.hashes {
+                    if let Some(h) = f.get(e.slot).map_err(|e| self.hash_err(e))? {
+                        e.hash = h;
+                    }
+                }
+                Ok(Some(e))
+            }
             Ok(None) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
@@ -996,6 +1023,7 @@ impl Reader {
         let mut walk = t.range::<&[u8]>(*first..).map_err(err)?;
         let mut at = walk.next().transpose().map_err(err)?;
         let mut budget = DENSE_STEPS;
+        let mut hashes = self.hash_cursor();
         for &key in keys {
             let mut steps = 0;
             let found = loop {
@@ -1010,7 +1038,7 @@ impl Reader {
                         }
                         at = walk.next().transpose().map_err(err)?;
                     }
-                    std::cmp::Ordering::Equal => break Some(self.entry(v.value())),
+                    std::cmp::Ordering::Equal => break Some(self.entry(v.value(), &mut hashes)?),
                     std::cmp::Ordering::Greater => break None,
                 }
             };
@@ -1029,6 +1057,7 @@ impl Reader {
         let at = step(&mut rows).map_err(|e| self.err(e))?;
         Ok(Walk {
             reader: self,
+            hashes: self.hash_cursor(),
             rows,
             at,
             matched: false,
@@ -1046,31 +1075,33 @@ impl Reader {
         let err = |e: redb::StorageError| self.err(e);
         let (mut a, mut b) = (rows(self).map_err(err)?, rows(other).map_err(err)?);
         let (mut x, mut y) = (step(&mut a).map_err(err)?, step(&mut b).map_err(err)?);
+        let (mut ha, mut hb) = (self.hash_cursor(), other.hash_cursor());
         loop {
-            let go_on = match (&x, &y) {
-                (None, None) => break,
-                (Some((k, v)), None) => f(k.value(), Some(self.entry(v.value())), None),
-                (None, Some((k, v))) => f(k.value(), None, Some(other.entry(v.value()))),
-                (Some((ka, va)), Some((kb, vb))) => match ka.value().cmp(kb.value()) {
-                    std::cmp::Ordering::Less => f(ka.value(), Some(self.entry(va.value())), None),
-                    std::cmp::Ordering::Greater => {
-                        f(kb.value(), None, Some(other.entry(vb.value())))
-                    }
-                    std::cmp::Ordering::Equal => f(
-                        ka.value(),
-                        Some(self.entry(va.value())),
-                        Some(other.entry(vb.value())),
-                    ),
-                },
-            };
-            if !go_on {
-                break;
-            }
             let order = match (&x, &y) {
+                (None, None) => break,
                 (Some((ka, _)), Some((kb, _))) => ka.value().cmp(kb.value()),
                 (Some(_), None) => std::cmp::Ordering::Less,
-                _ => std::cmp::Ordering::Greater,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
             };
+            let here = match (&x, order) {
+                (Some((k, v)), std::cmp::Ordering::Less | std::cmp::Ordering::Equal) => {
+                    Some((k.value(), self.entry(v.value(), &mut ha)?))
+                }
+                _ => None,
+            };
+            let there = match (&y, order) {
+                (Some((k, v)), std::cmp::Ordering::Greater | std::cmp::Ordering::Equal) => {
+                    Some((k.value(), other.entry(v.value(), &mut hb)?))
+                }
+                _ => None,
+            };
+            let key = here
+                .or(there)
+                .map(|(k, _)| k)
+                .expect("one side has an entry");
+            if !f(key, here.map(|(_, e)| e), there.map(|(_, e)| e)) {
+                break;
+            }
             if order != std::cmp::Ordering::Greater {
                 x = step(&mut a).map_err(err)?;
             }
@@ -1113,9 +1144,10 @@ impl Reader {
             return Ok(());
         };
         let err = |e: redb::StorageError| self.err(e);
+        let mut hashes = self.hash_cursor();
         for item in t.range::<&[u8]>(lo..=hi).map_err(err)? {
             let (k, v) = item.map_err(err)?;
-            f(k.value(), self.entry(v.value()));
+            f(k.value(), self.entry(v.value(), &mut hashes)?);
         }
         Ok(())
     }
@@ -1131,7 +1163,16 @@ impl Reader {
 
     /// Calls `f` for every entry in key order; stops early when `f` returns false.
     pub fn scan(&self, mut f: impl FnMut(&[u8], Entry) -> bool) -> Result<(), SnapshotError> {
-        self.scan_stored(|k, v| f(k, self.entry(v)))
+        let mut hashes = self.hash_cursor();
+        let mut failed = None;
+        self.scan_stored(|k, v| match self.entry(v, &mut hashes) {
+            Ok(e) => f(k, e),
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        })?;
+        failed.map_or(Ok(()), Err)
     }
 
     /// Calls `f` with every entry's key and stored value, in key order, until it returns false.
