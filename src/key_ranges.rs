@@ -313,21 +313,47 @@ pub(crate) fn tally(spec: &RangeSpec, values: &[i64]) -> Counts {
 }
 
 /// Counts in any order, with a range met more than once, as sorted counts with one total per
-/// range.
+/// range. In place: no second vector of the counts' size.
 pub(crate) fn merge(mut counts: Counts) -> Counts {
-    counts.sort_unstable_by_key(|c| c.0);
-    let mut out: Counts = Vec::with_capacity(counts.len());
-    for (r, t) in counts {
-        bump(&mut out, r, t);
-    }
-    out
+    compact(&mut counts);
+    counts
 }
 
-/// Adds `t` to range `r` of tallies that arrive mostly in order (a walk in byte order).
+/// Sorts `counts` by range and sums each range's tallies into one, in place.
+fn compact(counts: &mut Counts) {
+    counts.sort_unstable_by_key(|c| c.0);
+    // `later` is dropped once added to `kept`, the range's first.
+    counts.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 = kept.1.add(later.1);
+        }
+        same
+    });
+}
+
+/// Tallies at or below this many are never compacted while gathered ([`bump`]).
+const COMPACT_FROM: usize = 1 << 16;
+
+/// Adds `t` to range `r` of tallies that arrive mostly in order (a walk in byte order, a
+/// read in heap order), which every reader merges ([`merge`]) before use. When the vector is
+/// full, its tallies are first compacted in place ([`compact`]), and it grows only when that
+/// freed less than a quarter of it: rows that come out of key order (updated rows at the end of a
+/// heap, a few sessions' parts interleaved) each start a tally of their own, and a 10M-row full
+/// read after rounds of churn doubled its vector at the end of the read, beside everything
+/// else the end of a read holds.
 pub(crate) fn bump(counts: &mut Counts, r: i64, t: Tally) {
     match counts.last_mut() {
         Some((last, c)) if *last == r => *c = c.add(t),
-        _ => counts.push((r, t)),
+        _ => {
+            if counts.len() == counts.capacity() && counts.len() >= COMPACT_FROM {
+                compact(counts);
+                if counts.len() > counts.capacity() / 4 * 3 {
+                    counts.reserve(counts.len());
+                }
+            }
+            counts.push((r, t))
+        }
     }
 }
 
@@ -435,6 +461,37 @@ mod tests {
         let (lo, hi) = kr(2, 20).raw_bounds(0);
         assert_eq!((lo, hi), (raw(2, 0), raw(2, i64::from(i16::MAX))));
         assert_eq!(kr(4, 0).value(&raw(8, 1)), None);
+    }
+
+    /// Tallies gathered with compaction along the way (past [`COMPACT_FROM`], in key order
+    /// with runs of scattered keys, as a churned heap gives) merge to what a plain sum per
+    /// range gives, and the vector stays near the number of ranges.
+    #[test]
+    fn tallies_compacted_while_gathered_merge_to_the_same_totals() {
+        let spec = kr(8, 5);
+        let mut values: Vec<i64> = (0..3_000_000).collect();
+        // Every 50th key again, out of order, at the end and in runs in the middle.
+        let scattered: Vec<i64> = (0..3_000_000)
+            .step_by(50)
+            .map(|v| (v * 7919) % 3_000_000)
+            .collect();
+        values.splice(1_000_000..1_000_000, scattered[..20_000].iter().copied());
+        values.extend(&scattered[20_000..]);
+        let mut gathered = Counts::new();
+        let mut want = std::collections::BTreeMap::<i64, Tally>::new();
+        for &v in &values {
+            let (r, t) = spec.tally_of(v);
+            bump(&mut gathered, r, t);
+            let e = want.entry(r).or_default();
+            *e = e.add(t);
+        }
+        let ranges = want.len();
+        assert!(
+            gathered.capacity() < 2 * ranges,
+            "{} tallies held for {ranges} ranges",
+            gathered.capacity()
+        );
+        assert_eq!(merge(gathered), want.into_iter().collect::<Counts>());
     }
 
     #[test]
