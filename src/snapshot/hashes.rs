@@ -232,16 +232,6 @@ impl HashView {
         self.file.read_exact_at(&mut hash, at)?;
         Ok(held(hash))
     }
-
-    /// A cursor for reads of many slots, in any order.
-    pub(crate) fn cursor(&self) -> HashCursor<'_> {
-        HashCursor {
-            view: Some(self),
-            window: u64::MAX,
-            buf: Vec::new(),
-            alone: u64::MAX,
-        }
-    }
 }
 
 /// A slot of all zeros holds no hash: the entry's own stands.
@@ -269,11 +259,12 @@ pub(crate) struct HashCursor<'a> {
     alone: u64,
 }
 
-impl HashCursor<'_> {
-    /// A cursor over no file: every slot has the entry's own hash.
-    pub(crate) fn none() -> HashCursor<'static> {
+impl<'a> HashCursor<'a> {
+    /// A cursor for reads of many slots of `view`, in any order; over no file (`None`), every
+    /// slot has the entry's own hash.
+    pub(crate) fn over(view: Option<&'a HashView>) -> HashCursor<'a> {
         HashCursor {
-            view: None,
+            view,
             window: u64::MAX,
             buf: Vec::new(),
             alone: u64::MAX,
@@ -401,13 +392,13 @@ mod tests {
         order.extend([9_999_999, 17, 3_333_333, 4_999, 70_000, 2, 70_001, 0]);
         order.extend(4_000..4_100);
         order.extend([last - 1, last, last + 1, u32::MAX]);
-        let mut c = view.cursor();
+        let mut c = HashCursor::over(Some(&view));
         for &s in &order {
             let want = (s < 5_000 && s % 3 == 0 || [70_000, 3_333_333, 9_999_999].contains(&s))
                 .then(|| hash(s));
             assert_eq!(view.get_ok(s), want, "slot {s}");
             assert_eq!(c.get(s).unwrap(), want, "slot {s} through the cursor");
         }
-        assert_eq!(HashCursor::none().get(3).unwrap(), None);
+        assert_eq!(HashCursor::over(None).get(3).unwrap(), None);
     }
 }

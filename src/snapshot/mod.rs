@@ -925,10 +925,7 @@ impl Reader {
 
     /// A cursor over this view's hash file, for a walk over many entries.
     fn hash_cursor(&self) -> hashes::HashCursor<'_> {
-        match &self.hashes {
-            Some(h) => h.cursor(),
-            None => hashes::HashCursor::none(),
-        }
+        hashes::HashCursor::over(self.hashes.as_ref())
     }
 
     fn hash_err(&self, e: std::io::Error) -> SnapshotError {
