@@ -949,15 +949,8 @@ impl Reader {
             return Ok(None);
         };
         match t.get(key) {
-            Ok(Some(v)) => {
-                let mut e = Entry::decode(v.value());
-                if let Some(f) = &self.hashes {
-                    if let Some(h) = f.get(e.slot).map_err(|e| self.hash_err(e))? {
-                        e.hash = h;
-                    }
-                }
-                Ok(Some(e))
-            }
+            // A new cursor reads its first slot alone: one read of 16 bytes.
+            Ok(Some(v)) => Ok(Some(self.entry(v.value(), &mut self.hash_cursor())?)),
             Ok(None) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
