@@ -101,6 +101,8 @@ pub(crate) struct RecorderStats {
     pub(crate) upserted: u64,
     pub(crate) removed: u64,
     pub(crate) commits: u64,
+    /// Commits of the state file fsynced from the run's start to its finish (any sync's).
+    pub(crate) durable: u64,
     /// Stages of scattered records that waited on disk, sorted, before being merged in.
     pub(crate) spilled: u64,
 }
@@ -740,7 +742,8 @@ impl Recorder {
     }
 
     /// Every record of the run was sent: forgets duplicate keys (`forget`, found by the diff, and
-    /// new keys recorded twice, found by the snapshot thread) and commits durably.
+    /// new keys recorded twice, found by the snapshot thread). The commit is not fsynced: the
+    /// run's log record, or the thread's end, makes it durable.
     pub(crate) async fn settle(&self, forget: Vec<Vec<u8>>) -> Result<Settled, SnapshotError> {
         let sync = self.sync.clone();
         self.ask(|reply| Command::Settle {
@@ -1760,6 +1763,48 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert_eq!(r.len(), want.len() as u64);
+    }
+
+    /// A run's control commands are not fsynced but for the writing mark, before its first
+    /// write: a run that writes nothing makes no durable commit, one that writes makes one.
+    /// What they committed is there when the file is opened again.
+    #[test]
+    fn only_the_writing_mark_is_fsynced_within_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.redb");
+        let how = BeginOptions::default();
+        let one = |key: &[u8]| {
+            let mut c = Committed::default();
+            c.keys.push(key);
+            c.entries.push(([7; 16], None));
+            c
+        };
+        {
+            let (snap, rt, rec) = testing::begun(&path, "f");
+            rt.block_on(rec.record(one(b"a"))).unwrap();
+            rt.block_on(rec.settle(Vec::new())).unwrap();
+            let stats = rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+            assert_eq!((stats.upserted, stats.durable), (1, 0));
+
+            let (_, rec) = rt.block_on(snap.begin("f", "k", "r", how)).unwrap();
+            let p = rt.block_on(rec.begin_write()).unwrap();
+            rt.block_on(rec.record(one(b"b"))).unwrap();
+            p.accounted();
+            rt.block_on(rec.settle(Vec::new())).unwrap();
+            let stats = rt.block_on(rec.finish(Some("r".into()), None)).unwrap();
+            assert_eq!((stats.upserted, stats.durable), (1, 1));
+        }
+        let snap = Snapshot::open(&path, 1 << 20).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (b, _rec) = rt.block_on(snap.begin("f", "k", "r", how)).unwrap();
+        assert!(!b.rewrite_all && !b.rebuild, "{:?}", b.notes);
+        let r = snap.reader("f").unwrap();
+        assert_eq!(r.len(), 2);
+        assert!(r.get(b"a").unwrap().is_some() && r.get(b"b").unwrap().is_some());
+        let syncs = snap.syncs().unwrap();
+        assert!(!syncs.iter().find(|(n, ..)| n == "f").unwrap().1.writing);
     }
 
     /// A run that began a destination write and did not account for it (killed, or its write

@@ -6,8 +6,15 @@
 //! serial, so they run on this one thread and never on a tokio worker.
 //!
 //! Row records are grouped into transactions of at most [`COMMIT_OPS`] operations that are not
-//! fsynced, with a durable commit at least every [`DURABLE_EVERY`], on every control command, and
-//! when the thread ends. Batches whose keys come scattered (random keys such as UUIDs) are first
+//! fsynced, with a durable commit at least every [`DURABLE_EVERY`] and when the thread ends. Of
+//! the control commands, three commit durably (each makes every commit before it durable): the
+//! writing mark, before the run's first write to the destination; a run's log record, its
+//! durable end; and a run's start when it lets hash files go (they are removed only then). The
+//! others (start, switch to a full read, settle, finish, close, rejected rows) are carried by the
+//! next durable commit: a crash before it leaves the file as it was before them, which is either
+//! the state before a run that wrote nothing, or a run that wrote with its writing mark set. A
+//! no-change run makes one durable commit, where it made six (docs/performance.md, "Fewer
+//! fsyncs per run"). Batches whose keys come scattered (random keys such as UUIDs) are first
 //! staged in memory, up to [`STAGE_BYTES`], and applied in key order (before any control
 //! command, and before a removal or stale mark of the same sync); a full stage that is small
 //! beside the sync's entries waits on disk instead, sorted, to be merged with the next ones
@@ -50,7 +57,7 @@ use crate::key_ranges::{self, RangeSpec, PER_RANGE};
 /// A transaction ends after this many operations, bounding redb's dirty pages in memory
 /// (scattered updates can dirty one 4 KiB page each). Such commits are not fsynced ...
 const COMMIT_OPS: usize = 10_000;
-/// ... but one is made durable at least this often, on every control command, and at the end.
+/// ... but one is made durable at least this often, and at the end.
 const DURABLE_EVERY: Duration = Duration::from_secs(2);
 
 /// Row records of committed rows are staged in memory up to this many bytes (keys and
@@ -153,6 +160,8 @@ struct RunState {
     gate: Arc<Gate>,
     /// A dry run: its metadata is never saved.
     dry: bool,
+    /// [`Owner::durable`] before the run's start.
+    durable_from: u64,
 }
 
 pub(super) struct Owner {
@@ -176,6 +185,8 @@ pub(super) struct Owner {
     last_durable: Instant,
     /// A commit since the last durable one was not fsynced.
     undurable: bool,
+    /// Durable commits made.
+    durable: u64,
 }
 
 impl Owner {
@@ -193,6 +204,7 @@ impl Owner {
             stage_limit: STAGE_BYTES,
             last_durable: Instant::now(),
             undurable: false,
+            durable: 0,
         }
     }
 
@@ -318,8 +330,8 @@ impl Owner {
                 Err(TryRecvError::Disconnected) => closed = true,
             }
         }
-        let durable = control.is_some() || closed;
-        self.end_txn(txn, &touched, result, durable);
+        // A control command that follows commits as durably as it needs to.
+        self.end_txn(txn, &touched, result, closed);
         control.or(next)
     }
 
@@ -341,10 +353,7 @@ impl Owner {
         });
         match committed {
             Ok(()) => {
-                self.undurable = !durable;
-                if durable {
-                    self.last_durable = Instant::now();
-                }
+                self.committed(durable);
                 for s in touched {
                     if let Some(run) = self.runs.get_mut(s) {
                         run.stats.commits += 1;
@@ -749,7 +758,8 @@ impl Owner {
         Ok(done)
     }
 
-    /// Serves a control command; each makes everything before it durable.
+    /// Serves a control command (after the staged row records), committed as durably as the
+    /// module's introduction says.
     fn control(&mut self, cmd: Command) {
         match cmd {
             Command::Begin {
@@ -792,7 +802,7 @@ impl Owner {
                 let _ = reply.send(self.log_run(&json));
             }
             Command::SetRejections { sync, json, reply } => {
-                let r = self.durable_commit(|txn| {
+                let r = self.quick_commit(|txn| {
                     let mut t = txn.open_table(REJECTED)?;
                     t.insert(sync.as_str(), json.as_str())?;
                     Ok(())
@@ -808,13 +818,42 @@ impl Owner {
         &mut self,
         f: impl FnOnce(&WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, SnapshotError> {
+        self.commit_with(f, |_| true)
+    }
+
+    /// Runs `f` in a write transaction committed without an fsync ([`NOT_DURABLE`]).
+    fn quick_commit<T>(
+        &mut self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, SnapshotError> {
+        self.commit_with(f, |_| false)
+    }
+
+    /// Runs `f` in a write transaction and commits it, durably when `durable` says so of what
+    /// `f` returned.
+    fn commit_with<T>(
+        &mut self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, redb::Error>,
+        durable: impl FnOnce(&T) -> bool,
+    ) -> Result<T, SnapshotError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        self.commit(&mut txn, true)?;
         let v = f(&txn).map_err(|e| self.err(e))?;
+        let durable = durable(&v);
+        self.commit(&mut txn, durable)?;
         txn.commit().map_err(|e| self.err(e))?;
-        self.undurable = false;
-        self.last_durable = Instant::now();
+        self.committed(durable);
         Ok(v)
+    }
+
+    /// Notes a commit: a durable one makes every commit before it durable.
+    fn committed(&mut self, durable: bool) {
+        if durable {
+            self.undurable = false;
+            self.last_durable = Instant::now();
+            self.durable += 1;
+        } else {
+            self.undurable = true;
+        }
     }
 
     /// Runs `f` in a write transaction that is aborted: what it would change, without changing
@@ -842,12 +881,13 @@ impl Owner {
     ) -> Result<Begin, SnapshotError> {
         let mut notes = Vec::new();
         let mut cleared = false;
-        // Hash files of entries cleared here: removed once that is committed.
-        let mut dropped: Vec<u64> = Vec::new();
         // The handle is opened again from the metadata this decides.
         self.hashes.remove(sync);
+        let durable_from = self.durable;
         let state = self.file.clone();
         let decide = |txn: &WriteTransaction| {
+            // Hash files of entries cleared here: removed once that is durably committed.
+            let mut dropped: Vec<u64> = Vec::new();
             let mut table = txn.open_table(META)?;
             let old: Option<SyncMeta> = match table.get(&**sync)? {
                 Some(v) => Some(serde_json::from_str(v.value()).map_err(storage)?),
@@ -915,17 +955,23 @@ impl Owner {
             for item in txn.open_table(free_def(&free_n))?.iter()? {
                 free.push(item?.0.value());
             }
-            Ok((meta, free))
+            Ok((meta, free, dropped))
         };
-        // A dry run decides the same in a transaction it throws away: it writes nothing.
+        // A dry run decides the same in a transaction it throws away: it writes nothing. A
+        // run's start is committed without an fsync unless hash files are let go: those are
+        // removed only once no crash can bring back the entries that point into them.
         let (meta, free) = match how.dry_run {
-            true => self.trial(decide)?,
+            true => {
+                let (meta, free, _) = self.trial(decide)?;
+                (meta, free)
+            }
             false => {
-                let decided = self.durable_commit(decide)?;
+                let (meta, free, dropped) =
+                    self.commit_with(decide, |(_, _, dropped)| !dropped.is_empty())?;
                 for id in dropped {
                     hashes::remove(&self.file, id);
                 }
-                decided
+                (meta, free)
             }
         };
         let rebuild = meta.rebuild_pending && how.target_has_rows && !how.full_resync;
@@ -948,6 +994,7 @@ impl Owner {
                 failed,
                 gate,
                 dry: how.dry_run,
+                durable_from,
             },
         );
         Ok(Begin {
@@ -984,22 +1031,24 @@ impl Owner {
                 keys: Arc::new(keys),
                 rows: 0..n,
             };
-            let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+            let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
             self.apply(&txn, cmd)?;
             self.write_meta(&txn, std::slice::from_ref(sync))?;
+            self.commit(&mut txn, false)?;
             txn.commit().map_err(|e| self.err(e))?;
+            self.committed(false);
         }
-        self.durable_commit(|_| Ok(()))?;
         Ok(Settled {
             duplicates: count,
             duplicate_keys: found,
         })
     }
 
-    /// Changes the metadata of a run that is going, and saves it durably.
+    /// Changes the metadata of a run that is going, and saves it (durably when `durable`).
     fn update_meta(
         &mut self,
         sync: &Arc<str>,
+        durable: bool,
         change: impl FnOnce(&mut SyncMeta),
     ) -> Result<(), SnapshotError> {
         self.run_failed(sync)?;
@@ -1011,23 +1060,32 @@ impl Owner {
             return Err(self.err(format!("a dry run of sync '{sync}' writes nothing")));
         }
         let meta = run.meta.clone();
-        self.save_meta(sync, &meta)
+        self.save_meta(sync, &meta, durable)
     }
 
-    fn save_meta(&mut self, sync: &str, meta: &SyncMeta) -> Result<(), SnapshotError> {
+    fn save_meta(
+        &mut self,
+        sync: &str,
+        meta: &SyncMeta,
+        durable: bool,
+    ) -> Result<(), SnapshotError> {
         let json = serde_json::to_string(meta).map_err(|e| self.err(e))?;
-        self.durable_commit(|txn| {
+        let save = |txn: &WriteTransaction| {
             txn.open_table(META)?.insert(sync, json.as_str())?;
             Ok(())
-        })
+        };
+        self.commit_with(save, |_| durable)
     }
 
+    /// Not durable: a write to the destination is preceded by the durable writing mark, which
+    /// carries this; a crash before it leaves the state file as it was before the run.
     fn drop_basis(&mut self, sync: &Arc<str>) -> Result<(), SnapshotError> {
-        self.update_meta(sync, |m| m.basis = None)
+        self.update_meta(sync, false, |m| m.basis = None)
     }
 
+    /// Durable before the run's first write to the destination.
     fn mark_writing(&mut self, sync: &Arc<str>) -> Result<(), SnapshotError> {
-        self.update_meta(sync, |m| m.writing = true)
+        self.update_meta(sync, true, |m| m.writing = true)
     }
 
     fn finish(
@@ -1050,9 +1108,12 @@ impl Owner {
             run.meta.writing = false;
         }
         if !run.dry {
-            self.save_meta(sync, &run.meta)?;
+            // Not durable: the run's log record follows, durably (a crash before it leaves the
+            // writing mark of a run that wrote, and the entries are rebuilt from the target).
+            self.save_meta(sync, &run.meta, false)?;
             run.stats.commits += 1;
         }
+        run.stats.durable = self.durable - run.durable_from;
         Ok(run.stats)
     }
 
@@ -1071,7 +1132,7 @@ impl Owner {
             return Ok(());
         }
         run.meta.writing = false;
-        self.save_meta(sync, &run.meta)
+        self.save_meta(sync, &run.meta, false)
     }
 
     fn log_run(&mut self, json: &str) -> Result<u64, SnapshotError> {

@@ -509,7 +509,7 @@ async fn rebuild_from_target(
     let null = vec![AnyDestination::Null(NullDestination)];
     let piped = pipeline(&env, read, null, &empty, cfg, &rctx, None).await?;
     completed(&ctx.stop, &piped, name)?;
-    // Commit what was recorded durably before reading it back.
+    // Apply what was recorded (staged records too) before reading it back.
     recorder.settle(Vec::new()).await?;
     Ok((
         Arc::new(snapshot.reader(name)?),
