@@ -191,6 +191,17 @@ pub struct Rep {
     pub summary: Option<serde_json::Value>,
 }
 
+impl ScenarioResult {
+    /// The lowest ratio of its repetitions (the median when it has none).
+    pub fn best_ratio(&self) -> f64 {
+        self.reps
+            .iter()
+            .map(|r| r.ratio)
+            .reduce(f64::min)
+            .unwrap_or(self.ratio)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
     pub scenario: Scenario,
@@ -278,8 +289,9 @@ pub async fn run(args: BenchArgs) -> Result<i32, Error> {
 
 /// Runs the scenarios and, with `--baseline`, the regression gate: a scenario over its limit
 /// is measured once more (all its repetitions again, after a fresh untimed sync) and counts as
-/// a regression only when that second measurement is over the limit too. A busy minute on a
-/// shared machine then fails neither; a real regression fails both.
+/// a regression only when that second measurement is over the limit too, in its median and in
+/// its best repetition (against the baseline's best). A busy minute on a shared machine then
+/// fails neither; a real regression slows every repetition of both.
 async fn measure(
     args: &BenchArgs,
     s: &Setup,
@@ -311,13 +323,22 @@ async fn measure(
     again.scenarios.dedup();
     let second = scenarios(&again, s, &mut round).await?;
     print_table(&second);
+    let best = compare_best(&second, base, args.max_regression);
     let confirmed: Vec<String> = compare(&second, base, args.max_regression)
         .into_iter()
         .filter_map(|r| {
             let before = first.iter().find(|f| f.label == r.label)?;
+            let Some(b) = best.iter().find(|b| b.label == r.label) else {
+                eprintln!(
+                    "pgdelta bench: {}: over the limit again, but its best repetition is \
+                     within it: a busy machine, not counted as a regression",
+                    r.message
+                );
+                return None;
+            };
             Some(format!(
-                "{} (first measurement {:.3})",
-                r.message, before.ratio
+                "{}; {} (first measurement {:.3})",
+                r.message, b.message, before.ratio
             ))
         })
         .collect();
@@ -344,8 +365,28 @@ pub struct Regression {
     pub message: String,
 }
 
-/// Scenario ratios that grew more than `max_pct` percent over the baseline's.
+/// Scenario ratios (medians) that grew more than `max_pct` percent over the baseline's.
 pub fn compare(cur: &BenchReport, base: &BenchReport, max_pct: f64) -> Vec<Regression> {
+    compare_by(cur, base, max_pct, "ratio", |s| s.ratio)
+}
+
+/// Scenarios whose best repetition's ratio grew more than `max_pct` percent over the
+/// baseline's best: a regression of the code slows every repetition, a busy machine seldom
+/// does (the CI run of 58af9ee measured nochange 1.75x and 2.10x, medians, against 1.27x,
+/// with repetitions at 1.25x and 1.05x among them; see bench/README.md).
+pub fn compare_best(cur: &BenchReport, base: &BenchReport, max_pct: f64) -> Vec<Regression> {
+    compare_by(cur, base, max_pct, "best repetition's ratio", |s| {
+        s.best_ratio()
+    })
+}
+
+fn compare_by(
+    cur: &BenchReport,
+    base: &BenchReport,
+    max_pct: f64,
+    what: &str,
+    ratio: impl Fn(&ScenarioResult) -> f64,
+) -> Vec<Regression> {
     let mut out = Vec::new();
     for c in &cur.scenarios {
         let same =
@@ -353,18 +394,16 @@ pub fn compare(cur: &BenchReport, base: &BenchReport, max_pct: f64) -> Vec<Regre
         let Some(b) = base.scenarios.iter().find(same) else {
             continue;
         };
-        let limit = b.ratio * (1.0 + max_pct / 100.0);
-        if c.ratio > limit {
+        let (now, then) = (ratio(c), ratio(b));
+        if now > then * (1.0 + max_pct / 100.0) {
             out.push(Regression {
                 label: c.label(),
-                ratio: c.ratio,
+                ratio: now,
                 message: format!(
-                    "{}: ratio to the {} is {:.3}, baseline {:.3} (+{:.0}%, allowed +{:.0}%)",
+                    "{}: {what} to the {} is {now:.3}, baseline {then:.3} (+{:.0}%, allowed +{:.0}%)",
                     c.label(),
                     c.baseline,
-                    c.ratio,
-                    b.ratio,
-                    100.0 * (c.ratio / b.ratio - 1.0),
+                    100.0 * (now / then - 1.0),
                     max_pct
                 ),
             });
@@ -623,14 +662,17 @@ async fn scenarios(args: &BenchArgs, s: &Setup, round: &mut u32) -> Result<Bench
         rows: args.rows,
         bytes,
         reps: args.reps,
-        machine: machine(),
+        machine: machine(s.dir.path()),
         server,
         scenarios: results,
         confirmations: Vec::new(),
     })
 }
 
-fn machine() -> String {
+/// Cores, memory, and the median time of an fsync'd 4 KiB write in `dir` (where the state file
+/// is): every run pays a few (docs/performance.md, "Fewer fsyncs per run"), so on a disk where
+/// one takes tens of milliseconds they are a large part of a small table's sync.
+fn machine(dir: &Path) -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -643,7 +685,27 @@ fn machine() -> String {
         })
         .and_then(|kb| kb.parse::<u64>().ok())
         .unwrap_or(0);
-    format!("{cores} cores, {} GiB", mem >> 20)
+    let fsync = match fsync_ms(dir) {
+        Ok(ms) => format!("{ms:.1} ms"),
+        Err(e) => format!("not measured ({e})"),
+    };
+    format!("{cores} cores, {} GiB, fsync {fsync}", mem >> 20)
+}
+
+fn fsync_ms(dir: &Path) -> std::io::Result<f64> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let mut times = Vec::new();
+    for _ in 0..8 {
+        let start = Instant::now();
+        f.write_all(&[0u8; 4096])?;
+        f.sync_data()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(median(times))
 }
 
 /// Runs `pgdelta sync` (or `verify`) on the bench table as a child process; returns its wall
@@ -822,6 +884,51 @@ mod tests {
                 .collect(),
             confirmations: vec![],
         }
+    }
+
+    /// The confirmation's second test: the best repetitions against the baseline's best.
+    #[test]
+    fn regression_gate_compares_best_repetitions() {
+        let with_reps = |ratios: &[f64]| {
+            let mut r = report(&[(Scenario::Nochange, ratios[ratios.len() / 2])]);
+            r.scenarios[0].reps = ratios
+                .iter()
+                .map(|&ratio| Rep {
+                    wall_s: ratio,
+                    baseline_s: 1.0,
+                    ratio,
+                    rows_per_s: 0.0,
+                    mb_per_s: 0.0,
+                    peak_rss_bytes: 0,
+                    cpu_s: 0.0,
+                    batches: 0,
+                    written: 0,
+                    deleted: 0,
+                    timeouts: 0,
+                    batch_latency_ms: [0.0; 3],
+                    summary: None,
+                })
+                .collect();
+            r
+        };
+        let base = with_reps(&[1.0, 1.1, 1.3]);
+        // The CI run's second measurement: a busy machine, one repetition as fast as ever.
+        let busy = with_reps(&[1.05, 2.1, 2.4]);
+        assert_eq!(compare(&busy, &base, 30.0).len(), 1);
+        assert!(compare_best(&busy, &base, 30.0).is_empty());
+        // Every repetition slower by half: a regression by both tests.
+        let slower = with_reps(&[1.5, 1.65, 1.95]);
+        assert_eq!(compare(&slower, &base, 30.0).len(), 1);
+        let r = compare_best(&slower, &base, 30.0);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].ratio, 1.5);
+        assert!(r[0].message.contains("best repetition's ratio"), "{r:?}");
+        // Without repetitions, the median stands for the best.
+        let plain = report(&[(Scenario::Nochange, 1.5)]);
+        assert_eq!(
+            compare_best(&plain, &report(&[(Scenario::Nochange, 1.0)]), 30.0).len(),
+            1
+        );
     }
 
     #[test]
