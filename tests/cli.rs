@@ -375,6 +375,10 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
     let mut better = r.clone();
     for s in better["scenarios"].as_array_mut().unwrap() {
         s["ratio"] = serde_json::json!(0.01);
+        // The confirmation holds the best repetition to the baseline's best too.
+        for rep in s["reps"].as_array_mut().unwrap() {
+            rep["ratio"] = serde_json::json!(0.01);
+        }
     }
     std::fs::write(&json, serde_json::to_string(&better).unwrap()).unwrap();
     let o = bench(&[

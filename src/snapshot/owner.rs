@@ -821,7 +821,8 @@ impl Owner {
         self.commit_with(f, |_| true)
     }
 
-    /// Runs `f` in a write transaction committed without an fsync ([`NOT_DURABLE`]).
+    /// Runs `f` in a write transaction committed without an fsync (the next durable commit
+    /// carries it).
     fn quick_commit<T>(
         &mut self,
         f: impl FnOnce(&WriteTransaction) -> Result<T, redb::Error>,
