@@ -191,17 +191,6 @@ pub struct Rep {
     pub summary: Option<serde_json::Value>,
 }
 
-impl ScenarioResult {
-    /// The lowest ratio of its repetitions (the median when it has none).
-    pub fn best_ratio(&self) -> f64 {
-        self.reps
-            .iter()
-            .map(|r| r.ratio)
-            .reduce(f64::min)
-            .unwrap_or(self.ratio)
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
     pub scenario: Scenario,
@@ -218,6 +207,17 @@ pub struct ScenarioResult {
     pub cpu_s: f64,
     pub meets_target: Option<bool>,
     pub reps: Vec<Rep>,
+}
+
+impl ScenarioResult {
+    /// The lowest ratio of its repetitions (the median when it has none).
+    pub fn best_ratio(&self) -> f64 {
+        self.reps
+            .iter()
+            .map(|r| r.ratio)
+            .reduce(f64::min)
+            .unwrap_or(self.ratio)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
