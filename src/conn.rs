@@ -11,14 +11,19 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::config::Host;
-use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, Connection, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{pg_message, Error};
 use crate::ssh::{Forward, SshSettings, Tunnel, TunnelError, TunnelStream};
+use crate::tap::{Session, Tap, TapTls, Tapped};
 
 /// A connection string with its secret kept out of every rendering.
 #[derive(Clone)]
@@ -109,20 +114,14 @@ impl ConnInfo {
         role: &'static str,
         settings: &[(&str, String)],
     ) -> Result<Client, Error> {
-        let mut config = self.config.clone();
-        let mut options = config.get_options().unwrap_or("").to_string();
-        for (name, value) in settings {
-            options.push_str(&format!(" -c {name}={}", escape_option(value)));
-        }
-        config.options(options.trim());
-        config.application_name("pgdelta");
+        let config = self.session_config(settings);
         let connect_err = |e: tokio_postgres::Error| Error::Connect {
             role,
             target: self.shown.clone(),
             message: pg_message(&e),
         };
-        if let Some(tunnel) = &self.tunnel {
-            return self.connect_through(tunnel, &config, role).await;
+        if self.tunnel.is_some() {
+            return self.connect_each(&config, role, None).await;
         }
         let client = match &self.tls {
             None => {
@@ -142,16 +141,61 @@ impl ConnInfo {
         Ok(client)
     }
 
-    /// Tries each host of the connection string through `tunnel`, within the connect timeout.
-    async fn connect_through(
+    /// A source session for reads whose COPY rows reach the reader in chunks, past
+    /// tokio-postgres' per-message path (see [`crate::tap`]): pgdelta opens its socket (or its
+    /// channel through the bastion) and puts a tap on it. A connection string with several
+    /// hosts, `hostaddr`, `target_session_attrs` or host load balancing gets an untapped
+    /// session from [`Self::connect`], which handles those.
+    pub(crate) async fn connect_reader(
         &self,
-        tunnel: &Tunnel,
+        role: &'static str,
+        settings: &[(&str, String)],
+    ) -> Result<Session, Error> {
+        if !self.one_host() {
+            return Ok(Session::plain(self.connect(role, settings).await?));
+        }
+        let config = self.session_config(settings);
+        let tap = Tap::default();
+        let client = self.connect_each(&config, role, Some(&tap)).await?;
+        Ok(Session::new(client, Some(tap)))
+    }
+
+    /// One host, reached as written: pgdelta can open the session's socket itself.
+    fn one_host(&self) -> bool {
+        use tokio_postgres::config::{LoadBalanceHosts, TargetSessionAttrs};
+        let c = &self.config;
+        hosts(c).len() == 1
+            && c.get_hostaddrs().is_empty()
+            && c.get_target_session_attrs() == TargetSessionAttrs::Any
+            && c.get_load_balance_hosts() == LoadBalanceHosts::Disable
+    }
+
+    /// The connection string with the session's startup options.
+    fn session_config(&self, settings: &[(&str, String)]) -> Config {
+        let mut config = self.config.clone();
+        let mut options = config.get_options().unwrap_or("").to_string();
+        for (name, value) in settings {
+            options.push_str(&format!(" -c {name}={}", escape_option(value)));
+        }
+        config.options(options.trim());
+        config.application_name("pgdelta");
+        config
+    }
+
+    /// Tries each host of the connection string, over a socket (or bastion channel) pgdelta
+    /// opens, within the connect timeout; the session's socket carries `tap` when given.
+    async fn connect_each(
+        &self,
         config: &Config,
         role: &'static str,
+        tap: Option<&Tap>,
     ) -> Result<Client, Error> {
         let mut last = None;
         for (host, port) in hosts(config) {
-            let attempt = self.session_through(tunnel, config, &host, port);
+            let attempt = async {
+                let wire = self.open_wire(config, &host, port).await?;
+                self.session_on(wire, config, &host, tap.cloned()).await
+            };
             let result = match config.get_connect_timeout() {
                 Some(t) => tokio::time::timeout(*t, attempt).await.unwrap_or_else(|_| {
                     Err(TunnelError {
@@ -179,42 +223,78 @@ impl ConnInfo {
         })
     }
 
-    /// One session to `host`:`port` over a new channel through `tunnel`; TLS inside the
-    /// channel names the database's host, so `verify-full` checks it.
-    async fn session_through(
+    /// A byte stream to `host`:`port`: through the bastion, or a socket as tokio-postgres
+    /// opens one (TCP without delay, with the connection string's keepalives).
+    async fn open_wire(
         &self,
-        tunnel: &Tunnel,
         config: &Config,
         host: &Host,
         port: u16,
+    ) -> Result<Wire, TunnelError> {
+        if let Some(tunnel) = &self.tunnel {
+            return Ok(Wire::Tunnel(tunnel.open(forward(host, port)).await?));
+        }
+        let failed = |e: std::io::Error| TunnelError {
+            message: format!("error connecting to server: {e}"),
+            config: false,
+        };
+        match host {
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                Ok(Wire::Unix(UnixStream::connect(path).await.map_err(failed)?))
+            }
+            Host::Tcp(name) => {
+                let mut last = None;
+                for addr in tokio::net::lookup_host((name.as_str(), port))
+                    .await
+                    .map_err(failed)?
+                {
+                    match TcpStream::connect(addr).await {
+                        Ok(stream) => {
+                            tcp_options(&stream, config).map_err(failed)?;
+                            return Ok(Wire::Tcp(stream));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(failed(last.unwrap_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the host")
+                })))
+            }
+        }
+    }
+
+    /// A session over `wire`; TLS inside it names the database's host, so `verify-full`
+    /// checks it; the tap, when given, goes above TLS.
+    async fn session_on(
+        &self,
+        wire: Wire,
+        config: &Config,
+        host: &Host,
+        tap: Option<Tap>,
     ) -> Result<Client, TunnelError> {
         let pg_err = |e: tokio_postgres::Error| TunnelError {
             message: pg_message(&e),
             config: false,
         };
-        let stream = tunnel.open(forward(host, port)).await?;
-        match (&self.tls, host) {
-            (Some(tls), Host::Tcp(name)) => {
-                let connector = tls_for(tls, name)?;
-                let (client, connection) = config
-                    .connect_raw(stream, connector)
-                    .await
-                    .map_err(pg_err)?;
-                spawn(connection);
-                Ok(client)
+        if let (Some(tls), Host::Tcp(name)) = (&self.tls, host) {
+            let inner = tls_for(tls, name)?;
+            return match tap {
+                Some(tap) => over(config, wire, TapTls { inner, tap }).await,
+                None => over(config, wire, inner).await,
             }
-            _ => {
-                // libpq never uses TLS over a Unix socket.
-                let mut config = config.clone();
-                if matches!(host, Host::Unix(_)) {
-                    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                }
-                let (client, connection) =
-                    config.connect_raw(stream, NoTls).await.map_err(pg_err)?;
-                spawn(connection);
-                Ok(client)
-            }
+            .map_err(pg_err);
         }
+        // libpq never uses TLS over a Unix socket.
+        let mut config = config.clone();
+        if matches!(host, Host::Unix(_)) {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        match tap {
+            Some(tap) => over(&config, Tapped::new(wire, tap), NoTls).await,
+            None => over(&config, wire, NoTls).await,
+        }
+        .map_err(pg_err)
     }
 
     /// Cancels the statement running on the session `token` belongs to, over the same TLS
@@ -226,29 +306,31 @@ impl ConnInfo {
             message,
         };
         let pg = |e: tokio_postgres::Error| failed(pg_message(&e));
-        match (&self.tunnel, &self.tls) {
-            (None, None) => token.cancel_query(NoTls).await.map_err(pg),
-            (None, Some(tls)) => token
-                .cancel_query(MakeRustlsConnect::new(tls.clone()))
-                .await
-                .map_err(pg),
-            (Some(tunnel), tls) => {
-                let (host, port) = hosts(&self.config)
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| failed("no host".into()))?;
-                let stream = tunnel
-                    .open(forward(&host, port))
+        // Sessions on a socket pgdelta opened (through the bastion, or tapped readers on one
+        // host) carry no socket settings in their token: cancel over a socket opened the same way.
+        if self.tunnel.is_none() && !self.one_host() {
+            return match &self.tls {
+                None => token.cancel_query(NoTls).await.map_err(pg),
+                Some(tls) => token
+                    .cancel_query(MakeRustlsConnect::new(tls.clone()))
                     .await
-                    .map_err(|e| failed(e.message))?;
-                match (tls, &host) {
-                    (Some(tls), Host::Tcp(name)) => {
-                        let connector = tls_for(tls, name).map_err(|e| failed(e.message))?;
-                        token.cancel_query_raw(stream, connector).await.map_err(pg)
-                    }
-                    _ => token.cancel_query_raw(stream, NoTls).await.map_err(pg),
-                }
+                    .map_err(pg),
+            };
+        }
+        let (host, port) = hosts(&self.config)
+            .into_iter()
+            .next()
+            .ok_or_else(|| failed("no host".into()))?;
+        let wire = self
+            .open_wire(&self.config, &host, port)
+            .await
+            .map_err(|e| failed(e.message))?;
+        match (&self.tls, &host) {
+            (Some(tls), Host::Tcp(name)) => {
+                let connector = tls_for(tls, name).map_err(|e| failed(e.message))?;
+                token.cancel_query_raw(wire, connector).await.map_err(pg)
             }
+            _ => token.cancel_query_raw(wire, NoTls).await.map_err(pg),
         }
     }
 }
@@ -278,12 +360,24 @@ fn forward(host: &Host, port: u16) -> Forward<'_> {
 fn tls_for(
     tls: &rustls::ClientConfig,
     name: &str,
-) -> Result<<MakeRustlsConnect as MakeTlsConnect<TunnelStream>>::TlsConnect, TunnelError> {
+) -> Result<<MakeRustlsConnect as MakeTlsConnect<Wire>>::TlsConnect, TunnelError> {
     let mut make = MakeRustlsConnect::new(tls.clone());
-    MakeTlsConnect::<TunnelStream>::make_tls_connect(&mut make, name).map_err(|e| TunnelError {
+    MakeTlsConnect::<Wire>::make_tls_connect(&mut make, name).map_err(|e| TunnelError {
         message: format!("TLS setup for {name}: {e}"),
         config: true,
     })
+}
+
+/// A session over `stream`, its connection driven on the runtime.
+async fn over<S, T>(config: &Config, stream: S, tls: T) -> Result<Client, tokio_postgres::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: TlsConnect<S>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect_raw(stream, tls).await?;
+    spawn(connection);
+    Ok(client)
 }
 
 /// Drives a session's connection on the runtime until it closes.
@@ -297,6 +391,79 @@ where
             tracing::debug!("connection closed: {e}");
         }
     });
+}
+
+/// TCP without Nagle's delay, and the connection string's keepalives and user timeout, as
+/// tokio-postgres sets them on the sockets it opens.
+fn tcp_options(stream: &TcpStream, config: &Config) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(stream);
+    if let Some(t) = config.get_tcp_user_timeout() {
+        sock.set_tcp_user_timeout(Some(*t))?;
+    }
+    if config.get_keepalives() {
+        let mut keepalive = socket2::TcpKeepalive::new().with_time(config.get_keepalives_idle());
+        if let Some(interval) = config.get_keepalives_interval() {
+            keepalive = keepalive.with_interval(interval);
+        }
+        if let Some(retries) = config.get_keepalives_retries() {
+            keepalive = keepalive.with_retries(retries);
+        }
+        sock.set_tcp_keepalive(&keepalive)?;
+    }
+    Ok(())
+}
+
+/// A byte stream to a server that pgdelta opened: TCP, the server's socket file, or a channel
+/// through the SSH bastion.
+pub(crate) enum Wire {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Tunnel(TunnelStream),
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Wire::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Wire::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Wire::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Wire::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Wire::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Wire::Unix(s) => Pin::new(s).poll_flush(cx),
+            Wire::Tunnel(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Wire::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Wire::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Applies a setting from the service file or the environment unless the connection string

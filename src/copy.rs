@@ -75,6 +75,8 @@ pub enum FrameError {
     AfterTrailer,
     #[error("the COPY stream ended before its trailer (truncated read)")]
     Truncated,
+    #[error("the source sent a message other than CopyData among the COPY's rows")]
+    NotCopyData,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

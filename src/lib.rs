@@ -51,6 +51,7 @@ pub mod spec;
 pub mod split;
 pub mod ssh;
 pub mod sync;
+mod tap;
 pub(crate) mod tls;
 pub mod tools;
 pub mod verify;

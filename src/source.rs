@@ -8,19 +8,24 @@
 //! only a complete read may produce deletes. On a stop the query is cancelled on the server.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_postgres::CopyOutStream;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::conn::ConnInfo;
-use crate::copy::{Block, Framer};
+use crate::copy::{Block, FrameError, Framer};
 use crate::error::{pg_message, Error};
 use crate::plan::Plan;
 use crate::pool::BufPool;
 use crate::sync::stop::Stop;
 use crate::sync::Progress;
+use crate::tap::{Payloads, Session};
 
 /// Session settings of the source read: its own `statement_timeout` (a short role-level one
 /// must not kill a long read), and no idle-in-transaction limit.
@@ -82,7 +87,7 @@ pub(crate) struct Read {
     pub(crate) conn: ConnInfo,
     /// The sessions that read the parts, the run's own first. Shared: a source read's
     /// transaction goes on after the COPY (a count, a key read).
-    pub(crate) clients: Vec<Arc<tokio_postgres::Client>>,
+    pub(crate) clients: Vec<Arc<Session>>,
     /// Rows read before the COPY (rejected rows re-read by key), sent first.
     pub(crate) prelude: Vec<Block>,
     /// `COPY (...) TO STDOUT (FORMAT binary)` statements, columns in the plan's order: the
@@ -184,7 +189,7 @@ impl SourceRead {
     /// One session's share of the read: parts from the queue until it is empty.
     async fn session(
         &self,
-        client: &tokio_postgres::Client,
+        client: &Session,
         queue: &std::sync::Mutex<VecDeque<String>>,
         blocks: &Arc<BufPool>,
     ) -> Result<ReadStats, Error> {
@@ -204,7 +209,7 @@ impl SourceRead {
     /// Streams one COPY statement into framed blocks until its trailer, a stop, or an error.
     async fn part(
         &self,
-        client: &tokio_postgres::Client,
+        session: &Session,
         sql: &str,
         blocks: &Arc<BufPool>,
         stats: &mut ReadStats,
@@ -226,28 +231,26 @@ impl SourceRead {
             sync: self.sync.clone(),
             source: e,
         };
-        let stream = client.copy_out(sql).await.map_err(read_err)?;
-        futures_util::pin_mut!(stream);
+        let mut rows = CopyRows::start(session, sql).await.map_err(read_err)?;
         let ncols = self.plan.columns.len() as u16;
         let nkey = self.plan.nkey as u16;
         let mut framer = Framer::with_pool(ncols, nkey, self.block_bytes, blocks.clone());
-        // One stop future for the whole part, polled only while the stream waits: the stream
-        // branch comes first (`biased`), and a CopyData message (one per row) is usually ready.
-        // Polling a cancellation future takes a mutex; doing it for every row cost CPU the
-        // source backend needs on 2 cores. A stream that never waits is still checked every
-        // 4096 messages.
+        // One stop future for the whole part, polled only while the rows wait: the rows
+        // branch comes first (`biased`), and a chunk of rows is usually ready. Polling a
+        // cancellation future takes a mutex; doing it for every chunk cost CPU the source
+        // backend needs on 2 cores. Rows that never wait are still checked every 4096 chunks.
         let stopped = self.stop.stopped();
         tokio::pin!(stopped);
-        let mut messages = 0u64;
+        let mut chunks = 0u64;
         loop {
-            messages += 1;
+            chunks += 1;
             // Cheap test first: `is_stopped` takes the token's mutex.
-            let stop_now = messages % 4096 == 0 && self.stop.is_stopped();
+            let stop_now = chunks % 4096 == 0 && self.stop.is_stopped();
             let next = match stop_now {
                 true => None,
                 false => tokio::select! {
                     biased;
-                    n = stream.next() => n,
+                    n = rows.next() => n,
                     _ = &mut stopped => None,
                 },
             };
@@ -257,14 +260,14 @@ impl SourceRead {
             }
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(read_err)?;
-            stats.bytes += chunk.len() as u64;
-            framer.push(&chunk).map_err(frame_err)?;
+            stats.bytes += rows.frame(&chunk, &mut framer).map_err(frame_err)?;
             while let Some(block) = framer.take_block() {
                 if !self.send(block, stats).await {
                     return Ok(());
                 }
             }
         }
+        rows.finish().map_err(frame_err)?;
         let last = framer.finish().map_err(frame_err)?;
         if !last.rows.is_empty() {
             self.send(last, stats).await;
@@ -282,5 +285,90 @@ impl SourceRead {
             return false;
         }
         true
+    }
+}
+
+/// A COPY's rows as they arrive: one `CopyData` payload at a time from tokio-postgres, or
+/// chunks of raw `CopyData` messages from the session's tap ([`crate::tap`]).
+enum CopyRows {
+    Plain(Pin<Box<CopyOutStream>>),
+    Tapped {
+        chunks: futures_channel::mpsc::Receiver<Bytes>,
+        /// tokio-postgres' side of the COPY: no rows, then its end or its error.
+        end: Pin<Box<CopyOutStream>>,
+        payloads: Payloads,
+        /// tokio-postgres got a row: the tap lost track of the messages.
+        stray: bool,
+    },
+}
+
+impl CopyRows {
+    /// Starts `sql` on `session`, through its tap when it has one.
+    async fn start(session: &Session, sql: &str) -> Result<CopyRows, tokio_postgres::Error> {
+        let Some(tap) = session.tap() else {
+            return Ok(CopyRows::Plain(Box::pin(session.copy_out(sql).await?)));
+        };
+        let chunks = tap.arm();
+        match session.copy_out(sql).await {
+            Ok(end) => Ok(CopyRows::Tapped {
+                chunks,
+                end: Box::pin(end),
+                payloads: Payloads::default(),
+                stray: false,
+            }),
+            Err(e) => {
+                tap.disarm();
+                Err(e)
+            }
+        }
+    }
+
+    /// The next piece of the COPY; `None` at its end.
+    async fn next(&mut self) -> Option<Result<Bytes, tokio_postgres::Error>> {
+        match self {
+            CopyRows::Plain(stream) => stream.next().await,
+            CopyRows::Tapped {
+                chunks, end, stray, ..
+            } => match chunks.next().await {
+                Some(chunk) => Some(Ok(chunk)),
+                // The tap ends the rows at CopyDone, an error or the connection's end;
+                // tokio-postgres reports which. A row reaching tokio-postgres instead would be
+                // out of order: `finish` fails the read.
+                None => match end.next().await? {
+                    Ok(_) => {
+                        *stray = true;
+                        None
+                    }
+                    Err(e) => Some(Err(e)),
+                },
+            },
+        }
+    }
+
+    /// Frames `chunk`; returns the COPY bytes it held.
+    fn frame(&mut self, chunk: &Bytes, framer: &mut Framer) -> Result<u64, FrameError> {
+        match self {
+            CopyRows::Plain(_) => {
+                framer.push(chunk)?;
+                Ok(chunk.len() as u64)
+            }
+            CopyRows::Tapped { payloads, .. } => {
+                let mut bytes = 0;
+                payloads.feed(chunk, |p| {
+                    bytes += p.len() as u64;
+                    framer.push(p)
+                })?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// Checks that the tap's messages ended whole.
+    fn finish(&self) -> Result<(), FrameError> {
+        match self {
+            CopyRows::Plain(_) => Ok(()),
+            CopyRows::Tapped { stray: true, .. } => Err(FrameError::NotCopyData),
+            CopyRows::Tapped { payloads, .. } => payloads.finish(),
+        }
     }
 }

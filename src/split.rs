@@ -24,6 +24,8 @@ use std::sync::Arc;
 use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
+use crate::tap::Session;
+
 use crate::conn::ConnInfo;
 use crate::error::Error;
 use crate::plan::{Plan, SourceTable, SplitBy};
@@ -116,7 +118,7 @@ pub(crate) struct Split {
     conn: ConnInfo,
     settings: Vec<(&'static str, String)>,
     sync: String,
-    opened: OnceCell<Vec<Arc<Client>>>,
+    opened: OnceCell<Vec<Arc<Session>>>,
 }
 
 impl Split {
@@ -128,7 +130,7 @@ impl Split {
     /// The helper sessions, opened on first use, each in a transaction on the run's snapshot.
     /// A helper that cannot connect (the source is out of connections) is left out with a
     /// warning: the parts are shared, so fewer sessions read them all the same.
-    pub(crate) async fn helpers(&self) -> Result<&[Arc<Client>], Error> {
+    pub(crate) async fn helpers(&self) -> Result<&[Arc<Session>], Error> {
         let opened = self
             .opened
             .get_or_try_init(|| async {
@@ -152,8 +154,8 @@ impl Split {
 
     /// A new session in a transaction on the run's snapshot: a helper of the read, or one for
     /// work beside it.
-    pub(crate) async fn open_helper(&self) -> Result<Client, Error> {
-        let client = self.conn.connect("source", &self.settings).await?;
+    pub(crate) async fn open_helper(&self) -> Result<Session, Error> {
+        let client = self.conn.connect_reader("source", &self.settings).await?;
         let sql = format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
             self.snapshot_id

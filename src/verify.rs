@@ -281,7 +281,7 @@ async fn read_side(
 ) -> Result<Side, Error> {
     let pipe = PipelineSettings::default();
     let settings = crate::source::session_settings(spec.read_timeout);
-    let client = Arc::new(conn.connect(role, &settings).await?);
+    let client = Arc::new(conn.connect_reader(role, &settings).await?);
     let read = Read {
         conn: conn.clone(),
         clients: vec![client],

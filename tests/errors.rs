@@ -213,3 +213,41 @@ async fn duplicate_new_keys_in_different_batches_are_found_by_the_recorder() {
     env.assert_same("SELECT * FROM a ORDER BY id", "SELECT * FROM a ORDER BY id")
         .await;
 }
+
+/// A source error after many rows (the read's rows come off the socket in chunks, past
+/// tokio-postgres): the run fails with the server's message, deletes nothing, and a fixed
+/// model then syncs every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_error_in_the_middle_of_the_read_fails_the_run_and_deletes_nothing() {
+    let env = env_with(
+        "CREATE TABLE big (id int PRIMARY KEY, v text); INSERT INTO big SELECT i, md5(i::text) FROM generate_series(1, 200000) i",
+        "CREATE TABLE big (id int PRIMARY KEY, v text); INSERT INTO big VALUES (-1, 'only here')",
+    )
+    .await;
+    let mut spec = env.spec("big", &["id"]);
+    spec.delete = true;
+    spec.model = Model::Query(
+        "SELECT id, CASE WHEN id = 150000 THEN (1 / (id - 150000))::text ELSE v END AS v FROM big ORDER BY id"
+            .into(),
+    );
+    let e = env.sync(&spec).await.unwrap_err();
+    let m = e.to_string();
+    assert!(matches!(e, Error::SourceRead { .. }), "{e:?}");
+    assert!(
+        m.contains("sync 'big'") && m.contains("division by zero"),
+        "{m}"
+    );
+    assert_eq!(
+        Env::count(&env.dst, "big WHERE id = -1").await,
+        1,
+        "a failed read deletes nothing"
+    );
+    spec.model = Model::Query("SELECT id, v FROM big".into());
+    let s = env.sync(&spec).await.unwrap();
+    assert_eq!(s.removed, 1);
+    env.assert_same(
+        "SELECT * FROM big ORDER BY id",
+        "SELECT * FROM big ORDER BY id",
+    )
+    .await;
+}

@@ -469,7 +469,9 @@ async fn rebuild_from_target(
     let settings = crate::source::session_settings(env.spec.read_timeout);
     let read = Read {
         conn: env.dest.clone(),
-        clients: vec![Arc::new(env.dest.connect("destination", &settings).await?)],
+        clients: vec![Arc::new(
+            env.dest.connect_reader("destination", &settings).await?,
+        )],
         prelude: Vec::new(),
         copies: vec![info.plan.target_copy_sql()],
         of: ReadOf::Target,
@@ -648,7 +650,7 @@ fn decide_read(
 struct Prepared {
     info: RunInfo,
     /// The source session the read runs on, in the read's transaction.
-    src: Arc<tokio_postgres::Client>,
+    src: Arc<crate::tap::Session>,
     recorder: Recorder,
     /// The snapshot as it was when the run began.
     reader: Arc<Reader>,
@@ -667,7 +669,7 @@ struct Prepared {
 async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Error> {
     let (spec, name) = (env.spec, &env.spec.name);
     let read_settings = crate::source::session_settings(spec.read_timeout);
-    let src = env.source.connect("source", &read_settings).await?;
+    let src = env.source.connect_reader("source", &read_settings).await?;
     let control = env
         .dest
         .connect("destination", &sink::session_settings())

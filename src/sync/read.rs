@@ -44,7 +44,7 @@ pub(super) struct Inputs<'a> {
     pub(super) recorder: &'a Recorder,
     pub(super) ctx: &'a Arc<ApplyCtx>,
     /// The source session, in the read's `REPEATABLE READ` transaction.
-    pub(super) session: Arc<tokio_postgres::Client>,
+    pub(super) session: Arc<crate::tap::Session>,
     /// Table models read by several sessions: the parts and the helper sessions.
     pub(super) split: Option<&'a Split>,
 }
@@ -675,7 +675,7 @@ impl Inputs<'_> {
     }
 
     /// The read's sessions: this one, and the helpers of a split read.
-    async fn sessions(&self) -> Result<Vec<Arc<tokio_postgres::Client>>, Error> {
+    async fn sessions(&self) -> Result<Vec<Arc<crate::tap::Session>>, Error> {
         let mut clients = vec![self.session.clone()];
         if let Some(split) = self.split {
             clients.extend(split.helpers().await?.iter().cloned());
@@ -977,7 +977,7 @@ impl CountQueue {
     /// snapshot) until none is left: what they counted.
     async fn run(
         &self,
-        clients: &[Arc<tokio_postgres::Client>],
+        clients: &[Arc<crate::tap::Session>],
         sync: &str,
     ) -> Result<Counted, Error> {
         let next = || self.sqls.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -1008,11 +1008,7 @@ impl CountQueue {
 impl SideCount {
     /// What the side session counted, with the given sessions (free now: the read has
     /// ended) taking the parts it has not begun.
-    async fn join(
-        self,
-        free: &[Arc<tokio_postgres::Client>],
-        sync: &str,
-    ) -> Result<Counted, Error> {
+    async fn join(self, free: &[Arc<crate::tap::Session>], sync: &str) -> Result<Counted, Error> {
         let (mine, helped) = tokio::join!(
             async { self.task.await.map_err(crate::error::join_err)? },
             self.queue.run(free, sync)
