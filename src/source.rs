@@ -13,10 +13,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio_postgres::CopyOutStream;
-
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio_postgres::CopyOutStream;
 
 use crate::conn::ConnInfo;
 use crate::copy::{Block, FrameError, Framer};

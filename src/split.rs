@@ -24,11 +24,10 @@ use std::sync::Arc;
 use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
-use crate::tap::Session;
-
 use crate::conn::ConnInfo;
 use crate::error::Error;
 use crate::plan::{Plan, SourceTable, SplitBy};
+use crate::tap::Session;
 
 /// With an automatic count, parts of a relation are at least this many 8 KiB blocks (64 MiB),
 /// so each part's COPY costs far more than starting it. A count the user pins splits even a
