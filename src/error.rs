@@ -45,6 +45,9 @@ pub fn classify_sqlstate(code: &str) -> PgErrorKind {
         "57P01" | "57P02" | "57P03" | "53300" => PgErrorKind::Connection,
         // serialization_failure, deadlock_detected, lock_not_available
         "40001" | "40P01" | "55P03" => PgErrorKind::Transient,
+        // in_failed_sql_transaction: a write's transaction was aborted by an error raised after
+        // its statement completed (see `commit` in sink/postgres.rs); the batch is redone.
+        "25P02" => PgErrorKind::Transient,
         c if c.starts_with("08") => PgErrorKind::Connection,
         "53200" => PgErrorKind::TooBig,
         c if c.starts_with("54") => PgErrorKind::TooBig,
@@ -251,6 +254,7 @@ mod tests {
     #[test]
     fn sqlstate_classes() {
         assert_eq!(classify_sqlstate("57014"), PgErrorKind::StatementTimeout);
+        assert_eq!(classify_sqlstate("25P02"), PgErrorKind::Transient);
         assert_eq!(classify_sqlstate("23505"), PgErrorKind::Data);
         assert_eq!(classify_sqlstate("22P02"), PgErrorKind::Data);
         assert_eq!(classify_sqlstate("40P01"), PgErrorKind::Transient);
