@@ -326,7 +326,8 @@ async fn copy(client: &mut Client, sql: &str, tuples: Bytes) -> Result<u64, toki
 /// statement timeout that fired as the statement ended) aborts the transaction unseen, and
 /// `COMMIT` of an aborted transaction answers `ROLLBACK` without an error: the batch would be
 /// counted and recorded but not there (`tests/resilience.rs::statement_timeout_*` lost 188 of
-/// 3,000 rows this way under load). A statement after the write fails in an aborted
+/// 3,000 rows under load before this check; the cause is inferred from that and from the
+/// check ending it, not observed on the wire). A statement after the write fails in an aborted
 /// transaction (SQLSTATE 25P02, retried: [`crate::error::classify_sqlstate`]).
 async fn commit(tx: tokio_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
     tx.batch_execute("SELECT").await?;
