@@ -4,7 +4,7 @@
 //! Binary `COPY ... TO STDOUT` sends one `CopyData` message per row, and tokio-postgres hands
 //! them over one at a time: for each row a message parse, a reference-counted buffer split, and
 //! a trip through the connection task's channel. In a profile of a 10M-row full read that was
-//! about 15% of pgdelta's samples (docs/performance.md, "Rows off the socket in chunks"), on
+//! 13-18% of pgdelta's samples (docs/performance.md, "Rows off the socket in chunks"), on
 //! the cores the source server needs too.
 //!
 //! A tapped session's socket sits under tokio-postgres ([`Tapped`]). It follows the message
