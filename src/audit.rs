@@ -148,7 +148,9 @@ impl Audit {
         tx.batch_execute(&ddl(&settings.schema))
             .await
             .map_err(|e| audit_err("creating the tables", &e))?;
-        tx.commit().await.map_err(|e| audit_err("commit", &e))?;
+        crate::conn::commit(tx)
+            .await
+            .map_err(|e| audit_err("commit", &e))?;
         let schema = quote_ident(&settings.schema);
         let run_id: i64 = client
             .query_one(
@@ -314,7 +316,9 @@ impl Audit {
         )
         .await
         .map_err(|e| audit_err("recording rejected rows", &e))?;
-        tx.commit().await.map_err(|e| audit_err("commit", &e))
+        crate::conn::commit(tx)
+            .await
+            .map_err(|e| audit_err("commit", &e))
     }
 }
 

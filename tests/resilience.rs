@@ -100,6 +100,44 @@ async fn statement_timeout_shrinks_batches_and_the_run_finishes() {
         .await;
 }
 
+/// A transaction the server aborted after an error its caller never saw (what a statement
+/// timeout firing as a statement ends does): `COMMIT` then answers `ROLLBACK` without an error,
+/// so a plain commit reports success for rows that are not there. pgdelta's commit, which the
+/// writers and the audit log use, fails instead (SQLSTATE 25P02, retried by the writers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_of_a_transaction_the_server_aborted_fails() {
+    let env = seeded(0).await;
+    let mut client = connect(&env.dst_url).await;
+    // tokio-postgres' own commit: Ok, and the row is not there.
+    let tx = client.transaction().await.unwrap();
+    tx.execute("INSERT INTO t VALUES (1, 1, 'lost')", &[])
+        .await
+        .unwrap();
+    tx.execute("SELECT 1/0", &[]).await.unwrap_err();
+    tx.commit().await.unwrap();
+    assert_eq!(Env::count(&env.dst, "t").await, 0);
+    // pgdelta's: the error.
+    let tx = client.transaction().await.unwrap();
+    tx.execute("INSERT INTO t VALUES (1, 1, 'lost')", &[])
+        .await
+        .unwrap();
+    tx.execute("SELECT 1/0", &[]).await.unwrap_err();
+    let e = pgdelta::conn::commit(tx).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION),
+        "{e}"
+    );
+    assert_eq!(Env::count(&env.dst, "t").await, 0);
+    // A transaction the server holds open commits, and the session is usable after the failure.
+    let tx = client.transaction().await.unwrap();
+    tx.execute("INSERT INTO t VALUES (2, 2, 'kept')", &[])
+        .await
+        .unwrap();
+    pgdelta::conn::commit(tx).await.unwrap();
+    assert_eq!(Env::count(&env.dst, "t").await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_are_isolated_reported_and_retried_next_run() {
     let env = seeded(2000).await;

@@ -232,7 +232,7 @@ impl PgDestination {
         let tx = self.client.transaction().await?;
         copy_in(&tx, &self.sql.copy_staging, tuples).await?;
         let n = tx.execute(apply_sql, &[]).await?;
-        commit(tx).await?;
+        crate::conn::commit(tx).await?;
         Ok(n)
     }
 
@@ -262,7 +262,7 @@ impl PgDestination {
         // In an explicit transaction for the reason given at `copy`.
         let tx = self.client.transaction().await?;
         let n = tx.execute(stmt, &params).await?;
-        commit(tx).await?;
+        crate::conn::commit(tx).await?;
         Ok(n)
     }
 }
@@ -317,21 +317,8 @@ async fn open_session(dest: &ConnInfo) -> Result<(Client, Option<std::time::Dura
 async fn copy(client: &mut Client, sql: &str, tuples: Bytes) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let n = copy_in(&tx, sql, tuples).await?;
-    commit(tx).await?;
+    crate::conn::commit(tx).await?;
     Ok(n)
-}
-
-/// Commits a write's transaction only if the server still holds it open. tokio-postgres
-/// returns from COPY and `execute` at CommandComplete; an error the server raises after it (a
-/// statement timeout that fired as the statement ended) aborts the transaction unseen, and
-/// `COMMIT` of an aborted transaction answers `ROLLBACK` without an error: the batch would be
-/// counted and recorded but not there (`tests/resilience.rs::statement_timeout_*` lost 188 of
-/// 3,000 rows under load before this check; the cause is inferred from that and from the
-/// check ending it, not observed on the wire). A statement after the write fails in an aborted
-/// transaction (SQLSTATE 25P02, retried: [`crate::error::classify_sqlstate`]).
-async fn commit(tx: tokio_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-    tx.batch_execute("SELECT").await?;
-    tx.commit().await
 }
 
 async fn copy_in(
