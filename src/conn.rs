@@ -120,7 +120,7 @@ impl ConnInfo {
             message: pg_message(&e),
         };
         if self.tunnel.is_some() {
-            return self.connect_each(&config, role, None).await;
+            return Ok(self.connect_each(&config, role, None).await?.0);
         }
         let client = match &self.tls {
             None => {
@@ -142,31 +142,40 @@ impl ConnInfo {
 
     /// A source session for reads whose COPY rows reach the reader in chunks, past
     /// tokio-postgres' per-message path (see [`crate::tap`]): pgdelta opens its socket (or its
-    /// channel through the bastion) and puts a tap on it. A connection string with several
-    /// hosts, `hostaddr`, `target_session_attrs` or host load balancing gets an untapped
-    /// session from [`Self::connect`], which handles those.
+    /// channel through the bastion) and puts a tap on it. A connection string with `hostaddr`
+    /// or host load balancing gets an untapped session from [`Self::connect`], which handles
+    /// those.
     pub(crate) async fn connect_reader(
         &self,
         role: &'static str,
         settings: &[(&str, String)],
     ) -> Result<Session, Error> {
-        if !self.one_host() {
+        if !self.opens_sockets() {
             return Ok(Session::plain(self.connect(role, settings).await?));
         }
         let config = self.session_config(settings);
         let tap = Tap::default();
-        let client = self.connect_each(&config, role, Some(&tap)).await?;
-        Ok(Session::new(client, Some(tap)))
+        let (client, reached) = self.connect_each(&config, role, Some(&tap)).await?;
+        Ok(Session::new(client, Some(tap), reached))
     }
 
-    /// One host, reached as written: pgdelta can open the session's socket itself.
-    fn one_host(&self) -> bool {
+    /// Whether pgdelta opens the sessions' sockets itself (so a reader's socket can carry a
+    /// tap): through a bastion always; else when the hosts are reached as written, one after
+    /// the other (no `hostaddr`, no host load balancing) and `target_session_attrs` is one
+    /// pgdelta checks ([`session_attrs_met`]). tokio-postgres opens the others.
+    fn opens_sockets(&self) -> bool {
         use tokio_postgres::config::{LoadBalanceHosts, TargetSessionAttrs};
         let c = &self.config;
-        hosts(c).len() == 1
-            && c.get_hostaddrs().is_empty()
-            && c.get_target_session_attrs() == TargetSessionAttrs::Any
-            && c.get_load_balance_hosts() == LoadBalanceHosts::Disable
+        self.tunnel.is_some()
+            || (!hosts(c).is_empty()
+                && c.get_hostaddrs().is_empty()
+                && c.get_load_balance_hosts() == LoadBalanceHosts::Disable
+                && matches!(
+                    c.get_target_session_attrs(),
+                    TargetSessionAttrs::Any
+                        | TargetSessionAttrs::ReadWrite
+                        | TargetSessionAttrs::ReadOnly
+                ))
     }
 
     /// The connection string with the session's startup options.
@@ -189,19 +198,24 @@ impl ConnInfo {
         config: &Config,
         role: &'static str,
         tap: Option<&Tap>,
-    ) -> Result<Client, Error> {
+    ) -> Result<(Client, Reached), Error> {
         let mut last = None;
         for (host, port) in hosts(config) {
             let timeout = config.get_connect_timeout().copied();
             // Each address of the host has the timeout to itself (see `open_wire`), and the
-            // session's start (TLS, authentication) has it again.
+            // session's start (TLS, authentication, `target_session_attrs`) has it again.
             let result = async {
                 let wire = self.open_wire(config, &host, port).await?;
-                within(timeout, self.session_on(wire, config, &host, tap.cloned())).await
+                within(timeout, async {
+                    let client = self.session_on(wire, config, &host, tap.cloned()).await?;
+                    session_attrs_met(&client, config).await?;
+                    Ok(client)
+                })
+                .await
             }
             .await;
             match result {
-                Ok(client) => return Ok(client),
+                Ok(client) => return Ok((client, Reached { host, port })),
                 Err(e) if e.config => {
                     return Err(Error::Config(format!(
                         "cannot connect to the {role} database {}: {}",
@@ -289,18 +303,19 @@ impl ConnInfo {
         .map_err(pg_err)
     }
 
-    /// Cancels the statement running on the session `token` belongs to, over the same TLS
-    /// settings (and SSH bastion) the session uses.
-    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) -> Result<(), Error> {
+    /// Cancels the statement running on the session `c` belongs to, over the same TLS
+    /// settings (and SSH bastion) the session uses, on the host the session reached.
+    pub(crate) async fn cancel(&self, c: &Canceller) -> Result<(), Error> {
         let failed = |message: String| Error::Connect {
             role: "cancel",
             target: self.shown.clone(),
             message,
         };
         let pg = |e: tokio_postgres::Error| failed(pg_message(&e));
-        // Sessions on a socket pgdelta opened (through the bastion, or tapped readers on one
-        // host) carry no socket settings in their token: cancel over a socket opened the same way.
-        if self.tunnel.is_none() && !self.one_host() {
+        let token = &c.token;
+        // A session on a socket pgdelta opened carries no socket settings in its token: the
+        // cancel goes over a socket opened the same way, to the host the session reached.
+        let Some(Reached { host, port }) = &c.reached else {
             return match &self.tls {
                 None => token.cancel_query(NoTls).await.map_err(pg),
                 Some(tls) => token
@@ -308,16 +323,12 @@ impl ConnInfo {
                     .await
                     .map_err(pg),
             };
-        }
-        let (host, port) = hosts(&self.config)
-            .into_iter()
-            .next()
-            .ok_or_else(|| failed("no host".into()))?;
+        };
         let wire = self
-            .open_wire(&self.config, &host, port)
+            .open_wire(&self.config, host, *port)
             .await
             .map_err(|e| failed(e.message))?;
-        match (&self.tls, &host) {
+        match (&self.tls, host) {
             (Some(tls), Host::Tcp(name)) => {
                 let connector = tls_for(tls, name).map_err(|e| failed(e.message))?;
                 token.cancel_query_raw(wire, connector).await.map_err(pg)
@@ -325,6 +336,52 @@ impl ConnInfo {
             _ => token.cancel_query_raw(wire, NoTls).await.map_err(pg),
         }
     }
+}
+
+/// The host of the connection string a session pgdelta opened reached.
+#[derive(Debug, Clone)]
+pub(crate) struct Reached {
+    host: Host,
+    port: u16,
+}
+
+/// What cancels a session's running statement: its token and, when pgdelta opened the
+/// session's socket, the host it reached ([`ConnInfo::cancel`]).
+#[derive(Clone)]
+pub(crate) struct Canceller {
+    pub(crate) token: tokio_postgres::CancelToken,
+    pub(crate) reached: Option<Reached>,
+}
+
+/// Checks a new session against the connection string's `target_session_attrs`, as libpq
+/// does (`SHOW transaction_read_only`): a session that does not meet it fails, and the next
+/// host is tried.
+async fn session_attrs_met(client: &Client, config: &Config) -> Result<(), TunnelError> {
+    use tokio_postgres::config::TargetSessionAttrs;
+    let want = config.get_target_session_attrs();
+    if want == TargetSessionAttrs::Any {
+        return Ok(());
+    }
+    let read_only = show(client, "transaction_read_only")
+        .await
+        .map_err(|e| TunnelError {
+            message: pg_message(&e),
+            config: false,
+        })?
+        == "on";
+    let problem = match (want, read_only) {
+        (TargetSessionAttrs::ReadWrite, true) => {
+            "the server is read-only (target_session_attrs=read-write)"
+        }
+        (TargetSessionAttrs::ReadOnly, false) => {
+            "the server accepts writes (target_session_attrs=read-only)"
+        }
+        _ => return Ok(()),
+    };
+    Err(TunnelError {
+        message: problem.to_string(),
+        config: false,
+    })
 }
 
 /// The hosts of a connection string with their ports (one port for all, or one each).
@@ -665,6 +722,22 @@ mod tests {
                 Err(_) => return (addr, listener, queued),
             }
         }
+    }
+
+    #[test]
+    fn pgdelta_opens_the_sockets_of_hosts_it_tries_in_turn() {
+        let opens = |s: &str| ConnInfo::parse(s).unwrap().opens_sockets();
+        assert!(opens("host=/run/pg port=5432 dbname=d user=u"));
+        assert!(opens("host=a,b,c port=5432 dbname=d user=u"));
+        assert!(opens(
+            "postgres://u@a:5432,b:5433/d?target_session_attrs=read-write"
+        ));
+        assert!(opens(
+            "host=a,b dbname=d user=u target_session_attrs=read-only"
+        ));
+        // tokio-postgres opens the sockets where it picks the address or the host itself.
+        assert!(!opens("host=a hostaddr=10.0.0.1 dbname=d user=u"));
+        assert!(!opens("host=a,b dbname=d user=u load_balance_hosts=random"));
     }
 
     #[tokio::test]

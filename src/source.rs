@@ -181,7 +181,7 @@ impl SourceRead {
 
     async fn cancel_all(&self) {
         for client in &self.read.clients {
-            let _ = self.read.conn.cancel(&client.cancel_token()).await;
+            let _ = self.read.conn.cancel(&client.canceller()).await;
         }
     }
 

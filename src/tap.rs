@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 use tokio_postgres::Client;
 
+use crate::conn::{Canceller, Reached};
 use crate::copy::FrameError;
 
 /// How much one read of the socket asks for.
@@ -42,16 +43,35 @@ const QUEUED_CHUNKS: usize = 8;
 pub(crate) struct Session {
     client: Client,
     tap: Option<Tap>,
+    /// The host pgdelta opened the socket to (none when tokio-postgres opened it).
+    reached: Option<Reached>,
 }
 
 impl Session {
-    pub(crate) fn new(client: Client, tap: Option<Tap>) -> Session {
-        Session { client, tap }
+    pub(crate) fn new(client: Client, tap: Option<Tap>, reached: Reached) -> Session {
+        Session {
+            client,
+            tap,
+            reached: Some(reached),
+        }
     }
 
-    /// A session without a tap: its COPY rows come through tokio-postgres.
+    /// A session tokio-postgres opened, without a tap: its COPY rows come through
+    /// tokio-postgres.
     pub(crate) fn plain(client: Client) -> Session {
-        Session { client, tap: None }
+        Session {
+            client,
+            tap: None,
+            reached: None,
+        }
+    }
+
+    /// What cancels the statement the session runs ([`crate::conn::ConnInfo::cancel`]).
+    pub(crate) fn canceller(&self) -> Canceller {
+        Canceller {
+            token: self.client.cancel_token(),
+            reached: self.reached.clone(),
+        }
     }
 
     /// The tap, when the session's socket has one (TLS the server refused leaves none).

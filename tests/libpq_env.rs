@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use pgdelta::tools::pgserver::{Durability, TempPostgres};
 
-use crate::support::{connect, sync_t_between};
+use pgdelta::conn::ConnInfo;
+use pgdelta::snapshot::Snapshot;
+use pgdelta::sync::RunOptions;
+
+use crate::support::{connect, sync_t_between, Env};
 
 /// Runs `pgdelta sync` of `t` between the two connection strings with `env`; returns the exit
 /// code, stdout's last line and stderr.
@@ -140,4 +144,81 @@ async fn password_files_services_and_the_environment_as_libpq() {
         .get(0);
     assert_eq!(changed, 10);
     pg.stop();
+}
+
+/// `url`'s server as a key-value connection string whose first host is a dead one (a Unix
+/// socket directory that does not exist), then the server itself, with `extra` settings.
+fn behind_a_dead_host(url: &str, extra: &str) -> String {
+    use tokio_postgres::config::Host;
+    let c: tokio_postgres::Config = url.parse().unwrap();
+    let host = match &c.get_hosts()[0] {
+        Host::Tcp(h) => h.clone(),
+        Host::Unix(p) => p.display().to_string(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    let mut s = format!(
+        "host=/nonexistent-pgdelta-host,{host} port={port},{port} dbname={} user={} {extra}",
+        c.get_dbname().unwrap(),
+        c.get_user().unwrap(),
+    );
+    if let Some(p) = c.get_password() {
+        s.push_str(&format!(
+            " password='{}'",
+            String::from_utf8_lossy(p)
+                .replace('\\', "\\\\")
+                .replace('\'', "\\'")
+        ));
+    }
+    s
+}
+
+/// A connection string of several hosts: the hosts are tried in turn (the first is dead), the
+/// sessions' sockets are pgdelta's own (so its reads are tapped and its cancels reach the host
+/// each session reached), and `target_session_attrs` is checked on each host, as libpq does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_hosts_are_tried_in_turn_and_their_session_attrs_checked() {
+    let env = Env::new().await;
+    env.both("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await;
+    env.src
+        .batch_execute("INSERT INTO t SELECT i, 'v' || i FROM generate_series(1, 5000) i")
+        .await
+        .unwrap();
+    let spec = env.spec("t", &["id"]);
+    let run = |extra: &'static str| {
+        let (src, dst) = (behind_a_dead_host(&env.src_url, extra), env.dst_url.clone());
+        let state = env.state();
+        let spec = spec.clone();
+        async move {
+            let snap = Snapshot::open(&state, 8 << 20).unwrap();
+            pgdelta::sync::run(
+                &ConnInfo::parse(&src).unwrap(),
+                &ConnInfo::parse(&dst).unwrap(),
+                &spec,
+                &RunOptions::default(),
+                &snap,
+            )
+            .await
+        }
+    };
+    let s = run("").await.unwrap();
+    assert_eq!((s.written, s.rows_read), (5000, 5000), "{s:?}");
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
+    // The source is a primary: a read-only session is found on no host, and the error says
+    // why; a read-write one is.
+    let e = run("target_session_attrs=read-only").await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("the server accepts writes (target_session_attrs=read-only)"),
+        "{msg}"
+    );
+    env.src
+        .batch_execute("UPDATE t SET v = 'changed' WHERE id <= 10")
+        .await
+        .unwrap();
+    let s = run("target_session_attrs=read-write").await.unwrap();
+    assert_eq!((s.written, s.changed), (10, 10), "{s:?}");
+    env.assert_same("SELECT * FROM t ORDER BY id", "SELECT * FROM t ORDER BY id")
+        .await;
 }

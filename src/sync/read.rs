@@ -899,7 +899,7 @@ impl Inputs<'_> {
 /// The model's rows, counted on a session of its own beside the read, a part at a time.
 struct SideCount {
     task: tokio::task::JoinHandle<Result<Counted, Error>>,
-    cancel: tokio_postgres::CancelToken,
+    cancel: crate::conn::Canceller,
     queue: Arc<CountQueue>,
 }
 
@@ -1086,7 +1086,7 @@ impl Inputs<'_> {
                 return None;
             }
         };
-        let cancel = client.cancel_token();
+        let cancel = client.canceller();
         let queue = Arc::new(CountQueue::new(kr, table, Some(split)));
         let task = {
             let queue = queue.clone();
