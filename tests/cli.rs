@@ -390,6 +390,41 @@ async fn bench_on_given_databases_stays_in_its_schema_and_cleans_up() {
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("REGRESSION: nochange"), "{err}");
+
+    // A uuid key (keys in no order): the churn is written and deleted; a baseline of the bigint
+    // key is refused for it before anything is measured.
+    let uuid = env.dir.path().join("uuid.json");
+    let o = bench(&[
+        "--key-type",
+        "uuid",
+        "--scenarios",
+        "nochange,churn,delta-churn",
+        "--json",
+        uuid.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains("3000 rows (uuid key"), "{out}");
+    let u: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&uuid).unwrap()).unwrap();
+    assert_eq!(u["key_type"], "uuid");
+    let rep = |i: usize, what: &str| u["scenarios"][i]["reps"][0][what].as_u64().unwrap();
+    assert_eq!((rep(0, "written"), rep(0, "deleted")), (0, 0), "{u}");
+    // The churn's picks are a hash of the row number and the round: at 3,000 rows the first
+    // round deletes none of them, the second three.
+    assert!(rep(1, "written") > 0, "{u}");
+    assert!(rep(2, "written") > 0 && rep(2, "deleted") > 0, "{u}");
+    let o = bench(&[
+        "--key-type",
+        "uuid",
+        "--scenarios",
+        "nochange",
+        "--baseline",
+        json.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("measured with --key-type bigint"), "{err}");
 }
 
 /// Regression: a failed sync whose stdout is a closed pipe (piped into `head`) exited 0, because

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use super::pgserver::{Durability, TempPostgres};
-use super::workload::{admin, churn_sql, copy_read, exec, seed_sql, ORDERS_DDL};
+use super::workload::{admin, churn_sql, copy_read, exec, orders_ddl, seed_sql, KeyType};
 use crate::error::{pg_message, Error};
 use crate::spec::ReadSessions;
 
@@ -82,6 +82,9 @@ pub struct BenchArgs {
     /// `auto` is pgdelta's default). Without it, pgdelta's default.
     #[arg(long, value_delimiter = ',', value_name = "N|auto")]
     pub read_sessions: Vec<ReadSessions>,
+    /// The table's key: `bigint` (rows in key order) or `uuid` (keys in no order).
+    #[arg(long, value_enum, default_value_t = KeyType::Bigint)]
+    pub key_type: KeyType,
 }
 
 /// A growth allowance in percent: a finite number, 0 or more (a negative one would fail
@@ -224,6 +227,9 @@ impl ScenarioResult {
 pub struct BenchReport {
     pub pgdelta_version: String,
     pub rows: u64,
+    /// The table's key (`--key-type`); results before it had a bigint key.
+    #[serde(default)]
+    pub key_type: KeyType,
     pub bytes: u64,
     pub reps: usize,
     pub machine: String,
@@ -251,6 +257,16 @@ struct Setup {
 pub async fn run(args: BenchArgs) -> Result<i32, Error> {
     // Read the baseline first: a wrong path fails before the long measurement, not after.
     let base = args.baseline.as_deref().map(load_baseline).transpose()?;
+    if let (Some(b), Some(p)) = (&base, &args.baseline) {
+        if b.key_type != args.key_type {
+            return Err(Error::Config(format!(
+                "baseline {} was measured with --key-type {}, this run uses {}: give a baseline measured with the same key type",
+                p.display(),
+                b.key_type.name(),
+                args.key_type.name()
+            )));
+        }
+    }
     let setup = setup(&args).await?;
     let result = measure(&args, &setup, base.as_ref()).await;
     // Clean up: our schema only.
@@ -437,12 +453,12 @@ async fn setup(args: &BenchArgs) -> Result<Setup, Error> {
     for (c, which) in [(&src, "source"), (&dst, "destination")] {
         claim_schema(c, which).await?;
         exec(c, &format!("SET search_path = {SCHEMA}")).await?;
-        exec(c, ORDERS_DDL).await?;
+        exec(c, &orders_ddl(args.key_type)).await?;
     }
     exec(&dst, "CREATE TABLE orders_pipe (LIKE orders INCLUDING ALL)").await?;
     eprintln!("pgdelta bench: seeding {} rows ...", args.rows);
     let t0 = Instant::now();
-    exec(&src, &seed_sql(args.rows)).await?;
+    exec(&src, &seed_sql(args.rows, args.key_type)).await?;
     exec(&src, "VACUUM ANALYZE orders").await?;
     eprintln!(
         "pgdelta bench: seeded in {:.1}s",
@@ -551,7 +567,7 @@ async fn scenarios(args: &BenchArgs, s: &Setup, round: &mut u32) -> Result<Bench
                 }
                 Scenario::Nowrite => {
                     *round += 1;
-                    exec(&s.src, &churn_sql(args.rows, 0.01, *round)).await?;
+                    exec(&s.src, &churn_sql(args.rows, 0.01, *round, args.key_type)).await?;
                     extra.push("--dry-run");
                     copy_read(&s.src, select).await?.1
                 }
@@ -565,7 +581,7 @@ async fn scenarios(args: &BenchArgs, s: &Setup, round: &mut u32) -> Result<Bench
                         Scenario::Churn10 | Scenario::DeltaChurn10 => 0.10,
                         _ => 0.01,
                     };
-                    exec(&s.src, &churn_sql(args.rows, share, *round)).await?;
+                    exec(&s.src, &churn_sql(args.rows, share, *round, args.key_type)).await?;
                     extra.push("--delete");
                     if *sc == Scenario::Timeouts {
                         // Low enough that the adaptive first batches time out.
@@ -660,6 +676,7 @@ async fn scenarios(args: &BenchArgs, s: &Setup, round: &mut u32) -> Result<Bench
     Ok(BenchReport {
         pgdelta_version: env!("CARGO_PKG_VERSION").into(),
         rows: args.rows,
+        key_type: args.key_type,
         bytes,
         reps: args.reps,
         machine: machine(s.dir.path()),
@@ -813,8 +830,9 @@ async fn copy_pipe(
 
 fn print_table(r: &BenchReport) {
     crate::outln!(
-        "\npgdelta bench: {} rows ({} MiB of binary COPY), {} reps, medians; {}",
+        "\npgdelta bench: {} rows ({} key, {} MiB of binary COPY), {} reps, medians; {}",
         r.rows,
+        r.key_type.name(),
         r.bytes >> 20,
         r.reps,
         r.machine
@@ -862,6 +880,7 @@ mod tests {
         BenchReport {
             pgdelta_version: "0".into(),
             rows: 1,
+            key_type: KeyType::Bigint,
             bytes: 1,
             reps: 1,
             machine: String::new(),

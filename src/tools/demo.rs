@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use super::pgserver::{Durability, TempPostgres};
 use super::workload::{
-    admin, churn_sql, copy_read, exec, reset_peak_rss, seed_sql, table_checksum, ORDERS_DDL,
+    admin, churn_sql, copy_read, exec, orders_ddl, reset_peak_rss, seed_sql, table_checksum,
+    KeyType,
 };
 use crate::conn::ConnInfo;
 use crate::error::Error;
@@ -46,14 +47,14 @@ async fn demo(pg: &TempPostgres, args: &DemoArgs) -> Result<(), Error> {
     let dst_url = pg.url("demo_destination");
     let src = admin(&src_url).await?;
     let dst = admin(&dst_url).await?;
-    exec(&src, ORDERS_DDL).await?;
-    exec(&dst, ORDERS_DDL).await?;
+    exec(&src, &orders_ddl(KeyType::Bigint)).await?;
+    exec(&dst, &orders_ddl(KeyType::Bigint)).await?;
     eprintln!(
         "pgdelta demo: seeding {} rows into demo_source.orders ...",
         args.rows
     );
     let t0 = Instant::now();
-    exec(&src, &seed_sql(args.rows)).await?;
+    exec(&src, &seed_sql(args.rows, KeyType::Bigint)).await?;
     exec(&src, "VACUUM ANALYZE orders").await?;
     eprintln!("pgdelta demo: seeded in {:.1}s", t0.elapsed().as_secs_f64());
 
@@ -102,7 +103,7 @@ async fn demo(pg: &TempPostgres, args: &DemoArgs) -> Result<(), Error> {
         crate::sync::run(&source, &destination, &spec, &opts, &snapshot).await?,
     );
 
-    exec(&src, &churn_sql(args.rows, args.churn, 1)).await?;
+    exec(&src, &churn_sql(args.rows, args.churn, 1, KeyType::Bigint)).await?;
     reset_peak_rss();
     step(
         "re-sync after churn",
