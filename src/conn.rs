@@ -167,7 +167,7 @@ impl ConnInfo {
         use tokio_postgres::config::{LoadBalanceHosts, TargetSessionAttrs};
         let c = &self.config;
         self.tunnel.is_some()
-            || (!hosts(c).is_empty()
+            || (!c.get_hosts().is_empty()
                 && c.get_hostaddrs().is_empty()
                 && c.get_load_balance_hosts() == LoadBalanceHosts::Disable
                 && matches!(
@@ -200,10 +200,10 @@ impl ConnInfo {
         tap: Option<&Tap>,
     ) -> Result<(Client, Reached), Error> {
         let mut last = None;
+        // Each address of a host has the timeout to itself (see `open_wire`), and the
+        // session's start (TLS, authentication, `target_session_attrs`) has it again.
+        let timeout = config.get_connect_timeout().copied();
         for (host, port) in hosts(config) {
-            let timeout = config.get_connect_timeout().copied();
-            // Each address of the host has the timeout to itself (see `open_wire`), and the
-            // session's start (TLS, authentication, `target_session_attrs`) has it again.
             let result = async {
                 let wire = self.open_wire(config, &host, port).await?;
                 within(timeout, async {
@@ -442,20 +442,29 @@ where
     });
 }
 
-/// TCP without Nagle's delay, and the connection string's keepalives and user timeout, as
-/// tokio-postgres sets them on the sockets it opens.
 /// `f`, failed with "timed out" when it takes longer than `timeout`.
 async fn within<T>(
     timeout: Option<Duration>,
     f: impl std::future::Future<Output = Result<T, TunnelError>>,
 ) -> Result<T, TunnelError> {
-    let Some(t) = timeout else { return f.await };
-    tokio::time::timeout(t, f).await.unwrap_or_else(|_| {
-        Err(TunnelError {
-            message: format!("timed out after {} s", t.as_secs_f64()),
-            config: false,
-        })
+    timed(timeout, f, |message| TunnelError {
+        message,
+        config: false,
     })
+    .await
+}
+
+/// `f`, or the error `timed_out` makes of "timed out after N s" when it takes longer than
+/// `timeout` (`None`: no limit).
+async fn timed<T, E>(
+    timeout: Option<Duration>,
+    f: impl std::future::Future<Output = Result<T, E>>,
+    timed_out: impl FnOnce(String) -> E,
+) -> Result<T, E> {
+    let Some(t) = timeout else { return f.await };
+    tokio::time::timeout(t, f)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(format!("timed out after {} s", t.as_secs_f64()))))
 }
 
 /// A TCP connection to the first of `addrs` that accepts one, each address given `timeout`
@@ -468,17 +477,10 @@ async fn connect_any(
 ) -> std::io::Result<TcpStream> {
     let mut last = None;
     for addr in addrs {
-        let attempt = TcpStream::connect(addr);
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("{addr}: timed out after {} s", t.as_secs_f64()),
-                ))
-            }),
-            None => attempt.await,
-        };
-        match result {
+        let attempt = timed(timeout, TcpStream::connect(addr), |m| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}: {m}"))
+        });
+        match attempt.await {
             Ok(stream) => return Ok(stream),
             Err(e) => last = Some(e),
         }
@@ -488,6 +490,8 @@ async fn connect_any(
     }))
 }
 
+/// TCP without Nagle's delay, and the connection string's keepalives and user timeout, as
+/// tokio-postgres sets them on the sockets it opens.
 fn tcp_options(stream: &TcpStream, config: &Config) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let sock = socket2::SockRef::from(stream);

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use pgdelta::tools::pgserver::{Durability, TempPostgres};
 
-use pgdelta::conn::ConnInfo;
-use pgdelta::snapshot::Snapshot;
 use pgdelta::sync::RunOptions;
 
 use crate::support::{connect, sync_t_between, Env};
@@ -186,20 +184,9 @@ async fn several_hosts_are_tried_in_turn_and_their_session_attrs_checked() {
         .unwrap();
     let spec = env.spec("t", &["id"]);
     let run = |extra: &'static str| {
-        let (src, dst) = (behind_a_dead_host(&env.src_url, extra), env.dst_url.clone());
-        let state = env.state();
-        let spec = spec.clone();
-        async move {
-            let snap = Snapshot::open(&state, 8 << 20).unwrap();
-            pgdelta::sync::run(
-                &ConnInfo::parse(&src).unwrap(),
-                &ConnInfo::parse(&dst).unwrap(),
-                &spec,
-                &RunOptions::default(),
-                &snap,
-            )
-            .await
-        }
+        let src = behind_a_dead_host(&env.src_url, extra);
+        let (env, spec) = (&env, &spec);
+        async move { env.sync_from(&src, spec, &RunOptions::default()).await }
     };
     let s = run("").await.unwrap();
     assert_eq!((s.written, s.rows_read), (5000, 5000), "{s:?}");

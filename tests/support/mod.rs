@@ -388,10 +388,20 @@ impl Env {
         spec: &SyncSpec,
         opts: &RunOptions,
     ) -> Result<Summary, pgdelta::Error> {
+        self.sync_from(&self.src_url, spec, opts).await
+    }
+
+    /// A run whose source is `src_url` (the source database reached another way).
+    pub(crate) async fn sync_from(
+        &self,
+        src_url: &str,
+        spec: &SyncSpec,
+        opts: &RunOptions,
+    ) -> Result<Summary, pgdelta::Error> {
         self.flush_stats().await;
         let snap = Snapshot::open(&self.state(), 8 << 20)?;
         pgdelta::sync::run(
-            &ConnInfo::parse(&self.src_url)?,
+            &ConnInfo::parse(src_url)?,
             &ConnInfo::parse(&self.dst_url)?,
             spec,
             opts,
