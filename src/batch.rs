@@ -153,12 +153,16 @@ impl KeyBatch {
 }
 
 /// True when `n` keys (`key(i)` the i-th, in stream order) come scattered: ascending runs
-/// shorter than 16 keys on average, among at least 64 (random keys such as UUIDs; a heap in key
-/// order, even after scattered updates, gives long runs). Lookups and writes of scattered keys
-/// each touch a redb page of their own unless they are gathered and sorted first.
+/// shorter than 4 keys on average, among at least 64. Random keys such as UUIDs give runs of
+/// about 2. A heap in key order gives long runs, and after updates it still gives runs of 10
+/// or more: an update that stays on its page (HOT) puts the new version at the page's end, one
+/// key out of order among neighbours (5.2% of the keys of a 10M-row table after 14 rounds of
+/// 1% updates, measured), and the keys of a page stay close together, so a block's sorted keys
+/// still walk the snapshot forward. Lookups and writes of scattered keys each touch a redb page
+/// of their own unless they are gathered and sorted first.
 pub(crate) fn scattered<'a>(n: usize, key: impl Fn(usize) -> &'a [u8]) -> bool {
     let runs = 1 + (1..n).filter(|&i| key(i) < key(i - 1)).count();
-    n >= 64 && runs * 16 > n
+    n >= 64 && runs * 4 > n
 }
 
 /// Why a batch was cut.
@@ -205,6 +209,31 @@ pub(crate) fn cut(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys of a heap after updates (each page's updated rows moved to its end) are in order;
+    /// random keys are scattered.
+    #[test]
+    fn updated_heaps_are_in_order_and_random_keys_scattered() {
+        let keys = |v: &[u64]| -> Vec<[u8; 8]> { v.iter().map(|k| k.to_be_bytes()).collect() };
+        let check = |v: &[[u8; 8]]| scattered(v.len(), |i| &v[i][..]);
+        // Pages of 30 rows, a third of each page's rows updated (moved to the page's end).
+        let mut heap = Vec::new();
+        for page in 0..100u64 {
+            let rows: Vec<u64> = (page * 30..page * 30 + 30).collect();
+            let (moved, stayed): (Vec<u64>, Vec<u64>) = rows.iter().partition(|&&k| k % 3 == 0);
+            heap.extend(stayed);
+            heap.extend(moved);
+        }
+        assert!(!check(&keys(&heap)));
+        assert!(!check(&keys(&(0..3000).collect::<Vec<_>>())));
+        // A multiplicative hash: keys in no order.
+        let random: Vec<u64> = (0..3000u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        assert!(check(&keys(&random)));
+        // Too few keys to judge.
+        assert!(!check(&keys(&random[..63])));
+    }
 
     #[test]
     fn key_batch_indexes() {

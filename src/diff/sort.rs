@@ -6,7 +6,7 @@
 //! snapshot larger than itself, so a full read of N random keys walks the snapshot about once per
 //! window: a no-change full read of 5.95M uuid rows took 9.3-12.3 s against 1.6 s for its read.
 //!
-//! Once a read's first [`SortSettings::run_bytes`] of rows have come scattered, against a
+//! Once a read's first block has come scattered ([`crate::batch::scattered`]), against a
 //! snapshot of more than [`SortSettings::above`] entries, [`Sorted`] writes every row to an
 //! unnamed file beside the state file instead, in sorted runs, and after the read has completed
 //! merges them, on a thread of its own, into blocks in key order: the lookups then walk the

@@ -1199,8 +1199,9 @@ fn insert_run<'k>(
     Ok(Some(run))
 }
 
-/// True when a batch's keys are scattered: ascending runs shorter than 16 keys on average
-/// (random keys such as UUIDs; a stream in key order, or a few interleaved, gives long runs).
+/// True when a batch's keys are scattered ([`crate::batch::scattered`]: ascending runs shorter
+/// than 4 keys on average, as random keys such as UUIDs give; a stream in key order, or a few
+/// interleaved, gives long runs).
 fn scattered(keys: &KeyBatch) -> bool {
     crate::batch::scattered(keys.len(), |i| keys.key(i))
 }
