@@ -252,8 +252,18 @@ fn main() -> ExitCode {
         }
     };
     init_tracing();
+    let workers = match worker_threads(
+        std::env::var("PGDELTA_WORKER_THREADS").ok().as_deref(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    ) {
+        Ok(n) => n,
+        Err(e) => {
+            pgdelta::errln!("pgdelta: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -282,6 +292,24 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(code as u8)
+}
+
+/// The runtime's worker threads: `PGDELTA_WORKER_THREADS` when set, else 1 on a machine of two
+/// cores or fewer and 2 above. The async side (sockets, framing rows, the writers' COPY) is
+/// light work that wakes for every few KiB the source sends; with a second worker the two
+/// keep waking each other to share it, which on two cores took CPU the source server needs (a
+/// 10M-row no-change full read: 5.9-6.1 s of pgdelta CPU with one worker, 7.1-7.5 s with two;
+/// docs/performance.md). The diff, the hashing and the snapshot have threads of their own.
+fn worker_threads(var: Option<&str>, cores: usize) -> Result<usize, String> {
+    match var.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(if cores <= 2 { 1 } else { 2 }),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n @ 1..=256) => Ok(n),
+            _ => Err(format!(
+                "PGDELTA_WORKER_THREADS={v} is not a number of threads from 1 to 256; set it to one (or unset it for the default: 1 on two cores or fewer, else 2)"
+            )),
+        },
+    }
 }
 
 fn init_tracing() {
@@ -1100,4 +1128,22 @@ fn report_failure(
     }
     pgdelta::errln!("pgdelta: error: {e}");
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn one_worker_on_two_cores_unless_told() {
+        assert_eq!(worker_threads(None, 1), Ok(1));
+        assert_eq!(worker_threads(None, 2), Ok(1));
+        assert_eq!(worker_threads(None, 16), Ok(2));
+        assert_eq!(worker_threads(Some(" "), 2), Ok(1));
+        assert_eq!(worker_threads(Some("4"), 2), Ok(4));
+        for bad in ["0", "x", "-1", "257"] {
+            let e = worker_threads(Some(bad), 2).unwrap_err();
+            assert!(e.contains(&format!("PGDELTA_WORKER_THREADS={bad}")), "{e}");
+        }
+    }
 }

@@ -695,6 +695,33 @@ fn schedule_flags_are_checked_before_anything_runs() {
     }
 }
 
+/// A runtime size that is not a number of threads stops pgdelta before it connects; a valid
+/// one runs (here to the connection's refusal, exit 1).
+#[test]
+fn worker_threads_from_the_environment_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    for (value, code) in [("many", 2), ("0", 2), ("3", 1)] {
+        let o = sync_t_between(
+            dir.path(),
+            "postgres://u@127.0.0.1:1/s",
+            "postgres://u@127.0.0.1:1/d",
+            &state,
+            &[],
+        )
+        .env("PGDELTA_WORKER_THREADS", value)
+        .output()
+        .unwrap();
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(code), "{value}: {err}");
+        assert_eq!(
+            err.contains(&format!("PGDELTA_WORKER_THREADS={value} is not a number")),
+            code == 2,
+            "{value}: {err}"
+        );
+    }
+}
+
 /// `--jobs`: syncs of a config run at once in dependency order. The child table (with a foreign
 /// key to the parent) is listed first; it still starts only after the parent's writes, and the
 /// parent's deletes wait for the child's, so no row is ever rejected. A cycle is a config error.
