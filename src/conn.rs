@@ -45,12 +45,7 @@ impl ConnInfo {
     /// [`ConnInfo::parse`] with the environment read through `env`.
     pub(crate) fn parse_with(s: &str, env: crate::libpq::Lookup<'_>) -> Result<Self, Error> {
         let (rest, mut libpq) = crate::tls::split_settings(s)?;
-        let mut config = Config::from_str(&rest).map_err(|e| {
-            // tokio-postgres parse errors quote the offending key, never the password value.
-            Error::Config(format!(
-                "invalid connection string: {e}; expected postgres://user@host:port/db or 'host=... dbname=...'"
-            ))
-        })?;
+        let mut config = Config::from_str(&rest).map_err(|e| Error::Config(parse_failed(&e)))?;
         // The service's settings, then the environment's, for what the string left unset.
         let service = match libpq.remove("service").or_else(|| env("PGSERVICE")) {
             Some(name) => crate::libpq::service(&name, env)?,
@@ -685,6 +680,34 @@ pub async fn show(client: &Client, name: &str) -> Result<String, tokio_postgres:
 
 /// Parses a duration setting as `SHOW`/`current_setting` renders it (`0`, `250ms`, `30s`, `5min`,
 /// `1h`, `1d`); `None` for zero (disabled) or an unknown form.
+/// What a connection string tokio-postgres could not parse gets as its error: what was wrong
+/// (the option, or where the string broke off), never a value from it.
+fn parse_failed(e: &tokio_postgres::Error) -> String {
+    // tokio-postgres' message is only "invalid connection string"; the why is its source. The
+    // parser quotes the character it met where it expected another, which may be a password's.
+    let why = std::error::Error::source(e).map(|c| {
+        let c = c.to_string();
+        match c.split_once(" but got ") {
+            Some((head, _)) => head.to_string(),
+            None => c,
+        }
+    });
+    let hint = match &why {
+        Some(w) if w.contains("`target_session_attrs`") => {
+            "; target_session_attrs takes any, read-write or read-only (libpq's primary, standby and prefer-standby are not supported: name the server to read instead)"
+        }
+        _ => "",
+    };
+    match why {
+        Some(why) => format!(
+            "invalid connection string: {why}{hint}; expected postgres://user@host:port/db or 'host=... dbname=...'"
+        ),
+        None => format!(
+            "invalid connection string: {e}; expected postgres://user@host:port/db or 'host=... dbname=...'"
+        ),
+    }
+}
+
 pub fn parse_pg_duration(v: &str) -> Option<Duration> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
@@ -853,6 +876,35 @@ mod tests {
             Some(&Duration::from_secs(3))
         );
         assert!(ConnInfo::parse_with("host=h", &env(&[("PGPORT", "x")])).is_err());
+    }
+
+    /// A string tokio-postgres cannot parse is refused with what was wrong in it (its own
+    /// message names no option), and nothing of its values.
+    #[test]
+    fn unparsable_strings_say_why_and_quote_no_value() {
+        let err = |s: &str| match ConnInfo::parse_with(s, &env(&[])) {
+            Err(Error::Config(m)) => m,
+            other => panic!("{s}: {:?}", other.map(|c| c.to_string())),
+        };
+        let m = err("postgres://u:s3cret@h/d?target_session_attrs=primary");
+        assert!(
+            m.contains("invalid value for option `target_session_attrs`"),
+            "{m}"
+        );
+        assert!(m.contains("any, read-write or read-only"), "{m}");
+        assert!(!m.contains("s3cret"), "{m}");
+        let m = err("host=h password=s3cret port=x");
+        assert!(m.contains("invalid value for option `port`"), "{m}");
+        assert!(
+            !m.contains("s3cret") && !m.contains("any, read-write"),
+            "{m}"
+        );
+        // The parser quotes the character it met: here the first of a password.
+        let m = err("host=h password Zecret");
+        assert!(m.contains("unexpected character at byte"), "{m}");
+        assert!(!m.contains('Z'), "{m}");
+        let m = err("host=h password='s3cret");
+        assert!(m.contains("unterminated quoted"), "{m}");
     }
 
     #[test]
