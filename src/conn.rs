@@ -670,6 +670,30 @@ pub async fn commit(tx: tokio_postgres::Transaction<'_>) -> Result<(), tokio_pos
     tx.commit().await
 }
 
+/// What a connection string tokio-postgres could not parse gets as its error: what was wrong
+/// (the option, or where the string broke off), never a value from it.
+fn parse_failed(e: &tokio_postgres::Error) -> String {
+    // tokio-postgres' message is only "invalid connection string"; the why is its source. The
+    // parser quotes the character it met where it expected another, which may be a password's.
+    let why = std::error::Error::source(e).map_or_else(
+        || e.to_string(),
+        |c| {
+            let c = c.to_string();
+            match c.split_once(" but got ") {
+                Some((head, _)) => head.to_string(),
+                None => c,
+            }
+        },
+    );
+    let hint = match why.contains("`target_session_attrs`") {
+        true => "; target_session_attrs takes any, read-write or read-only (libpq's primary, standby and prefer-standby are not supported: name the server to read instead)",
+        false => "",
+    };
+    format!(
+        "invalid connection string: {why}{hint}; expected postgres://user@host:port/db or 'host=... dbname=...'"
+    )
+}
+
 /// Reads a setting's effective value in a session (e.g. `statement_timeout`).
 pub async fn show(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
     let row = client
@@ -680,34 +704,6 @@ pub async fn show(client: &Client, name: &str) -> Result<String, tokio_postgres:
 
 /// Parses a duration setting as `SHOW`/`current_setting` renders it (`0`, `250ms`, `30s`, `5min`,
 /// `1h`, `1d`); `None` for zero (disabled) or an unknown form.
-/// What a connection string tokio-postgres could not parse gets as its error: what was wrong
-/// (the option, or where the string broke off), never a value from it.
-fn parse_failed(e: &tokio_postgres::Error) -> String {
-    // tokio-postgres' message is only "invalid connection string"; the why is its source. The
-    // parser quotes the character it met where it expected another, which may be a password's.
-    let why = std::error::Error::source(e).map(|c| {
-        let c = c.to_string();
-        match c.split_once(" but got ") {
-            Some((head, _)) => head.to_string(),
-            None => c,
-        }
-    });
-    let hint = match &why {
-        Some(w) if w.contains("`target_session_attrs`") => {
-            "; target_session_attrs takes any, read-write or read-only (libpq's primary, standby and prefer-standby are not supported: name the server to read instead)"
-        }
-        _ => "",
-    };
-    match why {
-        Some(why) => format!(
-            "invalid connection string: {why}{hint}; expected postgres://user@host:port/db or 'host=... dbname=...'"
-        ),
-        None => format!(
-            "invalid connection string: {e}; expected postgres://user@host:port/db or 'host=... dbname=...'"
-        ),
-    }
-}
-
 pub fn parse_pg_duration(v: &str) -> Option<Duration> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
