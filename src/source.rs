@@ -93,7 +93,28 @@ pub(crate) struct Read {
     /// parts of the read, taken by whichever session is free; none when the prelude is the
     /// whole read (a delta that counted no written row).
     pub(crate) copies: Vec<String>,
+    /// The last of `copies` reads the end of a table's heap (a `ctid` range open at its top):
+    /// it is taken second, right after the first part, instead of last. PostgreSQL writes new
+    /// row versions (inserts, updates that leave their page) where its free space map finds
+    /// room, which on a table without free space is the end of the heap, so that part holds
+    /// most of a run's changed rows; read early, their writes overlap the rest of the read
+    /// instead of following it. Its rows are sent only once the first part has sent its first
+    /// block (or ended), so the diff still judges the read's key order from the start of the
+    /// heap, as before (`diff::sort`).
+    pub(crate) newest_last: bool,
     pub(crate) of: ReadOf,
+}
+
+/// Whether the first part of a read has sent its first block (or ended): the part that reads
+/// the end of the heap sends nothing before that ([`Read::newest_last`]).
+struct FirstPart {
+    sent: tokio::sync::watch::Sender<bool>,
+}
+
+impl FirstPart {
+    fn open(&self) {
+        self.sent.send_replace(true);
+    }
 }
 
 /// The read: its sessions, where blocks go, and when to stop.
@@ -152,13 +173,16 @@ impl SourceRead {
         }
         let copies = std::mem::take(&mut self.read.copies);
         let sessions = self.read.clients.len().min(copies.len());
-        let queue = std::sync::Mutex::new(VecDeque::from(copies));
+        let queue = std::sync::Mutex::new(part_order(copies, self.read.newest_last));
+        let first = FirstPart {
+            sent: tokio::sync::watch::channel(!self.read.newest_last).0,
+        };
         // The blocks' buffers, reused by every part and session: as many as the queue to the
         // diff holds, and a few being framed or diffed.
         let blocks = Framer::pool(self.block_bytes, self.out.max_capacity() + 4);
         let reads = self.read.clients[..sessions]
             .iter()
-            .map(|client| self.session(client, &queue, &blocks));
+            .map(|client| self.session(client, &queue, &blocks, &first));
         let ends = match futures_util::future::try_join_all(reads).await {
             Ok(ends) => ends,
             Err(e) => {
@@ -189,16 +213,23 @@ impl SourceRead {
     async fn session(
         &self,
         client: &Session,
-        queue: &std::sync::Mutex<VecDeque<String>>,
+        queue: &std::sync::Mutex<VecDeque<(Turn, String)>>,
         blocks: &Arc<BufPool>,
+        first: &FirstPart,
     ) -> Result<ReadStats, Error> {
         let mut stats = ReadStats::START;
         loop {
             let next = queue.lock().expect("not poisoned").pop_front();
-            let Some(sql) = next else {
+            let Some((turn, sql)) = next else {
                 return Ok(stats);
             };
-            self.part(client, &sql, blocks, &mut stats).await?;
+            let result = self
+                .part(client, &sql, blocks, (turn, first), &mut stats)
+                .await;
+            if turn == Turn::First {
+                first.open();
+            }
+            result?;
             if stats.end != ReadEnd::Complete {
                 return Ok(stats);
             }
@@ -211,8 +242,11 @@ impl SourceRead {
         session: &Session,
         sql: &str,
         blocks: &Arc<BufPool>,
+        (turn, first): (Turn, &FirstPart),
         stats: &mut ReadStats,
     ) -> Result<(), Error> {
+        // The end of the heap waits for the first part's first block (`Read::newest_last`).
+        let mut gate = (turn == Turn::Newest).then(|| first.sent.subscribe());
         let read_err = |e: tokio_postgres::Error| match self.read.of {
             ReadOf::Source => Error::source_read(&self.sync, "", &e),
             ReadOf::Target => Error::Rebuild {
@@ -261,14 +295,25 @@ impl SourceRead {
             let chunk = chunk.map_err(read_err)?;
             stats.bytes += rows.frame(&chunk, &mut framer).map_err(frame_err)?;
             while let Some(block) = framer.take_block() {
+                if !opened(&mut gate, &mut stopped).await {
+                    stats.end = ReadEnd::Stopped;
+                    return Ok(());
+                }
                 if !self.send(block, stats).await {
                     return Ok(());
+                }
+                if turn == Turn::First {
+                    first.open();
                 }
             }
         }
         rows.finish().map_err(frame_err)?;
         let last = framer.finish().map_err(frame_err)?;
         if !last.rows.is_empty() {
+            if !opened(&mut gate, &mut stopped).await {
+                stats.end = ReadEnd::Stopped;
+                return Ok(());
+            }
             self.send(last, stats).await;
         }
         Ok(())
@@ -285,6 +330,51 @@ impl SourceRead {
         }
         true
     }
+}
+
+/// Waits, once, until the first part has sent its first block (`gate`, taken); false when
+/// the run stopped first.
+async fn opened(
+    gate: &mut Option<tokio::sync::watch::Receiver<bool>>,
+    stopped: &mut Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
+    let Some(mut gate) = gate.take() else {
+        return true;
+    };
+    tokio::select! {
+        sent = gate.wait_for(|sent| *sent) => sent.is_ok(),
+        _ = stopped => false,
+    }
+}
+
+/// A part's place in the order of a read ([`Read::newest_last`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// The first part: the start of the heap.
+    First,
+    /// The last part, the end of the heap, taken second.
+    Newest,
+    Other,
+}
+
+/// The order the sessions take the parts in: as given, or, when the last reads the end of the
+/// heap, that one second.
+fn part_order(copies: Vec<String>, newest_last: bool) -> VecDeque<(Turn, String)> {
+    let n = copies.len();
+    let mut order: VecDeque<(Turn, String)> = copies
+        .into_iter()
+        .enumerate()
+        .map(|(i, sql)| match i {
+            0 => (Turn::First, sql),
+            i if newest_last && i + 1 == n && n > 2 => (Turn::Newest, sql),
+            _ => (Turn::Other, sql),
+        })
+        .collect();
+    if order.back().is_some_and(|(t, _)| *t == Turn::Newest) {
+        let newest = order.pop_back().expect("not empty");
+        order.insert(1, newest);
+    }
+    order
 }
 
 /// A COPY's rows as they arrive: one `CopyData` payload at a time from tokio-postgres, or
@@ -369,5 +459,71 @@ impl CopyRows {
             CopyRows::Tapped { stray: true, .. } => Err(FrameError::NotCopyData),
             CopyRows::Tapped { payloads, .. } => payloads.finish(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(n: usize, newest_last: bool) -> Vec<(Turn, String)> {
+        let copies = (0..n).map(|i| format!("p{i}")).collect();
+        part_order(copies, newest_last).into()
+    }
+
+    #[test]
+    fn the_end_of_the_heap_is_read_second_and_the_start_first() {
+        let got = order(5, true);
+        let names: Vec<&str> = got.iter().map(|(_, s)| s.as_str()).collect();
+        assert_eq!(names, ["p0", "p4", "p1", "p2", "p3"]);
+        assert_eq!(got[0].0, Turn::First);
+        assert_eq!(got[1].0, Turn::Newest);
+        assert!(got[2..].iter().all(|(t, _)| *t == Turn::Other));
+    }
+
+    #[test]
+    fn parts_keep_their_order_unless_the_last_is_the_heap_end() {
+        // Value ranges of a query (`split_by`) have no end of heap.
+        let names: Vec<String> = order(4, false).into_iter().map(|(_, s)| s).collect();
+        assert_eq!(names, ["p0", "p1", "p2", "p3"]);
+        // Two parts: the second is taken second anyway, and waits for nothing.
+        let two = order(2, true);
+        assert_eq!(two[1], (Turn::Other, "p1".to_string()));
+        assert_eq!(order(1, true), [(Turn::First, "p0".to_string())]);
+        assert!(order(0, true).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_heap_waits_for_the_first_block_or_a_stop() {
+        use crate::sync::stop::{Stop, StopReason};
+        use std::time::Duration;
+        let token = tokio_util::sync::CancellationToken::new();
+        let first = FirstPart {
+            sent: tokio::sync::watch::channel(false).0,
+        };
+        // Not opened: still waiting after a while.
+        let stop = Stop::child_of(&token);
+        let stopped = stop.stopped();
+        tokio::pin!(stopped);
+        let mut gate = Some(first.sent.subscribe());
+        let wait = tokio::time::timeout(Duration::from_millis(50), opened(&mut gate, &mut stopped));
+        assert!(
+            wait.await.is_err(),
+            "sent before the first part's first block"
+        );
+        // Opened: goes on at once, and waits no more after that.
+        let mut gate = Some(first.sent.subscribe());
+        first.open();
+        assert!(opened(&mut gate, &mut stopped).await);
+        assert!(gate.is_none());
+        assert!(opened(&mut gate, &mut stopped).await);
+        // A stop while waiting: false, nothing sent.
+        let first = FirstPart {
+            sent: tokio::sync::watch::channel(false).0,
+        };
+        let mut gate = Some(first.sent.subscribe());
+        stop.stop(StopReason::WriterFailed);
+        let wait = tokio::time::timeout(Duration::from_secs(5), opened(&mut gate, &mut stopped));
+        assert_eq!(wait.await, Ok(false), "a stop must end the wait");
     }
 }

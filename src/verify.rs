@@ -287,6 +287,7 @@ async fn read_side(
         clients: vec![client],
         prelude: Vec::new(),
         copies: vec![copy],
+        newest_last: false,
         of,
     };
     let against = against.clone();

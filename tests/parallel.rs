@@ -87,6 +87,52 @@ async fn a_split_read_reads_every_row_once_and_derives_deletes() {
     assert_eq!(s.written, 15);
 }
 
+/// The part that reads the end of the heap is taken second, not last, so the changed rows it
+/// holds are written while the rest of the table is read; but the read's key order (which
+/// decides whether its rows are sorted on disk) is still judged from the start of the heap.
+/// Here half the rows were updated one at a time in random key order, so their new versions
+/// fill the end of the heap out of order, and the last part holds only those: the read is not
+/// sorted on disk, and every count is exact. (Which part's block would reach the diff first
+/// without the wait is a race between sessions; the wait itself has a unit test in
+/// `source.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_the_heap_is_read_early_but_does_not_judge_the_key_order() {
+    let (env, mut spec) = seeded(10_000).await;
+    spec.full_read_every = FullReadEvery::Always;
+    let sorted = |s: &Summary| s.notes.iter().any(|n| n.contains("were sorted in"));
+    let s = env.sync_sorted(&spec, 1_000, 64 << 10).await.unwrap();
+    assert_eq!(s.added, 10_000);
+    env.src
+        .batch_execute(
+            "DO $$ DECLARE k int; BEGIN \
+               FOR k IN SELECT id FROM items WHERE id % 2 = 0 ORDER BY hashint4(id) LOOP \
+                 UPDATE items SET qty = qty + 100 WHERE id = k; \
+               END LOOP; \
+             END $$; \
+             ANALYZE items",
+        )
+        .await
+        .unwrap();
+    let s = env.sync_sorted(&spec, 1_000, 64 << 10).await.unwrap();
+    assert!(
+        split_note(&s).contains("read by 3 sessions in 12 parts"),
+        "{:?}",
+        s.notes
+    );
+    assert!(!sorted(&s), "{:?}", s.notes);
+    assert_eq!(
+        (s.rows_read, s.changed, s.unchanged, s.written),
+        (10_000, 5_000, 5_000, 5_000),
+        "{:?}",
+        s.notes
+    );
+    env.assert_same(
+        "SELECT * FROM items ORDER BY id",
+        "SELECT * FROM items ORDER BY id",
+    )
+    .await;
+}
+
 /// A full read deletes the rows that left beside the writers still committing: when the
 /// delete guard refuses them, the run fails without deleting, and the rows it wrote are
 /// recorded all the same (the next run writes none of them again).

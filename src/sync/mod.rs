@@ -474,6 +474,7 @@ async fn rebuild_from_target(
         )],
         prelude: Vec::new(),
         copies: vec![info.plan.target_copy_sql()],
+        newest_last: false,
         of: ReadOf::Target,
     };
     // No pause between batches and no user batch size: nothing is written.

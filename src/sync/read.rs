@@ -173,6 +173,7 @@ impl Inputs<'_> {
             clients: vec![self.session.clone()],
             prelude,
             copies: sql.into_iter().map(|q| copy(&q)).collect(),
+            newest_last: false,
             of: ReadOf::Source,
         }
     }
@@ -193,7 +194,10 @@ impl Inputs<'_> {
                     .parts
                     .iter()
                     .map(|p| table.select_part(list, extra, Some(p)));
-                self.read_parts(split, parts.collect(), prelude).await
+                // `ctid` ranges in block order: the last reads the end of the heap.
+                let mut read = self.read_parts(split, parts.collect(), prelude).await?;
+                read.newest_last = true;
+                Ok(read)
             }
         }
     }
