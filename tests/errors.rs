@@ -251,3 +251,64 @@ async fn a_source_error_in_the_middle_of_the_read_fails_the_run_and_deletes_noth
     )
     .await;
 }
+
+/// The permission check, before anything is read or written: a destination role that may not
+/// UPDATE the target (upsert mode) or SELECT it (every run reads it) is refused with one GRANT
+/// that fixes all it lacks, and the target is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_privileges_are_checked_before_anything_is_written() {
+    let env = env_with(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+        "CREATE TABLE t (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    let role = format!("pgdelta_w{}", std::process::id());
+    env.dst
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role}; GRANT INSERT ON t TO {role}"
+        ))
+        .await
+        .unwrap();
+    // The destination session runs as the role (startup options; the test user is a member).
+    let sep = if env.dst_url.contains('?') { '&' } else { '?' };
+    let dst =
+        pgdelta::conn::ConnInfo::parse(&format!("{}{sep}options=-c%20role%3D{role}", env.dst_url))
+            .unwrap();
+    let run = |spec: pgdelta::spec::SyncSpec| {
+        let dst = dst.clone();
+        let state = env.dir.path().join(format!("{role}.redb"));
+        let src = pgdelta::conn::ConnInfo::parse(&env.src_url).unwrap();
+        async move {
+            let snap = Snapshot::open(&state, 8 << 20).unwrap();
+            pgdelta::sync::run(&src, &dst, &spec, &Default::default(), &snap).await
+        }
+    };
+    let spec = env.spec("t", &["id"]);
+    let msg = plan_message(run(spec.clone()).await);
+    assert!(
+        msg.contains("may not SELECT or UPDATE") && msg.contains("GRANT SELECT, UPDATE ON"),
+        "{msg}"
+    );
+    env.dst
+        .batch_execute(&format!("GRANT UPDATE ON t TO {role}"))
+        .await
+        .unwrap();
+    let msg = plan_message(run(spec.clone()).await);
+    assert!(
+        msg.contains("may not SELECT") && msg.contains("GRANT SELECT ON"),
+        "{msg}"
+    );
+    assert_eq!(Env::count(&env.dst, "t").await, 0);
+    // Granted: the same run writes both rows.
+    env.dst
+        .batch_execute(&format!("GRANT SELECT ON t TO {role}"))
+        .await
+        .unwrap();
+    let s = run(spec).await.unwrap();
+    assert_eq!((s.added, s.written), (2, 2));
+    assert_eq!(Env::count(&env.dst, "t").await, 2);
+    env.dst
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+}

@@ -683,25 +683,33 @@ async fn check_target(
             spec.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ")
         )));
     }
-    let mut privs = vec!["INSERT"];
+    // Every run reads the target (whether it is empty; `ON CONFLICT` and deletes read its key).
+    let mut privs = vec!["SELECT", "INSERT"];
     if spec.mode == Mode::Upsert {
         privs.push("UPDATE");
     }
     if spec.delete {
         privs.push("DELETE");
     }
+    let mut missing = Vec::new();
     for p in privs {
         let ok = catalog::has_privilege(dst, target.oid, p)
             .await
             .map_err(|e| fail.pg("cannot check privileges", e))?;
         if !ok {
-            return Err(fail.msg(format!(
-                "the destination user may not {p} on {}: GRANT {p} ON {} TO <user>",
-                target.quoted, target.quoted
-            )));
+            missing.push(p);
         }
     }
-    Ok(())
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(fail.msg(format!(
+        "the destination user may not {} on {}: GRANT {} ON {} TO <user>",
+        missing.join(" or "),
+        target.quoted,
+        missing.join(", "),
+        target.quoted
+    )))
 }
 
 /// The key fingerprint (key columns and types: a change invalidates stored keys) and the model
