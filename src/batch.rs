@@ -158,8 +158,8 @@ impl KeyBatch {
 /// that stays on its page (HOT) puts the new version at the page's end, one key out of order
 /// among neighbours (5.2% of the keys of a 10M-row table after 13 rounds of 1% updates,
 /// measured: runs of about 19), and the keys of a page stay close together, so a block's
-/// sorted keys still walk the snapshot forward. Lookups and writes of scattered keys each touch a redb page
-/// of their own unless they are gathered and sorted first.
+/// sorted keys still walk the snapshot forward. Lookups and writes of scattered keys each touch
+/// a redb page of their own unless they are gathered and sorted first.
 pub(crate) fn scattered<'a>(n: usize, key: impl Fn(usize) -> &'a [u8]) -> bool {
     let runs = 1 + (1..n).filter(|&i| key(i) < key(i - 1)).count();
     n >= 64 && runs * 4 > n

@@ -175,7 +175,7 @@ impl SourceRead {
         let sessions = self.read.clients.len().min(copies.len());
         let queue = std::sync::Mutex::new(part_order(copies, self.read.newest_last));
         let first = FirstPart {
-            sent: tokio::sync::watch::channel(!self.read.newest_last).0,
+            sent: tokio::sync::watch::channel(false).0,
         };
         // The blocks' buffers, reused by every part and session: as many as the queue to the
         // diff holds, and a few being framed or diffed.
@@ -245,8 +245,10 @@ impl SourceRead {
         (turn, first): (Turn, &FirstPart),
         stats: &mut ReadStats,
     ) -> Result<(), Error> {
-        // The end of the heap waits for the first part's first block (`Read::newest_last`).
-        let mut gate = (turn == Turn::Newest).then(|| first.sent.subscribe());
+        let mut turn = InTurn {
+            gate: (turn == Turn::Newest).then(|| first.sent.subscribe()),
+            opens: (turn == Turn::First).then_some(first),
+        };
         let read_err = |e: tokio_postgres::Error| match self.read.of {
             ReadOf::Source => Error::source_read(&self.sync, "", &e),
             ReadOf::Target => Error::Rebuild {
@@ -295,28 +297,43 @@ impl SourceRead {
             let chunk = chunk.map_err(read_err)?;
             stats.bytes += rows.frame(&chunk, &mut framer).map_err(frame_err)?;
             while let Some(block) = framer.take_block() {
-                if !opened(&mut gate, &mut stopped).await {
-                    stats.end = ReadEnd::Stopped;
+                if !self
+                    .send_in_turn(block, stats, &mut turn, &mut stopped)
+                    .await
+                {
                     return Ok(());
-                }
-                if !self.send(block, stats).await {
-                    return Ok(());
-                }
-                if turn == Turn::First {
-                    first.open();
                 }
             }
         }
         rows.finish().map_err(frame_err)?;
         let last = framer.finish().map_err(frame_err)?;
         if !last.rows.is_empty() {
-            if !opened(&mut gate, &mut stopped).await {
-                stats.end = ReadEnd::Stopped;
-                return Ok(());
-            }
-            self.send(last, stats).await;
+            self.send_in_turn(last, stats, &mut turn, &mut stopped)
+                .await;
         }
         Ok(())
+    }
+
+    /// Sends a block of a part in its turn ([`InTurn`]); false when the run stopped while the
+    /// block waited (`Stopped`) or the diff is gone (`DiffGone`).
+    async fn send_in_turn(
+        &self,
+        block: Block,
+        stats: &mut ReadStats,
+        turn: &mut InTurn<'_>,
+        stopped: &mut Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> bool {
+        if !opened(&mut turn.gate, stopped).await {
+            stats.end = ReadEnd::Stopped;
+            return false;
+        }
+        if !self.send(block, stats).await {
+            return false;
+        }
+        if let Some(first) = turn.opens.take() {
+            first.open();
+        }
+        true
     }
 
     /// Sends a block to the diff; false (and `DiffGone`) when the diff is gone.
@@ -345,6 +362,14 @@ async fn opened(
         sent = gate.wait_for(|sent| *sent) => sent.is_ok(),
         _ = stopped => false,
     }
+}
+
+/// What a part's blocks do for the order of the read ([`Read::newest_last`]): the end of the
+/// heap's first block waits for the first part's first block (`gate`), which opens that wait
+/// (`opens`); each is used once.
+struct InTurn<'a> {
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+    opens: Option<&'a FirstPart>,
 }
 
 /// A part's place in the order of a read ([`Read::newest_last`]).

@@ -271,20 +271,11 @@ async fn destination_privileges_are_checked_before_anything_is_written() {
         .unwrap();
     // The destination session runs as the role (startup options; the test user is a member).
     let sep = if env.dst_url.contains('?') { '&' } else { '?' };
-    let dst =
-        pgdelta::conn::ConnInfo::parse(&format!("{}{sep}options=-c%20role%3D{role}", env.dst_url))
-            .unwrap();
-    let run = |spec: pgdelta::spec::SyncSpec| {
-        let dst = dst.clone();
-        let state = env.dir.path().join(format!("{role}.redb"));
-        let src = pgdelta::conn::ConnInfo::parse(&env.src_url).unwrap();
-        async move {
-            let snap = Snapshot::open(&state, 8 << 20).unwrap();
-            pgdelta::sync::run(&src, &dst, &spec, &Default::default(), &snap).await
-        }
-    };
+    let dst = format!("{}{sep}options=-c%20role%3D{role}", env.dst_url);
+    let opts = pgdelta::sync::RunOptions::default();
+    let run = |spec| env.sync_between(&env.src_url, &dst, spec, &opts);
     let spec = env.spec("t", &["id"]);
-    let msg = plan_message(run(spec.clone()).await);
+    let msg = plan_message(run(&spec).await);
     assert!(
         msg.contains("may not SELECT or UPDATE") && msg.contains("GRANT SELECT, UPDATE ON"),
         "{msg}"
@@ -293,7 +284,7 @@ async fn destination_privileges_are_checked_before_anything_is_written() {
         .batch_execute(&format!("GRANT UPDATE ON t TO {role}"))
         .await
         .unwrap();
-    let msg = plan_message(run(spec.clone()).await);
+    let msg = plan_message(run(&spec).await);
     assert!(
         msg.contains("may not SELECT") && msg.contains("GRANT SELECT ON"),
         "{msg}"
@@ -304,7 +295,7 @@ async fn destination_privileges_are_checked_before_anything_is_written() {
         .batch_execute(&format!("GRANT SELECT ON t TO {role}"))
         .await
         .unwrap();
-    let s = run(spec).await.unwrap();
+    let s = run(&spec).await.unwrap();
     assert_eq!((s.added, s.written), (2, 2));
     assert_eq!(Env::count(&env.dst, "t").await, 2);
     env.dst

@@ -398,11 +398,22 @@ impl Env {
         spec: &SyncSpec,
         opts: &RunOptions,
     ) -> Result<Summary, pgdelta::Error> {
+        self.sync_between(src_url, &self.dst_url, spec, opts).await
+    }
+
+    /// A run between `src_url` and `dst_url` (either database reached another way).
+    pub(crate) async fn sync_between(
+        &self,
+        src_url: &str,
+        dst_url: &str,
+        spec: &SyncSpec,
+        opts: &RunOptions,
+    ) -> Result<Summary, pgdelta::Error> {
         self.flush_stats().await;
         let snap = Snapshot::open(&self.state(), 8 << 20)?;
         pgdelta::sync::run(
             &ConnInfo::parse(src_url)?,
-            &ConnInfo::parse(&self.dst_url)?,
+            &ConnInfo::parse(dst_url)?,
             spec,
             opts,
             &snap,
