@@ -32,7 +32,66 @@ pub struct ConnInfo {
     tls: Option<rustls::ClientConfig>,
     /// Sessions go through this SSH bastion.
     tunnel: Option<Arc<Tunnel>>,
+    /// Which of the hosts a session is for.
+    attrs: SessionAttrs,
     shown: String,
+}
+
+/// Which server of the connection string's hosts a session is for: libpq's
+/// `target_session_attrs`. pgdelta tries the hosts in turn and checks each session
+/// ([`session_attrs_met`]); tokio-postgres knows only the first three, and checks those itself
+/// where it opens the sockets (`hostaddr`, host load balancing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionAttrs {
+    Any,
+    /// A server that accepts writes (`transaction_read_only` off).
+    ReadWrite,
+    ReadOnly,
+    /// A server not in recovery (`pg_is_in_recovery()` false).
+    Primary,
+    /// A hot standby.
+    Standby,
+    /// A hot standby if one of the hosts is, else any server.
+    PreferStandby,
+}
+
+impl SessionAttrs {
+    /// Each setting by its name in a connection string.
+    const NAMED: [(&'static str, SessionAttrs); 6] = [
+        ("any", SessionAttrs::Any),
+        ("read-write", SessionAttrs::ReadWrite),
+        ("read-only", SessionAttrs::ReadOnly),
+        ("primary", SessionAttrs::Primary),
+        ("standby", SessionAttrs::Standby),
+        ("prefer-standby", SessionAttrs::PreferStandby),
+    ];
+
+    fn parse(v: &str) -> Result<SessionAttrs, Error> {
+        let v = v.trim();
+        let found = Self::NAMED.iter().find(|(name, _)| *name == v);
+        found.map(|&(_, a)| a).ok_or_else(|| {
+            Error::Config(format!(
+                "invalid target_session_attrs '{v}': expected any, read-write, read-only, primary, standby or prefer-standby"
+            ))
+        })
+    }
+
+    /// The same setting for tokio-postgres, when it has one.
+    fn tokio(self) -> Option<tokio_postgres::config::TargetSessionAttrs> {
+        use tokio_postgres::config::TargetSessionAttrs as T;
+        match self {
+            SessionAttrs::Any => Some(T::Any),
+            SessionAttrs::ReadWrite => Some(T::ReadWrite),
+            SessionAttrs::ReadOnly => Some(T::ReadOnly),
+            _ => None,
+        }
+    }
+
+    /// The setting's name in a connection string.
+    fn name(self) -> &'static str {
+        let found = Self::NAMED.iter().find(|&&(_, a)| a == self);
+        found.map_or("any", |&(name, _)| name)
+    }
 }
 
 impl ConnInfo {
@@ -85,13 +144,28 @@ impl ConnInfo {
         config.keepalives_idle(Duration::from_secs(30));
         let tls = crate::tls::TlsSettings::from_settings(&libpq)?;
         config.ssl_mode(tls.mode.negotiation());
+        let attrs = match libpq.get("target_session_attrs") {
+            Some(v) => SessionAttrs::parse(v)?,
+            None => SessionAttrs::Any,
+        };
+        if let Some(t) = attrs.tokio() {
+            config.target_session_attrs(t);
+        }
         let shown = describe(&config);
-        Ok(ConnInfo {
+        let info = ConnInfo {
             config,
             tls: crate::tls::client_config(&tls)?,
             tunnel: None,
+            attrs,
             shown,
-        })
+        };
+        if attrs.tokio().is_none() && !info.opens_sockets() {
+            return Err(Error::Config(format!(
+                "target_session_attrs={} needs the hosts named with host (no hostaddr) and load_balance_hosts=disable: pgdelta tries them in turn itself and checks each server",
+                attrs.name()
+            )));
+        }
+        Ok(info)
     }
 
     /// The same database, reached through an SSH bastion (see [`crate::ssh`]).
@@ -114,7 +188,8 @@ impl ConnInfo {
             target: self.shown.clone(),
             message: pg_message(&e),
         };
-        if self.tunnel.is_some() {
+        // tokio-postgres tries the hosts itself only for the settings it knows.
+        if self.tunnel.is_some() || self.attrs.tokio().is_none() {
             return Ok(self.connect_each(&config, role, None).await?.0);
         }
         let client = match &self.tls {
@@ -156,21 +231,14 @@ impl ConnInfo {
 
     /// Whether pgdelta opens the sessions' sockets itself (so a reader's socket can carry a
     /// tap): through a bastion always; else when the hosts are reached as written, one after
-    /// the other (no `hostaddr`, no host load balancing) and `target_session_attrs` is one
-    /// pgdelta checks ([`session_attrs_met`]). tokio-postgres opens the others.
+    /// the other (no `hostaddr`, no host load balancing). tokio-postgres opens the others.
     fn opens_sockets(&self) -> bool {
-        use tokio_postgres::config::{LoadBalanceHosts, TargetSessionAttrs};
+        use tokio_postgres::config::LoadBalanceHosts;
         let c = &self.config;
         self.tunnel.is_some()
             || (!c.get_hosts().is_empty()
                 && c.get_hostaddrs().is_empty()
-                && c.get_load_balance_hosts() == LoadBalanceHosts::Disable
-                && matches!(
-                    c.get_target_session_attrs(),
-                    TargetSessionAttrs::Any
-                        | TargetSessionAttrs::ReadWrite
-                        | TargetSessionAttrs::ReadOnly
-                ))
+                && c.get_load_balance_hosts() == LoadBalanceHosts::Disable)
     }
 
     /// The connection string with the session's startup options.
@@ -198,26 +266,33 @@ impl ConnInfo {
         // Each address of a host has the timeout to itself (see `open_wire`), and the
         // session's start (TLS, authentication, `target_session_attrs`) has it again.
         let timeout = config.get_connect_timeout().copied();
-        for (host, port) in hosts(config) {
-            let result = async {
-                let wire = self.open_wire(config, &host, port).await?;
-                within(timeout, async {
-                    let client = self.session_on(wire, config, &host, tap.cloned()).await?;
-                    session_attrs_met(&client, config).await?;
-                    Ok(client)
-                })
-                .await
-            }
-            .await;
-            match result {
-                Ok(client) => return Ok((client, Reached { host, port })),
-                Err(e) if e.config => {
-                    return Err(Error::Config(format!(
-                        "cannot connect to the {role} database {}: {}",
-                        self.shown, e.message
-                    )))
+        // prefer-standby: a standby among the hosts, else (libpq's second pass) any of them.
+        let passes: &[SessionAttrs] = match self.attrs {
+            SessionAttrs::PreferStandby => &[SessionAttrs::Standby, SessionAttrs::Any],
+            _ => std::slice::from_ref(&self.attrs),
+        };
+        for &want in passes {
+            for (host, port) in hosts(config) {
+                let result = async {
+                    let wire = self.open_wire(config, &host, port).await?;
+                    within(timeout, async {
+                        let client = self.session_on(wire, config, &host, tap.cloned()).await?;
+                        session_attrs_met(&client, want).await?;
+                        Ok(client)
+                    })
+                    .await
                 }
-                Err(e) => last = Some(e.message),
+                .await;
+                match result {
+                    Ok(client) => return Ok((client, Reached { host, port })),
+                    Err(e) if e.config => {
+                        return Err(Error::Config(format!(
+                            "cannot connect to the {role} database {}: {}",
+                            self.shown, e.message
+                        )))
+                    }
+                    Err(e) => last = Some(e.message),
+                }
             }
         }
         Err(Error::Connect {
@@ -349,27 +424,36 @@ pub(crate) struct Canceller {
 }
 
 /// Checks a new session against the connection string's `target_session_attrs`, as libpq
-/// does (`SHOW transaction_read_only`): a session that does not meet it fails, and the next
-/// host is tried.
-async fn session_attrs_met(client: &Client, config: &Config) -> Result<(), TunnelError> {
-    use tokio_postgres::config::TargetSessionAttrs;
-    let want = config.get_target_session_attrs();
-    if want == TargetSessionAttrs::Any {
+/// does (`transaction_read_only` for read-write and read-only, `pg_is_in_recovery()` for
+/// primary and standby): a session that does not meet it fails, and the next host is tried.
+async fn session_attrs_met(client: &Client, want: SessionAttrs) -> Result<(), TunnelError> {
+    let failed = |e: tokio_postgres::Error| TunnelError {
+        message: pg_message(&e),
+        config: false,
+    };
+    if matches!(want, SessionAttrs::Any | SessionAttrs::PreferStandby) {
         return Ok(());
     }
-    let read_only = show(client, "transaction_read_only")
+    let row = client
+        .query_one(
+            "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
+            &[],
+        )
         .await
-        .map_err(|e| TunnelError {
-            message: pg_message(&e),
-            config: false,
-        })?
-        == "on";
-    let problem = match (want, read_only) {
-        (TargetSessionAttrs::ReadWrite, true) => {
+        .map_err(failed)?;
+    let (read_only, standby): (bool, bool) = (row.get(0), row.get(1));
+    let problem = match want {
+        SessionAttrs::ReadWrite if read_only => {
             "the server is read-only (target_session_attrs=read-write)"
         }
-        (TargetSessionAttrs::ReadOnly, false) => {
+        SessionAttrs::ReadOnly if !read_only => {
             "the server accepts writes (target_session_attrs=read-only)"
+        }
+        SessionAttrs::Primary if standby => {
+            "the server is a hot standby (target_session_attrs=primary)"
+        }
+        SessionAttrs::Standby if !standby => {
+            "the server is not a hot standby (target_session_attrs=standby)"
         }
         _ => return Ok(()),
     };
@@ -605,7 +689,7 @@ fn default_setting(
         "options" if config.get_options().is_none() => {
             config.options(value);
         }
-        "sslmode" | "sslrootcert" | "passfile" => {
+        "sslmode" | "sslrootcert" | "passfile" | "target_session_attrs" => {
             libpq
                 .entry(key.to_string())
                 .or_insert_with(|| value.to_string());
@@ -685,12 +769,8 @@ fn parse_failed(e: &tokio_postgres::Error) -> String {
             }
         },
     );
-    let hint = match why.contains("`target_session_attrs`") {
-        true => "; target_session_attrs takes any, read-write or read-only (libpq's primary, standby and prefer-standby are not supported: name the server to read instead)",
-        false => "",
-    };
     format!(
-        "invalid connection string: {why}{hint}; expected postgres://user@host:port/db or 'host=... dbname=...'"
+        "invalid connection string: {why}; expected postgres://user@host:port/db or 'host=... dbname=...'"
     )
 }
 
@@ -761,6 +841,59 @@ mod tests {
         // tokio-postgres opens the sockets where it picks the address or the host itself.
         assert!(!opens("host=a hostaddr=10.0.0.1 dbname=d user=u"));
         assert!(!opens("host=a,b dbname=d user=u load_balance_hosts=random"));
+    }
+
+    /// libpq's six `target_session_attrs`, from the string or the environment; the three
+    /// tokio-postgres does not know need the hosts pgdelta tries itself.
+    #[test]
+    fn every_target_session_attrs_of_libpq_is_taken() {
+        let attrs =
+            |s: &str, vars: &[(&str, &str)]| ConnInfo::parse_with(s, &env(vars)).map(|c| c.attrs);
+        for (v, want) in [
+            ("any", SessionAttrs::Any),
+            ("read-write", SessionAttrs::ReadWrite),
+            ("read-only", SessionAttrs::ReadOnly),
+            ("primary", SessionAttrs::Primary),
+            ("standby", SessionAttrs::Standby),
+            ("prefer-standby", SessionAttrs::PreferStandby),
+        ] {
+            let url = format!("postgres://u@a:5432,b:5433/d?target_session_attrs={v}");
+            assert_eq!(attrs(&url, &[]).unwrap(), want, "{v}");
+            let kv = format!("host=a,b dbname=d user=u target_session_attrs={v}");
+            assert_eq!(attrs(&kv, &[]).unwrap(), want, "{v}");
+            assert_eq!(
+                attrs("host=a dbname=d user=u", &[("PGTARGETSESSIONATTRS", v)]).unwrap(),
+                want,
+                "{v}"
+            );
+            assert_eq!(want.name(), v);
+        }
+        // The string's setting wins over the environment's.
+        let s = "host=a dbname=d user=u target_session_attrs=primary";
+        let got = attrs(s, &[("PGTARGETSESSIONATTRS", "standby")]).unwrap();
+        assert_eq!(got, SessionAttrs::Primary);
+        assert_eq!(
+            attrs("host=a dbname=d user=u", &[]).unwrap(),
+            SessionAttrs::Any
+        );
+        // tokio-postgres' own check is kept for its three, where it opens the sockets.
+        let c = ConnInfo::parse(
+            "host=a hostaddr=10.0.0.1 dbname=d user=u target_session_attrs=read-write",
+        )
+        .unwrap();
+        assert_eq!(
+            c.config.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        for s in [
+            "host=a hostaddr=10.0.0.1 dbname=d user=u target_session_attrs=primary",
+            "host=a,b dbname=d user=u load_balance_hosts=random target_session_attrs=prefer-standby",
+        ] {
+            let Err(Error::Config(m)) = ConnInfo::parse(s) else {
+                panic!("{s} was taken")
+            };
+            assert!(m.contains("needs the hosts named with host"), "{m}");
+        }
     }
 
     #[tokio::test]
@@ -882,19 +1015,16 @@ mod tests {
             Err(Error::Config(m)) => m,
             other => panic!("{s}: {:?}", other.map(|c| c.to_string())),
         };
-        let m = err("postgres://u:s3cret@h/d?target_session_attrs=primary");
+        let m = err("postgres://u:s3cret@h/d?target_session_attrs=master");
         assert!(
-            m.contains("invalid value for option `target_session_attrs`"),
+            m.contains("invalid target_session_attrs 'master'")
+                && m.contains("read-only, primary, standby or prefer-standby"),
             "{m}"
         );
-        assert!(m.contains("any, read-write or read-only"), "{m}");
         assert!(!m.contains("s3cret"), "{m}");
         let m = err("host=h password=s3cret port=x");
         assert!(m.contains("invalid value for option `port`"), "{m}");
-        assert!(
-            !m.contains("s3cret") && !m.contains("any, read-write"),
-            "{m}"
-        );
+        assert!(!m.contains("s3cret"), "{m}");
         // The parser quotes the character it met: here the first of a password.
         let m = err("host=h password Zecret");
         assert!(m.contains("unexpected character at byte"), "{m}");

@@ -31,6 +31,7 @@ pub(crate) const ENV: &[(&str, &str)] = &[
     ("sslrootcert", "PGSSLROOTCERT"),
     ("connect_timeout", "PGCONNECT_TIMEOUT"),
     ("passfile", "PGPASSFILE"),
+    ("target_session_attrs", "PGTARGETSESSIONATTRS"),
 ];
 
 /// The settings a service file may give (the rest of libpq's are refused by name, so a typo
@@ -46,6 +47,7 @@ const SERVICE_KEYS: &[&str] = &[
     "connect_timeout",
     "passfile",
     "options",
+    "target_session_attrs",
 ];
 
 fn home(env: Lookup<'_>) -> Option<PathBuf> {

@@ -87,7 +87,13 @@ impl Default for TlsSettings {
 
 /// The libpq settings pgdelta resolves itself (tokio-postgres would reject `verify-full`, and
 /// knows nothing of services and password files).
-const LIBPQ_ONLY: &[&str] = &["sslmode", "sslrootcert", "service", "passfile"];
+const LIBPQ_ONLY: &[&str] = &[
+    "sslmode",
+    "sslrootcert",
+    "service",
+    "passfile",
+    "target_session_attrs",
+];
 
 /// Removes the [`LIBPQ_ONLY`] settings from a URL or key=value connection string and returns
 /// them, values unquoted and decoded. Client certificates are not supported.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgdelta::tools::pgserver::{Durability, TempPostgres};
 
 use crate::support::{
-    assert_rows_equal, connect, create_src_dst, summary, sync_t_between, t_on, Env,
+    assert_rows_equal, connect, create_src_dst, summary, sync_t_between, t_between, t_on, Env,
 };
 
 /// Waits until the standby's `count` query returns `want` (replay is asynchronous).
@@ -247,4 +247,119 @@ async fn a_standby_read_splits_under_one_snapshot() {
     let a = Env::rows(&replica, "SELECT * FROM t ORDER BY id").await;
     let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
     assert_rows_equal(&a, &b);
+}
+
+/// libpq's `target_session_attrs` picks the server among a connection string's hosts, a
+/// primary and its standby here: `primary` writes to the primary listed after the standby
+/// (`any` takes the standby and fails), `standby` and `prefer-standby` read the standby
+/// listed after the primary (read in full, as a standby is), `prefer-standby` with no standby
+/// listed takes the primary, and `standby` with none fails and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_session_attrs_picks_the_primary_or_the_standby_among_the_hosts() {
+    let primary = TempPostgres::start(Durability::Fast).unwrap();
+    create_src_dst(&primary).await;
+    let (src, dst) = t_on(&primary, 1000).await;
+    let standby = TempPostgres::standby_of(&primary, &[]).unwrap();
+    let replica = connect(&standby.url("src")).await;
+    replayed(&replica, "SELECT count(*) FROM t", 1000).await;
+    let both = |first: &TempPostgres, second: &TempPostgres, db: &str, attrs: &str| {
+        format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{db}?target_session_attrs={attrs}",
+            first.port(),
+            second.port()
+        )
+    };
+    let only = |db: &str, attrs: &str| format!("{}?target_session_attrs={attrs}", primary.url(db));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    let run = |source: &str, dest: &str| {
+        sync_t_between(dir.path(), source, dest, &state, &["--delete", "--json"])
+            .output()
+            .unwrap()
+    };
+    let same = || async {
+        let a = Env::rows(&src, "SELECT * FROM t ORDER BY id").await;
+        let b = Env::rows(&dst, "SELECT * FROM t ORDER BY id").await;
+        assert_rows_equal(&a, &b);
+    };
+
+    // The standby first: `any` takes it, and the run stops before reading, saying why.
+    let out = run(&primary.url("src"), &both(&standby, &primary, "dst", "any"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("sync 't': the destination session is read-only")
+            && stderr.contains("target_session_attrs=primary"),
+        "{stderr}"
+    );
+    assert_eq!(Env::count(&dst, "t").await, 0);
+    // `check` says so too; a dry run, which writes nothing, may plan against the standby.
+    let check = t_between(
+        "check",
+        dir.path(),
+        &primary.url("src"),
+        &standby.url("dst"),
+        &state,
+        &[],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_ne!(check.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("the destination session is read-only"),
+        "{stderr}"
+    );
+    let dry = summary(
+        sync_t_between(
+            dir.path(),
+            &primary.url("src"),
+            &standby.url("dst"),
+            &state,
+            &["--dry-run", "--json"],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(dry["added"], 1000, "{dry}");
+    // `primary` passes over it.
+    let s = summary(run(
+        &primary.url("src"),
+        &both(&standby, &primary, "dst", "primary"),
+    ));
+    assert_eq!(s["written"], 1000, "{s}");
+    same().await;
+
+    // The source's standby, listed second, is the one read.
+    src.batch_execute("UPDATE t SET v = -v WHERE id <= 10")
+        .await
+        .unwrap();
+    replayed(&replica, "SELECT count(*) FROM t WHERE v < 0", 10).await;
+    let on_standby = |s: &serde_json::Value| {
+        s["read_strategy_reason"]
+            .as_str()
+            .unwrap()
+            .contains("hot standby")
+    };
+    for attrs in ["standby", "prefer-standby"] {
+        let s = summary(run(
+            &both(&primary, &standby, "src", attrs),
+            &primary.url("dst"),
+        ));
+        assert!(on_standby(&s), "{attrs}: {s}");
+        assert_eq!(s["read_strategy"], "full", "{attrs}: {s}");
+        same().await;
+    }
+    // No standby listed: `prefer-standby` takes the primary, `standby` refuses it.
+    let s = summary(run(&only("src", "prefer-standby"), &primary.url("dst")));
+    assert!(!on_standby(&s), "{s}");
+    let out = run(&only("src", "standby"), &primary.url("dst"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("the server is not a hot standby (target_session_attrs=standby)"),
+        "{stderr}"
+    );
+    drop(standby);
+    drop(primary);
 }

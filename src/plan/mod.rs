@@ -160,6 +160,9 @@ pub(crate) struct Plan {
     pub(crate) target: String,
     /// The target is empty right now (first-load fast path).
     pub(crate) target_empty: bool,
+    /// The destination session is read-only (a hot standby, `default_transaction_read_only`):
+    /// nothing can be written there ([`Plan::writable`]).
+    pub(crate) target_read_only: bool,
     pub(crate) key_fp: String,
     pub(crate) row_fp: String,
     /// What the planner did that the user should know (casts added).
@@ -167,6 +170,21 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Fails when the destination takes no writes: said before the read, not at the first
+    /// batch. (A dry run writes nothing, and may plan against a read-only replica.)
+    pub(crate) fn writable(&self, sync: &str) -> Result<(), Error> {
+        match self.target_read_only {
+            false => Ok(()),
+            true => Err(Error::Plan {
+                sync: sync.to_string(),
+                message: format!(
+                    "the destination session is read-only (the server is a hot standby, or default_transaction_read_only is on), so nothing can be written to {}: point the destination at the primary; to follow failovers, list every host of the cluster with target_session_attrs=primary",
+                    self.target
+                ),
+            }),
+        }
+    }
+
     /// Reads the target's synced columns in the order, and with the types, of the generated
     /// source query: equal values give equal bytes, so equal rows hash alike.
     pub(crate) fn target_copy_sql(&self) -> String {
@@ -241,6 +259,7 @@ impl Plan {
             nkey,
             target: "\"public\".\"t\"".into(),
             target_empty: false,
+            target_read_only: false,
             key_fp: String::new(),
             row_fp: String::new(),
             notes: Vec::new(),
@@ -365,6 +384,10 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         None => fail.pg("the generated source query does not run", e),
     })?;
     check_target(dst, spec, &target, &dest_cols, &fail).await?;
+    let target_read_only = crate::conn::show(dst, "transaction_read_only")
+        .await
+        .map_err(|e| fail.pg("cannot check whether the destination takes writes", e))?
+        == "on";
     // A shard owns its share of the target: empty when that share is.
     let target_empty = catalog::is_empty(dst, &target.quoted, target_filter.as_deref())
         .await
@@ -379,6 +402,7 @@ pub(crate) async fn plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<
         nkey,
         target: target.quoted,
         target_empty,
+        target_read_only,
         key_fp,
         row_fp,
         notes,
@@ -744,6 +768,7 @@ pub struct PlanCheck {
 /// Plans `spec` against both databases without reading a row or writing anything.
 pub async fn check_plan(src: &Client, dst: &Client, spec: &SyncSpec) -> Result<PlanCheck, Error> {
     let p = plan(src, dst, spec).await?;
+    p.writable(&spec.name)?;
     Ok(PlanCheck {
         target: p.target,
         columns: p.columns.len(),

@@ -677,6 +677,9 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         .await?;
     let plan = Arc::new(plan(&src, &control, spec).await?);
     drop(control);
+    if !env.opts.dry_run {
+        plan.writable(name)?;
+    }
     for n in &plan.notes {
         tracing::info!("sync '{name}': {n}");
     }

@@ -98,8 +98,21 @@ pub(crate) fn sync_t_between(
     state: &std::path::Path,
     extra: &[&str],
 ) -> std::process::Command {
+    t_between("sync", dir, src, dst, state, extra)
+}
+
+/// `pgdelta <command>` (`sync`, `check`) of table `t` into `t` between any two connection
+/// strings, key `id`, state `state`, run in `dir`.
+pub(crate) fn t_between(
+    command: &str,
+    dir: &std::path::Path,
+    src: &str,
+    dst: &str,
+    state: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
     let mut args = vec![
-        "sync",
+        command,
         "--source",
         src,
         "--destination",
