@@ -92,15 +92,32 @@ async fn a_split_read_reads_every_row_once_and_derives_deletes() {
 /// decides whether its rows are sorted on disk) is still judged from the start of the heap.
 /// Here half the rows were updated one at a time in random key order, so their new versions
 /// fill the end of the heap out of order, and the last part holds only those: the read is not
-/// sorted on disk, and every count is exact. (Which part's block would reach the diff first
-/// without the wait is a race between sessions; the wait itself has a unit test in
-/// `source.rs`.)
+/// sorted on disk, and every count is exact. The model's `where` condition holds each session
+/// back half a second at the first row it meets that was never updated (`qty < 100`), which
+/// every part but the heap's end holds: without the wait, the end of the heap would reach the
+/// diff first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_end_of_the_heap_is_read_early_but_does_not_judge_the_key_order() {
     let (env, mut spec) = seeded(10_000).await;
+    env.src
+        .batch_execute(
+            "CREATE FUNCTION slow_first(q int) RETURNS bool LANGUAGE plpgsql AS $$ BEGIN \
+               IF q < 100 AND current_setting('test.slept', true) IS DISTINCT FROM 'yes' THEN \
+                 PERFORM set_config('test.slept', 'yes', true); \
+                 PERFORM pg_sleep(0.5); \
+               END IF; \
+               RETURN true; \
+             END $$",
+        )
+        .await
+        .unwrap();
+    spec.filter = Some("slow_first(qty)".into());
     spec.full_read_every = FullReadEvery::Always;
     let sorted = |s: &Summary| s.notes.iter().any(|n| n.contains("were sorted in"));
-    let s = env.sync_sorted(&spec, 1_000, 64 << 10).await.unwrap();
+    let s = env
+        .sync_sorted_in_blocks(&spec, 1_000, 64 << 10, 64 << 10)
+        .await
+        .unwrap();
     assert_eq!(s.added, 10_000);
     env.src
         .batch_execute(
@@ -113,7 +130,10 @@ async fn the_end_of_the_heap_is_read_early_but_does_not_judge_the_key_order() {
         )
         .await
         .unwrap();
-    let s = env.sync_sorted(&spec, 1_000, 64 << 10).await.unwrap();
+    let s = env
+        .sync_sorted_in_blocks(&spec, 1_000, 64 << 10, 64 << 10)
+        .await
+        .unwrap();
     assert!(
         split_note(&s).contains("read by 3 sessions in 12 parts"),
         "{:?}",

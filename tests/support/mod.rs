@@ -345,8 +345,21 @@ impl Env {
         above: u64,
         run_bytes: usize,
     ) -> Result<Summary, pgdelta::Error> {
+        self.sync_sorted_in_blocks(spec, above, run_bytes, 4096)
+            .await
+    }
+
+    /// [`Env::sync_sorted`] with blocks of `block_bytes` (the read's key order is judged from
+    /// its first block, and only from one of 64 rows or more).
+    pub(crate) async fn sync_sorted_in_blocks(
+        &self,
+        spec: &SyncSpec,
+        above: u64,
+        run_bytes: usize,
+        block_bytes: usize,
+    ) -> Result<Summary, pgdelta::Error> {
         let pipe = pgdelta::sync::PipelineSettings {
-            block_bytes: 4096,
+            block_bytes,
             sort_above_entries: above,
             sort_run_bytes: run_bytes,
             ..Default::default()
