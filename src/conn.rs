@@ -849,14 +849,28 @@ mod tests {
     fn every_target_session_attrs_of_libpq_is_taken() {
         let attrs =
             |s: &str, vars: &[(&str, &str)]| ConnInfo::parse_with(s, &env(vars)).map(|c| c.attrs);
-        for (v, want) in [
-            ("any", SessionAttrs::Any),
-            ("read-write", SessionAttrs::ReadWrite),
-            ("read-only", SessionAttrs::ReadOnly),
-            ("primary", SessionAttrs::Primary),
-            ("standby", SessionAttrs::Standby),
-            ("prefer-standby", SessionAttrs::PreferStandby),
-        ] {
+        // The names as libpq spells them, each to its own setting.
+        let names: Vec<&str> = SessionAttrs::NAMED.iter().map(|(n, _)| *n).collect();
+        let libpq = [
+            "any",
+            "read-write",
+            "read-only",
+            "primary",
+            "standby",
+            "prefer-standby",
+        ];
+        assert_eq!(names, libpq);
+        assert_eq!(
+            SessionAttrs::parse("read-only").unwrap(),
+            SessionAttrs::ReadOnly
+        );
+        assert_eq!(
+            SessionAttrs::parse(" standby").unwrap(),
+            SessionAttrs::Standby
+        );
+        let prefer = SessionAttrs::parse("prefer-standby").unwrap();
+        assert_eq!(prefer, SessionAttrs::PreferStandby);
+        for (v, want) in SessionAttrs::NAMED {
             let url = format!("postgres://u@a:5432,b:5433/d?target_session_attrs={v}");
             assert_eq!(attrs(&url, &[]).unwrap(), want, "{v}");
             let kv = format!("host=a,b dbname=d user=u target_session_attrs={v}");
