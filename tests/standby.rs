@@ -25,6 +25,26 @@ async fn replayed(replica: &tokio_postgres::Client, count: &str, want: i64) {
     panic!("the standby never replayed: {count} != {want}");
 }
 
+/// A primary with databases `src` and `dst` and table `t` of `rows` rows in `src` (see
+/// [`t_on`]), and a standby of it once it has replayed them: the servers, then sessions on the
+/// primary's `src` and `dst` and on the standby's `src`.
+async fn with_standby(
+    rows: i32,
+) -> (
+    TempPostgres,
+    TempPostgres,
+    (tokio_postgres::Client, tokio_postgres::Client),
+    tokio_postgres::Client,
+) {
+    let primary = TempPostgres::start(Durability::Fast).unwrap();
+    create_src_dst(&primary).await;
+    let clients = t_on(&primary, rows).await;
+    let standby = TempPostgres::standby_of(&primary, &[]).unwrap();
+    let replica = connect(&standby.url("src")).await;
+    replayed(&replica, "SELECT count(*) FROM t", i64::from(rows)).await;
+    (primary, standby, clients, replica)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cancelled_by_a_recovery_conflict_is_retried() {
     let primary = TempPostgres::start(Durability::Fast).unwrap();
@@ -204,12 +224,7 @@ async fn a_standby_and_a_failover_are_read_in_full_then_deltas_resume() {
 /// A standby's read splits too: its helpers import the run's snapshot, exported on the standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_read_splits_under_one_snapshot() {
-    let primary = TempPostgres::start(Durability::Fast).unwrap();
-    create_src_dst(&primary).await;
-    let (src, dst) = t_on(&primary, 20_000).await;
-    let standby = TempPostgres::standby_of(&primary, &[]).unwrap();
-    let replica = connect(&standby.url("src")).await;
-    replayed(&replica, "SELECT count(*) FROM t", 20_000).await;
+    let (primary, standby, (src, dst), replica) = with_standby(20_000).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.redb");
     let run = || {
@@ -256,12 +271,7 @@ async fn a_standby_read_splits_under_one_snapshot() {
 /// listed takes the primary, and `standby` with none fails and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_session_attrs_picks_the_primary_or_the_standby_among_the_hosts() {
-    let primary = TempPostgres::start(Durability::Fast).unwrap();
-    create_src_dst(&primary).await;
-    let (src, dst) = t_on(&primary, 1000).await;
-    let standby = TempPostgres::standby_of(&primary, &[]).unwrap();
-    let replica = connect(&standby.url("src")).await;
-    replayed(&replica, "SELECT count(*) FROM t", 1000).await;
+    let (primary, standby, (src, dst), replica) = with_standby(1000).await;
     let both = |first: &TempPostgres, second: &TempPostgres, db: &str, attrs: &str| {
         format!(
             "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{db}?target_session_attrs={attrs}",
