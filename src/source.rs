@@ -112,6 +112,13 @@ struct FirstPart {
 }
 
 impl FirstPart {
+    /// Not sent yet.
+    fn new() -> FirstPart {
+        FirstPart {
+            sent: tokio::sync::watch::channel(false).0,
+        }
+    }
+
     fn open(&self) {
         self.sent.send_replace(true);
     }
@@ -174,9 +181,7 @@ impl SourceRead {
         let copies = std::mem::take(&mut self.read.copies);
         let sessions = self.read.clients.len().min(copies.len());
         let queue = std::sync::Mutex::new(part_order(copies, self.read.newest_last));
-        let first = FirstPart {
-            sent: tokio::sync::watch::channel(false).0,
-        };
+        let first = FirstPart::new();
         // The blocks' buffers, reused by every part and session: as many as the queue to the
         // diff holds, and a few being framed or diffed.
         let blocks = Framer::pool(self.block_bytes, self.out.max_capacity() + 4);
@@ -523,9 +528,7 @@ mod tests {
         use crate::sync::stop::{Stop, StopReason};
         use std::time::Duration;
         let token = tokio_util::sync::CancellationToken::new();
-        let first = FirstPart {
-            sent: tokio::sync::watch::channel(false).0,
-        };
+        let first = FirstPart::new();
         // Not opened: still waiting after a while.
         let stop = Stop::child_of(&token);
         let stopped = stop.stopped();
@@ -543,9 +546,7 @@ mod tests {
         assert!(gate.is_none());
         assert!(opened(&mut gate, &mut stopped).await);
         // A stop while waiting: false, nothing sent.
-        let first = FirstPart {
-            sent: tokio::sync::watch::channel(false).0,
-        };
+        let first = FirstPart::new();
         let mut gate = Some(first.sent.subscribe());
         stop.stop(StopReason::WriterFailed);
         let wait = tokio::time::timeout(Duration::from_secs(5), opened(&mut gate, &mut stopped));
