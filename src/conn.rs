@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, SslMode, SslNegotiation};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, Connection, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -353,10 +353,20 @@ impl ConnInfo {
             message: pg_message(&e),
             config: false,
         };
+        // The socket's low-water mark, for the tap on it and for one above TLS.
+        let (low, above_tls) = (wire.low_water(), wire.low_water());
         if let (Some(tls), Host::Tcp(name)) = (&self.tls, host) {
             let inner = tls_for(tls, name)?;
             return match tap {
-                Some(tap) => over(config, wire, TapTls { inner, tap }).await,
+                Some(tap) if config.get_ssl_mode() != SslMode::Disable => {
+                    // Tapped twice: above TLS when the server takes it, on the socket when
+                    // it refuses (`sslmode=prefer`) and the session goes on in plain text.
+                    let direct = config.get_ssl_negotiation() == SslNegotiation::Direct;
+                    let wire = Tapped::under_tls(wire, tap.clone(), direct).with_low_water(low);
+                    let low = above_tls;
+                    over(config, wire, TapTls { inner, tap, low }).await
+                }
+                Some(tap) => over(config, Tapped::new(wire, tap).with_low_water(low), NoTls).await,
                 None => over(config, wire, inner).await,
             }
             .map_err(pg_err);
@@ -367,7 +377,7 @@ impl ConnInfo {
             config.ssl_mode(tokio_postgres::config::SslMode::Disable);
         }
         match tap {
-            Some(tap) => over(&config, Tapped::new(wire, tap), NoTls).await,
+            Some(tap) => over(&config, Tapped::new(wire, tap).with_low_water(low), NoTls).await,
             None => over(&config, wire, NoTls).await,
         }
         .map_err(pg_err)
@@ -596,6 +606,17 @@ pub(crate) enum Wire {
     Tcp(TcpStream),
     Unix(UnixStream),
     Tunnel(TunnelStream),
+}
+
+impl Wire {
+    /// A TCP socket's low-water mark, for a tap to raise while rows flow (a Unix socket's
+    /// readiness ignores the mark, a tunnel has no socket of its own).
+    fn low_water(&self) -> Option<crate::tap::LowWater> {
+        match self {
+            Wire::Tcp(s) => Some(crate::tap::LowWater::of(s)),
+            Wire::Unix(_) | Wire::Tunnel(_) => None,
+        }
+    }
 }
 
 impl AsyncRead for Wire {

@@ -38,6 +38,14 @@ use crate::copy::FrameError;
 const READ_BYTES: usize = 128 << 10;
 /// Chunks waiting for the reader before the tap stops reading the socket.
 const QUEUED_CHUNKS: usize = 8;
+/// While a COPY's rows flow over TCP, the socket wakes the tap only once this much waits
+/// (`SO_RCVLOWAT`): the server sends 8 KiB at a time, and a tap woken for each paid a
+/// wake-up of the runtime per 8-11 KiB read (docs/performance.md, "Taps on TCP sessions,
+/// and fewer wake-ups").
+const LOW_WATER: libc::c_int = 64 << 10;
+/// A read at the mark that waits this long lowers it to one byte (the COPY's end, a server
+/// that sends little: a delta read's rows come far apart), until the next read returns.
+const LOW_WATER_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A source session, and its tap when pgdelta opened its socket.
 pub(crate) struct Session {
@@ -131,10 +139,24 @@ enum Route {
     Drop,
 }
 
+/// What a [`Tapped`] does with the bytes it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Follows the server's messages: the tap's work.
+    Messages,
+    /// The server's one-byte answer to the SSLRequest comes first: `S` (TLS follows, and a
+    /// tap above it takes the messages) makes this one [`Mode::Transparent`]; a refusal, under
+    /// `sslmode=prefer`, leaves a plain session, whose messages this one follows.
+    SslAnswer,
+    /// Passes every byte: TLS records, under a tap above them.
+    Transparent,
+}
+
 /// A socket (or TLS stream) with a [`Tap`]: what tokio-postgres reads and writes.
 pub(crate) struct Tapped<S> {
     inner: S,
     tap: Tap,
+    mode: Mode,
     /// Bytes read from `inner` and not yet routed.
     buf: BytesMut,
     /// Bytes of the current message still to route (0: the next byte starts a message).
@@ -146,6 +168,88 @@ pub(crate) struct Tapped<S> {
     dropping: bool,
     /// A chunk of rows waiting for room in the reader's queue.
     held: Option<Bytes>,
+    /// The TCP socket's low-water mark, raised while a COPY's rows flow.
+    low: Option<LowWater>,
+}
+
+/// The receive low-water mark of a TCP socket under a [`Tapped`] (its descriptor: the socket
+/// lives as long as the stream the tap wraps).
+pub(crate) struct LowWater {
+    fd: std::os::fd::RawFd,
+    /// The mark now (the kernel's default: 1).
+    at: libc::c_int,
+    /// Fires [`LOW_WATER_WAIT`] after a read at the mark began to wait.
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+    /// The wait fired: the mark stays at 1 until a read returns.
+    lowered: bool,
+}
+
+impl LowWater {
+    pub(crate) fn of(socket: &impl std::os::fd::AsRawFd) -> LowWater {
+        LowWater {
+            fd: socket.as_raw_fd(),
+            at: 1,
+            wait: None,
+            waiting: false,
+            lowered: false,
+        }
+    }
+
+    /// Sets the mark (the kernel signals a waiting reader at once if that much is queued).
+    /// A socket that refuses keeps its mark: reads then wake as they always did.
+    fn set(&mut self, at: libc::c_int) {
+        if self.at == at {
+            return;
+        }
+        // SAFETY: a socket this stream owns, an int option and its size.
+        let done = unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&at as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if done == 0 {
+            self.at = at;
+        }
+    }
+
+    /// Before a read: the mark, high while rows flow unless the wait lowered it.
+    fn before_read(&mut self, rows: bool) {
+        self.set(match rows && !self.lowered {
+            true => LOW_WATER,
+            false => 1,
+        });
+    }
+
+    /// A read returned: the next one may wait at the mark again.
+    fn read(&mut self) {
+        self.waiting = false;
+        self.lowered = false;
+    }
+
+    /// A read at a raised mark waits: arms the wait, and lowers the mark once it fired.
+    fn pending(&mut self, cx: &mut Context<'_>) {
+        if self.at == 1 {
+            return;
+        }
+        let wait = self
+            .wait
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(LOW_WATER_WAIT)));
+        if !self.waiting {
+            wait.as_mut()
+                .reset(tokio::time::Instant::now() + LOW_WATER_WAIT);
+            self.waiting = true;
+        }
+        if std::future::Future::poll(wait.as_mut(), cx).is_ready() {
+            self.waiting = false;
+            self.lowered = true;
+            self.set(1);
+        }
+    }
 }
 
 impl<S> Tapped<S> {
@@ -154,13 +258,34 @@ impl<S> Tapped<S> {
         Tapped {
             inner,
             tap,
+            mode: Mode::Messages,
             buf: BytesMut::new(),
             left: 0,
             route: Route::Pass,
             rows: None,
             dropping: false,
             held: None,
+            low: None,
         }
+    }
+
+    /// A tap under a TLS connector, on the socket itself: it takes the messages when the
+    /// server refuses TLS (`sslmode=prefer`, the default, against a server without TLS), and
+    /// passes the bytes through when TLS goes on (`TapTls` taps above it) or starts at once
+    /// (`direct`: no answer comes first).
+    pub(crate) fn under_tls(inner: S, tap: Tap, direct: bool) -> Tapped<S> {
+        let mut tapped = Tapped::new(inner, tap);
+        tapped.mode = match direct {
+            true => Mode::Transparent,
+            false => Mode::SslAnswer,
+        };
+        tapped
+    }
+
+    /// Raises the TCP socket's low-water mark while a COPY's rows flow ([`LowWater`]).
+    pub(crate) fn with_low_water(mut self, low: Option<LowWater>) -> Tapped<S> {
+        self.low = low;
+        self
     }
 
     /// Reads the header of the message at the front of `buf` (5 bytes there) and decides
@@ -218,6 +343,44 @@ impl<S> Tapped<S> {
     }
 }
 
+impl<S: AsyncRead + Unpin> Tapped<S> {
+    /// Reads in [`Mode::SslAnswer`] and [`Mode::Transparent`]: the bytes as they come.
+    fn poll_unrouted(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.buf.is_empty() {
+            if self.mode == Mode::Transparent {
+                return Pin::new(&mut self.inner).poll_read(cx, out);
+            }
+            self.buf.reserve(READ_BYTES);
+            if ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.inner),
+                cx,
+                &mut self.buf
+            ))? == 0
+            {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        if self.mode == Mode::SslAnswer {
+            // tokio-postgres reads the answer alone; what follows a refusal is the session's.
+            self.mode = match self.buf[0] {
+                b'S' => Mode::Transparent,
+                _ => Mode::Messages,
+            };
+            out.put_slice(&self.buf[..1]);
+            self.buf.advance(1);
+            return Poll::Ready(Ok(()));
+        }
+        let n = self.buf.len().min(out.remaining());
+        out.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -225,6 +388,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.mode != Mode::Messages {
+            return this.poll_unrouted(cx, out);
+        }
         let before = out.filled().len();
         loop {
             // A chunk of rows goes before anything behind it.
@@ -259,11 +425,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
                 if this.buf.capacity() - this.buf.len() < READ_BYTES / 4 {
                     this.buf.reserve(READ_BYTES);
                 }
-                let n = ready!(tokio_util::io::poll_read_buf(
-                    Pin::new(&mut this.inner),
-                    cx,
-                    &mut this.buf
-                ))?;
+                if let Some(low) = this.low.as_mut() {
+                    low.before_read(this.rows.is_some());
+                }
+                let read =
+                    tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf);
+                let n = match (read, this.low.as_mut()) {
+                    (Poll::Pending, Some(low)) => {
+                        low.pending(cx);
+                        return Poll::Pending;
+                    }
+                    (read, low) => {
+                        if let (Poll::Ready(_), Some(low)) = (&read, low) {
+                            low.read();
+                        }
+                        ready!(read)?
+                    }
+                };
                 if n == 0 {
                     // End of the connection: the reader's queue ends; what is left (a cut
                     // header) goes to tokio-postgres, which reports the connection's end.
@@ -325,6 +503,7 @@ impl<S: TlsStream + Unpin> TlsStream for Tapped<S> {
 pub(crate) struct TapTls<T> {
     pub(crate) inner: T,
     pub(crate) tap: Tap,
+    pub(crate) low: Option<LowWater>,
 }
 
 impl<S, T> TlsConnect<S> for TapTls<T>
@@ -339,9 +518,9 @@ where
         Pin<Box<dyn std::future::Future<Output = Result<Tapped<T::Stream>, T::Error>> + Send>>;
 
     fn connect(self, stream: S) -> Self::Future {
-        let tap = self.tap;
+        let (tap, low) = (self.tap, self.low);
         let tls = self.inner.connect(stream);
-        Box::pin(async move { Ok(Tapped::new(tls.await?, tap)) })
+        Box::pin(async move { Ok(Tapped::new(tls.await?, tap).with_low_water(low)) })
     }
 }
 
@@ -429,10 +608,20 @@ mod tests {
     /// Feeds `wire` through a tapped socket in pieces of `piece` bytes; returns what
     /// tokio-postgres would read and the payloads the reader got.
     async fn through(wire: Vec<u8>, piece: usize, arm: bool) -> (Vec<u8>, Vec<u8>) {
+        through_as(wire, piece, arm, Tapped::new).await
+    }
+
+    /// [`through`], the tap made by `make`.
+    async fn through_as(
+        wire: Vec<u8>,
+        piece: usize,
+        arm: bool,
+        make: impl FnOnce(tokio::io::DuplexStream, Tap) -> Tapped<tokio::io::DuplexStream>,
+    ) -> (Vec<u8>, Vec<u8>) {
         let (mut server, client) = tokio::io::duplex(64);
         let tap = Tap::default();
         let rows = arm.then(|| tap.arm());
-        let mut tapped = Tapped::new(client, tap);
+        let mut tapped = make(client, tap);
         let feed = tokio::spawn(async move {
             for p in wire.chunks(piece) {
                 server.write_all(p).await.unwrap();
@@ -472,6 +661,84 @@ mod tests {
             assert_eq!(passed, without_rows, "pieces of {piece}");
             assert_eq!(got, rows.concat(), "pieces of {piece}");
         }
+    }
+
+    /// Under a TLS connector, the tap on the socket takes the rows of a session whose server
+    /// refused TLS (its answer passes first, alone), and passes every byte when the server
+    /// took TLS or TLS starts at once: those bytes are TLS records, whatever they look like.
+    #[tokio::test]
+    async fn a_tap_under_tls_takes_the_rows_only_when_the_server_refused_it() {
+        let rows: [&[u8]; 2] = [b"row one", b"row two"];
+        let end = [msg(b'c', b""), msg(b'C', b"COPY 2\0"), msg(b'Z', b"I")].concat();
+        let wire = copy_reply(&rows, &end);
+        for piece in [1, 3, 4096] {
+            let refused = [b"N".as_slice(), &wire].concat();
+            let under = |c, t| Tapped::under_tls(c, t, false);
+            let (passed, got) = through_as(refused, piece, true, under).await;
+            let plain = [b"N".as_slice(), &copy_reply(&[], &end)].concat();
+            assert_eq!(passed, plain, "pieces of {piece}");
+            assert_eq!(got, rows.concat(), "pieces of {piece}");
+
+            let taken = [b"S".as_slice(), &wire].concat();
+            let (passed, got) = through_as(taken.clone(), piece, true, under).await;
+            assert_eq!((passed, got), (taken, Vec::new()), "pieces of {piece}");
+
+            let direct = |c, t| Tapped::under_tls(c, t, true);
+            let (passed, got) = through_as(wire.clone(), piece, true, direct).await;
+            assert_eq!(
+                (passed, got),
+                (wire.clone(), Vec::new()),
+                "pieces of {piece}"
+            );
+        }
+    }
+
+    /// Over TCP, the mark raised while rows flow does not hold back a COPY that sends less
+    /// than it and then waits (its end, here with the connection left open): the wait lowers
+    /// the mark, and every message arrives.
+    #[tokio::test]
+    async fn a_raised_low_water_mark_never_holds_back_a_short_copy() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rows: [&[u8]; 3] = [b"a", b"bb", b"ccc"];
+        let end = [msg(b'c', b""), msg(b'C', b"COPY 3\0"), msg(b'Z', b"I")].concat();
+        let (wire, without_rows) = (copy_reply(&rows, &end), copy_reply(&[], &end));
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            // The COPY's start first, its rows a little later (after the tap raised the
+            // mark), then the end; the connection stays open, as a session's does.
+            let start = 1 + 4 + 1 + 4 + 3;
+            socket.write_all(&wire[..start]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            socket.write_all(&wire[start..]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        });
+        let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tap = Tap::default();
+        let mut chunks = tap.arm();
+        let low = LowWater::of(&socket);
+        let mut tapped = Tapped::new(socket, tap).with_low_water(Some(low));
+        let mut passed = vec![0; without_rows.len()];
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tapped.read_exact(&mut passed),
+        );
+        read.await.expect("the messages arrive").unwrap();
+        assert_eq!(passed, without_rows);
+        let mut got = Vec::new();
+        let mut payloads = Payloads::default();
+        while let Ok(chunk) = chunks.try_recv() {
+            payloads
+                .feed(&chunk, |p| {
+                    got.extend_from_slice(p);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        assert_eq!(got, rows.concat());
+        // The COPY is over: the mark is back at one byte.
+        assert_eq!(tapped.low.as_ref().map(|l| l.at), Some(1));
+        server.abort();
     }
 
     #[tokio::test]
