@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, SslMode, SslNegotiation};
+use tokio_postgres::config::{Host, SslNegotiation};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, Config, Connection, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -353,20 +353,29 @@ impl ConnInfo {
             message: pg_message(&e),
             config: false,
         };
-        // The socket's low-water mark, for the tap on it and for one above TLS.
-        let (low, above_tls) = (wire.low_water(), wire.low_water());
+        // `self.tls` is set exactly when `sslmode` is not `disable` (`parse`): the session
+        // asks for TLS.
         if let (Some(tls), Host::Tcp(name)) = (&self.tls, host) {
             let inner = tls_for(tls, name)?;
             return match tap {
-                Some(tap) if config.get_ssl_mode() != SslMode::Disable => {
+                Some(tap) => {
                     // Tapped twice: above TLS when the server takes it, on the socket when
                     // it refuses (`sslmode=prefer`) and the session goes on in plain text.
+                    // The socket's low-water mark, for each of the two taps.
+                    let (low, above) = (wire.low_water(), wire.low_water());
                     let direct = config.get_ssl_negotiation() == SslNegotiation::Direct;
-                    let wire = Tapped::under_tls(wire, tap.clone(), direct).with_low_water(low);
-                    let low = above_tls;
-                    over(config, wire, TapTls { inner, tap, low }).await
+                    let under = Tapped::under_tls(wire, tap.clone(), direct).with_low_water(low);
+                    over(
+                        config,
+                        under,
+                        TapTls {
+                            inner,
+                            tap,
+                            low: above,
+                        },
+                    )
+                    .await
                 }
-                Some(tap) => over(config, Tapped::new(wire, tap).with_low_water(low), NoTls).await,
                 None => over(config, wire, inner).await,
             }
             .map_err(pg_err);
@@ -377,7 +386,10 @@ impl ConnInfo {
             config.ssl_mode(tokio_postgres::config::SslMode::Disable);
         }
         match tap {
-            Some(tap) => over(&config, Tapped::new(wire, tap).with_low_water(low), NoTls).await,
+            Some(tap) => {
+                let low = wire.low_water();
+                over(&config, Tapped::new(wire, tap).with_low_water(low), NoTls).await
+            }
             None => over(&config, wire, NoTls).await,
         }
         .map_err(pg_err)
@@ -609,8 +621,8 @@ pub(crate) enum Wire {
 }
 
 impl Wire {
-    /// A TCP socket's low-water mark, for a tap to raise while rows flow (a Unix socket's
-    /// readiness ignores the mark, a tunnel has no socket of its own).
+    /// A TCP socket's low-water mark, for a tap to raise while rows flow (set on TCP only:
+    /// a Unix socket's readiness is not known to consider it, a tunnel has no socket).
     fn low_water(&self) -> Option<crate::tap::LowWater> {
         match self {
             Wire::Tcp(s) => Some(crate::tap::LowWater::of(s)),

@@ -225,14 +225,14 @@ impl LowWater {
         });
     }
 
-    /// A read returned: the next one may wait at the mark again.
-    fn read(&mut self) {
-        self.waiting = false;
-        self.lowered = false;
-    }
-
-    /// A read at a raised mark waits: arms the wait, and lowers the mark once it fired.
-    fn pending(&mut self, cx: &mut Context<'_>) {
+    /// After a read: one that returned lets the next wait at the mark again; one that waits
+    /// at a raised mark arms the wait, and lowers the mark once the wait fired.
+    fn after_read(&mut self, returned: bool, cx: &mut Context<'_>) {
+        if returned {
+            self.waiting = false;
+            self.lowered = false;
+            return;
+        }
         if self.at == 1 {
             return;
         }
@@ -430,18 +430,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
                 }
                 let read =
                     tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf);
-                let n = match (read, this.low.as_mut()) {
-                    (Poll::Pending, Some(low)) => {
-                        low.pending(cx);
-                        return Poll::Pending;
-                    }
-                    (read, low) => {
-                        if let (Poll::Ready(_), Some(low)) = (&read, low) {
-                            low.read();
-                        }
-                        ready!(read)?
-                    }
-                };
+                if let Some(low) = this.low.as_mut() {
+                    low.after_read(read.is_ready(), cx);
+                }
+                let n = ready!(read)?;
                 if n == 0 {
                     // End of the connection: the reader's queue ends; what is left (a cut
                     // header) goes to tokio-postgres, which reports the connection's end.
@@ -605,6 +597,16 @@ mod tests {
         all
     }
 
+    /// Adds the payloads of the raw `CopyData` messages in `chunk` to `got`.
+    fn take_payloads(payloads: &mut Payloads, chunk: &[u8], got: &mut Vec<u8>) {
+        payloads
+            .feed(chunk, |p| {
+                got.extend_from_slice(p);
+                Ok(())
+            })
+            .unwrap();
+    }
+
     /// Feeds `wire` through a tapped socket in pieces of `piece` bytes; returns what
     /// tokio-postgres would read and the payloads the reader got.
     async fn through(wire: Vec<u8>, piece: usize, arm: bool) -> (Vec<u8>, Vec<u8>) {
@@ -632,12 +634,7 @@ mod tests {
             let mut got = Vec::new();
             if let Some(mut rows) = rows {
                 while let Some(chunk) = rows.next().await {
-                    payloads
-                        .feed(&chunk, |p| {
-                            got.extend_from_slice(p);
-                            Ok(())
-                        })
-                        .unwrap();
+                    take_payloads(&mut payloads, &chunk, &mut got);
                 }
             }
             payloads.finish().unwrap();
@@ -728,12 +725,7 @@ mod tests {
         let mut got = Vec::new();
         let mut payloads = Payloads::default();
         while let Ok(chunk) = chunks.try_recv() {
-            payloads
-                .feed(&chunk, |p| {
-                    got.extend_from_slice(p);
-                    Ok(())
-                })
-                .unwrap();
+            take_payloads(&mut payloads, &chunk, &mut got);
         }
         assert_eq!(got, rows.concat());
         // The COPY is over: the mark is back at one byte.
