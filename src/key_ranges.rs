@@ -283,17 +283,30 @@ pub(crate) async fn count(client: &Client, sql: &str, sync: &str) -> Result<Opti
         .await
         .map_err(fail)?;
     futures_util::pin_mut!(stream);
-    let mut data = Vec::new();
+    // Framed a block at a time: the counts of one part of a split read can be hundreds of
+    // thousands of rows, and several parts are counted at once.
+    let framing = |e| Error::Internal(format!("framing the counts per key range: {e}"));
+    let mut framer = copy::Framer::new(3, 1, 256 << 10);
+    let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
-        data.extend_from_slice(&chunk.map_err(fail)?);
+        framer.push(&chunk.map_err(fail)?).map_err(framing)?;
+        while let Some(block) = framer.take_block() {
+            if !tallies_of(&block, &mut out)? {
+                return Ok(None);
+            }
+        }
     }
-    let block = copy::frame_all(&data, 3, 1)
-        .map_err(|e| Error::Internal(format!("framing the counts per key range: {e}")))?;
-    let mut out = Vec::with_capacity(block.rows.len());
+    let last = framer.finish().map_err(framing)?;
+    Ok(tallies_of(&last, &mut out)?.then_some(out))
+}
+
+/// Appends the tallies of a block of count rows (range, count, offset sum) to `out`; false
+/// when one is NULL (a NULL key).
+fn tallies_of(block: &copy::Block, out: &mut Counts) -> Result<bool, Error> {
     for row in &block.rows {
         let mut f = copy::fields(&row.tuple(&block.data)[2..]);
         let (Some(Some(r)), Some(Some(n)), Some(Some(sum))) = (f.next(), f.next(), f.next()) else {
-            return Ok(None);
+            return Ok(false);
         };
         let int8 = |v: &[u8]| <[u8; 8]>::try_from(v).map(i64::from_be_bytes);
         let (Ok(r), Ok(n), Ok(sum)) = (int8(r), int8(n), int8(sum)) else {
@@ -304,7 +317,7 @@ pub(crate) async fn count(client: &Client, sql: &str, sync: &str) -> Result<Opti
         let (n, sum) = (n as u64, sum as u64);
         out.push((r, Tally { n, sum }));
     }
-    Ok(Some(out))
+    Ok(true)
 }
 
 /// Sorted tallies of the given key values.
@@ -317,6 +330,39 @@ pub(crate) fn tally(spec: &RangeSpec, values: &[i64]) -> Counts {
 pub(crate) fn merge(mut counts: Counts) -> Counts {
     compact(&mut counts);
     counts
+}
+
+/// Adds `more` (in any order) to `counts`, which then holds one sorted total per range. The
+/// counts of a split read's parts come one part at a time, and a range's rows are in several
+/// parts once updates have moved rows to the end of the heap: appending every part before
+/// merging held up to one tally per range and part (76 MB at a peak measured after rounds of
+/// 10% churn), where merging each part as it comes holds about one per range.
+pub(crate) fn absorb(counts: &mut Counts, mut more: Counts) {
+    if !counts.is_sorted_by_key(|c| c.0) {
+        compact(counts);
+    }
+    compact(&mut more);
+    if counts.is_empty() {
+        *counts = more;
+        return;
+    }
+    let mut out: Counts = Vec::with_capacity(counts.len() + more.len());
+    let (mut a, mut b) = (counts.drain(..).peekable(), more.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.0 == y.0 => {
+                let (r, t) = a.next().expect("peeked");
+                (r, t.add(b.next().expect("peeked").1))
+            }
+            (Some(x), Some(y)) if x.0 < y.0 => a.next().expect("peeked"),
+            (Some(_), Some(_)) | (None, Some(_)) => b.next().expect("peeked"),
+            (Some(_), None) => a.next().expect("peeked"),
+            (None, None) => break,
+        };
+        out.push(next);
+    }
+    drop(a);
+    *counts = out;
 }
 
 /// Sorts `counts` by range and sums each range's tallies into one, in place.
@@ -492,6 +538,51 @@ mod tests {
             gathered.capacity()
         );
         assert_eq!(merge(gathered), want.into_iter().collect::<Counts>());
+    }
+
+    #[test]
+    fn parts_absorbed_one_by_one_hold_one_tally_per_range() {
+        // Twelve parts of a heap whose rows of every range are spread over all of them (as
+        // updates leave them): each part counts some of every range's rows.
+        let spec = kr(8, 5);
+        let mut want = std::collections::BTreeMap::<i64, Tally>::new();
+        let mut counts = Counts::new();
+        for part in 0..12i64 {
+            let mut tallies = std::collections::HashMap::<i64, Tally>::new();
+            for v in (part..100_000).step_by(12) {
+                let (r, t) = spec.tally_of((v * 7919) % 100_000);
+                let e = tallies.entry(r).or_default();
+                *e = e.add(t);
+                let w = want.entry(r).or_default();
+                *w = w.add(t);
+            }
+            // In the server's hash order, not sorted.
+            absorb(&mut counts, tallies.into_iter().collect());
+            assert!(counts.is_sorted_by_key(|c| c.0));
+            assert!(
+                counts.windows(2).all(|w| w[0].0 < w[1].0),
+                "one tally per range"
+            );
+        }
+        assert_eq!(counts, want.into_iter().collect::<Counts>());
+        // An unsorted accumulator with a range twice is merged too.
+        let mut unsorted = vec![
+            (5, Tally { n: 1, sum: 3 }),
+            (1, Tally { n: 2, sum: 1 }),
+            (5, Tally { n: 1, sum: 4 }),
+        ];
+        absorb(
+            &mut unsorted,
+            vec![(3, Tally { n: 1, sum: 0 }), (5, Tally { n: 1, sum: 1 })],
+        );
+        assert_eq!(
+            unsorted,
+            vec![
+                (1, Tally { n: 2, sum: 1 }),
+                (3, Tally { n: 1, sum: 0 }),
+                (5, Tally { n: 3, sum: 8 })
+            ]
+        );
     }
 
     #[test]

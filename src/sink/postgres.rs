@@ -330,13 +330,22 @@ async fn copy_in(
     send_tuples(sink, tuples).await
 }
 
+/// A batch goes to the server as COPY data messages of up to this many bytes. tokio-postgres
+/// copies each message into its session's write buffer, which keeps the size it grew to for
+/// the session's life: a batch sent as one message left every writer holding a second copy of
+/// the largest batch it wrote (up to 8 MiB each).
+const COPY_PIECE: usize = 256 * 1024;
+
 async fn send_tuples(
     sink: tokio_postgres::CopyInSink<Bytes>,
-    tuples: Bytes,
+    mut tuples: Bytes,
 ) -> Result<u64, tokio_postgres::Error> {
     futures_util::pin_mut!(sink);
     sink.feed(Bytes::from_static(HEADER)).await?;
-    sink.feed(tuples).await?;
+    while !tuples.is_empty() {
+        let piece = tuples.split_to(tuples.len().min(COPY_PIECE));
+        sink.feed(piece).await?;
+    }
     sink.feed(Bytes::from_static(TRAILER)).await?;
     sink.as_mut().finish().await
 }

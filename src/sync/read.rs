@@ -924,23 +924,15 @@ impl Counted {
         }
     }
 
-    /// Both counts together (the tallies per range side by side: see [`Counted::merged`]).
+    /// Both counts together (the tallies per range merged: sorted, one per range).
     fn and(self, other: Counted) -> Counted {
         match (self, other) {
             (Counted::Total(a), Counted::Total(b)) => Counted::Total(a + b),
             (Counted::Ranges(Some(mut a)), Counted::Ranges(Some(b))) => {
-                a.extend(b);
+                key_ranges::absorb(&mut a, b);
                 Counted::Ranges(Some(a))
             }
             _ => Counted::Ranges(None),
-        }
-    }
-
-    /// The tallies per range sorted, one per range.
-    fn merged(self) -> Counted {
-        match self {
-            Counted::Ranges(Some(c)) => Counted::Ranges(Some(key_ranges::merge(c))),
-            other => other,
         }
     }
 }
@@ -1005,7 +997,7 @@ impl CountQueue {
         for part in futures_util::future::join_all(work).await {
             counted = counted.and(part?);
         }
-        Ok(counted.merged())
+        Ok(counted)
     }
 }
 
@@ -1017,7 +1009,7 @@ impl SideCount {
             async { self.task.await.map_err(crate::error::join_err)? },
             self.queue.run(free, sync)
         );
-        Ok(mine?.and(helped?).merged())
+        Ok(mine?.and(helped?))
     }
 
     /// Cancels the count if it still runs (the server would finish it otherwise).
