@@ -347,21 +347,19 @@ pub(crate) fn absorb(counts: &mut Counts, mut more: Counts) {
         return;
     }
     let mut out: Counts = Vec::with_capacity(counts.len() + more.len());
-    let (mut a, mut b) = (counts.drain(..).peekable(), more.into_iter().peekable());
-    loop {
-        let next = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) if x.0 == y.0 => {
-                let (r, t) = a.next().expect("peeked");
-                (r, t.add(b.next().expect("peeked").1))
+    {
+        let (mut a, mut b) = (counts.drain(..).peekable(), more.into_iter().peekable());
+        while let Some((r, t)) = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.0 <= y.0 => a.next(),
+            (Some(_), None) => a.next(),
+            _ => b.next(),
+        } {
+            match out.last_mut() {
+                Some((last, sum)) if *last == r => *sum = sum.add(t),
+                _ => out.push((r, t)),
             }
-            (Some(x), Some(y)) if x.0 < y.0 => a.next().expect("peeked"),
-            (Some(_), Some(_)) | (None, Some(_)) => b.next().expect("peeked"),
-            (Some(_), None) => a.next().expect("peeked"),
-            (None, None) => break,
-        };
-        out.push(next);
+        }
     }
-    drop(a);
     *counts = out;
 }
 
