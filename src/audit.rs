@@ -16,7 +16,6 @@
 use std::ops::Range;
 
 use bytes::Bytes;
-use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
@@ -466,7 +465,7 @@ async fn write_changes(
         let result = async {
             let sink = client.copy_in::<_, Bytes>(&sql).await?;
             futures_util::pin_mut!(sink);
-            sink.feed(stream).await?;
+            crate::sink::feed_in_pieces(sink.as_mut(), stream).await?;
             sink.as_mut().finish().await
         }
         .await;

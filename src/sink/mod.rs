@@ -33,6 +33,7 @@ pub use sizer::BatchSettings;
 pub(crate) use sizer::{Sizer, SizerStats};
 
 use apply::{apply, pause, Work};
+pub(crate) use postgres::feed_in_pieces;
 
 /// Opens the run's writer sessions: `n` Postgres sessions, or one null destination in a dry
 /// run. Writers connect before the read starts, so a destination that refuses sessions fails

@@ -330,22 +330,31 @@ async fn copy_in(
     send_tuples(sink, tuples).await
 }
 
-/// A batch goes to the server as COPY data messages of up to this many bytes. tokio-postgres
-/// copies each message into its session's write buffer, which keeps the size it grew to for
-/// the session's life: a batch sent as one message left every writer holding a second copy of
-/// the largest batch it wrote (up to 8 MiB each).
+/// COPY data goes to the server in messages of up to this many bytes. tokio-postgres copies
+/// each message into its session's write buffer, which keeps the size it grew to for the
+/// session's life: a batch sent as one message left every writer holding a second copy of the
+/// largest batch it wrote (up to 8 MiB each).
 const COPY_PIECE: usize = 256 * 1024;
+
+/// Feeds `data` to a COPY in messages of at most [`COPY_PIECE`] bytes.
+pub(crate) async fn feed_in_pieces(
+    mut sink: std::pin::Pin<&mut tokio_postgres::CopyInSink<Bytes>>,
+    mut data: Bytes,
+) -> Result<(), tokio_postgres::Error> {
+    while !data.is_empty() {
+        let piece = data.split_to(data.len().min(COPY_PIECE));
+        sink.feed(piece).await?;
+    }
+    Ok(())
+}
 
 async fn send_tuples(
     sink: tokio_postgres::CopyInSink<Bytes>,
-    mut tuples: Bytes,
+    tuples: Bytes,
 ) -> Result<u64, tokio_postgres::Error> {
     futures_util::pin_mut!(sink);
     sink.feed(Bytes::from_static(HEADER)).await?;
-    while !tuples.is_empty() {
-        let piece = tuples.split_to(tuples.len().min(COPY_PIECE));
-        sink.feed(piece).await?;
-    }
+    feed_in_pieces(sink.as_mut(), tuples).await?;
     sink.feed(Bytes::from_static(TRAILER)).await?;
     sink.as_mut().finish().await
 }
