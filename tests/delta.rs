@@ -429,6 +429,37 @@ async fn removed_rows_are_found_from_counts_per_key_range() {
     }
 }
 
+/// Whether the counts per key range are taken is decided from how many rows left: 1% gone at
+/// random (as a 10% churn deletes) leaves few ranges that lost two rows or more, so they are
+/// counted and only those are read; 6% gone leaves most ranges to read, so every key is read.
+#[tokio::test]
+async fn one_percent_gone_is_found_by_key_ranges_six_percent_by_every_key() {
+    let (env, spec) = seeded(20_000).await;
+    synced(&env, &spec, "full", "").await;
+    let mut left = 20_000;
+    for (cut, by_ranges) in [(10, true), (61, false)] {
+        let gone = env
+            .src
+            .execute(
+                &format!("DELETE FROM items WHERE (hashint4(id * 3 + {cut}) & 1023) < {cut}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        left -= gone;
+        let s = synced(&env, &spec, "delta", "").await;
+        assert_eq!((s.removed, s.deleted), (gone, gone), "{cut}");
+        let keys = s.keys_read.unwrap();
+        let ranged = s.notes.iter().any(|n| n.contains("per key range ("));
+        assert_eq!(ranged, by_ranges, "{cut}: {keys} keys read, {:?}", s.notes);
+        match by_ranges {
+            // About 4% of 625 ranges lost two rows or more: their keys, and the named ones.
+            true => assert!(gone > 150 && keys < 2_000, "{gone} gone, {keys} keys read"),
+            false => assert_eq!(keys, left),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_large_delta_a_flag_a_period_and_a_query_read_in_full() {
     let (env, mut spec) = seeded(400).await;

@@ -510,10 +510,13 @@ impl Inputs<'_> {
             if table.unique_key && total == entries + added.added {
                 return Ok(Left::None(counted_s));
             }
-            // With a unique key, the count says how many rows left: when so many that their
-            // ranges' keys would come near every key, every key is read without counting.
+            // With a unique key, the count says how many rows left. Counts per range already
+            // taken beside the read are always compared (the comparison then decides); else
+            // they are taken only when the ranges likely to be read, those losing two rows or
+            // more, hold fewer keys than a read of every key would return.
             let left = (entries + added.added).saturating_sub(total);
-            let few = key_ranges::cheaper_than_all(left, entries);
+            let have = matches!(counted, Some(Counted::Ranges(Some(_))));
+            let few = have || key_ranges::likely_cheaper(left, entries);
             let scan = match (&ranges, added.keys) {
                 (Some(kr), Some(a)) if few && left > 0 => {
                     let counted = match (counted.take(), side.take()) {
