@@ -215,6 +215,39 @@ async fn a_full_read_finds_removed_rows_in_the_key_ranges_that_lost_them() {
     assert_eq!(note(&s, "key ranges"), "", "{:?}", s.notes);
 }
 
+/// Counts per key range already taken beside a split read are compared however many rows
+/// left: a tenth of the rows gone as one run of keys (old rows purged by key) empties a few
+/// ranges, which are read, where a tenth gone at random would leave most ranges to read (and
+/// is not counted for when no count was taken yet).
+#[tokio::test]
+async fn counts_taken_beside_the_read_find_a_purged_run_of_keys_by_their_ranges() {
+    let (env, mut spec) = seeded(10_000).await;
+    spec.full_read_every = FullReadEvery::Never;
+    synced(&env, &spec).await;
+    written(
+        &env,
+        "DELETE FROM items WHERE id BETWEEN 2001 AND 3000",
+        1000,
+    )
+    .await;
+    let s = synced(&env, &spec).await;
+    assert!(
+        counted_beside(&s).contains("per key range"),
+        "{:?}",
+        s.notes
+    );
+    assert_eq!(
+        (s.read_strategy.as_str(), s.removed, s.deleted),
+        ("delta", 1000, 1000)
+    );
+    let keys = s.keys_read.unwrap();
+    assert!(
+        note(&s, "per key range (").contains("instead of every key") && keys < 2_000,
+        "{keys} keys read: {:?}",
+        s.notes
+    );
+}
+
 /// Runs `sql` on the source and waits until the statistics count its `n` writes to `items`
 /// (they lag the commit by up to a second), so the run that follows counts beside its read.
 async fn written(env: &Env, sql: &str, n: i64) {
