@@ -231,11 +231,7 @@ async fn counts_taken_beside_the_read_find_a_purged_run_of_keys_by_their_ranges(
     )
     .await;
     let s = synced(&env, &spec).await;
-    assert!(
-        counted_beside(&s).contains("per key range"),
-        "{:?}",
-        s.notes
-    );
+    assert!(counted_per_range_beside(&s), "{:?}", s.notes);
     assert_eq!(
         (s.read_strategy.as_str(), s.removed, s.deleted),
         ("delta", 1000, 1000)
@@ -261,6 +257,11 @@ fn counted_beside(s: &Summary) -> &str {
     note(s, "beside the read, on a session of its own")
 }
 
+/// Whether the model's rows were counted per key range beside the read.
+fn counted_per_range_beside(s: &Summary) -> bool {
+    counted_beside(s).contains("per key range")
+}
+
 #[tokio::test]
 async fn a_delta_read_and_its_key_read_split_too() {
     let (env, mut spec) = seeded(10_000).await;
@@ -276,11 +277,7 @@ async fn a_delta_read_and_its_key_read_split_too() {
     let s = synced(&env, &spec).await;
     // The statistics count writes: no count before the read; the rows per key range are
     // counted beside it (deletes among the writes).
-    assert!(
-        counted_beside(&s).contains("per key range"),
-        "{:?}",
-        s.notes
-    );
+    assert!(counted_per_range_beside(&s), "{:?}", s.notes);
     assert_eq!(
         (s.read_strategy.as_str(), s.read_sessions, s.rows_read),
         ("delta", 3, 20)
@@ -356,7 +353,7 @@ async fn rows_entering_unwritten_are_caught_by_the_count_beside_the_read() {
     let s = env.sync(&spec).await.unwrap();
     env.assert_same(model, target).await;
     assert!(
-        counted_beside(&s).contains("per key range"),
+        counted_per_range_beside(&s),
         "{:?} {}",
         s.notes,
         s.read_strategy_reason
