@@ -118,9 +118,28 @@ pub(crate) struct Split {
     settings: Vec<(&'static str, String)>,
     sync: String,
     opened: OnceCell<Vec<Arc<Session>>>,
+    /// How the read is split, said once its parts are read ([`Split::reading_parts`]).
+    note: String,
+    /// The parts were read: a delta read, one statement, leaves them unread.
+    parts_read: std::sync::atomic::AtomicBool,
 }
 
 impl Split {
+    /// Notes that the model's parts are being read (logging how, the first time).
+    pub(crate) fn reading_parts(&self) {
+        if !self
+            .parts_read
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!("sync '{}': {}", self.sync, self.note);
+        }
+    }
+
+    /// Whether the model's parts were read (see [`Split::reading_parts`]).
+    pub(crate) fn parts_read(&self) -> bool {
+        self.parts_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How many sessions read (the run's own included): 1 until the helpers opened.
     pub(crate) fn used(&self) -> usize {
         1 + self.opened.get().map_or(0, Vec::len)
@@ -449,6 +468,8 @@ async fn start(
         settings,
         sync: sync.into(),
         opened: OnceCell::new(),
+        note: note.clone(),
+        parts_read: Default::default(),
     };
     Ok((Some(split), Some(note)))
 }

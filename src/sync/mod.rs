@@ -424,6 +424,7 @@ async fn stages(
         rebuilt,
         deletes_done_s,
         read_sessions: split.as_ref().map_or(1, Split::used) as u32,
+        parts_read: split.as_ref().is_none_or(Split::parts_read),
     };
     Ok((summarize(env, &info, outcome, ctx), model_errors))
 }
@@ -444,6 +445,8 @@ struct Outcome {
     deletes_done_s: f64,
     /// Source sessions that read (the run's own, and the helpers of a split read).
     read_sessions: u32,
+    /// The split read's parts were read (or the read is not split): its note applies.
+    parts_read: bool,
 }
 
 /// The snapshot has no entries but the target has rows (a new or lost state file, a target
@@ -528,7 +531,7 @@ fn summarize(env: &RunEnv<'_>, info: &RunInfo, o: Outcome, ctx: &ApplyCtx) -> Su
         .notes
         .iter()
         .chain(&info.begin.notes)
-        .chain(&info.split_note)
+        .chain(info.split_note.iter().filter(|_| o.parts_read))
         .cloned()
         .collect();
     if let Some(n) = o.rebuilt {
@@ -694,7 +697,9 @@ async fn prepare(env: &RunEnv<'_>, snapshot: &Snapshot) -> Result<Prepared, Erro
         name,
     )
     .await?;
-    if let Some(n) = &split_note {
+    // Why the read is not split; how it is, once its parts are read (a delta read is one
+    // statement).
+    if let (None, Some(n)) = (&split, &split_note) {
         tracing::info!("sync '{name}': {n}");
     }
     let estimated_rows = match (&plan.table, &spec.filter) {

@@ -4,10 +4,10 @@
 //! ```text
 //! full    COPY (model)                      -> diff -> writers; removed = entries not seen
 //! delta   count(changed), count(*)          one scan, in the read's transaction (or, on a
-//!                                           split read of a table the statistics say was
-//!                                           written, count(*) beside the read instead)
+//!                                           table whose reads split and the statistics say
+//!                                           was written, count(*) beside the read instead)
 //!         rejected rows re-read by key  \
-//!         COPY (model WHERE xmin >= since)  -> diff -> writers
+//!         COPY (model WHERE xmin >= since)  -> diff -> writers   (one statement, never split)
 //!         count = entries + added?          yes: no row left the model
 //!                                           no:  COPY (keys) -> removed = entries not seen
 //! ```
@@ -209,6 +209,7 @@ impl Inputs<'_> {
         selects: Vec<String>,
         prelude: Vec<Block>,
     ) -> Result<Read, Error> {
+        split.reading_parts();
         let mut read = self.read(None, prelude);
         read.clients.extend(split.helpers().await?.iter().cloned());
         read.copies = selects.iter().map(|q| copy(q)).collect();
@@ -408,18 +409,19 @@ impl Inputs<'_> {
         // Rows may have left when, by the table's statistics, rows were deleted (or, with a
         // where condition, written at all): their rows per key range are then counted.
         let may_have_left = basis.is_none_or(|b| state.may_have_deleted(b, table));
-        // When the statistics say rows were written and the read is split, the model's rows
-        // are counted beside the read, on a session of their own (per key range when rows may
-        // have left), instead of in a scan before it: the read starts at once. Otherwise (a
+        // When the statistics say rows were written and the table's reads split, the model's
+        // rows are counted beside the read, on a session of their own (per key range when rows
+        // may have left), instead of in a scan before it: the read starts at once. Otherwise (a
         // quiet table: most runs find nothing) one scan before the read counts the rows
         // written and the model's rows, and an empty delta is that scan alone.
         let written = basis
             .and_then(|b| state.written_since(b))
             .filter(|&w| w > 0);
         let mut side = match (self.split, written) {
-            (Some(split), Some(_)) => {
+            (Some(split), Some(w)) => {
                 let kr = ranges.as_ref().filter(|_| may_have_left);
-                self.side_count(split, kr, table).await
+                self.side_count(split, kr, table, visibility_lost(w, entries))
+                    .await
             }
             _ => None,
         };
@@ -427,7 +429,7 @@ impl Inputs<'_> {
             format!(
                 "the table's statistics count about {} rows written since the last run: the model's rows were counted {}beside the read, on a session of its own",
                 written.unwrap_or(0),
-                if side.queue.per_range { "per key range " } else { "" }
+                if side.per_range { "per key range " } else { "" }
             )
         });
         let counts = match side {
@@ -460,7 +462,8 @@ impl Inputs<'_> {
             let fewer = counts.total < entries + counts.changed + retry.len() as u64;
             side = match (&ranges, self.split) {
                 (Some(kr), Some(split)) if fewer && may_have_left => {
-                    self.side_count(split, Some(kr), table).await
+                    let seq = visibility_lost(counts.changed, entries);
+                    self.side_count(split, Some(kr), table, seq).await
                 }
                 _ => None,
             };
@@ -477,11 +480,16 @@ impl Inputs<'_> {
         };
         let retried: u64 = prelude.iter().map(|b| b.rows.len() as u64).sum();
         // A count in the read's snapshot that found no written row means an empty COPY: skipped.
+        // Otherwise one statement on this session, also when the run splits its full reads: a
+        // delta read's cost is the server's scan, which a plain scan makes cheapest. The
+        // parts of a split read are `ctid` ranges, and a TID range scan does not read through
+        // the small ring of buffers a sequential scan of a large table uses: each part's pages
+        // go through (and evict from) the whole buffer pool. At 10M rows, alone, a scan filtered
+        // to no row took 1.11 s as one range against 0.91-0.97 s plain; a 1% churn delta's
+        // source CPU fell from 4.7-5.1 s (read and count in parts) to 3.1-3.8 s (each one
+        // statement; docs/performance.md, "Delta reads in one statement").
         let read = match counts.is_none_or(|c| c.changed > 0) {
-            true => {
-                self.read_table(table, &table.list(), Some(&cond), prelude)
-                    .await?
-            }
+            true => self.read(Some(table.select(&table.list(), Some(&cond))), prelude),
             false => self.read(None, prelude),
         };
         // Finding the removed rows, when rows may have left the model, runs on this session as
@@ -521,7 +529,7 @@ impl Inputs<'_> {
                 (Some(kr), Some(a)) if few && left > 0 => {
                     let counted = match (counted.take(), side.take()) {
                         (Some(c), _) => Some(c),
-                        (None, Some(side)) => Some(side.join(&self.sessions().await?, name).await?),
+                        (None, Some(side)) => Some(side.join().await?),
                         (None, None) => None,
                     };
                     self.removed_by_ranges(plan, table, reader, kr, counted, (a, left))
@@ -699,10 +707,7 @@ impl Inputs<'_> {
         cond: &str,
     ) -> Result<(u64, Option<Counted>), Error> {
         let counted = match side {
-            Some(side) => Some(
-                side.join(&self.sessions().await?, &self.env.spec.name)
-                    .await?,
-            ),
+            Some(side) => Some(side.join().await?),
             None => None,
         };
         match counted.as_ref().and_then(Counted::total) {
@@ -904,11 +909,12 @@ impl Inputs<'_> {
     }
 }
 
-/// The model's rows, counted on a session of its own beside the read, a part at a time.
+/// The model's rows, counted in one statement on a session of its own beside the read.
 struct SideCount {
-    task: tokio::task::JoinHandle<Result<(), Error>>,
+    task: tokio::task::JoinHandle<Result<Counted, Error>>,
     cancel: crate::conn::Canceller,
-    queue: Arc<CountQueue>,
+    /// Per key range, else in all.
+    per_range: bool,
 }
 
 /// What was counted.
@@ -1017,25 +1023,13 @@ impl CountQueue {
 }
 
 impl SideCount {
-    /// What the side session counted, with the given sessions (free now: the read has
-    /// ended) taking the parts it has not begun.
-    async fn join(self, free: &[Arc<crate::tap::Session>], sync: &str) -> Result<Counted, Error> {
-        let (mine, helped) = tokio::join!(
-            async { self.task.await.map_err(crate::error::join_err)? },
-            self.queue.run(free, sync)
-        );
-        mine?;
-        helped?;
-        Ok(self.queue.take())
+    /// What the side session counted.
+    async fn join(self) -> Result<Counted, Error> {
+        self.task.await.map_err(crate::error::join_err)?
     }
 
     /// Cancels the count if it still runs (the server would finish it otherwise).
     async fn stop(self, source: &crate::conn::ConnInfo) {
-        self.queue
-            .sqls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
         if !self.task.is_finished() {
             let _ = source.cancel(&self.cancel).await;
         }
@@ -1067,6 +1061,20 @@ enum Left {
     },
 }
 
+/// Whether `written` rows (updated, inserted or deleted since the last run) have likely
+/// cleared the visibility map of enough of a table of about `entries` rows that counting its
+/// rows through the key's index-only scan, with a heap fetch per row on every page no longer
+/// all-visible, costs more than scanning the heap. The planner cannot tell: it judges by
+/// `pg_class.relallvisible`, which only VACUUM and ANALYZE update, so a table vacuumed once
+/// and churned since still looks all-visible to it. Measured alone at 10M rows (the bench's
+/// table, docs/performance.md, "Delta reads in one statement"): freshly vacuumed, the index-only
+/// count took 1.75-1.97 s against 2.45 s scanning the heap; after one round of 1% churn, 2.43-2.64
+/// s against 2.41 s; after two, 2.90-3.03 s against 2.48 s. Above 0.5% written the heap is
+/// scanned (a vacuum since the writes makes that the slower choice, by up to those 0.7 s).
+fn visibility_lost(written: u64, entries: u64) -> bool {
+    written as f64 > entries as f64 * 0.005
+}
+
 /// Why a model of `total` rows cannot be the snapshot's entries less the rows that left plus
 /// the rows written: more rows than that entered it without being written.
 fn entered(
@@ -1083,13 +1091,15 @@ fn entered(
 
 impl Inputs<'_> {
     /// Starts counting the model's rows (per key range, with `kr`) on a new session in the
-    /// read's snapshot, a part at a time. `None` when no session can be opened (the rows are
-    /// then counted on the read's sessions).
+    /// read's snapshot, in one statement, as the delta read is (see [`Inputs::delta`]); with
+    /// `seq`, never through an index ([`visibility_lost`]). `None` when no session can be
+    /// opened (the rows are then counted on the read's sessions).
     async fn side_count(
         &self,
         split: &Split,
         kr: Option<&KeyRanges>,
         table: &SourceTable,
+        seq: bool,
     ) -> Option<SideCount> {
         let name = self.env.spec.name.clone();
         let client = match split.open_helper().await {
@@ -1100,15 +1110,24 @@ impl Inputs<'_> {
             }
         };
         let cancel = client.canceller();
-        let queue = Arc::new(CountQueue::new(kr, table, Some(split)));
-        let task = {
-            let queue = queue.clone();
-            tokio::spawn(async move { queue.run(&[client], &name).await })
-        };
+        let queue = CountQueue::new(kr, table, None);
+        let task = tokio::spawn(async move {
+            if seq {
+                client
+                    .batch_execute(
+                        "SET LOCAL enable_indexonlyscan = off; SET LOCAL enable_indexscan = off; \
+                         SET LOCAL enable_bitmapscan = off",
+                    )
+                    .await
+                    .map_err(|e| Error::source_read(&name, "counting the model's rows", &e))?;
+            }
+            queue.run(&[client], &name).await?;
+            Ok(queue.take())
+        });
         Some(SideCount {
             task,
             cancel,
-            queue,
+            per_range: kr.is_some(),
         })
     }
 }
@@ -1362,6 +1381,18 @@ mod tests {
     use super::*;
     use crate::copy::{encode, frame_all};
     use crate::snapshot::testing::{ended_read, seeded};
+
+    /// The count beside a delta read scans the heap once more than 0.5% of the rows were
+    /// written since the last run (a 1% churn of 10M rows: 1.2% written), and leaves the plan
+    /// to the server below that (a few rows written clear few pages' visibility).
+    #[test]
+    fn the_count_scans_the_heap_once_writes_cleared_the_visibility_map() {
+        assert!(visibility_lost(120_000, 10_000_000));
+        assert!(visibility_lost(50_001, 10_000_000));
+        assert!(!visibility_lost(50_000, 10_000_000));
+        assert!(!visibility_lost(1_000, 10_000_000));
+        assert!(visibility_lost(1, 0));
+    }
 
     /// A uuid-like key field (4-byte length, 16 bytes), scattered by `i`.
     fn key(i: u64) -> Vec<u8> {
