@@ -484,10 +484,10 @@ impl Inputs<'_> {
         // delta read's cost is the server's scan, which a plain scan makes cheapest. The
         // parts of a split read are `ctid` ranges, and a TID range scan does not read through
         // the small ring of buffers a sequential scan of a large table uses: each part's pages
-        // go through (and evict from) the whole buffer pool. At 10M rows, alone, a scan filtered
-        // to no row took 1.11 s as one range against 0.91-0.97 s plain; a 1% churn delta's
-        // source CPU fell from 4.7-5.1 s (read and count in parts) to 3.1-3.8 s (each one
-        // statement; docs/performance.md, "Delta reads in one statement").
+        // go through (and evict from) the whole buffer pool. At 10M rows, alone, `count(*)`
+        // took 1.11 s through one range against 0.91-0.97 s plain; a 1% churn delta's source
+        // CPU fell from 5.1-5.5 s (read and count in parts) to 3.7-4.0 s (each one statement;
+        // docs/performance.md, "Delta reads in one statement").
         let read = match counts.is_none_or(|c| c.changed > 0) {
             true => self.read(Some(table.select(&table.list(), Some(&cond))), prelude),
             false => self.read(None, prelude),
