@@ -532,7 +532,8 @@ impl Inputs<'_> {
                         (None, Some(side)) => Some(side.join().await?),
                         (None, None) => None,
                     };
-                    self.removed_by_ranges(plan, table, reader, kr, counted, (a, left))
+                    let known = (a, left, expected);
+                    self.removed_by_ranges(plan, table, reader, kr, counted, known)
                         .await?
                 }
                 _ => None,
@@ -803,7 +804,8 @@ impl Inputs<'_> {
     /// beside them (a named key the source still holds, or no entry holds, fails the check
     /// below). `None` when the tallies do not settle it (a range holds more rows than it should,
     /// the ranges lost other than `left` rows, too many ranges lost rows): read every key
-    /// instead.
+    /// instead. Counted now (not beside the read), the heap is scanned once `written` rows
+    /// (written since the last run) make that cheaper ([`visibility_lost`]).
     async fn removed_by_ranges(
         &self,
         plan: &Arc<Plan>,
@@ -811,7 +813,7 @@ impl Inputs<'_> {
         reader: &Arc<Reader>,
         kr: &KeyRanges,
         counted: Option<Counted>,
-        (added, left): (Vec<i64>, u64),
+        (added, left, written): (Vec<i64>, u64, u64),
     ) -> Result<Option<KeyScan>, Error> {
         let name = &self.env.spec.name;
         let t0 = std::time::Instant::now();
@@ -819,7 +821,8 @@ impl Inputs<'_> {
             Some(Counted::Ranges(now)) => now,
             _ => {
                 // On every session of a split read, a part at a time; else one statement.
-                let queue = CountQueue::new(Some(kr), table, self.split);
+                let heap = visibility_lost(written, reader.len());
+                let queue = CountQueue::new(Some(kr), table, self.split, heap);
                 queue.run(&self.sessions().await?, name).await?;
                 match queue.take() {
                     Counted::Ranges(now) => now,
@@ -956,12 +959,19 @@ struct CountQueue {
     counted: std::sync::Mutex<Counted>,
     /// Grouped counts per key range, else `count(*)`.
     per_range: bool,
+    /// Never through an index ([`visibility_lost`]).
+    heap: bool,
 }
 
 impl CountQueue {
     /// The model's rows per key range of `kr` (its grouped counts), or in all (`count(*)`):
-    /// one statement per part of a split read, else one.
-    fn new(kr: Option<&KeyRanges>, table: &SourceTable, split: Option<&Split>) -> CountQueue {
+    /// one statement per part of a split read, else one; with `heap`, scanning the heap.
+    fn new(
+        kr: Option<&KeyRanges>,
+        table: &SourceTable,
+        split: Option<&Split>,
+        heap: bool,
+    ) -> CountQueue {
         let sql = |part| match kr {
             Some(kr) => kr.count_sql(table, part),
             None => table.select_part("count(*)::int8", None, part),
@@ -974,6 +984,7 @@ impl CountQueue {
             sqls: std::sync::Mutex::new(sqls),
             counted: std::sync::Mutex::new(Self::none(kr.is_some())),
             per_range: kr.is_some(),
+            heap,
         }
     }
 
@@ -997,10 +1008,27 @@ impl CountQueue {
     }
 
     /// Runs the statements left on the given sessions (all in transactions under the read's
-    /// snapshot) until none is left, adding what each counted to the queue's total.
+    /// snapshot) until none is left, adding what each counted to the queue's total. With
+    /// `heap`, index scans are off on each session while it counts (then as they were: the
+    /// key read that may follow on it reads through the index).
     async fn run(&self, clients: &[Arc<crate::tap::Session>], sync: &str) -> Result<(), Error> {
         let next = || self.sqls.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let set = |c: &Arc<crate::tap::Session>, to: &'static str| {
+            let sql = format!(
+                "SET LOCAL enable_indexonlyscan TO {to}; SET LOCAL enable_indexscan TO {to}; \
+                 SET LOCAL enable_bitmapscan TO {to}"
+            );
+            let c = c.clone();
+            async move {
+                c.batch_execute(&sql)
+                    .await
+                    .map_err(|e| Error::source_read(sync, "counting the model's rows", &e))
+            }
+        };
         let work = clients.iter().map(|c| async {
+            if self.heap {
+                set(c, "off").await?;
+            }
             while let Some(sql) = next() {
                 let part = match self.per_range {
                     true => Counted::Ranges(key_ranges::count(c, &sql, sync).await?),
@@ -1012,6 +1040,9 @@ impl CountQueue {
                     }
                 };
                 self.add(part);
+            }
+            if self.heap {
+                set(c, "DEFAULT").await?;
             }
             Ok::<_, Error>(())
         });
@@ -1110,17 +1141,8 @@ impl Inputs<'_> {
             }
         };
         let cancel = client.canceller();
-        let queue = CountQueue::new(kr, table, None);
+        let queue = CountQueue::new(kr, table, None, seq);
         let task = tokio::spawn(async move {
-            if seq {
-                client
-                    .batch_execute(
-                        "SET LOCAL enable_indexonlyscan = off; SET LOCAL enable_indexscan = off; \
-                         SET LOCAL enable_bitmapscan = off",
-                    )
-                    .await
-                    .map_err(|e| Error::source_read(&name, "counting the model's rows", &e))?;
-            }
             queue.run(&[client], &name).await?;
             Ok(queue.take())
         });
