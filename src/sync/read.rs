@@ -462,8 +462,8 @@ impl Inputs<'_> {
             let fewer = counts.total < entries + counts.changed + retry.len() as u64;
             side = match (&ranges, self.split) {
                 (Some(kr), Some(split)) if fewer && may_have_left => {
-                    let seq = visibility_lost(counts.changed, entries);
-                    self.side_count(split, Some(kr), table, seq).await
+                    let heap = visibility_lost(counts.changed, entries);
+                    self.side_count(split, Some(kr), table, heap).await
                 }
                 _ => None,
             };
@@ -1013,21 +1013,9 @@ impl CountQueue {
     /// key read that may follow on it reads through the index).
     async fn run(&self, clients: &[Arc<crate::tap::Session>], sync: &str) -> Result<(), Error> {
         let next = || self.sqls.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let set = |c: &Arc<crate::tap::Session>, to: &'static str| {
-            let sql = format!(
-                "SET LOCAL enable_indexonlyscan TO {to}; SET LOCAL enable_indexscan TO {to}; \
-                 SET LOCAL enable_bitmapscan TO {to}"
-            );
-            let c = c.clone();
-            async move {
-                c.batch_execute(&sql)
-                    .await
-                    .map_err(|e| Error::source_read(sync, "counting the model's rows", &e))
-            }
-        };
         let work = clients.iter().map(|c| async {
             if self.heap {
-                set(c, "off").await?;
+                index_scans(c, "off", sync).await?;
             }
             while let Some(sql) = next() {
                 let part = match self.per_range {
@@ -1042,7 +1030,7 @@ impl CountQueue {
                 self.add(part);
             }
             if self.heap {
-                set(c, "DEFAULT").await?;
+                index_scans(c, "DEFAULT", sync).await?;
             }
             Ok::<_, Error>(())
         });
@@ -1051,6 +1039,18 @@ impl CountQueue {
             .into_iter()
             .collect()
     }
+}
+
+/// Sets the index scans of `client`'s transaction to `to` (`off`, or `DEFAULT`: as if never set).
+async fn index_scans(client: &tokio_postgres::Client, to: &str, sync: &str) -> Result<(), Error> {
+    let sql = format!(
+        "SET LOCAL enable_indexonlyscan TO {to}; SET LOCAL enable_indexscan TO {to}; \
+         SET LOCAL enable_bitmapscan TO {to}"
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| Error::source_read(sync, "counting the model's rows", &e))
 }
 
 impl SideCount {
@@ -1123,14 +1123,14 @@ fn entered(
 impl Inputs<'_> {
     /// Starts counting the model's rows (per key range, with `kr`) on a new session in the
     /// read's snapshot, in one statement, as the delta read is (see [`Inputs::delta`]); with
-    /// `seq`, never through an index ([`visibility_lost`]). `None` when no session can be
+    /// `heap`, never through an index ([`visibility_lost`]). `None` when no session can be
     /// opened (the rows are then counted on the read's sessions).
     async fn side_count(
         &self,
         split: &Split,
         kr: Option<&KeyRanges>,
         table: &SourceTable,
-        seq: bool,
+        heap: bool,
     ) -> Option<SideCount> {
         let name = self.env.spec.name.clone();
         let client = match split.open_helper().await {
@@ -1141,7 +1141,7 @@ impl Inputs<'_> {
             }
         };
         let cancel = client.canceller();
-        let queue = CountQueue::new(kr, table, None, seq);
+        let queue = CountQueue::new(kr, table, None, heap);
         let task = tokio::spawn(async move {
             queue.run(&[client], &name).await?;
             Ok(queue.take())
