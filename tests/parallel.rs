@@ -533,7 +533,12 @@ async fn rows_committed_after_the_run_snapshot_are_neither_read_nor_counted() {
     };
     let (s, ()) = tokio::join!(env.sync(&spec), meddle);
     let s = s.unwrap();
-    assert_eq!(s.read_strategy, "delta", "{}", s.read_strategy_reason);
+    assert_eq!(
+        (s.read_strategy.as_str(), s.read_sessions),
+        ("delta", 1),
+        "{}",
+        s.read_strategy_reason
+    );
     assert_eq!((s.rows_read, s.changed, s.removed), (200, 200, 0));
     assert_eq!(
         Env::count(&env.dst, "items").await,
