@@ -117,40 +117,68 @@ impl Removed {
     }
 }
 
-/// Deletes the removed rows in batches through `dest`, each committed batch recorded. The keys
-/// are produced on a blocking thread (a walk of the snapshot for [`Removed::Unseen`]) and feed
-/// the deletes through a bounded channel.
+/// Deletes the removed rows (`rows` of them) in batches through `dests`, side by side, each
+/// committed batch recorded. The keys are produced on a blocking thread (a walk of the snapshot
+/// for [`Removed::Unseen`]) and feed the deletes through a bounded channel; each session takes
+/// the next batch when it is free, and batches are cut so that every session gets one. The
+/// keys are disjoint, so the sessions' deletes never wait on each other's row locks. A session
+/// that fails stops the others from taking more batches (what they committed is recorded).
 pub(crate) async fn delete_removed(
-    mut dest: AnyDestination,
+    dests: Vec<AnyDestination>,
     removed: Removed,
+    rows: u64,
     ctx: &ApplyCtx,
     samples: usize,
 ) -> Result<Deleted, Error> {
-    let per_batch = ctx.sizer.rows().clamp(1000, 50_000);
-    let (tx, mut rx) = mpsc::channel::<KeyBatch>(2);
+    let n = dests.len().max(1) as u64;
+    let per_batch = (ctx.sizer.rows() as u64)
+        .min(rows.div_ceil(n))
+        .clamp(1000, 50_000) as usize;
+    let (tx, rx) = mpsc::channel::<KeyBatch>(2 * n as usize);
     let scan = tokio::task::spawn_blocking(move || removed.send(per_batch, &tx));
-    let mut out = Deleted {
-        stats: WriteStats::default(),
-        samples: Vec::new(),
-    };
-    while let Some(keys) = rx.recv().await {
-        for i in 0..keys.len().min(samples.saturating_sub(out.samples.len())) {
-            out.samples.push(keys.key(i).to_vec());
+    let rx = Mutex::new(rx);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let taken = std::sync::Mutex::new(Vec::new());
+    let work = dests.into_iter().map(|mut dest| {
+        let (rx, failed, taken) = (&rx, &failed, &taken);
+        async move {
+            let mut stats = WriteStats::default();
+            while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some(keys) = rx.lock().await.recv().await else {
+                    break;
+                };
+                {
+                    let mut taken = taken.lock().unwrap_or_else(|e| e.into_inner());
+                    for i in 0..keys.len().min(samples.saturating_sub(taken.len())) {
+                        taken.push(keys.key(i).to_vec());
+                    }
+                }
+                if ctx.stop.is_stopped() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(Error::Interrupted {
+                        sync: ctx.sync.clone(),
+                        message: "stopped while deleting removed rows; deletes committed so far are recorded, the next run deletes the rest".into(),
+                    });
+                }
+                let done = apply(&mut dest, Work::Deletes(&Arc::new(keys)), ctx, &mut stats).await;
+                if done.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                done?;
+            }
+            Ok::<_, Error>(stats)
         }
-        if ctx.stop.is_stopped() {
-            return Err(Error::Interrupted {
-                sync: ctx.sync.clone(),
-                message: "stopped while deleting removed rows; deletes committed so far are recorded, the next run deletes the rest".into(),
-            });
-        }
-        apply(
-            &mut dest,
-            Work::Deletes(&Arc::new(keys)),
-            ctx,
-            &mut out.stats,
-        )
-        .await?;
+    });
+    let done = futures_util::future::join_all(work).await;
+    // No session takes another batch: the scan's sends end.
+    drop(rx);
+    let mut stats = WriteStats::default();
+    for d in done {
+        stats = stats + d?;
     }
     scan.await.map_err(crate::error::join_err)??;
-    Ok(out)
+    Ok(Deleted {
+        stats,
+        samples: taken.into_inner().unwrap_or_else(|e| e.into_inner()),
+    })
 }

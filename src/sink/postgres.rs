@@ -83,6 +83,9 @@ struct WriterSql {
     upsert: String,
     insert_missing: String,
     delete: String,
+    /// Counts the rows of given keys, as `delete` finds them, reading each row's heap tuple
+    /// (`xmin`: never from an index-only scan): see [`PgDestination::warm`].
+    find: String,
 }
 
 const STAGING: &str = "pgdelta_staging";
@@ -106,12 +109,12 @@ impl WriterSql {
             format!("DO UPDATE SET {}", sets.join(", "))
         };
         let target = &plan.target;
-        let delete = if plan.nkey == 1 {
+        let (delete, find) = if plan.nkey == 1 {
             let k = &plan.columns[0];
-            format!(
-                "DELETE FROM {target} WHERE {} = ANY($1::{}[])",
-                quote_ident(&k.dest),
-                k.dest_type
+            let cond = format!("{} = ANY($1::{}[])", quote_ident(&k.dest), k.dest_type);
+            (
+                format!("DELETE FROM {target} WHERE {cond}"),
+                format!("SELECT count(xmin) FROM {target} WHERE {cond}"),
             )
         } else {
             let arrays: Vec<String> = plan
@@ -127,11 +130,13 @@ impl WriterSql {
                 .enumerate()
                 .map(|(i, c)| format!("t.{} = d.k{i}", quote_ident(&c.dest)))
                 .collect();
-            format!(
-                "DELETE FROM {target} AS t USING unnest({}) AS d({}) WHERE {}",
-                arrays.join(", "),
-                names.join(", "),
-                conds.join(" AND ")
+            let (keys, conds) = (
+                format!("unnest({}) AS d({})", arrays.join(", "), names.join(", ")),
+                conds.join(" AND "),
+            );
+            (
+                format!("DELETE FROM {target} AS t USING {keys} WHERE {conds}"),
+                format!("SELECT count(t.xmin) FROM {target} AS t, {keys} WHERE {conds}"),
             )
         };
         WriterSql {
@@ -147,6 +152,7 @@ impl WriterSql {
                 "INSERT INTO {target} ({cols}) SELECT {cols} FROM {STAGING} ON CONFLICT ({keys}) DO NOTHING"
             ),
             delete,
+            find,
         }
     }
 }
@@ -246,17 +252,7 @@ impl PgDestination {
             self.delete_stmt = Some(self.client.prepare(&self.sql.delete).await?);
         }
         let stmt = self.delete_stmt.as_ref().expect("prepared above");
-        let nkey = stmt.params().len();
-        let mut columns: Vec<RawArray> = (0..nkey)
-            .map(|_| RawArray {
-                values: Vec::with_capacity(rows.len()),
-            })
-            .collect();
-        for i in rows {
-            for (col, f) in columns.iter_mut().zip(fields(keys.key(i))) {
-                col.values.push(f.unwrap_or_default());
-            }
-        }
+        let columns = key_arrays(stmt.params().len(), keys, rows);
         let params: Vec<&(dyn ToSql + Sync)> =
             columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
         // In an explicit transaction for the reason given at `copy`.
@@ -265,6 +261,34 @@ impl PgDestination {
         crate::conn::commit(tx).await?;
         Ok(n)
     }
+
+    /// Finds the rows of `keys` as their delete would (the key's index, then each row's heap
+    /// page), changing nothing: the pages their delete reads are then in the server's buffers.
+    /// A run about to delete keys known before their last check on the source ends does this
+    /// meanwhile, so the delete that follows the check only writes. Returns the rows found.
+    pub(crate) async fn warm(&mut self, keys: &KeyBatch) -> Result<u64, tokio_postgres::Error> {
+        let stmt = self.client.prepare(&self.sql.find).await?;
+        let columns = key_arrays(stmt.params().len(), keys, 0..keys.len());
+        let params: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let row = self.client.query_one(&stmt, &params).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+}
+
+/// The key columns of rows `rows` of `keys`, one array parameter per column.
+fn key_arrays(nkey: usize, keys: &KeyBatch, rows: Range<usize>) -> Vec<RawArray<'_>> {
+    let mut columns: Vec<RawArray> = (0..nkey)
+        .map(|_| RawArray {
+            values: Vec::with_capacity(rows.len()),
+        })
+        .collect();
+    for i in rows {
+        for (col, f) in columns.iter_mut().zip(fields(keys.key(i))) {
+            col.values.push(f.unwrap_or_default());
+        }
+    }
+    columns
 }
 
 impl Destination for PgDestination {

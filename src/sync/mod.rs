@@ -1206,12 +1206,54 @@ struct Removal {
 /// Removed rows are the snapshot entries this complete read did not see (or the keys it found
 /// gone). They are deleted (deletes on, under the delete guard), sampled (dry run), or kept
 /// with a note; never when the model had errors.
+/// Destination sessions for deleting `rows` removed rows: as many as the sync's writers, but
+/// one per 1,000 rows at most (the smallest delete batch), connected at once.
+async fn delete_sessions(
+    env: &RunEnv<'_>,
+    ctx: &ApplyCtx,
+    rows: u64,
+) -> Result<Vec<AnyDestination>, Error> {
+    let n = (env.spec.batch.writers.max(1) as u64).min(rows.div_ceil(1000).max(1));
+    let connect = (0..n).map(|_| PgDestination::connect(env.dest, &ctx.plan, Strategy::Upsert));
+    let sessions = futures_util::future::try_join_all(connect).await?;
+    Ok(sessions
+        .into_iter()
+        .map(|d| AnyDestination::Postgres(Box::new(d)))
+        .collect())
+}
+
+/// Has `sessions` find the rows of `keys` about to be deleted through them (each a share of
+/// the keys, side by side; see [`PgDestination::warm`]). Only a head start: a failure is
+/// logged, and the deletes then read the pages themselves.
+async fn warm(sessions: &mut [AnyDestination], keys: &[Vec<u8>], sync: &str) {
+    let per = keys.len().div_ceil(sessions.len().max(1)).max(1);
+    let work = sessions
+        .iter_mut()
+        .zip(keys.chunks(per))
+        .map(|(s, chunk)| async move {
+            let AnyDestination::Postgres(pg) = s else {
+                return;
+            };
+            let mut batch = crate::batch::KeyBatch::default();
+            for k in chunk {
+                batch.push(k);
+            }
+            if let Err(e) = pg.warm(&batch).await {
+                tracing::debug!("sync '{sync}': finding the rows to delete ahead failed: {e}");
+            }
+        });
+    futures_util::future::join_all(work).await;
+}
+
+/// Deletes the rows that left the model (`gone`), through `sessions` when they were opened
+/// ahead ([`delete_sessions`]), else through sessions opened now.
 async fn remove(
     env: &RunEnv<'_>,
     reader: &Arc<Reader>,
     gone: Gone,
     ctx: &ApplyCtx,
     model_ok: bool,
+    sessions: Option<Vec<AnyDestination>>,
 ) -> Result<Removal, Error> {
     let (spec, opts) = (env.spec, env.opts);
     if let Some(o) = &opts.order {
@@ -1241,15 +1283,17 @@ async fn remove(
             ),
         });
     }
-    let dest = match (opts.dry_run, spec.delete) {
-        (true, _) => AnyDestination::Null(NullDestination),
+    let dests = match (opts.dry_run, spec.delete) {
+        (true, _) => vec![AnyDestination::Null(NullDestination)],
         (false, true) => {
             // Rows of other syncs' targets that reference these go first.
             if let Some(o) = &opts.order {
                 o.before_deletes().await;
             }
-            let pg = PgDestination::connect(env.dest, &ctx.plan, Strategy::Upsert).await?;
-            AnyDestination::Postgres(Box::new(pg))
+            match sessions {
+                Some(sessions) => sessions,
+                None => delete_sessions(env, ctx, removed).await?,
+            }
         }
         (false, false) => {
             out.note = Some(format!(
@@ -1259,14 +1303,14 @@ async fn remove(
         }
     };
     let samples = if opts.dry_run { 10 } else { 0 };
-    let removed = match gone {
+    let gone_keys = match gone {
         Gone::Unseen(seen) => sink::Removed::Unseen {
             reader: reader.clone(),
             seen: seen.slots,
         },
         Gone::Keys(keys) => sink::Removed::Keys(keys),
     };
-    let deleted = sink::delete_removed(dest, removed, ctx, samples).await?;
+    let deleted = sink::delete_removed(dests, gone_keys, out.removed, ctx, samples).await?;
     out.stats = deleted.stats;
     out.samples = deleted.samples;
     Ok(out)

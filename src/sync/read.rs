@@ -271,7 +271,7 @@ impl Inputs<'_> {
                     .await
                     .map_err(crate::error::join_err)??
             };
-            let mut removal = remove(env, &reader, gone, ctx, true).await?;
+            let mut removal = remove(env, &reader, gone, ctx, true, None).await?;
             removal.note = removal.note.or(note);
             Ok(Ok(removal))
         };
@@ -492,6 +492,14 @@ impl Inputs<'_> {
             true => self.read(Some(table.select(&table.list(), Some(&cond))), prelude),
             false => self.read(None, prelude),
         };
+        // The keys named by their range's sums, once known, for the deletes' sessions.
+        let (named_tx, named_rx) = tokio::sync::oneshot::channel::<Vec<Vec<u8>>>();
+        let mut named_tx = Some(named_tx);
+        // The snapshot's entries per key range, read while the source counts.
+        let mut per_range = ranges.as_ref().filter(|_| may_have_left).map(|_| {
+            let reader = reader.clone();
+            tokio::task::spawn_blocking(move || reader.range_counts())
+        });
         // Finding the removed rows, when rows may have left the model, runs on this session as
         // soon as the diff has seen every row (the COPY above has ended), while the writers
         // finish: by key ranges where the key allows, else by reading every key.
@@ -525,38 +533,62 @@ impl Inputs<'_> {
             let left = (entries + added.added).saturating_sub(total);
             let have = matches!(counted, Some(Counted::Ranges(Some(_))));
             let few = have || key_ranges::likely_cheaper(left, entries);
-            let scan = match (&ranges, added.keys) {
-                (Some(kr), Some(a)) if few && left > 0 => {
-                    let counted = match (counted.take(), side.take()) {
-                        (Some(c), _) => Some(c),
-                        (None, Some(side)) => Some(side.join().await?),
-                        (None, None) => None,
-                    };
-                    let known = (a, left, expected);
-                    self.removed_by_ranges(plan, table, reader, kr, counted, known)
-                        .await?
+            // Dropped when the scan ends, however it ends: the connect below stops waiting.
+            let named_tx = named_tx.take();
+            let scan = async {
+                let named_tx = named_tx;
+                let scan = match (&ranges, added.keys) {
+                    (Some(kr), Some(a)) if few && left > 0 => {
+                        let counted = match (counted.take(), side.take()) {
+                            (Some(c), _) => Some(c),
+                            (None, Some(side)) => Some(side.join().await?),
+                            (None, None) => None,
+                        };
+                        let known = (a, left, expected);
+                        let ahead = Ahead {
+                            entries: per_range.take(),
+                            named: named_tx,
+                        };
+                        self.removed_by_ranges(plan, table, reader, kr, counted, ahead, known)
+                            .await?
+                    }
+                    _ => None,
+                };
+                match scan {
+                    Some(scan) => Ok::<_, Error>(scan),
+                    None => self.scan_keys(plan, table, reader).await,
                 }
-                _ => None,
             };
-            let scan = match scan {
-                Some(scan) => scan,
-                None => self.scan_keys(plan, table, reader).await?,
-            };
-            let at = env.started.elapsed().as_secs_f64();
             // The rows that left are deleted now, beside the writers still committing, when
             // nothing can hold them back: the read completed, the model cannot have errors
             // (a unique, NOT NULL key, and the diff met no duplicate nor NULL key), the key
             // read found nothing unaccounted for, and no other sync orders this one's deletes.
+            // The sessions for those deletes connect while the keys are read.
             let (o, spec) = (env.opts, env.spec);
-            let early = added.complete
+            let may = added.complete
                 && added.error_free
                 && spec.delete
                 && !o.dry_run
-                && o.order.is_none()
-                && scan.problem.is_none()
-                && scan.unknown <= added.added;
+                && o.order.is_none();
+            let connect = async {
+                if !(may && left > 0) {
+                    return None;
+                }
+                let mut sessions = super::delete_sessions(env, ctx, left).await;
+                // The keys named by their range's sums are deleted once the key read has
+                // checked them: their rows are found meanwhile.
+                if let (Ok(sessions), Ok(named)) = (&mut sessions, named_rx.await) {
+                    super::warm(sessions, &named, name).await;
+                }
+                Some(sessions)
+            };
+            let (scan, sessions) = tokio::join!(scan, connect);
+            let scan = scan?;
+            let at = env.started.elapsed().as_secs_f64();
+            let early = may && scan.problem.is_none() && scan.unknown <= added.added;
             if early {
-                let removal = remove(env, reader, scan.gone, ctx, true).await?;
+                let sessions = sessions.transpose()?;
+                let removal = remove(env, reader, scan.gone, ctx, true, sessions).await?;
                 return Ok(Left::Removed {
                     removal,
                     at,
@@ -680,13 +712,13 @@ impl Inputs<'_> {
         if clean {
             let (settled, removal) = tokio::join!(
                 settle(self.recorder, &mut piped.diff, plan, dry_run),
-                remove(env, reader, gone, ctx, true)
+                remove(env, reader, gone, ctx, true, None)
             );
             let (duplicates, errors) = settled?;
             return Ok((duplicates, errors, removal?));
         }
         let (duplicates, errors) = settle(self.recorder, &mut piped.diff, plan, dry_run).await?;
-        let removal = remove(env, reader, gone, ctx, errors.is_empty()).await?;
+        let removal = remove(env, reader, gone, ctx, errors.is_empty(), None).await?;
         Ok((duplicates, errors, removal))
     }
 
@@ -813,6 +845,7 @@ impl Inputs<'_> {
         reader: &Arc<Reader>,
         kr: &KeyRanges,
         counted: Option<Counted>,
+        ahead: Ahead,
         (added, left, written): (Vec<i64>, u64, u64),
     ) -> Result<Option<KeyScan>, Error> {
         let name = &self.env.spec.name;
@@ -830,7 +863,10 @@ impl Inputs<'_> {
                 }
             }
         };
-        let entries = reader.range_counts()?;
+        let entries = match ahead.entries {
+            Some(task) => task.await.map_err(crate::error::join_err)??,
+            None => reader.range_counts()?,
+        };
         tracing::debug!(
             "sync '{name}': rows per key range ready {:.2}s after the diff",
             t0.elapsed().as_secs_f64()
@@ -861,6 +897,9 @@ impl Inputs<'_> {
                 ranges.len()
             );
             return Ok(None);
+        }
+        if let Some(tx) = ahead.named {
+            let _ = tx.send(named.iter().map(|&v| kr.spec.raw(v)).collect());
         }
         let KeysRead {
             seen,
@@ -912,6 +951,18 @@ impl Inputs<'_> {
     }
 }
 
+/// The snapshot's entries per key range, read on a blocking thread ([`Reader::range_counts`]).
+type EntriesPerRange = tokio::task::JoinHandle<Result<Option<key_ranges::Counts>, SnapshotError>>;
+
+/// What finding the removed rows by key range works with before the count ends: the
+/// snapshot's entries per range, read meanwhile, and where to send the keys named by their
+/// range's sums (raw keys), for the deletes' sessions to find their rows while those keys are
+/// checked on the source.
+struct Ahead {
+    entries: Option<EntriesPerRange>,
+    named: Option<tokio::sync::oneshot::Sender<Vec<Vec<u8>>>>,
+}
+
 /// The model's rows, counted in one statement on a session of its own beside the read.
 struct SideCount {
     task: tokio::task::JoinHandle<Result<Counted, Error>>,
@@ -961,6 +1012,8 @@ struct CountQueue {
     per_range: bool,
     /// Never through an index ([`visibility_lost`]).
     heap: bool,
+    /// One statement over the whole model, not parts of a split read.
+    whole: bool,
 }
 
 impl CountQueue {
@@ -985,6 +1038,7 @@ impl CountQueue {
             counted: std::sync::Mutex::new(Self::none(kr.is_some())),
             per_range: kr.is_some(),
             heap,
+            whole: split.is_none(),
         }
     }
 
@@ -1019,7 +1073,7 @@ impl CountQueue {
             }
             while let Some(sql) = next() {
                 let part = match self.per_range {
-                    true => Counted::Ranges(key_ranges::count(c, &sql, sync).await?),
+                    true => Counted::Ranges(key_ranges::count(c, &sql, self.whole, sync).await?),
                     false => {
                         let row = c.query_one(&sql, &[]).await.map_err(|e| {
                             Error::source_read(sync, "counting the model's rows", &e)

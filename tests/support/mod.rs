@@ -528,16 +528,38 @@ impl Env {
         table: &str,
         pred: impl Fn((i64, i64, i64)) -> bool,
     ) -> (i64, i64, i64) {
-        let mut last = (0, 0, 0);
-        for _ in 0..150 {
-            last = Self::counters(client, table).await;
-            if pred(last) {
-                return last;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("the counters of {table} never reached the expected state: {last:?}");
+        let what = format!("the counters of {table}");
+        poll(&what, || Self::counters(client, table), |&c| pred(c)).await
     }
+
+    /// Polls `sql` (one `int8`) in `client`'s database until `pred` holds, at most 15 s: for
+    /// statistics, which finished sessions flush a moment after they end.
+    pub(crate) async fn wait_value_on(
+        client: &Client,
+        sql: &str,
+        pred: impl Fn(i64) -> bool,
+    ) -> i64 {
+        let value = || async { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) };
+        poll(sql, value, |&v| pred(v)).await
+    }
+}
+
+/// Calls `get` every 100 ms until what it returns meets `pred`, at most 15 s; panics naming
+/// `what` with the last value otherwise.
+async fn poll<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    what: &str,
+    mut get: impl FnMut() -> F,
+    pred: impl Fn(&T) -> bool,
+) -> T {
+    let mut last = get().await;
+    for _ in 0..150 {
+        if pred(&last) {
+            return last;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        last = get().await;
+    }
+    panic!("{what} never reached the expected state: {last:?}");
 }
 
 impl Drop for Env {
