@@ -495,11 +495,6 @@ impl Inputs<'_> {
         // The keys named by their range's sums, once known, for the deletes' sessions.
         let (named_tx, named_rx) = tokio::sync::oneshot::channel::<Vec<Vec<u8>>>();
         let mut named_tx = Some(named_tx);
-        // The snapshot's entries per key range, read while the source counts.
-        let mut per_range = ranges.as_ref().filter(|_| may_have_left).map(|_| {
-            let reader = reader.clone();
-            tokio::task::spawn_blocking(move || reader.range_counts())
-        });
         // Finding the removed rows, when rows may have left the model, runs on this session as
         // soon as the diff has seen every row (the COPY above has ended), while the writers
         // finish: by key ranges where the key allows, else by reading every key.
@@ -509,6 +504,12 @@ impl Inputs<'_> {
                 // The diff failed: the pipeline says why.
                 return Ok(Left::Unknown);
             };
+            // The snapshot's entries per key range, read while the source's count ends (not
+            // from the run's start: they would add to the read's peak memory).
+            let mut per_range = ranges.as_ref().filter(|_| may_have_left).map(|_| {
+                let reader = reader.clone();
+                tokio::task::spawn_blocking(move || reader.range_counts())
+            });
             // The model's rows: counted before the read, or beside it (then checked as the
             // count before the read would have been, the rows written being the rows read).
             let (total, mut counted, counted_s) = match counts {
