@@ -647,6 +647,7 @@ impl Owner {
                 }
                 // The entries to write, in key order, with their slots (minted or reused).
                 let mut todo: Vec<(usize, [u8; 20])> = Vec::new();
+                let mut reused_slots: Vec<u32> = Vec::new();
                 for i in c.keys.order(0..c.keys.len()) {
                     if in_file(&c.entries[i]).is_some() {
                         continue;
@@ -662,9 +663,14 @@ impl Owner {
                         }
                     };
                     if reused {
-                        with_file(&mut slots.run.meta, false, &mut |f| f.clear(slot))?;
+                        reused_slots.push(slot);
                     }
                     todo.push((i, Entry { hash, slot }.encode()));
+                }
+                if !reused_slots.is_empty() {
+                    with_file(&mut slots.run.meta, false, &mut |f| {
+                        f.clear_many(&reused_slots)
+                    })?;
                 }
                 // Long runs of new keys that fall between the same two entries (a load: all
                 // of a batch's keys of one part of the read) go in through a cursor, which
