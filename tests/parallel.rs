@@ -328,14 +328,8 @@ async fn delta_counted_by_heap(sessions: ReadSessions, seq_scans: i64) -> Summar
         eprintln!("scans not checked: the source cannot flush its statistics on demand: {e}");
     } else {
         // The sessions' statistics are flushed when they end, a moment after the run.
-        let mut seen = (0, 0);
-        for _ in 0..150 {
-            seen = scans(&env.src.query_one(stats, &[]).await.unwrap());
-            if seen.0 >= seq_before + seq_scans {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let read = || async { scans(&env.src.query_one(stats, &[]).await.unwrap()) };
+        let seen = crate::support::poll(stats, read, |s| s.0 >= seq_before + seq_scans).await;
         assert!(
             seen.0 >= seq_before + seq_scans && seen.1 - keys_before < 1_000,
             "sequential scans {seq_before} -> {}, index tuples read {keys_before} -> {}",

@@ -145,22 +145,6 @@ impl HashFile {
     /// (what lies between them is written as it was). A churn's changed rows are scattered over
     /// the slots (one in ten at 10% churn), and one write each was one system call per row.
     pub(super) fn set_many(&mut self, items: &mut [(u32, [u8; 16])]) -> io::Result<()> {
-        self.write_many(items)
-    }
-
-    /// [`HashFile::clear`] for many slots, written as [`HashFile::set_many`] writes.
-    pub(super) fn clear_many(&mut self, slots: &[u32]) -> io::Result<()> {
-        let len = self.len;
-        let mut items: Vec<(u32, [u8; 16])> = slots
-            .iter()
-            .filter(|&&s| offset(s) + 16 <= len)
-            .map(|&s| (s, [0; 16]))
-            .collect();
-        self.write_many(&mut items)
-    }
-
-    /// Writes 16 bytes to each slot of `items`, in spans ([`HashFile::set_many`]).
-    fn write_many(&mut self, items: &mut [(u32, [u8; 16])]) -> io::Result<()> {
         items.sort_unstable_by_key(|&(slot, _)| slot);
         let mut buf = Vec::new();
         let mut rest = &items[..];
@@ -189,6 +173,17 @@ impl HashFile {
             self.write(first, &buf)?;
         }
         Ok(())
+    }
+
+    /// [`HashFile::clear`] for many slots: zeros written as [`HashFile::set_many`] writes.
+    pub(super) fn clear_many(&mut self, slots: &[u32]) -> io::Result<()> {
+        let len = self.len;
+        let mut items: Vec<(u32, [u8; 16])> = slots
+            .iter()
+            .filter(|&&s| offset(s) + 16 <= len)
+            .map(|&s| (s, [0; 16]))
+            .collect();
+        self.set_many(&mut items)
     }
 
     fn write(&mut self, slot: u32, bytes: &[u8]) -> io::Result<()> {

@@ -1203,9 +1203,6 @@ struct Removal {
     note: Option<String>,
 }
 
-/// Removed rows are the snapshot entries this complete read did not see (or the keys it found
-/// gone). They are deleted (deletes on, under the delete guard), sampled (dry run), or kept
-/// with a note; never when the model had errors.
 /// Destination sessions for deleting `rows` removed rows: as many as the sync's writers, but
 /// one per 1,000 rows at most (the smallest delete batch), connected at once.
 async fn delete_sessions(
@@ -1245,8 +1242,10 @@ async fn warm(sessions: &mut [AnyDestination], keys: &[Vec<u8>], sync: &str) {
     futures_util::future::join_all(work).await;
 }
 
-/// Deletes the rows that left the model (`gone`), through `sessions` when they were opened
-/// ahead ([`delete_sessions`]), else through sessions opened now.
+/// Removed rows are the snapshot entries this complete read did not see (or the keys it found
+/// gone). They are deleted (deletes on, under the delete guard), sampled (dry run), or kept
+/// with a note; never when the model had errors. The deletes go through `sessions` when they
+/// were opened ahead ([`delete_sessions`]), else through sessions opened now.
 async fn remove(
     env: &RunEnv<'_>,
     reader: &Arc<Reader>,

@@ -546,7 +546,7 @@ impl Env {
 
 /// Calls `get` every 100 ms until what it returns meets `pred`, at most 15 s; panics naming
 /// `what` with the last value otherwise.
-async fn poll<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+pub(crate) async fn poll<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
     what: &str,
     mut get: impl FnMut() -> F,
     pred: impl Fn(&T) -> bool,
