@@ -258,7 +258,7 @@ impl HashView {
 /// [`HashFile::set_many`]: reading and writing back the bytes between them costs less than a
 /// system call per slot, and dirties at most the page between two slots besides theirs (the
 /// durable commit's `fdatasync` writes every dirty page). On a file of 10M slots, one in 13
-/// holding a hash, 1M slots one in ten apart took 53-85 ms in spans against 1.17-1.37 s one
+/// holding a hash, 1M slots one in ten apart took 68 and 85 ms in spans against 1.17-1.37 s one
 /// write each; 100k slots one in a hundred apart, 70-80 ms against 95-103 ms (release build,
 /// the machine busy with another build) ...
 const SPAN_GAP: u32 = 256;
